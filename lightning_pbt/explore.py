@@ -1,0 +1,159 @@
+"""Explore: new hyperparameters for a member that just copied a donor (perturb, resample or custom).
+
+Kept apart from the exploit rules so that each can be swapped alone, and from the domains so that the
+policy (which factor, how often to resample) is one small, seedable object.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lightning_pbt.space import Domain, validate_hyperparameters
+
+__all__ = ["Explorer", "format_value", "resolve_callable"]
+
+ExploreFn = Callable[[dict[str, Any], Mapping[str, Domain], np.random.Generator], Mapping[str, Any]]
+
+
+def format_value(value: Any) -> str:
+    """Compact text for a hyperparameter value in mutation strings (floats with 4 significant digits)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return repr(value)
+
+
+def resolve_callable(path: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:function"`` or ``"package.module.function"``.
+
+    Resolved with importlib (never ``eval``) so that a Hydra config can name a function by string.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"expected a dotted path 'package.module:function', got {path!r}")
+    path = path.strip()
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+        candidates = [(module_name, attr_path)]
+    else:
+        parts = path.split(".")
+        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+    errors: list[str] = [] if candidates else [f"'{path}' must name a module and an attribute"]
+    for module_name, attr_path in candidates:
+        if not module_name or not attr_path:
+            errors.append(f"'{path}' must name a module and an attribute")
+            continue
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            errors.append(f"cannot import module '{module_name}': {err}")
+            continue
+        try:
+            for attr in attr_path.split("."):
+                obj = getattr(obj, attr)
+        except AttributeError:
+            errors.append(f"module '{module_name}' has no attribute '{attr_path}'")
+            continue
+        if not callable(obj):
+            raise ValueError(f"'{path}' resolves to {obj!r}, which is not callable")
+        return obj
+    raise ValueError(f"cannot resolve '{path}': " + "; ".join(errors))
+
+
+class Explorer:
+    """Perturbs each hyperparameter by a random factor, or resamples it with ``resample_probability``.
+
+    ``custom_explore`` (a callable or its dotted path) replaces that policy: it is called as
+    ``fn(dict(hyperparameters), space, rng)`` and must return a value for every hyperparameter, each
+    inside its domain.
+    """
+
+    def __init__(
+        self,
+        space: Mapping[str, Domain],
+        perturbation_factors: Sequence[float] = (0.8, 1.2),
+        resample_probability: float = 0.25,
+        custom_explore: ExploreFn | str | None = None,
+    ) -> None:
+        for name, domain in space.items():
+            if not isinstance(domain, Domain):
+                raise ValueError(f"{name}: expected a Domain, got {domain!r}")
+        factors = list(perturbation_factors) if not isinstance(perturbation_factors, str) else []
+        if not factors or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+            for f in factors
+        ):
+            raise ValueError(
+                "perturbation_factors must be positive finite numbers (at least one), "
+                f"got {perturbation_factors!r}"
+            )
+        p = resample_probability
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"resample_probability must be in [0, 1], got {p!r}")
+        if isinstance(custom_explore, str):
+            custom_explore = resolve_callable(custom_explore)
+        elif custom_explore is not None and not callable(custom_explore):
+            raise ValueError(f"custom_explore must be a callable or a dotted path, got {custom_explore!r}")
+        self.space: dict[str, Domain] = dict(space)
+        self.perturbation_factors: tuple[float, ...] = tuple(float(f) for f in factors)
+        self.resample_probability = float(p)
+        self.custom_explore: ExploreFn | None = custom_explore
+
+    def __repr__(self) -> str:
+        return (
+            f"Explorer(space={self.space!r}, perturbation_factors={self.perturbation_factors!r}, "
+            f"resample_probability={self.resample_probability!r}, custom_explore={self.custom_explore!r})"
+        )
+
+    def explore(
+        self, hyperparameters: Mapping[str, Any], rng: np.random.Generator
+    ) -> tuple[dict[str, Any], list[str]]:
+        """New values and human-readable mutations such as ``"lr: 0.01 -> 0.012 (x1.2)"``."""
+        validate_hyperparameters(hyperparameters, self.space)
+        if self.custom_explore is not None:
+            return self._explore_custom(hyperparameters, rng)
+        new: dict[str, Any] = {}
+        mutations: list[str] = []
+        for name in sorted(self.space):
+            domain, old = self.space[name], hyperparameters[name]
+            if rng.random() < self.resample_probability:
+                value, how = domain.resample(rng), "resampled"
+            else:
+                factor = self.perturbation_factors[int(rng.integers(len(self.perturbation_factors)))]
+                value, how = domain.perturb(old, factor, rng), f"x{factor:.4g}"
+            new[name] = domain.normalize(value)
+            mutations.append(f"{name}: {format_value(old)} -> {format_value(new[name])} ({how})")
+        return new, mutations
+
+    def _explore_custom(
+        self, hyperparameters: Mapping[str, Any], rng: np.random.Generator
+    ) -> tuple[dict[str, Any], list[str]]:
+        fn = self.custom_explore
+        assert fn is not None
+        result = fn(dict(hyperparameters), self.space, rng)
+        where = getattr(fn, "__qualname__", repr(fn))
+        if not isinstance(result, Mapping):
+            raise ValueError(f"custom_explore {where} must return a dict of hyperparameters, got {result!r}")
+        new: dict[str, Any] = {}
+        mutations: list[str] = []
+        for name in sorted(self.space):
+            if name not in result:
+                raise ValueError(f"custom_explore {where} returned no value for '{name}'")
+            value = result[name]
+            if not self.space[name].contains(value):
+                raise ValueError(
+                    f"custom_explore {where} returned {name}={value!r}, outside {self.space[name]!r}"
+                )
+            new[name] = self.space[name].normalize(value)
+            old = hyperparameters[name]
+            if new[name] != old:
+                mutations.append(f"{name}: {format_value(old)} -> {format_value(new[name])} (custom)")
+        extra = sorted(str(k) for k in result if k not in self.space)
+        if extra:
+            raise ValueError(f"custom_explore {where} returned unknown hyperparameter(s) {extra}")
+        return new, mutations

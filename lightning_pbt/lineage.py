@@ -1,0 +1,279 @@
+"""Lineage: one strict-JSON line per member and per event, written durably, read back robustly.
+
+The file (``lineage.jsonl``) is the run's memory of who copied whom with which hyperparameters: it is
+appended and fsynced at every ready step so a crash loses nothing already decided, read back while
+tolerating the half-written line a crash may leave, and turned into the hyperparameter schedule a
+final model was actually trained with (:func:`member_schedule`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from lightning_pbt.exploit import is_finite_score, rank_members
+
+__all__ = [
+    "LineageRecord",
+    "LineageWriter",
+    "best_member",
+    "final_records",
+    "member_schedule",
+    "read_lineage",
+    "truncate_after",
+]
+
+_REQUIRED = ("step", "epoch", "member", "event", "parent", "hyperparameters")
+_FIELDS = (*_REQUIRED, "score", "mutations", "timing", "extra")
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict-JSON copy: numpy scalars -> Python, tuples -> lists, NaN/inf -> None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"'{key}' must be an integer, got {value!r}")
+    return value
+
+
+@dataclass
+class LineageRecord:
+    """One member at one event: ``init``, ``keep``, ``exploit``, ``rejuvenate``, ``stop``, ...
+
+    ``parent`` is the member whose weights this member holds after the event (itself unless it
+    exploited); ``hyperparameters`` are the values in effect after it; ``timing`` holds the seconds of
+    the ready step's phases (e.g. gather/decide/transfer).
+    """
+
+    step: int
+    epoch: int
+    member: int
+    score: float | None
+    event: str
+    parent: int
+    hyperparameters: dict[str, Any]
+    mutations: list[str] = field(default_factory=list)
+    timing: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-able dict; a non-finite or missing score becomes ``None``."""
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["score"] = float(self.score) if is_finite_score(self.score) else None  # type: ignore[arg-type]
+        return _json_safe(data)
+
+    def to_json(self) -> str:
+        """One line of strict JSON (sorted keys, no NaN)."""
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LineageRecord:
+        """Parse one line's object; unknown top-level keys are kept in ``extra``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {data!r}")
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise ValueError(f"missing key(s) {missing}")
+        score = data.get("score")
+        if score is not None and not is_finite_score(score):
+            raise ValueError(f"'score' must be a number or null, got {score!r}")
+        if not isinstance(data["event"], str):
+            raise ValueError(f"'event' must be a string, got {data['event']!r}")
+        if not isinstance(data["hyperparameters"], Mapping):
+            raise ValueError(f"'hyperparameters' must be an object, got {data['hyperparameters']!r}")
+        extra = dict(data.get("extra") or {})
+        extra.update({k: v for k, v in data.items() if k not in _FIELDS})
+        timing = data.get("timing")
+        return cls(
+            step=_int(data, "step"),
+            epoch=_int(data, "epoch"),
+            member=_int(data, "member"),
+            score=None if score is None else float(score),
+            event=data["event"],
+            parent=_int(data, "parent"),
+            hyperparameters=dict(data["hyperparameters"]),
+            mutations=[str(m) for m in data.get("mutations") or ()],
+            timing=None if timing is None else dict(timing),
+            extra=extra,
+        )
+
+
+def _drop_partial_tail(path: Path) -> None:
+    """Cut a crash's half-written last line so that appended lines do not fuse with it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class LineageWriter:
+    """Appends records to a JSONL file, flushing and fsyncing after every :meth:`write`.
+
+    Opening an existing file appends to it (after dropping a half-written last line, if any).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+
+    def write(self, records: Iterable[LineageRecord] | LineageRecord) -> None:
+        """Append ``records`` (one line each) and make them durable before returning."""
+        if isinstance(records, LineageRecord):
+            records = [records]
+        if self._file.closed:
+            raise ValueError(f"LineageWriter for {self.path} is closed")
+        text = "".join(record.to_json() + "\n" for record in records)
+        if not text:
+            return
+        self._file.write(text)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> LineageWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @staticmethod
+    def truncate_after(path: str | os.PathLike[str], step: int) -> int:
+        """Alias of :func:`truncate_after`."""
+        return truncate_after(path, step)
+
+
+def _parse(path: Path) -> list[tuple[str, LineageRecord]]:
+    """(raw line, record) pairs; a last line without its newline that does not parse is ignored."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    out: list[tuple[str, LineageRecord]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((line, LineageRecord.from_dict(json.loads(line))))
+        except (ValueError, TypeError) as err:
+            if number == len(lines):  # no newline after it: a write cut short by a crash
+                break
+            raise ValueError(f"{path}:{number}: corrupt lineage line: {err}") from None
+    return out
+
+
+def read_lineage(path: str | os.PathLike[str]) -> list[LineageRecord]:
+    """All records in file order; raises ``ValueError`` naming file and line for a corrupt line."""
+    return [record for _, record in _parse(Path(path))]
+
+
+def truncate_after(path: str | os.PathLike[str], step: int) -> int:
+    """Atomically keep only the ``init`` records and those with ``step <= step`` (used on resume so the
+    replayed steps are not written twice). Returns the number of records kept; a missing file is 0."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = [line for line, record in _parse(path) if record.event == "init" or record.step <= step]
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return len(kept)
+
+
+def _by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord]]:
+    out: dict[int, list[LineageRecord]] = {}
+    ordered = sorted(enumerate(records), key=lambda pair: (pair[1].step, pair[0]))
+    for _, record in ordered:
+        out.setdefault(record.member, []).append(record)
+    return out
+
+
+def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple[int, dict[str, Any]]]:
+    """The schedule ``[(step, hyperparameters in effect from that step), ...]`` the final model of
+    ``member`` was trained with.
+
+    Walks parent links backwards: at an ``exploit`` at step s from parent p the weights came from p, so
+    before s the schedule is p's (its records with step < s). It starts at the root ancestor's ``init``
+    record, or at a ``rejuvenate`` (weights re-initialised: earlier training does not count). Consecutive
+    identical hyperparameters collapse into their first step.
+    """
+    by_member = _by_member(records)
+    if member not in by_member:
+        raise ValueError(f"member {member} has no lineage records")
+    backwards: list[tuple[int, dict[str, Any]]] = []
+    current, upper, seen = member, math.inf, 0
+    while True:
+        own = [r for r in by_member.get(current, []) if r.step < upper]
+        next_member = None
+        for record in reversed(own):
+            backwards.append((record.step, dict(record.hyperparameters)))
+            if record.event in ("init", "rejuvenate"):
+                break
+            if record.event == "exploit" and record.parent != current:
+                next_member, upper = record.parent, record.step
+                break
+        seen += 1
+        if next_member is None or seen > sum(len(v) for v in by_member.values()):
+            break
+        current = next_member
+    schedule: list[tuple[int, dict[str, Any]]] = []
+    for step, values in reversed(backwards):
+        if not schedule or schedule[-1][1] != values:
+            schedule.append((step, values))
+    return schedule
+
+
+def final_records(records: Iterable[LineageRecord]) -> dict[int, LineageRecord]:
+    """The last record of every member (by step, then file order)."""
+    return {member: recs[-1] for member, recs in sorted(_by_member(records).items())}
+
+
+def best_member(records: Iterable[LineageRecord], mode: str) -> int:
+    """The member whose last record has the best finite score (ties: lower id)."""
+    final = final_records(records)
+    if not any(is_finite_score(r.score) for r in final.values()):
+        raise ValueError("no member has a finite score in the lineage")
+    return rank_members(list(final), {m: r.score for m, r in final.items()}, mode)[0]

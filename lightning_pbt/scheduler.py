@@ -1,0 +1,227 @@
+"""The PBT decision as a pure function of a population snapshot and the scheduler's own RNG.
+
+No torch, no process group: the callback gathers one :class:`MemberSnapshot` per member, calls
+:meth:`PBTScheduler.plan` on population rank 0 (or on every rank: same seed, same inputs, same plan)
+and carries out the returned :class:`MemberPlan` s. The only state is the RNG, saved by
+:meth:`PBTScheduler.state_dict` so that a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lightning_pbt.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
+from lightning_pbt.explore import Explorer
+from lightning_pbt.space import Domain, space_from_config
+
+__all__ = ["PLAN_EVENTS", "MemberPlan", "MemberSnapshot", "PBTScheduler"]
+
+PLAN_EVENTS = ("keep", "exploit", "rejuvenate")
+_STATE_VERSION = 1
+# SeedSequence spawn keys: separate streams for the plans and for each member's initial values.
+_PLAN_STREAM = 0
+_INIT_STREAM = 1
+
+
+@dataclass(frozen=True)
+class MemberSnapshot:
+    """What the scheduler needs to know about one member at a ready step.
+
+    ``history`` holds the member's recent scores, oldest first. It should describe the weights the member
+    holds now: the caller clears it after an exploit or a rejuvenation (the t-test and rejuvenation read
+    it). ``can_exploit=False`` marks a member that may donate but is never replaced (e.g. it has finished).
+    """
+
+    member: int
+    score: float | None
+    hyperparameters: Mapping[str, Any]
+    history: tuple[float, ...] = ()
+    can_exploit: bool = True
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """What one member does at a ready step; ``hyperparameters`` are the values in effect afterwards."""
+
+    member: int
+    event: str
+    parent: int
+    hyperparameters: dict[str, Any]
+    mutations: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.event not in PLAN_EVENTS:
+            raise ValueError(f"MemberPlan: event must be one of {PLAN_EVENTS}, got {self.event!r}")
+        if self.event != "exploit" and self.parent != self.member:
+            raise ValueError(f"MemberPlan: a {self.event!r} plan has parent = member, got {self.parent}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (for broadcasting with ``broadcast_object_list`` or logging)."""
+        return {
+            "member": self.member,
+            "event": self.event,
+            "parent": self.parent,
+            "hyperparameters": dict(self.hyperparameters),
+            "mutations": list(self.mutations),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemberPlan:
+        return cls(
+            member=int(data["member"]),
+            event=str(data["event"]),
+            parent=int(data["parent"]),
+            hyperparameters=dict(data["hyperparameters"]),
+            mutations=tuple(data.get("mutations", ())),
+        )
+
+
+class PBTScheduler:
+    """Population Based Training decisions: who exploits whom, the explored values, rejuvenation.
+
+    ``quantile_fraction`` configures truncation selection when ``exploit`` is a rule *name*; it is
+    ignored by the other rules and when ``exploit`` is an already built :class:`ExploitRule`.
+    ``rejuvenate_patience`` (see :meth:`should_rejuvenate`) re-initialises stagnant members' weights.
+    """
+
+    def __init__(
+        self,
+        space: Mapping[str, Domain | Any],
+        mode: str = "max",
+        exploit: str | ExploitRule = "truncation",
+        explorer: Explorer | None = None,
+        burn_in: int = 0,
+        rejuvenate_patience: int | None = None,
+        seed: int = 0,
+        quantile_fraction: float | None = None,
+    ) -> None:
+        self.space: dict[str, Domain] = space_from_config(space)
+        self.mode = check_mode(mode)
+        options: dict[str, Any] = {}
+        if (
+            isinstance(exploit, str)
+            and exploit.strip().lower() == "truncation"
+            and quantile_fraction is not None
+        ):
+            options["quantile_fraction"] = quantile_fraction
+        self.exploit = make_exploit_rule(exploit, **options)
+        self.explorer = explorer if explorer is not None else Explorer(self.space)
+        if set(self.explorer.space) != set(self.space):
+            raise ValueError(
+                f"explorer space {sorted(self.explorer.space)} differs from the scheduler's "
+                f"{sorted(self.space)}"
+            )
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"burn_in must be an integer >= 0, got {burn_in!r}")
+        p = rejuvenate_patience
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"rejuvenate_patience must be None or an integer >= 1, got {p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.burn_in = burn_in
+        self.rejuvenate_patience = p
+        self.seed = seed
+        self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
+
+    def initial_hyperparameters(
+        self, member: int, start_values: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Starting values of ``member``: a function of ``(seed, member)`` only, so they do not depend on
+        the population size or on the plan stream; ``start_values`` (possibly partial) override them."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_INIT_STREAM, int(member))))
+        values = {name: self.space[name].sample(rng) for name in sorted(self.space)}
+        for name, value in (start_values or {}).items():
+            if name not in self.space:
+                raise ValueError(
+                    f"start value for unknown hyperparameter '{name}' (the space has {sorted(self.space)})"
+                )
+            if not self.space[name].contains(value):
+                raise ValueError(f"{name}: start value {value!r} is outside {self.space[name]!r}")
+            values[name] = self.space[name].normalize(value)
+        return {name: values[name] for name in self.space}
+
+    def should_rejuvenate(self, history: Sequence[float]) -> bool:
+        """Whether a history (oldest first) has stagnated.
+
+        True when ``rejuvenate_patience`` is set, the history has more than ``patience`` entries, some
+        finite score exists before the last ``patience`` entries, and none of the last ``patience``
+        entries is strictly better (per mode) than the best of those earlier ones.
+        """
+        p = self.rejuvenate_patience
+        if p is None or len(history) <= p:
+            return False
+        before = [float(v) for v in history[:-p] if is_finite_score(v)]
+        if not before:
+            return False
+        recent = [float(v) for v in history[-p:] if is_finite_score(v)]
+        if self.mode == "max":
+            return not any(v > max(before) for v in recent)
+        return not any(v < min(before) for v in recent)
+
+    def plan(self, step: int, snapshots: Sequence[MemberSnapshot]) -> dict[int, MemberPlan]:
+        """One plan per member: ``keep``, ``exploit`` (copy ``parent`` then explore) or ``rejuvenate``.
+
+        Before ``burn_in`` (``step < burn_in``) everyone keeps and the RNG does not move. A member is
+        rejuvenated only if it is eligible, neither a loser nor a donor in this step's exploit plan, not
+        the best-ranked member, and :meth:`should_rejuvenate` holds for its history.
+        """
+        by_member: dict[int, MemberSnapshot] = {}
+        for snap in snapshots:
+            if snap.member in by_member:
+                raise ValueError(f"duplicate member id {snap.member} in the population snapshot")
+            by_member[snap.member] = snap
+        members = sorted(by_member)
+        keep = {m: MemberPlan(m, "keep", m, dict(by_member[m].hyperparameters)) for m in members}
+        if step < self.burn_in or not members:
+            return keep
+        scores = {m: by_member[m].score for m in members}
+        histories = {m: tuple(by_member[m].history) for m in members}
+        eligible = {m for m in members if by_member[m].can_exploit}
+        losers = self.exploit.select(members, scores, histories, self.mode, self._rng, eligible)
+        plans = dict(keep)
+        for loser in sorted(losers):
+            donor = losers[loser]
+            values, mutations = self.explorer.explore(by_member[donor].hyperparameters, self._rng)
+            plans[loser] = MemberPlan(loser, "exploit", donor, values, tuple(mutations))
+        if self.rejuvenate_patience is not None:
+            protected = set(losers) | set(losers.values()) | set(rank_members(members, scores, self.mode)[:1])
+            for m in members:
+                if m in eligible and m not in protected and self.should_rejuvenate(histories[m]):
+                    plans[m] = MemberPlan(
+                        m, "rejuvenate", m, dict(by_member[m].hyperparameters), ("weights re-initialised",)
+                    )
+        return {m: plans[m] for m in members}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (dicts, lists, ints, strs): safe for ``torch.load(weights_only=True)``."""
+        rng = _plain_state(self._rng.bit_generator.state)
+        return {"version": _STATE_VERSION, "seed": self.seed, "rng": rng}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the RNG so that the next :meth:`plan` continues the saved stream."""
+        if not isinstance(state, Mapping) or "rng" not in state:
+            raise ValueError(f"not a PBTScheduler state_dict: {state!r}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"PBTScheduler state_dict version {state.get('version')!r} != {_STATE_VERSION}")
+        rng_state = _plain_state(state["rng"])
+        expected = type(self._rng.bit_generator).__name__
+        if rng_state.get("bit_generator") != expected:
+            raise ValueError(
+                f"state_dict holds a {rng_state.get('bit_generator')!r} generator, expected {expected!r}"
+            )
+        self._rng.bit_generator.state = rng_state
+
+
+def _plain_state(value: Any) -> Any:
+    """Deep copy into plain dict/list/int/str (numpy states may hold numpy ints or arrays)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain_state(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

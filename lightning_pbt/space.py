@@ -1,0 +1,403 @@
+"""Search-space domains: sample, perturb and resample hyperparameters without ever leaving the domain.
+
+Every random choice takes an explicit ``numpy.random.Generator`` so that the scheduler alone owns the
+random stream, and every value returned is a plain Python ``float``/``int``/choice value (never a numpy
+scalar) because it ends up in JSON lineage files and in checkpoints.
+
+Config forms accepted by :func:`domain_from_config` / :func:`space_from_config` (Hydra / YAML), per
+hyperparameter ``name``::
+
+    lr: {type: loguniform, low: 1.0e-4, high: 0.1}     # uniform | loguniform (log_uniform) |
+    dropout: {type: uniform, low: 0.0, high: 0.5}      # int (int_uniform) | choice
+    layers: {type: int, low: 1, high: 4}                # inclusive integer range
+    optimizer: {type: choice, values: [adam, sgd]}
+    wd: {low: 1.0e-6, high: 1.0e-2, log: true}          # no type: low/high -> uniform (loguniform if log)
+    act: {values: [relu, gelu]}                         # no type: values -> choice
+    act2: [relu, gelu]                                  # a list -> choice
+    momentum: Uniform(0.8, 0.99)                        # a Domain instance passes through (Python)
+
+``log: true`` may also accompany ``type: uniform`` (it then means loguniform). Numeric strings such as
+``"1e-3"`` (a YAML 1.1 gotcha) are accepted for ``low``/``high``. Any other shape is a ``ValueError`` whose
+message starts with ``f"{prefix}{name}"``, e.g. ``pbt.hyperparameters.lr: unknown type 'logunif' ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Choice",
+    "Domain",
+    "IntUniform",
+    "LogUniform",
+    "Uniform",
+    "domain_from_config",
+    "space_from_config",
+    "space_to_config",
+    "validate_hyperparameters",
+]
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (``True`` is an ``int`` in Python, but never a bound)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _check_factor(factor: float) -> float:
+    if not _is_real(factor) or not math.isfinite(float(factor)) or float(factor) <= 0:
+        raise ValueError(f"perturbation factor must be a finite number > 0, got {factor!r}")
+    return float(factor)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars -> Python scalars, so values stay JSON-able."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class Domain(ABC):
+    """The set of values one hyperparameter may take, and how PBT moves inside it."""
+
+    @abstractmethod
+    def sample(self, rng: np.random.Generator) -> Any:
+        """A value drawn from the domain's prior."""
+
+    @abstractmethod
+    def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> Any:
+        """``value`` moved by a multiplicative ``factor`` (> 0); the result is always inside the domain."""
+
+    def resample(self, rng: np.random.Generator) -> Any:
+        """A fresh sample, independent of the current value (PBT's "resample" explore step)."""
+        return self.sample(rng)
+
+    @abstractmethod
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` belongs to the domain."""
+
+    @abstractmethod
+    def to_config(self) -> dict[str, Any]:
+        """The compact config form accepted back by :func:`domain_from_config`."""
+
+    def normalize(self, value: Any) -> Any:
+        """``value`` (already known to be inside) in the domain's canonical Python type."""
+        return _plain(value)
+
+
+@dataclass(frozen=True)
+class _Interval(Domain):
+    """Shared validation and clipping of the continuous domains."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        for key in ("low", "high"):
+            value = getattr(self, key)
+            if not _is_real(value):
+                raise ValueError(f"{kind}: {key} must be a number, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{kind}: {key} must be finite, got {value!r}")
+        if not float(self.low) < float(self.high):
+            raise ValueError(f"{kind}: low ({self.low!r}) must be < high ({self.high!r})")
+        object.__setattr__(self, "low", float(self.low))
+        object.__setattr__(self, "high", float(self.high))
+
+    def _clip(self, value: float) -> float:
+        return float(min(max(value, self.low), self.high))
+
+    def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> float:
+        factor = _check_factor(factor)
+        if not _is_real(value) or math.isnan(float(value)):
+            raise ValueError(f"{type(self).__name__}: cannot perturb {value!r}, not a number")
+        return self._clip(float(value) * factor)
+
+    def contains(self, value: Any) -> bool:
+        return _is_real(value) and math.isfinite(float(value)) and self.low <= float(value) <= self.high
+
+    def normalize(self, value: Any) -> float:
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Uniform(_Interval):
+    """Floats uniform in ``[low, high]``; perturbation multiplies and clips.
+
+    A value of exactly 0 stays 0 under multiplication: only a resample moves it away (keep
+    ``resample_probability > 0`` when 0 is inside the range).
+    """
+
+    def sample(self, rng: np.random.Generator) -> float:
+        u = float(rng.random())
+        return self._clip(self.low * (1.0 - u) + self.high * u)  # no overflow even for +-1e308 bounds
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "uniform", "low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True)
+class LogUniform(_Interval):
+    """Positive floats, log-uniform in ``[low, high]`` (learning rates, weight decay)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low <= 0:
+            raise ValueError(f"LogUniform: low ({self.low!r}) must be > 0")
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self._clip(math.exp(float(rng.uniform(math.log(self.low), math.log(self.high)))))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "loguniform", "low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True)
+class IntUniform(Domain):
+    """Integers uniform in the inclusive range ``[low, high]`` (layer counts, batch sizes).
+
+    Perturbation rounds ``value * factor`` to the nearest integer; when rounding would give back the
+    same value (small values) and ``factor != 1``, it moves one step instead: away from zero for
+    ``factor > 1`` (upwards from 0), towards zero for ``factor < 1`` (downwards from 0). Then it clips.
+    """
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        for key in ("low", "high"):
+            value = getattr(self, key)
+            if not _is_real(value) or not math.isfinite(float(value)):
+                raise ValueError(f"IntUniform: {key} must be a finite integer, got {value!r}")
+            if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+                raise ValueError(f"IntUniform: {key} must be an integer, got {value!r}")
+            if not _INT64_MIN <= int(value) <= _INT64_MAX:
+                raise ValueError(f"IntUniform: {key} must fit in 64 bits, got {value!r}")
+            object.__setattr__(self, key, int(value))
+        if not self.low < self.high:
+            raise ValueError(f"IntUniform: low ({self.low!r}) must be < high ({self.high!r})")
+
+    def sample(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.low, self.high, endpoint=True))
+
+    def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> int:
+        factor = _check_factor(factor)
+        if not _is_real(value) or not math.isfinite(float(value)):
+            raise ValueError(f"IntUniform: cannot perturb {value!r}, not a finite number")
+        current = round(float(value))
+        moved = round(min(max(current * factor, self.low), self.high))
+        if moved == current and factor != 1.0:
+            step = 1 if factor > 1 else -1
+            moved = current + (-step if current < 0 else step)
+        return int(min(max(moved, self.low), self.high))
+
+    def contains(self, value: Any) -> bool:
+        return (
+            isinstance(value, (int, np.integer))
+            and not isinstance(value, (bool, np.bool_))
+            and (self.low <= int(value) <= self.high)
+        )
+
+    def normalize(self, value: Any) -> int:
+        return int(value)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "int", "low": self.low, "high": self.high}
+
+
+_CHOICE_TYPES = (str, int, float, bool, type(None))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality as JSON sees it: ``True`` and ``1`` differ, ``1`` and ``1.0`` do not."""
+    try:
+        return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Choice(Domain):
+    """One of a few distinct JSON scalar values (str/int/float/bool/None), in the given order.
+
+    Perturbation moves to a neighbouring index: the next one for ``factor > 1``, the previous one for
+    ``factor < 1``. At an end it bounces to the only neighbour, so with two or more values a
+    perturbation (``factor != 1``) always changes the value; the order of ``values`` therefore matters.
+    """
+
+    values: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        values = self.values
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+            raise ValueError(f"Choice: values must be a list of options, got {values!r}")
+        values = tuple(_plain(v) for v in values)
+        if not values:
+            raise ValueError("Choice: values must not be empty")
+        for v in values:
+            if not isinstance(v, _CHOICE_TYPES):
+                raise ValueError(f"Choice: value {v!r} is not a str/int/float/bool/None")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"Choice: value {v!r} is not finite")
+        for i, v in enumerate(values):
+            for w in values[:i]:
+                if _same(v, w):
+                    raise ValueError(f"Choice: duplicate values {w!r} and {v!r} in {list(values)!r}")
+        object.__setattr__(self, "values", values)
+
+    def _index(self, value: Any) -> int:
+        value = _plain(value)
+        for i, v in enumerate(self.values):
+            if _same(v, value):
+                return i
+        raise ValueError(f"Choice: {value!r} is not one of {list(self.values)!r}")
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.values[int(rng.integers(len(self.values)))]
+
+    def perturb(self, value: Any, factor: float, rng: np.random.Generator) -> Any:
+        factor = _check_factor(factor)
+        i = self._index(value)
+        n = len(self.values)
+        if factor == 1.0 or n == 1:
+            return self.values[i]
+        j = i + 1 if factor > 1 else i - 1
+        if j < 0 or j >= n:
+            j = i - 1 if factor > 1 else i + 1
+        return self.values[j]
+
+    def contains(self, value: Any) -> bool:
+        try:
+            self._index(value)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def normalize(self, value: Any) -> Any:
+        return self.values[self._index(value)]
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "choice", "values": list(self.values)}
+
+
+_TYPES: dict[str, type[Domain]] = {
+    "uniform": Uniform,
+    "loguniform": LogUniform,
+    "log_uniform": LogUniform,
+    "int": IntUniform,
+    "int_uniform": IntUniform,
+    "choice": Choice,
+}
+_KEYS = ("type", "low", "high", "values", "log")
+
+
+def _number(value: Any, where: str, key: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+    return value
+
+
+def domain_from_config(name: str, cfg: Any, prefix: str = "") -> Domain:
+    """One domain from its config form (see the module docstring); errors name ``prefix + name``."""
+    where = f"{prefix}{name}"
+    if isinstance(cfg, Domain):
+        return cfg
+    try:
+        if isinstance(cfg, Mapping):
+            return _domain_from_mapping(cfg, where)
+        if isinstance(cfg, Sequence) and not isinstance(cfg, (str, bytes)):
+            return Choice(tuple(cfg))
+    except ValueError as err:
+        if str(err).startswith(where + ":"):
+            raise
+        raise ValueError(f"{where}: {err}") from None
+    raise ValueError(
+        f"{where}: expected a mapping with type/low/high/values, a list of choices or a Domain, got {cfg!r}"
+    )
+
+
+def _domain_from_mapping(cfg: Mapping[Any, Any], where: str) -> Domain:
+    unknown = sorted(str(k) for k in cfg if k not in _KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (expected some of {list(_KEYS)})")
+    log = cfg.get("log")
+    if log is not None and not isinstance(log, bool):
+        raise ValueError(f"{where}: log must be true or false, got {log!r}")
+    kind = cfg.get("type")
+    if kind is None:
+        if "values" in cfg:
+            kind = "choice"
+        elif "low" in cfg or "high" in cfg:
+            kind = "loguniform" if log else "uniform"
+        else:
+            raise ValueError(
+                f"{where}: give 'values' (a choice) or 'low' and 'high' (a range), got {dict(cfg)!r}"
+            )
+    if not isinstance(kind, str) or kind.lower() not in _TYPES:
+        raise ValueError(f"{where}: unknown type {kind!r} (expected one of {sorted(_TYPES)})")
+    cls = _TYPES[kind.lower()]
+    if log is not None:
+        if cls is Uniform and log:
+            cls = LogUniform
+        elif cls not in (Uniform, LogUniform) or (cls is LogUniform and not log):
+            raise ValueError(f"{where}: log: {str(log).lower()} conflicts with type {kind!r}")
+    if cls is Choice:
+        extra = [k for k in ("low", "high") if k in cfg]
+        if extra:
+            raise ValueError(f"{where}: a choice takes 'values' only, not {extra}")
+        if "values" not in cfg:
+            raise ValueError(f"{where}: type {kind!r} needs 'values'")
+        values = cfg["values"]
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+            raise ValueError(f"{where}: values must be a list, got {values!r}")
+        return Choice(tuple(values))
+    if "values" in cfg:
+        raise ValueError(f"{where}: type {kind!r} takes 'low' and 'high', not 'values'")
+    missing = [k for k in ("low", "high") if k not in cfg]
+    if missing:
+        raise ValueError(f"{where}: type {kind!r} needs 'low' and 'high' (missing {missing})")
+    return cls(_number(cfg["low"], where, "low"), _number(cfg["high"], where, "high"))
+
+
+def space_from_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Domain]:
+    """A search space ``{name: Domain}`` from a mapping of config forms, in the mapping's order."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'hyperparameters'}: expected a mapping, got {cfg!r}")
+    space: dict[str, Domain] = {}
+    for name, value in cfg.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{prefix}{name!r}: hyperparameter names must be non-empty strings")
+        space[name] = domain_from_config(name, value, prefix)
+    return space
+
+
+def space_to_config(space: Mapping[str, Domain]) -> dict[str, dict[str, Any]]:
+    """The inverse of :func:`space_from_config` (plain dicts, JSON/YAML-able)."""
+    return {name: domain.to_config() for name, domain in space.items()}
+
+
+def validate_hyperparameters(
+    values: Mapping[str, Any], space: Mapping[str, Domain], prefix: str = ""
+) -> None:
+    """Raise ``ValueError`` naming the key if ``values`` misses, adds or mis-sets a hyperparameter."""
+    missing = sorted(set(space) - set(values))
+    if missing:
+        raise ValueError(f"{prefix}missing hyperparameter(s) {missing} (the space has {sorted(space)})")
+    extra = sorted(str(k) for k in set(values) - set(space))
+    if extra:
+        raise ValueError(f"{prefix}unknown hyperparameter(s) {extra} (the space has {sorted(space)})")
+    for name, domain in space.items():
+        if not domain.contains(values[name]):
+            raise ValueError(f"{prefix}{name}: value {values[name]!r} is outside {domain!r}")
