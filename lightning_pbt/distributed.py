@@ -1,0 +1,204 @@
+"""Population-level communication: the collectives PBT needs across members, and the abort signal.
+
+Inside Lightning every member is its own ``torch.distributed`` world (see ``strategy.py``), so the
+population needs a second, explicitly named group. It is a raw c10d backend over every rank of
+every member, built on a prefixed view of the launch's store; nothing in Lightning or in user code
+can reach it by accident through the default group.
+
+The store also carries an abort flag: a rank that fails sets it, and a watchdog thread on every
+other rank ends that rank at once instead of leaving it blocked in a collective until the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["PopulationAborted", "PopulationGroup", "PopulationWatchdog"]
+
+log = logging.getLogger(__name__)
+
+_ABORT_KEY = "abort"
+_ABORT_EXIT_CODE = 3
+
+
+class PopulationAborted(RuntimeError):
+    """Another rank of the population failed; this rank stops too."""
+
+
+class PopulationGroup:
+    """Collectives over the whole population (every rank of every member), named explicitly.
+
+    Ranks here are world ranks: member ``m``'s rank ``j`` is ``m * member_size + j``.
+    """
+
+    def __init__(
+        self,
+        backend: dist.Backend,
+        rank: int,
+        size: int,
+        device: torch.device,
+        store: dist.Store,
+        backend_name: str,
+    ) -> None:
+        self.backend = backend
+        self.rank = rank
+        self.size = size
+        self.device = device
+        self.store = store
+        self.backend_name = backend_name
+
+    @classmethod
+    def create(
+        cls,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        backend_name: str,
+        device: torch.device,
+        timeout: timedelta,
+    ) -> PopulationGroup:
+        prefixed = dist.PrefixStore("population/", store)
+        if backend_name == "gloo":
+            backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+        elif backend_name == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+        else:
+            raise ValueError(
+                f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend_name!r}"
+            )
+        return cls(backend, rank, size, device, store, backend_name)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` stacked along a new first dimension (index = world rank)."""
+        tensor = tensor.to(self.device).contiguous()
+        outputs = [torch.empty_like(tensor) for _ in range(self.size)]
+        self.backend.allgather([outputs], [tensor]).wait()
+        return torch.stack(outputs)
+
+    def broadcast(self, tensor: Tensor, root: int) -> None:
+        """In place: every rank's ``tensor`` becomes ``root``'s."""
+        options = dist.BroadcastOptions()
+        options.rootRank = root
+        self.backend.broadcast([tensor], options).wait()
+
+    def broadcast_json(self, obj: object, root: int = 0) -> object:
+        """``root``'s JSON-able object on every rank, as bytes in tensors (never pickled)."""
+        payload = json.dumps(obj, sort_keys=True).encode() if self.rank == root else b""
+        length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        self.broadcast(length, root)
+        buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == root:
+            buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        self.broadcast(buffer, root)
+        return json.loads(bytes(buffer.cpu().numpy()).decode())
+
+    def barrier(self) -> None:
+        self.backend.barrier().wait()
+
+    def wait_for_everyone(self, key: str, poll_seconds: float = 0.1) -> None:
+        """Block until every rank has called this with ``key``, with no time limit.
+
+        Members may finish far apart (early stopping, ``max_time``); a collective would time out, the
+        store does not. A rank that failed meanwhile is reported instead of waited for.
+        """
+        self.store.add(key, 1)
+        while self.store.add(key, 0) < self.size:
+            reason = self.abort_reason()
+            if reason is not None:
+                raise PopulationAborted(f"another rank of the population failed: {reason}")
+            time.sleep(poll_seconds)
+        self.barrier()
+
+    def exchange(
+        self, sends: Sequence[tuple[int, Sequence[Tensor]]], recvs: Sequence[tuple[int, Sequence[Tensor]]]
+    ) -> None:
+        """Issue every point-to-point transfer of one step together, then wait for all of them.
+
+        ``sends`` and ``recvs`` are ``(peer world rank, tensors)``; the i-th tensor sent to a peer lands
+        in the i-th tensor that peer receives from this rank (message tags are those indices).
+        """
+        works = []
+        coalesce = self.backend_name == "nccl"
+        if coalesce:
+            self.backend._start_coalescing(self.device)
+        for peer, tensors in sends:
+            works.extend(self.backend.send([t], peer, tag) for tag, t in enumerate(tensors))
+        for peer, tensors in recvs:
+            works.extend(self.backend.recv([t], peer, tag) for tag, t in enumerate(tensors))
+        if coalesce:
+            works.append(self.backend._end_coalescing(self.device))
+        for work in works:
+            work.wait()
+
+    # -- abort signalling ------------------------------------------------------------------------
+    def signal_abort(self, reason: str) -> None:
+        """Tell every other rank to stop now; best effort, never raises."""
+        try:
+            self.store.set(_ABORT_KEY, json.dumps({"rank": self.rank, "reason": reason[:2000]}))
+        except Exception:  # the store may already be gone; the launcher then ends the others
+            log.debug("could not set the abort flag", exc_info=True)
+
+    def abort_reason(self) -> str | None:
+        try:
+            if self.store.check([_ABORT_KEY]):
+                return self.store.get(_ABORT_KEY).decode()
+        except Exception:
+            return None
+        return None
+
+
+class PopulationWatchdog(threading.Thread):
+    """Ends this rank when another rank signals an abort or the launch's store disappears.
+
+    Without it, a rank blocked in a population collective would wait for the whole collective
+    timeout after a peer died. It polls a separate store client, so it never contends with the
+    training thread's store traffic.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, interval: float = 0.5, misses_allowed: int = 6) -> None:
+        super().__init__(daemon=True, name="lightning-pbt-watchdog")
+        self._store = store
+        self._rank = rank
+        self._interval = interval
+        self._misses_allowed = misses_allowed
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        misses = 0
+        while not self._stopped.wait(self._interval):
+            try:
+                if self._store.check([_ABORT_KEY]):
+                    reason = self._store.get(_ABORT_KEY).decode()
+                    self._die(f"another rank of the population failed: {reason}")
+                misses = 0
+            except Exception as error:  # the store lives in rank 0 or the torchrun agent
+                misses += 1
+                if misses >= self._misses_allowed and not self._stopped.is_set():
+                    self._die(f"lost contact with the launch's rendezvous store ({error}); a peer died")
+
+    def _die(self, message: str) -> None:
+        if self._stopped.is_set():
+            return
+        print(f"[lightning_pbt rank {self._rank}] {message}; ending this rank", flush=True)
+        time.sleep(0.2)
+        os._exit(_ABORT_EXIT_CODE)
+
+
+def open_store_client(host: str, port: int, timeout: timedelta) -> dist.Store:
+    """A fresh client connection to the launch's TCP store (for the watchdog thread)."""
+    return dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)

@@ -1,0 +1,321 @@
+"""``PopulationStrategy``: one Lightning job, many members, each member its own DDP world.
+
+The world of N ranks is split into ``N // member_size`` members of consecutive ranks. Lightning and
+torch reach for the default process group and the global rank in many places (broadcasts, barriers,
+the per-batch SIGTERM broadcast, module-state syncs, torchmetrics, loggers, checkpoints). Rather than
+patching each of them, the strategy makes each member's process group *the* default group: inside a
+member, ``torch.distributed`` and Lightning see a world of ``member_size`` ranks. Everything member-
+scoped therefore stays member-scoped by construction, and the population gets its own, explicitly
+named group (``population``) that nothing else can reach by accident.
+
+What a user sees:
+
+- ``trainer.global_rank`` / ``world_size`` / ``is_global_zero``: the rank inside the member, the member
+  size, and whether this is the member's rank 0. ``local_rank`` and ``node_rank`` keep their launch
+  meaning (the device index on the node, the node index).
+- ``strategy.world_rank``, ``member_id``, ``num_members``, ``member_size``, ``member_group`` and
+  ``population`` (a :class:`~lightning_pbt.distributed.PopulationGroup`) give the real identity.
+- Each member is seeded with ``base_seed + member_id`` (``base_seed`` is ``PL_GLOBAL_SEED`` from
+  ``seed_everything``, else 0) before ``configure_model`` runs, and its sampler shuffles with the same
+  seed, so members differ in data order and in any weights built in ``configure_model``. Models built
+  before ``Trainer.fit`` can call :func:`member_id_from_env` to seed themselves.
+- Loggers and checkpoints go to ``member_<id>/`` under the run directory, which population rank 0
+  chooses for everyone (so differing working directories, e.g. Hydra's, cannot split a run).
+- Only population rank 0 shows the progress bar and Lightning's info messages.
+
+Without the PBT callback the members train independently: a parallel random search.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog, open_store_client
+from lightning_pbt.topology import PopulationTopology
+
+__all__ = ["PopulationStrategy", "member_id_from_env"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+_QUIET_LOGGERS = (
+    "pytorch_lightning",
+    "lightning.pytorch",
+    "lightning_fabric",
+    "lightning.fabric",
+    "lightning_pbt",
+)
+
+
+def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None) -> int:
+    """This process's member id, read from the launcher's environment before the Trainer starts.
+
+    Works under torchrun and SLURM (``RANK`` / ``SLURM_PROCID``) and Lightning's own launcher
+    (``NODE_RANK`` and ``LOCAL_RANK``; pass ``devices_per_node`` for several nodes). Use it to seed
+    weight initialisation per member when the model is built before ``Trainer.fit``.
+    """
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) // member_size
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node_rank = int(os.environ.get("NODE_RANK", 0))
+    if node_rank and not devices_per_node:
+        raise ValueError("member_id_from_env: pass devices_per_node on a multi-node launch without RANK")
+    return (node_rank * (devices_per_node or 0) + local_rank) // member_size
+
+
+def _base_seed() -> int:
+    """The user's ``seed_everything`` seed (or 0), remembered before members re-seed themselves."""
+    if "LIGHTNING_PBT_BASE_SEED" not in os.environ:
+        os.environ["LIGHTNING_PBT_BASE_SEED"] = os.environ.get("PL_GLOBAL_SEED", "0")
+    return int(os.environ["LIGHTNING_PBT_BASE_SEED"])
+
+
+class PopulationStrategy(DDPStrategy):
+    """DDP inside each member, a separate population group across members.
+
+    Args:
+        member_size: ranks per member (DDP inside the member). The world size must be a multiple of it,
+            and it must divide (or be a multiple of) the ranks per node.
+        timeout: collective timeout for the member and population groups. A dead peer normally ends
+            the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
+        **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
+    """
+
+    strategy_name = "population"
+
+    def __init__(
+        self, member_size: int = 1, timeout: timedelta | float | None = DEFAULT_TIMEOUT, **ddp_kwargs: Any
+    ):
+        if isinstance(member_size, bool) or not isinstance(member_size, int) or member_size < 1:
+            raise ValueError(f"PopulationStrategy: member_size must be an integer >= 1, got {member_size!r}")
+        if isinstance(timeout, int | float):
+            timeout = timedelta(seconds=timeout)
+        if timeout is None or timeout.total_seconds() <= 0:
+            raise ValueError(f"PopulationStrategy: timeout must be positive, got {timeout!r}")
+        super().__init__(timeout=timeout, **ddp_kwargs)
+        self.member_size = member_size
+        self.topology: PopulationTopology | None = None
+        self.population: PopulationGroup | None = None
+        self.run_dir: str | None = None
+        self._watchdog: PopulationWatchdog | None = None
+        self._failed = False
+        self._finish_count = 0
+        self._watchdog_prefix = ""
+
+    # -- identity --------------------------------------------------------------------------------
+    def _require_topology(self) -> PopulationTopology:
+        if self.topology is None:
+            raise RuntimeError(
+                "PopulationStrategy: the population is not set up yet (call Trainer.fit first)"
+            )
+        return self.topology
+
+    @property
+    def world_rank(self) -> int:
+        """The rank in the whole launch (all members)."""
+        return self._require_topology().world_rank
+
+    @property
+    def member_id(self) -> int:
+        return self._require_topology().member_id
+
+    @property
+    def num_members(self) -> int:
+        return self._require_topology().num_members
+
+    @property
+    def member_group(self) -> dist.ProcessGroup:
+        """This member's process group (also the default group inside Lightning)."""
+        return dist.group.WORLD
+
+    @property
+    @override
+    def global_rank(self) -> int:
+        if self.topology is None:
+            return super().global_rank
+        return self.topology.member_rank
+
+    @property
+    @override
+    def world_size(self) -> int:
+        if self.topology is None:
+            return super().world_size
+        return self.member_size
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        topology = self._require_topology()
+        return {"num_replicas": self.member_size, "rank": topology.member_rank, "seed": self.member_seed}
+
+    @property
+    def member_seed(self) -> int:
+        return _base_seed() + self.member_id
+
+    # -- set-up ----------------------------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()  # -> setup_distributed
+        if self._watchdog is None:
+            self._start_watchdog()
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None:
+            self._scope_outputs_to_member(trainer)
+            self._quiet_console(trainer)
+
+    @override
+    def setup_distributed(self) -> None:
+        if self.topology is not None:  # a second fit/validate/test with the same Trainer
+            return
+        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        self.set_world_ranks()
+        topology = PopulationTopology(
+            world_size=env.world_size(),
+            world_rank=env.global_rank(),
+            member_size=self.member_size,
+            processes_per_node=self.num_processes,
+        )
+        backend = self._get_process_group_backend()
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend!r}")
+        if dist.is_initialized():
+            raise RuntimeError(
+                "PopulationStrategy: torch.distributed is already initialised in this process; the strategy "
+                "must create the member and population groups itself (one PopulationStrategy per process)"
+            )
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        timeout = self._timeout or DEFAULT_TIMEOUT
+        url = f"env://?rank={topology.world_rank}&world_size={topology.world_size}"
+        store, _, _ = next(dist.rendezvous(url, timeout=timeout))
+        # A torchrun restart reuses the agent's store: keys of an earlier attempt must not leak in.
+        prefix = f"lightning_pbt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        run_store = dist.PrefixStore(prefix, store)
+        kwargs: dict[str, Any] = {}
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+            kwargs["device_id"] = self.root_device
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"member_{topology.member_id}/", run_store),
+            rank=topology.member_rank,
+            world_size=topology.member_size,
+            timeout=timeout,
+            **kwargs,
+        )
+        device = self.root_device if backend == "nccl" else torch.device("cpu")
+        self.population = PopulationGroup.create(
+            run_store, topology.world_rank, topology.world_size, backend, device, timeout
+        )
+        self.topology = topology
+        self._process_group_backend = backend
+        rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
+        self._seed_member()
+        self._watchdog_prefix = prefix
+        log.debug(
+            "member %d/%d, rank %d/%d",
+            topology.member_id,
+            topology.num_members,
+            topology.member_rank,
+            topology.member_size,
+        )
+
+    def _seed_member(self) -> None:
+        from lightning_fabric.utilities.seed import seed_everything
+
+        seed_everything(self.member_seed, workers=os.environ.get("PL_SEED_WORKERS") == "1", verbose=False)
+
+    def _start_watchdog(self) -> None:
+        timeout = self._timeout or DEFAULT_TIMEOUT
+        try:
+            client = open_store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
+        except Exception:  # the watchdog is a speed-up for failures, never a requirement
+            log.debug("no watchdog store client", exc_info=True)
+            return
+        self._watchdog = PopulationWatchdog(dist.PrefixStore(self._watchdog_prefix, client), self.world_rank)
+        self._watchdog.start()
+
+    def _scope_outputs_to_member(self, trainer: Any) -> None:
+        """One run directory for everyone (population rank 0's), a ``member_<id>/`` folder per member."""
+        assert self.population is not None
+        local_root = os.path.abspath(trainer.default_root_dir)
+        if self.run_dir is None:
+            self.run_dir = str(
+                self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0)
+            )
+        trainer._default_root_dir = self.run_dir
+        member_dir = f"member_{self.member_id}"
+        for logger in trainer.loggers:
+            if getattr(logger, "_experiment", None) is not None or getattr(logger, "_pbt_scoped", False):
+                continue  # already written somewhere; moving it now would split its files
+            for attribute in ("_root_dir", "_save_dir"):
+                value = getattr(logger, attribute, None)
+                if isinstance(value, str | os.PathLike):
+                    value = os.path.abspath(value)
+                    if value == local_root:
+                        value = self.run_dir
+                    setattr(logger, attribute, os.path.join(value, member_dir))
+            logger._pbt_scoped = True
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and not getattr(callback, "_pbt_scoped", False):
+                if callback.dirpath is not None:
+                    callback.dirpath = os.path.join(callback.dirpath, member_dir)
+                elif not trainer.loggers:
+                    callback.dirpath = os.path.join(self.run_dir, member_dir, "checkpoints")
+                callback._pbt_scoped = True
+
+    def _quiet_console(self, trainer: Any) -> None:
+        if self.world_rank == 0:
+            return
+        progress_bar = trainer.progress_bar_callback
+        if progress_bar is not None:
+            progress_bar.disable()
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    # -- failure and teardown --------------------------------------------------------------------
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._failed = True
+        if self.population is not None and self.topology is not None:
+            self.population.signal_abort(
+                f"member {self.topology.member_id} (world rank {self.topology.world_rank}) raised "
+                f"{type(exception).__name__}: {exception}"
+            )
+
+    def finish_population(self) -> None:
+        """Wait until every rank of the population has finished, then stop the watchdog.
+
+        Called once at the end of a successful fit so that no rank leaves (and takes the store with
+        it) while others still need it.
+        """
+        if self.population is None or self._failed:
+            return
+        self._finish_count += 1
+        self.population.wait_for_everyone(f"finished/{self._finish_count}")
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    @override
+    def teardown(self) -> None:
+        self.finish_population()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        super().teardown()
