@@ -1,0 +1,91 @@
+"""Shared helpers: run a script as a multi-process job in a subprocess, with a hard timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "distributed" / "scripts"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    for name in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NODE_RANK",
+        "PL_GLOBAL_SEED",
+    ):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) to completion; a hang fails the test at ``timeout``.
+
+    The child gets its own process group so that a timeout kills every rank it started.
+    """
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd or REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        pytest.fail(f"{args} did not finish within {timeout}s (a hang?)\n{output[-4000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)  # no rank may outlive its job
+    return subprocess.CompletedProcess(args, proc.returncode, output, None)
+
+
+def run_population(
+    out: Path, timeout: float = 150, torchrun: bool = False, **cfg
+) -> subprocess.CompletedProcess:
+    """Run tests/distributed/scripts/population_run.py with ``cfg``; results land in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"out": str(out), **cfg})
+    script = str(SCRIPTS / "population_run.py")
+    if torchrun:
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg['devices']}",
+            script,
+            payload,
+        ]
+    else:
+        args = [sys.executable, script, payload]
+    return run_job(args, timeout)
+
+
+def load_ranks(out: Path) -> list[dict]:
+    ranks = sorted(out.glob("rank_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    return [json.loads(p.read_text()) for p in ranks]
+
+
+def load_lineage(out: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if line.strip()
+    ]

@@ -1,0 +1,202 @@
+"""A tiny PBT run that records what the distributed tests assert on.
+
+Launched as a subprocess (Lightning's launcher re-executes this file, or torchrun runs it). The run
+is configured by a JSON object in argv[1]; every rank writes ``rank_<world>.json`` into ``out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy, Uniform, member_id_from_env
+
+cfg = json.loads(sys.argv[1])
+out = cfg["out"]
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def state_digest(trainer) -> dict:
+    module = trainer.lightning_module
+    opt_tensors = [
+        v
+        for opt in trainer.optimizers
+        for s in opt.state_dict()["state"].values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    ]
+    return {"model": digest(module.state_dict().values()), "optimizer": digest(opt_tensors)}
+
+
+class Net(pl.LightningModule):
+    def __init__(self, lr: float = 0.05, dropout: float = 0.1, weight_decay: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 2))
+        self.seen_dropout: list[float] = []
+        self.train_samples = 0
+
+    def on_pbt_hyperparameters(self, values):
+        self.body[2].p = values["dropout"]
+        self.seen_dropout.append(values["dropout"])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.train_samples += len(x)
+        loss = nn.functional.cross_entropy(self.body(x), y)
+        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get(
+            "nan_from", 0
+        ):
+            loss = loss * float("nan")
+        self.log("train_loss", loss, sync_dist=True)
+        self.log("rank_value", float(self.trainer.strategy.world_rank), sync_dist=True, on_step=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        acc = (self.body(x).argmax(-1) == y).float().mean()
+        loss = nn.functional.cross_entropy(self.body(x), y)
+        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get(
+            "nan_from", 0
+        ):
+            loss = loss * float("nan")
+            acc = acc * float("nan")
+        if cfg.get("no_metric"):
+            return
+        self.log("val_acc", acc, sync_dist=True)
+        self.log("val_loss", loss, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+        )
+        if cfg.get("lr_scheduler") == "step":
+            return {
+                "optimizer": opt,
+                "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+            }
+        if cfg.get("lr_scheduler") == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["max_steps"])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+
+class Recorder(pl.Callback):
+    """Digests of the training state just before and just after each PBT ready step."""
+
+    def __init__(self, when: str):
+        self.when = when
+        self.records: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        opt = trainer.optimizers[0]
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                **state_digest(trainer),
+                "lr": opt.param_groups[0]["lr"],
+                "dropout": pl_module.body[2].p,
+                "hparams_dropout": pl_module.hparams.dropout,
+            }
+        )
+
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(256, 8, generator=g)
+y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+
+before, after = Recorder("before"), Recorder("after")
+space = {"lr": LogUniform(1e-3, 0.5), "dropout": Uniform(0.0, 0.5)}
+space.update(cfg.get("extra_space", {}))
+pbt = PopulationBasedTraining(
+    space,
+    monitor=cfg.get("monitor", "val_acc"),
+    mode="max",
+    every_n_train_steps=cfg.get("every", 4),
+    seed=cfg.get("seed", 0),
+    quantile_fraction=cfg.get("quantile", 0.5),
+    exploit=cfg.get("exploit", "truncation"),
+)
+callbacks = [before, pbt, after] if cfg.get("pbt", True) else [before, after]
+if cfg.get("early_stop_member") is not None:
+
+    class StopOne(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if (
+                trainer.strategy.member_id == cfg["early_stop_member"]
+                and trainer.global_step >= cfg["early_stop_at"]
+            ):
+                trainer.should_stop = True
+
+    callbacks.insert(0, StopOne())
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=cfg["devices"],
+    strategy=PopulationStrategy(member_size=cfg["member_size"], timeout=60),
+    max_steps=cfg["max_steps"],
+    val_check_interval=cfg.get("every", 4),
+    check_val_every_n_epoch=None,
+    default_root_dir=out,
+    callbacks=callbacks,
+    enable_model_summary=False,
+    log_every_n_steps=1,
+    logger=pl.loggers.CSVLogger(out),
+    enable_progress_bar=False,
+    max_time=cfg.get("max_time"),
+)
+# Different initial weights per member, reproducible: seed before building the model.
+pl.seed_everything(cfg.get("seed", 0) + member_id_from_env(cfg["member_size"]), verbose=False)
+model = Net()
+if (
+    cfg.get("raise_in_rank") is not None
+    and int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) == cfg["raise_in_rank"]
+):
+
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step >= cfg.get("raise_at", 3):
+                raise RuntimeError("injected failure")
+
+    trainer.callbacks.append(Boom())
+trainer.fit(model, train, val)
+result = {
+    "world_rank": trainer.strategy.world_rank,
+    "member": trainer.strategy.member_id,
+    "global_rank": trainer.global_rank,
+    "world_size": trainer.world_size,
+    "is_global_zero": trainer.is_global_zero,
+    "global_step": trainer.global_step,
+    "final": state_digest(trainer),
+    "before": before.records,
+    "after": after.records,
+    "seen_dropout": model.seen_dropout,
+    "train_samples": model.train_samples,
+    "log_dir": trainer.log_dir,
+    "rank_value": float(trainer.callback_metrics["rank_value"]),
+    "gathered": len(model.all_gather(torch.tensor([1.0]))),
+    "population": {str(k): v for k, v in pbt.population.items()} if cfg.get("pbt", True) else None,
+    "hyperparameters": pbt.hyperparameters,
+}
+if cfg.get("validate_after"):
+    pre = state_digest(trainer)["model"]
+    trainer.validate(model, val, verbose=False)
+    result["validate_kept_weights"] = pre == state_digest(trainer)["model"]
+with open(os.path.join(out, f"rank_{trainer.strategy.world_rank}.json"), "w") as f:
+    json.dump(result, f)

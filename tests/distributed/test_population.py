@@ -1,0 +1,264 @@
+"""Multi-process runs of a tiny model (gloo, CPU): PopulationStrategy and PopulationBasedTraining.
+
+Each module-scoped fixture launches one population and many tests read its outputs, so the cost of
+starting processes is paid once per layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_lineage, load_ranks, run_population
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+STEPS, EVERY = 24, 4
+
+
+@pytest.fixture(scope="module")
+def run_2x2(tmp_path_factory) -> Path:
+    """4 ranks as 2 members x 2 ranks, Lightning's own launcher, validate() after fit."""
+    out = tmp_path_factory.mktemp("run_2x2")
+    proc = run_population(out, devices=4, member_size=2, max_steps=STEPS, every=EVERY, validate_after=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_4x1(tmp_path_factory) -> Path:
+    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler."""
+    out = tmp_path_factory.mktemp("run_4x1")
+    proc = run_population(
+        out,
+        torchrun=True,
+        devices=4,
+        member_size=1,
+        max_steps=STEPS,
+        every=EVERY,
+        nan_member=2,
+        nan_from=6,
+        lr_scheduler="step",
+        quantile=0.25,
+        seed=3,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out
+
+
+def by_member(ranks: list[dict]) -> dict[int, list[dict]]:
+    members = defaultdict(list)
+    for rank in ranks:
+        members[rank["member"]].append(rank)
+    return members
+
+
+# -- the member-as-world view ----------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["run_2x2", "run_4x1"])
+def test_member_view_of_lightning(layout, request):
+    out = request.getfixturevalue(layout)
+    ranks = load_ranks(out)
+    assert len(ranks) == 4
+    member_size = 2 if layout == "run_2x2" else 1
+    for rank in ranks:
+        assert rank["member"] == rank["world_rank"] // member_size
+        assert rank["global_rank"] == rank["world_rank"] % member_size
+        assert rank["world_size"] == member_size
+        assert rank["is_global_zero"] == (rank["global_rank"] == 0)
+        assert rank["gathered"] == member_size  # self.all_gather spans the member only
+        # sync_dist=True averages over the member's ranks, not the world's.
+        expected = sum(r["world_rank"] for r in ranks if r["member"] == rank["member"]) / member_size
+        assert rank["rank_value"] == pytest.approx(expected)
+
+
+def test_ranks_of_a_member_hold_identical_weights_and_members_differ(run_2x2):
+    members = by_member(load_ranks(run_2x2))
+    finals = {member: {r["final"]["model"] for r in ranks} for member, ranks in members.items()}
+    assert all(len(digests) == 1 for digests in finals.values())
+    assert len({next(iter(d)) for d in finals.values()}) == 2 or any(
+        rec["event"] == "exploit" and rec["step"] == STEPS for rec in load_lineage(run_2x2)
+    )
+
+
+def test_each_member_sees_its_share_of_the_data(run_2x2):
+    for rank in load_ranks(run_2x2):
+        # 256 samples, 2 ranks per member, batch 16: 8 batches per epoch of 16 samples each.
+        assert rank["train_samples"] == STEPS * 16
+
+
+def test_member_outputs_in_their_own_directories(run_2x2):
+    for rank in load_ranks(run_2x2):
+        assert f"member_{rank['member']}" in rank["log_dir"]
+    for member in (0, 1):
+        assert list((run_2x2 / f"member_{member}").rglob("metrics.csv"))
+        assert list((run_2x2 / f"member_{member}").rglob("*.ckpt"))
+
+
+def test_validate_after_fit_keeps_every_members_weights(run_2x2):
+    assert all(rank["validate_kept_weights"] for rank in load_ranks(run_2x2))
+
+
+# -- PBT: exploit, explore, lineage -----------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["run_2x2", "run_4x1"])
+def test_exploit_copies_the_donors_state_bit_exactly(layout, request):
+    out = request.getfixturevalue(layout)
+    ranks = load_ranks(out)
+    member_size = 2 if layout == "run_2x2" else 1
+    lineage = [r for r in load_lineage(out) if r["event"] != "init"]
+    exploits = [r for r in lineage if r["event"] == "exploit"]
+    assert exploits, "the run should exploit at least once"
+    for rank in ranks:
+        before = {r["step"]: r for r in rank["before"]}
+        after = {r["step"]: r for r in rank["after"]}
+        for rec in lineage:
+            if rec["member"] != rank["member"]:
+                continue
+            j = rank["global_rank"]
+            donor_rank = next(r for r in ranks if r["member"] == rec["parent"] and r["global_rank"] == j)
+            donor_before = {r["step"]: r for r in donor_rank["before"]}[rec["step"]]
+            mine = after[rec["step"]]
+            if rec["event"] == "exploit":
+                assert mine["model"] == donor_before["model"]
+                assert mine["optimizer"] == donor_before["optimizer"]
+            else:
+                assert mine["model"] == before[rec["step"]]["model"]
+                assert mine["optimizer"] == before[rec["step"]]["optimizer"]
+    assert member_size in (1, 2)
+
+
+def test_lineage_has_init_and_one_line_per_member_per_ready_step(run_2x2):
+    lineage = load_lineage(run_2x2)
+    inits = [r for r in lineage if r["event"] == "init"]
+    assert sorted(r["member"] for r in inits) == [0, 1]
+    steps = defaultdict(list)
+    for rec in lineage:
+        if rec["event"] != "init":
+            steps[rec["step"]].append(rec["member"])
+    assert sorted(steps) == list(range(EVERY, STEPS + 1, EVERY))
+    assert all(sorted(members) == [0, 1] for members in steps.values())
+    for rec in lineage:
+        assert set(rec) >= {
+            "step",
+            "epoch",
+            "member",
+            "score",
+            "event",
+            "parent",
+            "hyperparameters",
+            "timing",
+        }
+        if rec["event"] != "init":
+            assert set(rec["timing"]) == {"gather", "decide", "transfer"}
+
+
+def test_lineage_parents_and_hyperparameters_are_consistent(run_2x2):
+    lineage = load_lineage(run_2x2)
+    current = {r["member"]: r["hyperparameters"] for r in lineage if r["event"] == "init"}
+    for step in sorted({r["step"] for r in lineage if r["event"] != "init"}):
+        records = [r for r in lineage if r["step"] == step and r["event"] != "init"]
+        for rec in records:
+            if rec["event"] == "keep":
+                assert rec["parent"] == rec["member"]
+                assert rec["hyperparameters"] == current[rec["member"]]
+            else:
+                assert rec["event"] == "exploit"
+                assert rec["parent"] != rec["member"]
+                assert rec["mutations"]
+                assert set(rec["hyperparameters"]) == set(current[rec["parent"]])
+            assert 1e-3 <= rec["hyperparameters"]["lr"] <= 0.5
+            assert 0.0 <= rec["hyperparameters"]["dropout"] <= 0.5
+        current.update({rec["member"]: rec["hyperparameters"] for rec in records})
+
+
+def test_hyperparameters_in_effect_match_the_lineage(run_2x2):
+    lineage = load_lineage(run_2x2)
+    for rank in load_ranks(run_2x2):
+        mine = [r for r in lineage if r["member"] == rank["member"]]
+        after = {r["step"]: r for r in rank["after"]}
+        for rec in mine:
+            if rec["event"] == "init":
+                continue
+            seen = after[rec["step"]]
+            assert seen["lr"] == pytest.approx(rec["hyperparameters"]["lr"])
+            assert seen["dropout"] == pytest.approx(rec["hyperparameters"]["dropout"])  # via the hook
+            assert seen["hparams_dropout"] == pytest.approx(rec["hyperparameters"]["dropout"])
+        assert rank["hyperparameters"] == mine[-1]["hyperparameters"]
+
+
+def test_nan_member_is_replaced_and_never_wins(run_4x1):
+    lineage = load_lineage(run_4x1)
+    ready = [r for r in lineage if r["event"] != "init"]
+    nan_steps = sorted({r["step"] for r in ready if r["member"] == 2 and r["score"] is None})
+    assert nan_steps, "member 2 should have diverged"
+    for rec in ready:
+        if rec["event"] == "exploit":
+            donor = next(r for r in ready if r["step"] == rec["step"] and r["member"] == rec["parent"])
+            assert donor["score"] is not None and math.isfinite(donor["score"])
+        if rec["member"] == 2 and rec["step"] in nan_steps:
+            assert rec["event"] == "exploit"
+
+
+def test_step_lr_scheduler_keeps_its_shape_after_explore(run_4x1):
+    """StepLR halves the rate each epoch (8 steps); the rate in effect = base * 0.5**epochs."""
+    lineage = load_lineage(run_4x1)
+    for rank in load_ranks(run_4x1):
+        for seen in rank["after"]:
+            rec = next(r for r in lineage if r["member"] == rank["member"] and r["step"] == seen["step"])
+            base = rec["hyperparameters"]["lr"]
+            epochs_done = seen["step"] // 16  # 256 samples / batch 16 = 16 steps per epoch (one rank)
+            assert seen["lr"] == pytest.approx(base * 0.5**epochs_done, rel=1e-6)
+
+
+def test_same_seed_gives_identical_lineage(run_2x2, tmp_path):
+    proc = run_population(tmp_path, devices=4, member_size=2, max_steps=STEPS, every=EVERY)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+    def decisions(out):
+        return [{k: v for k, v in r.items() if k != "timing"} for r in load_lineage(out)]
+
+    assert decisions(tmp_path) == decisions(run_2x2)
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
+def test_member_stopping_early_ends_without_hang(tmp_path):
+    """Member 1 stops at step 8; the others go on to max_steps; nothing hangs."""
+    proc = run_population(
+        tmp_path,
+        devices=4,
+        member_size=1,
+        max_steps=STEPS,
+        every=EVERY,
+        early_stop_member=1,
+        early_stop_at=8,
+        quantile=0.25,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks = {r["member"]: r for r in load_ranks(tmp_path)}
+    assert ranks[1]["global_step"] == 8
+    assert all(ranks[m]["global_step"] == STEPS for m in (0, 2, 3))
+    lineage = load_lineage(tmp_path)
+    for rec in lineage:
+        if rec["member"] == 1 and rec["step"] > 8:
+            assert rec["event"] == "keep" and rec["extra"]["done"]
+    steps = sorted({r["step"] for r in lineage if r["event"] != "init"})
+    assert steps == list(range(EVERY, STEPS + 1, EVERY))
+
+
+def test_an_exception_in_one_rank_ends_the_whole_run(tmp_path):
+    proc = run_population(
+        tmp_path,
+        timeout=90,
+        devices=4,
+        member_size=2,
+        max_steps=400,
+        every=EVERY,
+        raise_in_rank=1,
+        raise_at=6,
+    )
+    assert proc.returncode != 0
+    assert "injected failure" in proc.stdout
+    assert not list(tmp_path.glob("rank_*.json"))
