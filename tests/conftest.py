@@ -52,15 +52,27 @@ def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subproc
         os.killpg(proc.pid, 9)
         output, _ = proc.communicate()
         pytest.fail(f"{args} did not finish within {timeout}s (a hang?)\n{output[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)  # no rank may outlive its job
+    orphans = _alive(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)  # never leave a rank behind, even when the test fails
+    assert not orphans, f"{args} left processes running after it ended\n{output[-4000:]}"
     return subprocess.CompletedProcess(args, proc.returncode, output, None)
 
 
-def run_population(
-    out: Path, timeout: float = 150, torchrun: bool = False, **cfg
-) -> subprocess.CompletedProcess:
+def _alive(group: int) -> bool:
+    """Whether any process of the job's process group is still running (zombies excluded)."""
+    for _ in range(50):  # ranks may take a moment to exit after the launcher returned
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        import time
+
+        time.sleep(0.1)
+    return True
+
+
+def run_population(out: Path, timeout: float = 150, torchrun: bool = False, **cfg) -> subprocess.CompletedProcess:
     """Run tests/distributed/scripts/population_run.py with ``cfg``; results land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"out": str(out), **cfg})
@@ -86,6 +98,4 @@ def load_ranks(out: Path) -> list[dict]:
 
 
 def load_lineage(out: Path) -> list[dict]:
-    return [
-        json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if line.strip()
-    ]
+    return [json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if line.strip()]

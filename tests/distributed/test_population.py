@@ -262,3 +262,77 @@ def test_an_exception_in_one_rank_ends_the_whole_run(tmp_path):
     assert proc.returncode != 0
     assert "injected failure" in proc.stdout
     assert not list(tmp_path.glob("rank_*.json"))
+
+
+def test_max_time_stops_members_independently_without_hang(tmp_path):
+    proc = run_population(tmp_path, devices=4, member_size=2, max_steps=100_000, every=EVERY, max_time={"seconds": 6})
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks = load_ranks(tmp_path)
+    assert len(ranks) == 4 and all(0 < r["global_step"] < 100_000 for r in ranks)
+    lineage = [r for r in load_lineage(tmp_path) if r["event"] != "init"]
+    per_step = defaultdict(list)
+    for rec in lineage:
+        per_step[rec["step"]].append(rec["member"])
+    assert all(sorted(m) == [0, 1] for m in per_step.values())
+
+
+def test_resume_from_checkpoints_continues_the_lineage(tmp_path):
+    first = run_population(tmp_path, devices=2, member_size=1, max_steps=12, every=EVERY, ckpt_every=EVERY)
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert (tmp_path / "ckpt" / "member_1" / "last.ckpt").exists()
+    second = run_population(tmp_path, devices=2, member_size=1, max_steps=STEPS, every=EVERY, resume=True)
+    assert second.returncode == 0, second.stdout[-4000:]
+    lineage = load_lineage(tmp_path)
+    assert sorted(r["member"] for r in lineage if r["event"] == "init") == [0, 1]
+    steps = [(r["step"], r["member"]) for r in lineage if r["event"] != "init"]
+    assert sorted(steps) == [(s, m) for s in range(EVERY, STEPS + 1, EVERY) for m in (0, 1)]
+    assert all(r["global_step"] == STEPS for r in load_ranks(tmp_path))
+
+
+def test_rejuvenation_is_recorded_and_resets_weights(tmp_path):
+    proc = run_population(
+        tmp_path,
+        devices=4,
+        member_size=1,
+        max_steps=10,
+        every=2,
+        rejuvenate_patience=2,
+        quantile=0.25,
+        monitor="member_const",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lineage = load_lineage(tmp_path)
+    rejuvenated = [r for r in lineage if r["event"] == "rejuvenate"]
+    assert rejuvenated, "a plateaued member should have been rejuvenated"
+    for rank in load_ranks(tmp_path):
+        before = {r["step"]: r for r in rank["before"]}
+        after = {r["step"]: r for r in rank["after"]}
+        for rec in rejuvenated:
+            if rec["member"] == rank["member"]:
+                assert rec["parent"] == rec["member"]
+                assert after[rec["step"]]["model"] != before[rec["step"]]["model"]
+
+
+def test_a_killed_rank_ends_the_run_and_leaves_no_process(tmp_path):
+    """SIGKILL of population rank 0 (which also hosts the launch's store) under Lightning's launcher."""
+    proc = run_population(
+        tmp_path, timeout=90, devices=4, member_size=2, max_steps=100_000, every=EVERY, kill_world_rank=0, kill_at=6
+    )
+    assert proc.returncode != 0
+    assert proc.returncode == -9 or "ending this rank" in proc.stdout
+
+
+def test_a_killed_rank_ends_a_torchrun_job(tmp_path):
+    proc = run_population(
+        tmp_path,
+        timeout=90,
+        torchrun=True,
+        devices=4,
+        member_size=1,
+        max_steps=100_000,
+        every=EVERY,
+        kill_world_rank=2,
+        kill_at=6,
+    )
+    assert proc.returncode != 0
+    assert not list(tmp_path.glob("rank_*.json"))

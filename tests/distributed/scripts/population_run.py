@@ -57,9 +57,7 @@ class Net(pl.LightningModule):
         x, y = batch
         self.train_samples += len(x)
         loss = nn.functional.cross_entropy(self.body(x), y)
-        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get(
-            "nan_from", 0
-        ):
+        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get("nan_from", 0):
             loss = loss * float("nan")
         self.log("train_loss", loss, sync_dist=True)
         self.log("rank_value", float(self.trainer.strategy.world_rank), sync_dist=True, on_step=True)
@@ -69,14 +67,13 @@ class Net(pl.LightningModule):
         x, y = batch
         acc = (self.body(x).argmax(-1) == y).float().mean()
         loss = nn.functional.cross_entropy(self.body(x), y)
-        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get(
-            "nan_from", 0
-        ):
+        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get("nan_from", 0):
             loss = loss * float("nan")
             acc = acc * float("nan")
         if cfg.get("no_metric"):
             return
         self.log("val_acc", acc, sync_dist=True)
+        self.log("member_const", float(self.trainer.strategy.member_id), sync_dist=True)  # never improves
         self.log("val_loss", loss, sync_dist=True)
 
     def configure_optimizers(self):
@@ -132,6 +129,7 @@ pbt = PopulationBasedTraining(
     every_n_train_steps=cfg.get("every", 4),
     seed=cfg.get("seed", 0),
     quantile_fraction=cfg.get("quantile", 0.5),
+    rejuvenate_patience=cfg.get("rejuvenate_patience"),
     exploit=cfg.get("exploit", "truncation"),
 )
 callbacks = [before, pbt, after] if cfg.get("pbt", True) else [before, after]
@@ -139,13 +137,21 @@ if cfg.get("early_stop_member") is not None:
 
     class StopOne(pl.Callback):
         def on_validation_end(self, trainer, pl_module):
-            if (
-                trainer.strategy.member_id == cfg["early_stop_member"]
-                and trainer.global_step >= cfg["early_stop_at"]
-            ):
+            if trainer.strategy.member_id == cfg["early_stop_member"] and trainer.global_step >= cfg["early_stop_at"]:
                 trainer.should_stop = True
 
     callbacks.insert(0, StopOne())
+if cfg.get("ckpt_every"):
+    # Saved at validation end, after the PBT ready step of that step (Lightning runs checkpoints last).
+    callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True))
+if cfg.get("kill_world_rank") is not None:
+
+    class Kill(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.strategy.world_rank == cfg["kill_world_rank"] and trainer.global_step >= cfg["kill_at"]:
+                os.kill(os.getpid(), 9)
+
+    callbacks.append(Kill())
 trainer = pl.Trainer(
     accelerator="cpu",
     devices=cfg["devices"],
@@ -175,7 +181,10 @@ if (
                 raise RuntimeError("injected failure")
 
     trainer.callbacks.append(Boom())
-trainer.fit(model, train, val)
+ckpt_path = None
+if cfg.get("resume"):
+    ckpt_path = os.path.join(out, "ckpt", f"member_{member_id_from_env(cfg['member_size'])}", "last.ckpt")
+trainer.fit(model, train, val, ckpt_path=ckpt_path)
 result = {
     "world_rank": trainer.strategy.world_rank,
     "member": trainer.strategy.member_id,
