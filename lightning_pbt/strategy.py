@@ -45,7 +45,7 @@ from typing_extensions import override
 from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog, open_store_client
 from lightning_pbt.topology import PopulationTopology
 
-__all__ = ["PopulationStrategy", "member_id_from_env"]
+__all__ = ["PopulationStrategy", "check_supported", "member_id_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,30 @@ def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None
     return (node_rank * (devices_per_node or 0) + local_rank) // member_size
 
 
+_UNSUPPORTED_PRECISION = (
+    "FSDPPrecision",
+    "DeepSpeedPrecision",
+    "XLAPrecision",
+    "TransformerEnginePrecision",
+    "BitsandbytesPrecision",
+)
+
+
+def check_supported(accelerator: Any, precision_plugin: Any) -> None:
+    """Refuse, before any process group exists, what the population cannot move or run on."""
+    kind = type(accelerator).__name__ if accelerator is not None else None
+    if kind not in (None, "CPUAccelerator", "CUDAAccelerator"):
+        raise ValueError(f"PopulationStrategy supports accelerator='cpu' (gloo) and 'gpu'/'cuda' (NCCL), not {kind}")
+    names = {cls.__name__ for cls in type(precision_plugin).__mro__}
+    unsupported = names.intersection(_UNSUPPORTED_PRECISION)
+    if unsupported:
+        raise ValueError(
+            f"PopulationStrategy does not support the precision plugin {type(precision_plugin).__name__} "
+            "(sharded or quantised state cannot be copied between members); use precision='32-true', "
+            "'16-mixed', 'bf16-mixed', '64-true', '16-true' or 'bf16-true'"
+        )
+
+
 def _base_seed() -> int:
     """The user's ``seed_everything`` seed (or 0), remembered before members re-seed themselves."""
     if "LIGHTNING_PBT_BASE_SEED" not in os.environ:
@@ -96,9 +120,7 @@ class PopulationStrategy(DDPStrategy):
 
     strategy_name = "population"
 
-    def __init__(
-        self, member_size: int = 1, timeout: timedelta | float | None = DEFAULT_TIMEOUT, **ddp_kwargs: Any
-    ):
+    def __init__(self, member_size: int = 1, timeout: timedelta | float | None = DEFAULT_TIMEOUT, **ddp_kwargs: Any):
         if isinstance(member_size, bool) or not isinstance(member_size, int) or member_size < 1:
             raise ValueError(f"PopulationStrategy: member_size must be an integer >= 1, got {member_size!r}")
         if isinstance(timeout, int | float):
@@ -118,9 +140,7 @@ class PopulationStrategy(DDPStrategy):
     # -- identity --------------------------------------------------------------------------------
     def _require_topology(self) -> PopulationTopology:
         if self.topology is None:
-            raise RuntimeError(
-                "PopulationStrategy: the population is not set up yet (call Trainer.fit first)"
-            )
+            raise RuntimeError("PopulationStrategy: the population is not set up yet (call Trainer.fit first)")
         return self.topology
 
     @property
@@ -181,6 +201,7 @@ class PopulationStrategy(DDPStrategy):
         if self.topology is not None:  # a second fit/validate/test with the same Trainer
             return
         assert self.cluster_environment is not None
+        check_supported(self.accelerator, self.precision_plugin)
         env = self.cluster_environment
         self.set_world_ranks()
         topology = PopulationTopology(
@@ -254,9 +275,7 @@ class PopulationStrategy(DDPStrategy):
         assert self.population is not None
         local_root = os.path.abspath(trainer.default_root_dir)
         if self.run_dir is None:
-            self.run_dir = str(
-                self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0)
-            )
+            self.run_dir = str(self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0))
         trainer._default_root_dir = self.run_dir
         member_dir = f"member_{self.member_id}"
         for logger in trainer.loggers:
@@ -292,6 +311,8 @@ class PopulationStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         self._failed = True
+        if type(exception).__name__ == "SIGTERMException":
+            return  # a preemption reaches every rank by itself; each one checkpoints and exits
         if self.population is not None and self.topology is not None:
             self.population.signal_abort(
                 f"member {self.topology.member_id} (world rank {self.topology.world_rank}) raised "

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy, Uniform, member_id_from_env
+from lightning_pbt.space import space_from_config
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
@@ -121,7 +122,7 @@ val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
 
 before, after = Recorder("before"), Recorder("after")
 space = {"lr": LogUniform(1e-3, 0.5), "dropout": Uniform(0.0, 0.5)}
-space.update(cfg.get("extra_space", {}))
+space.update(space_from_config(cfg.get("extra_space", {})))
 pbt = PopulationBasedTraining(
     space,
     monitor=cfg.get("monitor", "val_acc"),
