@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
@@ -100,6 +100,70 @@ def check_supported(accelerator: Any, precision_plugin: Any) -> None:
         )
 
 
+class _MemberScopingLauncher:
+    """Lightning's launcher, plus per-member output folders in every process before fit starts."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        return self.inner.launch(_call_scoped, function, *args, trainer=trainer, **kwargs)
+
+
+def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs in each launched process: ``function`` is a bound method of the Trainer (``_fit_impl``...)."""
+    trainer = getattr(function, "__self__", None)
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, PopulationStrategy):
+        strategy.scope_outputs(trainer)
+        if getattr(function, "__name__", "") == "_fit_impl":
+            # Resolve ckpt_path="last" against the member's own folders, and remember what this rank
+            # will resume from so that the members can agree on it once the groups exist.
+            positional = len(args) > _FIT_CKPT_INDEX
+            ckpt_path = args[_FIT_CKPT_INDEX] if positional else kwargs.get("ckpt_path")
+            if ckpt_path == "last":
+                connector = trainer._checkpoint_connector
+                ckpt_path = connector._parse_ckpt_path(trainer.state.fn, "last", True, False)
+                if positional:
+                    args = (*args[:_FIT_CKPT_INDEX], ckpt_path, *args[_FIT_CKPT_INDEX + 1 :])
+                else:
+                    kwargs["ckpt_path"] = ckpt_path
+            strategy._resume_path = str(ckpt_path) if ckpt_path is not None else None
+    return function(*args, **kwargs)
+
+
+# Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
+_FIT_CKPT_INDEX = 4
+
+
+def _last_ready_step(path: str) -> int:
+    """The PBT ready step a checkpoint was taken after (-1 when it holds no PBT state)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith("PopulationBasedTraining") and isinstance(state, dict):
+            return int(state.get("last_ready_step", -1))
+    return -1
+
+
+def _checkpoint_at_ready_step(directory: str, step: int) -> str | None:
+    """A checkpoint in ``directory`` taken after ready step ``step``, the newest one first."""
+    candidates = sorted(
+        (os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".ckpt")),
+        key=os.path.getmtime,
+        reverse=True,
+    )
+    for path in candidates:
+        try:
+            if _last_ready_step(path) == step:
+                return path
+        except Exception:  # an unreadable file is simply not a candidate
+            log.debug("skipping unreadable checkpoint %s", path, exc_info=True)
+    return None
+
+
 def _base_seed() -> int:
     """The user's ``seed_everything`` seed (or 0), remembered before members re-seed themselves."""
     if "LIGHTNING_PBT_BASE_SEED" not in os.environ:
@@ -136,6 +200,10 @@ class PopulationStrategy(DDPStrategy):
         self._failed = False
         self._finish_count = 0
         self._watchdog_prefix = ""
+        self._scoped_root: str | None = None
+        self._resume_path: str | None = None
+        self._resume_override: str | None = None
+        self._resume_agreed = False
 
     # -- identity --------------------------------------------------------------------------------
     def _require_topology(self) -> PopulationTopology:
@@ -193,7 +261,8 @@ class PopulationStrategy(DDPStrategy):
             self._start_watchdog()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:
-            self._scope_outputs_to_member(trainer)
+            self._agree_on_run_dir(trainer)
+            self._agree_on_resume()
             self._quiet_console(trainer)
 
     @override
@@ -270,32 +339,112 @@ class PopulationStrategy(DDPStrategy):
         self._watchdog = PopulationWatchdog(dist.PrefixStore(self._watchdog_prefix, client), self.world_rank)
         self._watchdog.start()
 
-    def _scope_outputs_to_member(self, trainer: Any) -> None:
-        """One run directory for everyone (population rank 0's), a ``member_<id>/`` folder per member."""
-        assert self.population is not None
-        local_root = os.path.abspath(trainer.default_root_dir)
-        if self.run_dir is None:
-            self.run_dir = str(self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0))
-        trainer._default_root_dir = self.run_dir
-        member_dir = f"member_{self.member_id}"
+    # -- per-member outputs ----------------------------------------------------------------------
+    def scope_outputs(self, trainer: Any) -> None:
+        """Point loggers and checkpoint callbacks at ``member_<id>/`` folders; runs in every process.
+
+        Called by the launcher wrapper before ``Trainer.fit`` resolves ``ckpt_path="last"``, so that
+        each member resumes from its own last checkpoint. The member id comes from the launch
+        environment; the process groups do not exist yet.
+        """
+        if self._scoped_root is not None:
+            return
+        assert self.cluster_environment is not None
+        self.set_world_ranks()
+        topology = PopulationTopology(
+            world_size=self.cluster_environment.world_size(),
+            world_rank=self.cluster_environment.global_rank(),
+            member_size=self.member_size,
+            processes_per_node=self.num_processes,
+        )
+        self._scoped_root = os.path.abspath(trainer.default_root_dir)
+        member_dir = f"member_{topology.member_id}"
         for logger in trainer.loggers:
-            if getattr(logger, "_experiment", None) is not None or getattr(logger, "_pbt_scoped", False):
-                continue  # already written somewhere; moving it now would split its files
+            if getattr(logger, "_experiment", None) is not None:
+                continue  # already writing somewhere; moving it now would split its files
             for attribute in ("_root_dir", "_save_dir"):
                 value = getattr(logger, attribute, None)
                 if isinstance(value, str | os.PathLike):
-                    value = os.path.abspath(value)
-                    if value == local_root:
-                        value = self.run_dir
-                    setattr(logger, attribute, os.path.join(value, member_dir))
-            logger._pbt_scoped = True
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and not getattr(callback, "_pbt_scoped", False):
-                if callback.dirpath is not None:
-                    callback.dirpath = os.path.join(callback.dirpath, member_dir)
-                elif not trainer.loggers:
-                    callback.dirpath = os.path.join(self.run_dir, member_dir, "checkpoints")
-                callback._pbt_scoped = True
+                    setattr(logger, attribute, os.path.join(os.path.abspath(value), member_dir))
+        for callback in trainer.callbacks:
+            is_checkpoint = isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint)
+            if is_checkpoint and callback.dirpath is not None:
+                callback.dirpath = os.path.join(os.path.abspath(callback.dirpath), member_dir)
+            elif isinstance(callback, ModelCheckpoint) and not trainer.loggers:
+                callback.dirpath = os.path.join(self._scoped_root, member_dir, "checkpoints")
+
+    def _agree_on_run_dir(self, trainer: Any) -> None:
+        """Population rank 0's ``default_root_dir`` becomes everyone's run directory.
+
+        Ranks whose working directory differs (e.g. Hydra under torchrun) move their member folders
+        under it, so that one run never splits across directories.
+        """
+        assert self.population is not None
+        if self.run_dir is not None:
+            return
+        if self._scoped_root is None:
+            self.scope_outputs(trainer)
+        local_root = self._scoped_root
+        assert local_root is not None
+        self.run_dir = str(self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0))
+        trainer._default_root_dir = self.run_dir
+        if local_root == self.run_dir:
+            return
+
+        def rebase(path: str) -> str:
+            path = os.path.abspath(path)
+            inside = os.path.commonpath([path, local_root]) == local_root
+            return os.path.join(self.run_dir, os.path.relpath(path, local_root)) if inside else path
+
+        for logger in trainer.loggers:
+            for attribute in ("_root_dir", "_save_dir"):
+                value = getattr(logger, attribute, None)
+                if isinstance(value, str) and getattr(logger, "_experiment", None) is None:
+                    setattr(logger, attribute, rebase(value))
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint) and callback.dirpath is not None:
+                callback.dirpath = rebase(callback.dirpath)
+
+    def _agree_on_resume(self) -> None:
+        """Make every member resume from checkpoints taken after the same PBT ready step.
+
+        A crash can land between two members' saves of one ready step. Each rank reports the ready
+        step of the checkpoint it was given; ranks ahead of the slowest fall back to an older
+        checkpoint of theirs (keep several, e.g. ``ModelCheckpoint(save_top_k=-1)``). Every rank
+        sees the same gathered table, so every rank raises the same error when that is impossible.
+        """
+        assert self.population is not None and self.topology is not None
+        if self._resume_agreed:
+            return
+        self._resume_agreed = True
+        mine = _last_ready_step(self._resume_path) if self._resume_path else -2
+        table = self.population.all_gather(torch.tensor([mine], dtype=torch.int64)).flatten().tolist()
+        if all(step == -2 for step in table):
+            return
+        if any(step == -2 for step in table):
+            missing = [rank for rank, step in enumerate(table) if step == -2]
+            raise RuntimeError(
+                f"PopulationStrategy: world ranks {missing} have no checkpoint to resume from while the others "
+                "do; resume every member (e.g. ckpt_path='last' with ModelCheckpoint(save_last=True)) or none"
+            )
+        target = min(table)
+        found = 1
+        if mine != target:
+            alternative = _checkpoint_at_ready_step(os.path.dirname(os.path.abspath(self._resume_path)), target)
+            found = int(alternative is not None)
+            self._resume_override = alternative
+            if alternative is not None:
+                log.warning(
+                    "member %d resumes from %s (ready step %d, as the others)", self.member_id, alternative, target
+                )
+        found_table = self.population.all_gather(torch.tensor([found])).flatten().tolist()
+        if not all(found_table):
+            stuck = [rank for rank, ok in enumerate(found_table) if not ok]
+            raise RuntimeError(
+                f"PopulationStrategy: members resumed from different PBT ready steps (per world rank: {table}) "
+                f"and world ranks {stuck} keep no checkpoint of ready step {target}; keep several checkpoints "
+                "(ModelCheckpoint(save_top_k=-1)) so that a restart can roll every member back to one step"
+            )
 
     def _quiet_console(self, trainer: Any) -> None:
         if self.world_rank == 0:
@@ -305,6 +454,17 @@ class PopulationStrategy(DDPStrategy):
             progress_bar.disable()
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        self._launcher = _MemberScopingLauncher(self._launcher)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Only plain data is unpickled unless the user explicitly asks for more.
+        checkpoint_path = self._resume_override or checkpoint_path
+        return super().load_checkpoint(checkpoint_path, weights_only=True if weights_only is None else weights_only)
 
     # -- failure and teardown --------------------------------------------------------------------
     @override

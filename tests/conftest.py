@@ -72,7 +72,9 @@ def _alive(group: int) -> bool:
     return True
 
 
-def run_population(out: Path, timeout: float = 150, torchrun: bool = False, **cfg) -> subprocess.CompletedProcess:
+def run_population(
+    out: Path, timeout: float = 150, torchrun: bool = False, max_restarts: int = 0, **cfg
+) -> subprocess.CompletedProcess:
     """Run tests/distributed/scripts/population_run.py with ``cfg``; results land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"out": str(out), **cfg})
@@ -84,6 +86,7 @@ def run_population(out: Path, timeout: float = 150, torchrun: bool = False, **cf
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={cfg['devices']}",
+            f"--max-restarts={max_restarts}",
             script,
             payload,
         ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -336,3 +337,42 @@ def test_a_killed_rank_ends_a_torchrun_job(tmp_path):
     )
     assert proc.returncode != 0
     assert not list(tmp_path.glob("rank_*.json"))
+
+
+def test_elastic_restart_after_a_random_kill_resumes_every_member(tmp_path):
+    """torchrun --max-restarts=1; one random rank is SIGKILLed at a random step of the first attempt.
+
+    Every member resumes from a checkpoint of the same PBT ready step (ckpt_path="last", falling back
+    to an older checkpoint when a member was killed between two saves), and the finished lineage has
+    every ready step exactly once.
+    """
+    rng = random.Random(int(os.environ.get("PBT_FAULT_SEED", "0")) or None)
+    rank, step = rng.randrange(4), rng.randrange(10, 20)
+    print(f"killing world rank {rank} at step {step}")  # shown when the test fails
+    proc = run_population(
+        tmp_path,
+        timeout=200,
+        torchrun=True,
+        max_restarts=1,
+        devices=4,
+        member_size=2,
+        max_steps=STEPS,
+        every=EVERY,
+        ckpt_every=EVERY,
+        resume=True,
+        kill_world_rank=rank,
+        kill_at=step,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks = load_ranks(tmp_path)
+    assert len(ranks) == 4 and all(r["global_step"] == STEPS for r in ranks)
+    lineage = load_lineage(tmp_path)
+    assert sorted(r["member"] for r in lineage if r["event"] == "init") == [0, 1]
+    ready = sorted((r["step"], r["member"]) for r in lineage if r["event"] != "init")
+    assert ready == [(s, m) for s in range(EVERY, STEPS + 1, EVERY) for m in (0, 1)]
+    finals = by_member(ranks)
+    for member, member_ranks in finals.items():
+        assert len({r["final"]["model"] for r in member_ranks}) == 1, member
+        assert (
+            member_ranks[0]["hyperparameters"] == [r for r in lineage if r["member"] == member][-1]["hyperparameters"]
+        )

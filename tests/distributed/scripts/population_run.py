@@ -143,13 +143,16 @@ if cfg.get("early_stop_member") is not None:
 
     callbacks.insert(0, StopOne())
 if cfg.get("ckpt_every"):
-    # Saved at validation end, after the PBT ready step of that step (Lightning runs checkpoints last).
-    callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True))
+    # Saved at validation end, after the PBT ready step of that step (Lightning runs checkpoints last);
+    # all of them are kept so that an elastic restart can roll members back to a common ready step.
+    callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1))
 if cfg.get("kill_world_rank") is not None:
 
     class Kill(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
-            if trainer.strategy.world_rank == cfg["kill_world_rank"] and trainer.global_step >= cfg["kill_at"]:
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            target = trainer.strategy.world_rank == cfg["kill_world_rank"]
+            if first_attempt and target and trainer.global_step >= cfg["kill_at"]:
                 os.kill(os.getpid(), 9)
 
     callbacks.append(Kill())
@@ -182,9 +185,7 @@ if (
                 raise RuntimeError("injected failure")
 
     trainer.callbacks.append(Boom())
-ckpt_path = None
-if cfg.get("resume"):
-    ckpt_path = os.path.join(out, "ckpt", f"member_{member_id_from_env(cfg['member_size'])}", "last.ckpt")
+ckpt_path = "last" if cfg.get("resume") else None
 trainer.fit(model, train, val, ckpt_path=ckpt_path)
 result = {
     "world_rank": trainer.strategy.world_rank,
