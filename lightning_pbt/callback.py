@@ -29,7 +29,7 @@ from lightning_pbt import transfer
 from lightning_pbt.apply import apply_hyperparameters, check_applicable, reset_weights
 from lightning_pbt.exploit import make_exploit_rule
 from lightning_pbt.explore import Explorer
-from lightning_pbt.lineage import LineageRecord, LineageWriter
+from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
 from lightning_pbt.strategy import PopulationStrategy
@@ -179,9 +179,7 @@ class PopulationBasedTraining(Callback):
         if not self._restored:
             self.population = {
                 member: {
-                    "hyperparameters": self.scheduler.initial_hyperparameters(
-                        member, self.start_hyperparameters
-                    ),
+                    "hyperparameters": self.scheduler.initial_hyperparameters(member, self.start_hyperparameters),
                     "score": None,
                     "history": [],
                     "parent": member,
@@ -191,17 +189,31 @@ class PopulationBasedTraining(Callback):
             }
             self.hyperparameters = dict(self.population[strategy.member_id]["hyperparameters"])
         self._apply(trainer, pl_module, self.hyperparameters)
+        # Population rank 0 owns the lineage; a problem with it (corrupt, from another run) is
+        # broadcast so that every rank raises the same error instead of waiting for rank 0.
+        error = None
         if strategy.world_rank == 0:
-            self._open_lineage(trainer)
+            try:
+                self._open_lineage(trainer)
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        assert strategy.population is not None
+        error = strategy.population.broadcast_json(error, root=0)
+        if error:
+            raise RuntimeError(f"PopulationBasedTraining: cannot continue the lineage: {error}")
 
     def _open_lineage(self, trainer: pl.Trainer) -> None:
         path = self.lineage_path
         if self._restored and os.path.exists(path):
+            self._check_lineage_is_ours(path)
             LineageWriter.truncate_after(path, self.last_ready_step)
             self._writer = LineageWriter(path)
             return
-        if os.path.exists(path):
-            os.remove(path)  # a fresh run: an older file would mix two runs
+        if os.path.exists(path):  # a fresh run: keep the older lineage, but not in the way
+            index = 1
+            while os.path.exists(f"{path}.{index}"):
+                index += 1
+            os.replace(path, f"{path}.{index}")
         self._writer = LineageWriter(path)
         self._writer.write(
             LineageRecord(
@@ -215,6 +227,20 @@ class PopulationBasedTraining(Callback):
             )
             for member, status in sorted(self.population.items())
         )
+
+    def _check_lineage_is_ours(self, path: str) -> None:
+        """A resumed run appends only to the lineage of the same run (same members, seed and space)."""
+        inits = {record.member: record.hyperparameters for record in read_lineage(path) if record.event == "init"}
+        expected = {
+            member: self.scheduler.initial_hyperparameters(member, self.start_hyperparameters)
+            for member in self.population
+        }
+        if inits != expected:
+            raise ValueError(
+                f"{path} belongs to another run: its init lines ({len(inits)} members) do not match this run's "
+                f"seed, search space and population ({len(expected)} members); move it away or set "
+                "PopulationBasedTraining(dirpath=...) to a fresh folder"
+            )
 
     # -- ready steps -----------------------------------------------------------------------------
     def _is_ready(self, trainer: pl.Trainer) -> bool:
@@ -346,6 +372,14 @@ class PopulationBasedTraining(Callback):
                     "Trainer limits, data size and validation interval"
                 )
             }
+        if active and not any(math.isfinite(float(row[_SCORE])) for row in active.values()):
+            return {
+                "error": (
+                    f"PopulationBasedTraining: every training member's {self.monitor!r} is NaN or infinite at this "
+                    "ready step, so there is no member to copy; lower the learning-rate range or add gradient "
+                    "clipping (Trainer(gradient_clip_val=...))"
+                )
+            }
         step = steps.pop() if steps else max(int(row[_STEP]) for row in leaders.values())
         snapshots = []
         histories: dict[str, list[float]] = {}
@@ -406,12 +440,8 @@ class PopulationBasedTraining(Callback):
         population = self._require_strategy().population
         assert population is not None
         j = topology.member_rank
-        exploits = [
-            (member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"
-        ]
-        send_to = [
-            topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id
-        ]
+        exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
+        send_to = [topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id]
         receive_from = next(
             (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id),
             None,
@@ -532,6 +562,18 @@ class PopulationBasedTraining(Callback):
                 f"(checkpoint: space={state_dict.get('space')}, seed={state_dict.get('seed')}; this run: "
                 f"space={sorted(self.space)}, seed={self.seed})"
             )
+        strategy = self._strategy
+        if strategy is not None and strategy.topology is not None:
+            if state_dict.get("member_id") not in (None, strategy.member_id):
+                raise ValueError(
+                    f"PopulationBasedTraining: member {strategy.member_id} was given the checkpoint of member "
+                    f"{state_dict.get('member_id')}; resume each member from its own member_<id>/ checkpoint"
+                )
+            if len(state_dict["population"]) != strategy.num_members:
+                raise ValueError(
+                    f"PopulationBasedTraining: the checkpoint's population has {len(state_dict['population'])} "
+                    f"members, this run has {strategy.num_members}"
+                )
         self.hyperparameters = dict(state_dict["hyperparameters"])
         self.population = {int(member): dict(status) for member, status in state_dict["population"].items()}
         self.scheduler.load_state_dict(state_dict["scheduler"])

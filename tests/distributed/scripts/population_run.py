@@ -50,6 +50,10 @@ class Net(pl.LightningModule):
         self.seen_dropout: list[float] = []
         self.train_samples = 0
 
+    def _diverged(self) -> bool:
+        member = self.trainer.strategy.member_id
+        return (cfg.get("nan_all") or cfg.get("nan_member") == member) and self.global_step >= cfg.get("nan_from", 0)
+
     def on_pbt_hyperparameters(self, values):
         self.body[2].p = values["dropout"]
         self.seen_dropout.append(values["dropout"])
@@ -58,7 +62,7 @@ class Net(pl.LightningModule):
         x, y = batch
         self.train_samples += len(x)
         loss = nn.functional.cross_entropy(self.body(x), y)
-        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get("nan_from", 0):
+        if self._diverged():
             loss = loss * float("nan")
         self.log("train_loss", loss, sync_dist=True)
         self.log("rank_value", float(self.trainer.strategy.world_rank), sync_dist=True, on_step=True)
@@ -68,7 +72,7 @@ class Net(pl.LightningModule):
         x, y = batch
         acc = (self.body(x).argmax(-1) == y).float().mean()
         loss = nn.functional.cross_entropy(self.body(x), y)
-        if cfg.get("nan_member") == self.trainer.strategy.member_id and self.global_step >= cfg.get("nan_from", 0):
+        if self._diverged():
             loss = loss * float("nan")
             acc = acc * float("nan")
         if cfg.get("no_metric"):
@@ -146,6 +150,8 @@ if cfg.get("ckpt_every"):
     # Saved at validation end, after the PBT ready step of that step (Lightning runs checkpoints last);
     # all of them are kept so that an elastic restart can roll members back to a common ready step.
     callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1))
+if cfg.get("on_exception_checkpoint"):
+    callbacks.append(pl.callbacks.OnExceptionCheckpoint(dirpath=os.path.join(out, "ckpt")))
 if cfg.get("kill_world_rank") is not None:
 
     class Kill(pl.Callback):
@@ -200,7 +206,7 @@ result = {
     "seen_dropout": model.seen_dropout,
     "train_samples": model.train_samples,
     "log_dir": trainer.log_dir,
-    "rank_value": float(trainer.callback_metrics["rank_value"]),
+    "rank_value": float(trainer.callback_metrics.get("rank_value", float("nan"))),
     "gathered": len(model.all_gather(torch.tensor([1.0]))),
     "population": {str(k): v for k, v in pbt.population.items()} if cfg.get("pbt", True) else None,
     "hyperparameters": pbt.hyperparameters,
