@@ -139,7 +139,7 @@ class PopulationBasedTraining(Callback):
         self.ready_count = 0
         self.last_ready_step = -1
         self._restored = False
-        self._fit_calls = 0
+        self._store_namespace = ""
         self._writer: LineageWriter | None = None
         self._strategy: PopulationStrategy | None = None
 
@@ -175,7 +175,7 @@ class PopulationBasedTraining(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self._require_strategy()
-        self._fit_calls += 1
+        self._store_namespace = f"pbt/{strategy.fit_generation}"
         if not self._restored:
             self.population = {
                 member: {
@@ -265,7 +265,7 @@ class PopulationBasedTraining(Callback):
         strategy = self._require_strategy()
         assert strategy.population is not None
         store = strategy.population.store
-        done_key = f"pbt/{self._fit_calls}/done"
+        done_key = f"{self._store_namespace}/done"
         store.add(done_key, 1)
         while True:
             key = self._ready_key()
@@ -283,7 +283,7 @@ class PopulationBasedTraining(Callback):
             self._writer = None
 
     def _ready_key(self) -> str:
-        return f"pbt/{self._fit_calls}/ready/{self.ready_count}"
+        return f"{self._store_namespace}/ready/{self.ready_count}"
 
     def _score(self, trainer: pl.Trainer) -> tuple[float, bool]:
         value = trainer.callback_metrics.get(self.monitor)

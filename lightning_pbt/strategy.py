@@ -50,6 +50,9 @@ __all__ = ["PopulationStrategy", "check_supported", "member_id_from_env"]
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+# The population of this process, once created: torch.distributed can be initialised only once, so
+# later strategies (a new Trainer for `test`, a second `fit`) adopt it.
+_ESTABLISHED: dict[str, Any] = {}
 _QUIET_LOGGERS = (
     "pytorch_lightning",
     "lightning.pytorch",
@@ -261,6 +264,8 @@ class PopulationStrategy(DDPStrategy):
             self._start_watchdog()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:
+            if trainer.state.fn == "fit":
+                _ESTABLISHED["fits"] = self.fit_generation + 1
             self._agree_on_run_dir(trainer)
             self._agree_on_resume()
             self._quiet_console(trainer)
@@ -283,10 +288,8 @@ class PopulationStrategy(DDPStrategy):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend!r}")
         if dist.is_initialized():
-            raise RuntimeError(
-                "PopulationStrategy: torch.distributed is already initialised in this process; the strategy "
-                "must create the member and population groups itself (one PopulationStrategy per process)"
-            )
+            self._adopt_established(topology, backend)
+            return
         os.environ["MASTER_ADDR"] = env.main_address
         os.environ["MASTER_PORT"] = str(env.main_port)
         timeout = self._timeout or DEFAULT_TIMEOUT
@@ -311,6 +314,7 @@ class PopulationStrategy(DDPStrategy):
         self.population = PopulationGroup.create(
             run_store, topology.world_rank, topology.world_size, backend, device, timeout
         )
+        _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         self.topology = topology
         self._process_group_backend = backend
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
@@ -323,6 +327,31 @@ class PopulationStrategy(DDPStrategy):
             topology.member_rank,
             topology.member_size,
         )
+
+    def _adopt_established(self, topology: PopulationTopology, backend: str) -> None:
+        """A later Trainer in the same process (e.g. ``test`` after ``fit``) reuses the population."""
+        established = _ESTABLISHED.get("topology")
+        if established != topology or _ESTABLISHED.get("backend") != backend:
+            raise RuntimeError(
+                "PopulationStrategy: torch.distributed is already initialised in this process "
+                + (
+                    f"for another population ({established}); every PopulationStrategy of one process must use "
+                    "the same member_size and devices"
+                    if established is not None
+                    else "by something else; let PopulationStrategy create the process groups"
+                )
+            )
+        self.population = _ESTABLISHED["population"]
+        self.topology = topology
+        self._process_group_backend = backend
+        self._watchdog_prefix = _ESTABLISHED["prefix"]
+        rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
+        self._seed_member()
+
+    @property
+    def fit_generation(self) -> int:
+        """Fits started in this process so far, by any PopulationStrategy; identical on every rank."""
+        return int(_ESTABLISHED.get("fits", 0))
 
     def _seed_member(self) -> None:
         from lightning_fabric.utilities.seed import seed_everything
