@@ -16,6 +16,7 @@ __all__ = [
     "Domain",
     "IntUniform",
     "LogUniform",
+    "PBTReplay",
     "PopulationBasedTraining",
     "PopulationStrategy",
     "PopulationTopology",
@@ -26,6 +27,7 @@ __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "PopulationBasedTraining": "lightning_pbt.callback",
+    "PBTReplay": "lightning_pbt.replay",
     "PopulationStrategy": "lightning_pbt.strategy",
     "member_id_from_env": "lightning_pbt.strategy",
     "PopulationTopology": "lightning_pbt.topology",

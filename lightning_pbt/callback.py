@@ -224,6 +224,7 @@ class PopulationBasedTraining(Callback):
                 event="init",
                 parent=member,
                 hyperparameters=dict(status["hyperparameters"]),
+                extra={"mode": self.mode, "monitor": self.monitor},
             )
             for member, status in sorted(self.population.items())
         )
