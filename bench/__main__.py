@@ -1,0 +1,83 @@
+"""``python -m bench``: run the benchmarks, write ``<out>/<name>.json`` and ``<out>/RESULTS.md``.
+
+    python -m bench                      # every benchmark at its documented size (~15-20 min on 2 cores)
+    python -m bench --only transfer      # one (or several) of: transfer ready_step overhead quality
+    python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
+    python -m bench --report             # only re-render RESULTS.md from the JSON already there
+    python -m bench --launcher torchrun  # ranks in fresh interpreters (torchrun) instead of forks
+
+``make bench ARGS="--only overhead"`` passes its arguments through.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy / torch are imported: one thread per rank (2 cores), and no thread pool in the process
+# that forks the ranks.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import LAUNCHERS, RESULTS, SMOKE_RESULTS, machine, set_launcher
+from bench.report import ORDER, write_report
+
+TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400}  # per launch, seconds
+SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--only", nargs="+", choices=ORDER, metavar="NAME",
+                        help=f"run only these benchmarks ({', '.join(ORDER)})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default {RESULTS.relative_to(RESULTS.parents[1])}, or "
+                             f"{SMOKE_RESULTS.relative_to(RESULTS.parents[1])} with --smoke)")
+    parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from the JSON files")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="fork",
+                        help="fork: ranks are forks of this process (imports paid once; default); torchrun: "
+                             "torchrun --standalone, fresh interpreters")
+    args = parser.parse_args(argv)
+    set_launcher(args.launcher)
+    out: Path = args.out or (SMOKE_RESULTS if args.smoke else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        print(write_report(out).read_text())
+        return 0
+
+    from bench.common import write_result
+
+    info = machine()
+    failed = []
+    for name in args.only or ORDER:
+        started = time.perf_counter()
+        print(f"[bench] {name}{' (smoke)' if args.smoke else ''} ...", flush=True)
+        module = importlib.import_module(f"bench.{name}")
+        timeout = (SMOKE_TIMEOUTS if args.smoke else TIMEOUTS)[name]
+        try:
+            payload = module.run(smoke=args.smoke, timeout=timeout)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        path = write_result(out, name, payload, smoke=args.smoke, started=started, machine_info=info)
+        print(f"[bench] {name}: {time.perf_counter() - started:.0f} s -> {path}", flush=True)
+    report = write_report(out)
+    print(report.read_text())
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""4. Search quality at equal compute, median and spread over seeds.
+
+Toy (Jaderberg et al. 2017, Fig. 2; pure code, ``run_toy`` of tests/unit/test_paper_toy.py): two
+members, best true Q over members and training after a fixed number of steps. Arms: PBT; the paper's
+grid search (h = [1, 0] and [0, 1], deterministic); and, as an extra honest baseline, random search
+(two members with h drawn uniformly from [0, 1]^2, seeded, same dynamics, no exploit).
+
+Digits (sklearn ``load_digits``, fixed stratified split 60/20/20 train/val/test; the test split is
+never seen by PBT): MLP 64-64-10, plain SGD with a constant learning rate, no momentum, batch 32,
+``EPOCHS`` epochs, population of ``MEMBERS`` (one rank each), lr ~ LogUniform(1e-4, 1). Arms, at
+equal compute (``MEMBERS`` members x ``EPOCHS`` epochs each):
+
+- PBT: the callback with its defaults (truncation 25 %, perturb x0.8 / x1.2, resample 25 %), a ready
+  step at the end of every epoch, scored on the validation accuracy;
+- random search: the same population (the same initial learning rates, weights and data order per
+  member) under ``PopulationStrategy`` without the callback;
+- default: ``MEMBERS`` members with lr = 0.01 (Keras' SGD default; torch has none), differing only in
+  weights and data order.
+
+Each arm reports the test accuracy of its member with the best final validation accuracy.
+Random search and default members run in one launch (members there are independent).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, SCRATCH, clean_floats, launch, spread, worker_config
+
+NAME = "quality"
+SEEDS = tuple(range(10))
+MEMBERS = 4
+EPOCHS = 10
+DEFAULT_LR = 0.01
+TOY_SEEDS = tuple(range(20))
+TOY_BUDGETS = (25, 100)
+PRELOAD = ("sklearn.datasets", "sklearn.model_selection")
+SMOKE = {"seeds": (0,), "members": 2, "epochs": 1, "toy_seeds": (0, 1), "toy_budgets": (25,)}
+
+
+# -- the toy --------------------------------------------------------------------------------------
+def _load_toy() -> Any:
+    path = REPO / "tests" / "unit" / "test_paper_toy.py"
+    spec = importlib.util.spec_from_file_location("bench_paper_toy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_fixed_h(hs: list[list[float]], steps: int, lr: float) -> float:
+    """The toy's dynamics with fixed h per member and no exploit: best true Q over members and steps."""
+    import numpy as np
+
+    theta = [np.array([0.9, 0.9]) for _ in hs]
+    best = max(1.2 - float(np.sum(t**2)) for t in theta)
+    for _ in range(steps):
+        for m, h in enumerate(hs):
+            theta[m] = theta[m] + lr * (-2.0 * np.asarray(h) * theta[m])
+        best = max(best, *(1.2 - float(np.sum(t**2)) for t in theta))
+    return best
+
+
+def run_toy_benchmark(seeds: tuple[int, ...], budgets: tuple[int, ...]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    toy = _load_toy()
+    lr, ready = toy.LR, toy.READY
+    grid_h = [[1.0, 0.0], [0.0, 1.0]]
+    rows = []
+    for steps in budgets:
+        grid = toy.run_toy(pbt=False, steps=steps, lr=lr, ready=ready, seed=0)
+        if abs(grid - toy_fixed_h(grid_h, steps, lr)) > 1e-12:
+            raise RuntimeError("bench/quality.py: the toy's dynamics changed; update toy_fixed_h")
+        pbt = [toy.run_toy(pbt=True, steps=steps, lr=lr, ready=ready, seed=s) for s in seeds]
+        random = [toy_fixed_h(np.random.default_rng(s).uniform(0, 1, size=(2, 2)).tolist(), steps, lr) for s in seeds]
+        rows.append({"steps": steps, "lr": lr, "ready": ready, "seeds": len(seeds), "optimum": 1.2,
+                     "pbt": spread(pbt), "grid": spread([grid]), "random_search": spread(random),
+                     "pbt_beats_grid_seeds": sum(p > grid for p in pbt),
+                     "pbt_beats_random_seeds": sum(p > r for p, r in zip(pbt, random, strict=True))})
+    return rows
+
+
+# -- digits: the launcher side ----------------------------------------------------------------------
+def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
+    seeds = SMOKE["seeds"] if smoke else SEEDS
+    members = SMOKE["members"] if smoke else MEMBERS
+    epochs = SMOKE["epochs"] if smoke else EPOCHS
+    toy_rows = run_toy_benchmark(SMOKE["toy_seeds"] if smoke else TOY_SEEDS,
+                                 SMOKE["toy_budgets"] if smoke else TOY_BUDGETS)
+    root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
+    shutil.rmtree(root, ignore_errors=True)
+    per_seed = []
+    for seed in seeds:
+        common = {"seed": seed, "epochs": epochs, "default_lr": DEFAULT_LR, "random_members": members}
+        pbt_out = root / f"seed{seed}_pbt"
+        launch("bench.quality", members, {**common, "out": str(pbt_out), "pbt": True, "default_members": 0},
+                 timeout, root / f"seed{seed}_pbt.log")
+        # In smoke mode one random-search member and one default member keep the launch at 2 ranks.
+        base_random, base_default = (1, 1) if smoke else (members, members)
+        base_out = root / f"seed{seed}_baseline"
+        launch("bench.quality", base_random + base_default,
+                 {**common, "out": str(base_out), "pbt": False, "random_members": base_random,
+                  "default_members": base_default}, timeout, root / f"seed{seed}_baseline.log")
+        ranks = [json.loads(p.read_text()) for p in sorted(pbt_out.glob("rank_*.json"))]
+        ranks += [json.loads(p.read_text()) for p in sorted(base_out.glob("rank_*.json"))]
+        entry: dict[str, Any] = {"seed": seed}
+        for arm in ("pbt", "random_search", "default"):
+            arm_ranks = [r for r in ranks if r["arm"] == arm]
+            best = max(arm_ranks, key=lambda r: (r["val_acc"], -r["member"]))
+            # final_lr: the value after the last ready step (a copy's explored value; it never trained with it)
+            entry[arm] = {"test_acc": best["test_acc"], "val_acc": best["val_acc"], "final_lr": best["lr"],
+                          "member": best["member"], "start_lrs": sorted(r["start_lr"] for r in arm_ranks),
+                          "members": len(arm_ranks), "mean_test_acc": sum(r["test_acc"] for r in arm_ranks)
+                          / len(arm_ranks)}
+        if (pbt_out / "pbt" / "lineage.jsonl").exists():
+            lines = [json.loads(x) for x in (pbt_out / "pbt" / "lineage.jsonl").read_text().splitlines() if x]
+            entry["pbt"]["exploits"] = sum(1 for x in lines if x["event"] == "exploit")
+        per_seed.append(entry)
+    summary = {arm: {"test_acc": spread([e[arm]["test_acc"] for e in per_seed]),
+                     "mean_member_test_acc": spread([e[arm]["mean_test_acc"] for e in per_seed])}
+               for arm in ("pbt", "random_search", "default")}
+    wins = {
+        "pbt_vs_random_search": _wins([e["pbt"]["test_acc"] for e in per_seed],
+                                      [e["random_search"]["test_acc"] for e in per_seed]),
+        "pbt_vs_default": _wins([e["pbt"]["test_acc"] for e in per_seed], [e["default"]["test_acc"] for e in per_seed]),
+    }
+    return clean_floats({
+        "description": "search quality at equal compute: the paper's toy (best Q) and digits (held-out test "
+                       "accuracy of the member with the best validation accuracy)",
+        "config": {"toy": {"seeds": len(SMOKE["toy_seeds"] if smoke else TOY_SEEDS),
+                           "budgets": list(SMOKE["toy_budgets"] if smoke else TOY_BUDGETS),
+                           "source": "tests/unit/test_paper_toy.py run_toy"},
+                   "digits": {"seeds": list(seeds), "members": members, "epochs": epochs, "batch": 32,
+                              "model": "MLP 64-64-10 (ReLU)", "optimizer": "SGD, constant lr, no momentum",
+                              "space": "lr ~ LogUniform(1e-4, 1)", "default_lr": DEFAULT_LR,
+                              "split": "load_digits, stratified 60/20/20 train/val/test, random_state=0",
+                              "pbt": "every_n_epochs=1, monitor val_acc, truncation 0.25, resample 0.25, "
+                                     "perturb (0.8, 1.2)"}},
+        "toy": toy_rows,
+        "digits": {"per_seed": per_seed, "summary": summary, "wins": wins},
+    })
+
+
+def _wins(a: list[float], b: list[float]) -> dict[str, int]:
+    pairs = list(zip(a, b, strict=True))
+    return {"wins": sum(x > y for x, y in pairs), "ties": sum(x == y for x, y in pairs),
+            "losses": sum(x < y for x, y in pairs)}
+
+
+# -- digits: the worker (a Lightning run) -----------------------------------------------------------
+def digits_split() -> tuple[Any, ...]:
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=0.25, stratify=y_rest,
+                                                      random_state=0)
+    return x_train, y_train, x_val, y_val, x_test, y_test
+
+
+def worker(cfg: dict[str, Any] | None = None) -> None:
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.strategy import member_id_from_env
+
+    cfg = worker_config(cfg)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    seed = int(cfg["seed"])
+    pl.seed_everything(seed, verbose=False)
+    space = {"lr": LogUniform(1e-4, 1.0)}
+    member = member_id_from_env()
+    if cfg["pbt"]:
+        arm, index = "pbt", member
+    elif member < cfg["random_members"]:
+        arm, index = "random_search", member
+    else:
+        arm, index = "default", member - cfg["random_members"]
+    start_lr = cfg["default_lr"] if arm == "default" else PBTScheduler(space, seed=seed).initial_hyperparameters(
+        index)["lr"]
+    tensors = [torch.from_numpy(a) for a in digits_split()]
+    x_train, y_train, x_val, y_val, x_test, y_test = tensors
+    train = DataLoader(TensorDataset(x_train, y_train.long()), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(x_val, y_val.long()), batch_size=len(x_val))
+
+    class Net(pl.LightningModule):
+        def __init__(self, lr: float) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(-1) == y).float().mean(), sync_dist=True)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0)
+
+    torch.manual_seed(seed * 1000 + index)  # member k of every arm starts from the same weights
+    model = Net(start_lr)
+    callbacks = []
+    pbt = None
+    if cfg["pbt"]:
+        pbt = PopulationBasedTraining(space, monitor="val_acc", mode="max", every_n_epochs=1, seed=seed,
+                                      dirpath=str(out / "pbt"))
+        callbacks.append(pbt)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),
+        strategy=PopulationStrategy(member_size=1, timeout=300), max_epochs=cfg["epochs"],
+        check_val_every_n_epoch=1, default_root_dir=str(out), callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train, val)
+    model.eval()
+    with torch.no_grad():
+        val_acc = float((model.net(x_val).argmax(-1) == y_val).float().mean())
+        test_acc = float((model.net(x_test).argmax(-1) == y_test).float().mean())
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    (out / f"rank_{trainer.strategy.world_rank}.json").write_text(json.dumps({
+        "arm": arm, "member": member, "index": index, "start_lr": start_lr, "lr": lr, "val_acc": val_acc,
+        "test_acc": test_acc,
+    }))
+
+
+if __name__ == "__main__":
+    worker()

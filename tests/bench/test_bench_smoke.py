@@ -1,0 +1,109 @@
+"""Every benchmark once at its smoke size (``python -m bench --smoke``, ~15 s on 2 cores).
+
+Checks the shape of the results, never timings: each JSON has its record of where and how it was
+measured, and every ratio is a positive finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_job
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
+
+BENCHMARKS = ("transfer", "ready_step", "overhead", "quality")
+
+
+def positive_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench_smoke")
+    proc = run_job([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], timeout=140)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return out
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_result_records_where_and_how(smoke: Path, name: str) -> None:
+    result = load(smoke, name)
+    assert result["benchmark"] == name
+    assert result["smoke"] is True
+    assert "-m bench" in result["command"] and "--smoke" in result["command"]
+    assert result["date"][:2] == "20"
+    assert positive_finite(result["wall_s"]) or result["wall_s"] == 0
+    machine = result["machine"]
+    assert isinstance(machine["cores"], int) and machine["cores"] >= 1
+    assert machine["cpu_model"]
+    assert "gpu" in machine
+    for package in ("python", "torch", "pytorch_lightning"):
+        assert result["versions"][package]
+    assert "description" in result and "config" in result
+
+
+def test_transfer(smoke: Path) -> None:
+    result = load(smoke, "transfer")
+    assert result["rows"]
+    for row in result["rows"]:
+        assert row["layout"] == "2x1"
+        for key in ("ratio", "ratio_paired_median", "ratio_vs_same_group", "prototype_ratio", "ours_ms", "raw_ms"):
+            assert positive_finite(row[key]), (key, row[key])
+        assert row["state_bytes"] > 0
+        assert row["state_copied_exactly"] is True
+        assert row["prototype_state_copied_exactly"] is True
+    assert set(result["targets"]["ratio_at_10MB_and_above"]) >= {"target", "value", "met"}
+    profile = result["profiles"]["2x1"]
+    assert any("tensor_exchange" in p["receiver_ms"] for p in profile.values())
+
+
+def test_ready_step(smoke: Path) -> None:
+    result = load(smoke, "ready_step")
+    assert [row["ranks"] for row in result["rows"]] == [2]
+    for row in result["rows"]:
+        for key in ("ours_ms", "raw_allgather_ms", "collectives_ms", "ratio", "ratio_vs_collectives", "ours_growth",
+                    "raw_allgather_growth"):
+            assert positive_finite(row[key]), (key, row[key])
+        assert row["events"] == ["keep"]  # no transfer in this benchmark
+    assert "grows_no_faster_than_allgather" in result["targets"]
+
+
+def test_overhead(smoke: Path) -> None:
+    result = load(smoke, "overhead")
+    for row in result["rows"]:
+        for key in ("ratio", "pbt_steps_per_s", "baseline_steps_per_s"):
+            assert positive_finite(row[key]), (key, row[key])
+        assert row["exploits_per_run"] >= 1  # exploits happen, so the transfer is part of what is timed
+    assert set(result["targets"]["ratio"]) >= {"target", "value", "met"}
+
+
+def test_quality(smoke: Path) -> None:
+    result = load(smoke, "quality")
+    for row in result["toy"]:
+        for arm in ("pbt", "grid", "random_search"):
+            assert math.isfinite(row[arm]["median"])
+        assert row["pbt"]["median"] > row["grid"]["median"]  # the paper's result, deterministic per seed
+    digits = result["digits"]
+    for arm in ("pbt", "random_search", "default"):
+        assert 0.0 <= digits["summary"][arm]["test_acc"]["median"] <= 1.0
+    for entry in digits["per_seed"]:
+        assert entry["pbt"]["exploits"] >= 1
+
+
+def test_markdown_table(smoke: Path) -> None:
+    text = (smoke / "RESULTS.md").read_text()
+    for heading in ("## Targets", "## 1. Exploit transfer", "## 2. Ready-step latency", "## 3. Training overhead",
+                    "## 4. Search quality"):
+        assert heading in text
+    assert "| layout |" in text and "Machine:" in text
