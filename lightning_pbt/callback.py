@@ -39,8 +39,8 @@ __all__ = ["PopulationBasedTraining"]
 log = logging.getLogger(__name__)
 
 # Columns of the per-rank row in the ready step's all-gather.
-_SCORE, _STEP, _EPOCH, _MISSING, _DONE, _SKELETON = range(6)
-_ROW = 6
+_SCORE, _STEP, _EPOCH, _MISSING, _DONE, _SKELETON, _SPECS = range(7)
+_ROW = 7
 
 
 class PopulationBasedTraining(Callback):
@@ -305,6 +305,7 @@ class PopulationBasedTraining(Callback):
         row = torch.zeros(_ROW, dtype=torch.float64)
         row[_SCORE], row[_STEP], row[_EPOCH] = score, trainer.global_step, trainer.current_epoch
         row[_MISSING], row[_DONE], row[_SKELETON] = float(missing), float(done), len(flat.skeleton)
+        row[_SPECS] = transfer.spec_hash(flat.tensors)
         table = population.all_gather(row).cpu()
         gathered = time.perf_counter()
 
@@ -440,47 +441,33 @@ class PopulationBasedTraining(Callback):
         """Rank j of every donor sends to rank j of each of its losers; all of one step at once."""
         population = self._require_strategy().population
         assert population is not None
-        j = topology.member_rank
+        j, me = topology.member_rank, topology.world_rank
         exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
-        send_to = [topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id]
-        receive_from = next(
-            (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id),
-            None,
+
+        def same_specs(peer: int) -> bool:
+            return bool(table[peer, _SPECS] == table[me, _SPECS])
+
+        send_to = [
+            (peer, same_specs(peer))
+            for peer in (topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id)
+        ]
+        donor_rank = next(
+            (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id), None
         )
+        receive_from = None
+        if donor_rank is not None:
+            receive_from = (donor_rank, int(table[donor_rank, _SKELETON]), same_specs(donor_rank))
         if not send_to and receive_from is None:
             return
-        # Phase 1: skeletons (their sizes came with the all-gather).
-        device = population.device
-        skeleton_in = None
-        if receive_from is not None:
-            skeleton_in = torch.empty(int(table[receive_from, _SKELETON]), dtype=torch.uint8, device=device)
-        skeleton_out = flat.skeleton_tensor.to(device)
-        population.exchange(
-            [(peer, [skeleton_out]) for peer in send_to],
-            [(receive_from, [skeleton_in])] if receive_from is not None else [],
-        )
-        # Phase 2: the tensors, in few large messages.
-        outgoing: list[torch.Tensor] = []
-        if send_to:
-            layout = transfer.message_layout([(t.dtype, t.numel()) for t in flat.tensors])
-            outgoing = transfer.pack_messages(flat.tensors, layout, device)
-        incoming: list[torch.Tensor] = []
-        if receive_from is not None:
-            assert skeleton_in is not None
-            nest, markers = transfer.read_skeleton(bytes(skeleton_in.cpu().numpy()))
-            in_layout = transfer.message_layout(transfer.specs_of(markers))
-            incoming = transfer.allocate_messages(markers, in_layout, device)
-        population.exchange(
-            [(peer, outgoing) for peer in send_to],
-            [(receive_from, incoming)] if receive_from is not None else [],
-        )
-        if receive_from is not None:
-            tensors = transfer.unpack_messages(incoming, markers, in_layout, trainer.strategy.root_device)
-            self._load_training_state(trainer, transfer.unflatten_state(nest, tensors))
+        received = transfer.move_states(population, flat, send_to, receive_from, trainer.strategy.root_device)
+        if received is not None:
+            state = transfer.unflatten_state(received.nest, received.tensors)
+            self._load_training_state(trainer, state, model_in_place=received.in_place)
 
     @staticmethod
-    def _load_training_state(trainer: pl.Trainer, state: Mapping[str, Any]) -> None:
-        trainer.lightning_module.load_state_dict(state["model"])
+    def _load_training_state(trainer: pl.Trainer, state: Mapping[str, Any], model_in_place: bool = False) -> None:
+        if not model_in_place:  # else the weights already arrived in the module's own tensors
+            trainer.lightning_module.load_state_dict(state["model"])
         for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
         for config, scheduler_state in zip(trainer.lr_scheduler_configs, state["lr_schedulers"], strict=True):

@@ -3,9 +3,9 @@
 A state is any nest of dicts, lists and tuples with tensors at the leaves (model ``state_dict``,
 optimizer and LR-scheduler states, the precision plugin's state). It travels as:
 
-1. a *skeleton*: the nest with every tensor replaced by a small marker (dtype, shape), serialised
-   with ``torch.save`` and read back with ``torch.load(weights_only=True)`` so that nothing but plain
-   data can be unpickled;
+1. a *skeleton*: the nest with every tensor replaced by a small marker (index, dtype, shape), as
+   tagged JSON. JSON keeps what pickle would lose safely (int dict keys, tuples, inf) through tags,
+   parses in microseconds, and cannot carry code: a received state is plain data by construction;
 2. the tensors themselves, in few large messages: tensors of at least ``direct_bytes`` go as they are
    (no copy), smaller ones are packed per dtype into buckets of at most ``bucket_bytes``. Per-message
    overhead is what makes hundreds of small sends slow; copying large tensors is what makes one flat
@@ -17,7 +17,9 @@ of a step at once.
 
 from __future__ import annotations
 
-import io
+import json
+import math
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +29,20 @@ from torch import Tensor
 
 __all__ = [
     "FlatState",
+    "Received",
     "flatten_state",
     "message_layout",
+    "move_states",
     "pack_messages",
+    "read_skeleton",
+    "spec_hash",
     "unflatten_state",
     "unpack_messages",
 ]
 
-_MARKER = "__lightning_pbt_tensor__"
-DIRECT_BYTES = 1 << 20
+# Tags of the JSON skeleton; plain JSON values stand for themselves.
+_TENSOR, _DICT, _TUPLE, _FLOAT = "$tensor", "$dict", "$tuple", "$float"
+DIRECT_BYTES = 64 << 10
 BUCKET_BYTES = 32 << 20
 
 
@@ -58,63 +65,79 @@ class FlatState:
 def flatten_state(state: Any) -> FlatState:
     tensors: list[Tensor] = []
 
-    def strip(node: Any) -> Any:
+    def encode(node: Any) -> Any:
         if isinstance(node, Tensor):
             tensors.append(node.detach())
-            return {
-                _MARKER: len(tensors) - 1,
-                "dtype": str(node.dtype).removeprefix("torch."),
-                "shape": list(node.shape),
-                "device": node.device.type,
-            }
+            marker = {"index": len(tensors) - 1, "dtype": str(node.dtype).removeprefix("torch.")}
+            return {_TENSOR: marker, "shape": list(node.shape), "device": node.device.type}
         if isinstance(node, dict):  # any mapping type travels as a plain dict
-            return {key: strip(value) for key, value in node.items()}
+            if all(isinstance(key, str) and not key.startswith("$") for key in node):
+                return {key: encode(value) for key, value in node.items()}
+            return {_DICT: [[encode(key), encode(value)] for key, value in node.items()]}
         if isinstance(node, list):
-            return [strip(value) for value in node]
+            return [encode(value) for value in node]
         if isinstance(node, tuple):
-            return tuple(strip(value) for value in node)
-        return node
+            return {_TUPLE: [encode(value) for value in node]}
+        if isinstance(node, float) and not math.isfinite(node):
+            return {_FLOAT: repr(node)}
+        if node is None or isinstance(node, bool | int | float | str):
+            return node
+        raise TypeError(
+            f"lightning_pbt cannot transfer a {type(node).__name__} inside a training state; state dicts "
+            "may hold tensors, numbers, strings, None, and dicts, lists or tuples of them"
+        )
 
-    skeleton = strip(state)
-    buffer = io.BytesIO()
-    torch.save(skeleton, buffer)
-    return FlatState(tensors, buffer.getvalue())
+    skeleton = encode(state)
+    return FlatState(tensors, json.dumps(skeleton, separators=(",", ":"), allow_nan=False).encode())
 
 
 def _markers(node: Any) -> Iterator[dict]:
     if isinstance(node, dict):
-        if _MARKER in node:
+        if _TENSOR in node:
             yield node
             return
         for value in node.values():
             yield from _markers(value)
-    elif isinstance(node, list | tuple):
+    elif isinstance(node, list):
         for value in node:
             yield from _markers(value)
 
 
 def read_skeleton(skeleton: bytes) -> tuple[Any, list[dict]]:
-    """The skeleton and its tensor markers in index order; only plain data can be unpickled."""
-    nest = torch.load(io.BytesIO(skeleton), weights_only=True)
-    markers = sorted(_markers(nest), key=lambda marker: marker[_MARKER])
-    if [marker[_MARKER] for marker in markers] != list(range(len(markers))):
+    """The skeleton and its tensor markers in index order; JSON, so only plain data can arrive."""
+    try:
+        nest = json.loads(skeleton.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"lightning_pbt: a received state skeleton is not valid JSON: {error}") from None
+    markers = sorted(_markers(nest), key=lambda marker: marker[_TENSOR]["index"])
+    if [marker[_TENSOR]["index"] for marker in markers] != list(range(len(markers))):
         raise ValueError("lightning_pbt: a received state skeleton is corrupt (tensor indices do not match)")
+    for marker in markers:
+        marker["dtype"] = marker[_TENSOR]["dtype"]
     return nest, markers
 
 
 def unflatten_state(nest: Any, tensors: Sequence[Tensor]) -> Any:
-    def fill(node: Any) -> Any:
+    def decode(node: Any) -> Any:
         if isinstance(node, dict):
-            if _MARKER in node:
-                return tensors[node[_MARKER]]
-            return {key: fill(value) for key, value in node.items()}
+            if _TENSOR in node:
+                return tensors[node[_TENSOR]["index"]]
+            if _DICT in node:
+                return {_hashable(decode(key)): decode(value) for key, value in node[_DICT]}
+            if _TUPLE in node:
+                return tuple(decode(value) for value in node[_TUPLE])
+            if _FLOAT in node:
+                return float(node[_FLOAT])
+            return {key: decode(value) for key, value in node.items()}
         if isinstance(node, list):
-            return [fill(value) for value in node]
-        if isinstance(node, tuple):
-            return tuple(fill(value) for value in node)
+            return [decode(value) for value in node]
         return node
 
-    return fill(nest)
+    return decode(nest)
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(part) for part in key) if isinstance(key, list | tuple) else key
 
 
 def message_layout(
@@ -143,9 +166,7 @@ def message_layout(
     return messages
 
 
-def pack_messages(
-    tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device
-) -> list[Tensor]:
+def pack_messages(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
     """The buffers to send: large tensors as flat views (no copy), small ones concatenated."""
     messages = []
     for indices in layout:
@@ -154,9 +175,7 @@ def pack_messages(
     return messages
 
 
-def allocate_messages(
-    markers: Sequence[dict], layout: Sequence[Sequence[int]], device: torch.device
-) -> list[Tensor]:
+def allocate_messages(markers: Sequence[dict], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
     buffers = []
     for indices in layout:
         dtype = _dtype(markers[indices[0]]["dtype"])
@@ -196,3 +215,95 @@ def _numel(shape: Sequence[int]) -> int:
     for dim in shape:
         numel *= int(dim)
     return numel
+
+
+def spec_hash(tensors: Sequence[Tensor]) -> int:
+    """A 32-bit fingerprint of the tensors' dtypes and shapes, equal on every process for equal specs.
+
+    Exchanged in the ready step's all-gather: when a donor's fingerprint equals the loser's, both
+    sides know the message layout in advance, so the loser receives straight into its own tensors
+    in one round trip.
+    """
+    text = ";".join(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}" for t in tensors)
+    return zlib.crc32(text.encode())
+
+
+@dataclass
+class Received:
+    """What a loser got: the donor's skeleton, the tensors in its order, and whether they were
+    written straight into the loser's own tensors (then the model needs no further copy)."""
+
+    nest: Any
+    tensors: list[Tensor]
+    in_place: bool
+
+
+def move_states(
+    population: Any,
+    flat: FlatState,
+    send_to: Sequence[tuple[int, bool]],
+    receive_from: tuple[int, int, bool] | None,
+    target: torch.device,
+) -> Received | None:
+    """Send ``flat`` to every ``(peer, same_specs)`` and receive from ``(peer, skeleton_bytes, same_specs)``.
+
+    Peers with the same specs exchange skeleton and tensors in one round; others first the skeleton,
+    then tensors laid out from it. Both sides derive the same choice from the all-gathered specs.
+    """
+    device = population.device
+    skeleton_out = flat.skeleton_tensor.to(device)
+    outgoing = pack_messages(flat.tensors, message_layout(_specs(flat.tensors)), device) if send_to else []
+    skeleton_in = None
+    inbox: list[Tensor] = []
+    if receive_from is not None:
+        _, skeleton_bytes, same_specs = receive_from
+        skeleton_in = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
+        if same_specs:
+            inbox = _receive_targets(flat.tensors, message_layout(_specs(flat.tensors)), device)
+    population.exchange(
+        [(peer, [skeleton_out, *outgoing] if same else [skeleton_out]) for peer, same in send_to],
+        [(receive_from[0], [skeleton_in, *inbox])] if receive_from is not None and skeleton_in is not None else [],
+    )
+    later = [(peer, outgoing) for peer, same in send_to if not same]
+    if receive_from is None or skeleton_in is None:
+        if later:
+            population.exchange(later, [])
+        return None
+    nest, markers = read_skeleton(bytes(skeleton_in.cpu().numpy()))
+    layout = message_layout(specs_of(markers))
+    if receive_from[2]:
+        tensors = _settle_in_place(flat.tensors, inbox, layout)
+        return Received(nest, tensors, in_place=True)
+    inbox = allocate_messages(markers, layout, device)
+    population.exchange(later, [(receive_from[0], inbox)])
+    return Received(nest, unpack_messages(inbox, markers, layout, target), in_place=False)
+
+
+def _specs(tensors: Sequence[Tensor]) -> list[tuple[torch.dtype, int]]:
+    return [(t.dtype, t.numel()) for t in tensors]
+
+
+def _receive_targets(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
+    """A large tensor is received into itself when it can be; buckets into fresh buffers."""
+    targets = []
+    for indices in layout:
+        own = tensors[indices[0]]
+        if len(indices) == 1 and own.is_contiguous() and own.device == device:
+            targets.append(own.view(-1))
+        else:
+            targets.append(torch.empty(sum(tensors[i].numel() for i in indices), dtype=own.dtype, device=device))
+    return targets
+
+
+def _settle_in_place(
+    tensors: Sequence[Tensor], inbox: Sequence[Tensor], layout: Sequence[Sequence[int]]
+) -> list[Tensor]:
+    """Copy what arrived in buffers into the loser's own tensors; return them (now the donor's values)."""
+    for buffer, indices in zip(inbox, layout, strict=True):
+        if len(indices) == 1 and buffer.data_ptr() == tensors[indices[0]].data_ptr():
+            continue
+        offset = 0
+        for i in indices:
+            tensors[i].copy_(buffer[offset : offset + tensors[i].numel()].view_as(tensors[i]))
+            offset += tensors[i].numel()
+    return list(tensors)

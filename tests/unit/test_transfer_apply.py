@@ -67,14 +67,30 @@ def test_layout_sends_large_tensors_alone_and_buckets_small_ones_per_dtype():
     assert sorted(i for message in layout for i in message) == [0, 1, 2, 3]
 
 
+def test_skeleton_is_plain_data_and_keeps_python_types():
+    state = {
+        "state": {0: {"step": torch.tensor(3.0)}},
+        "betas": (0.9, 0.99),
+        "inf": float("inf"),
+        "nested": [{"$odd": None}],
+        (1, 2): "tuple key",
+        "flag": True,
+    }
+    copy = roundtrip(state)
+    assert copy["state"][0]["step"].item() == 3.0 and list(copy["state"]) == [0]
+    assert copy["betas"] == (0.9, 0.99) and copy["inf"] == float("inf")
+    assert copy["nested"] == [{"$odd": None}] and copy[(1, 2)] == "tuple key" and copy["flag"] is True
+
+
 def test_skeleton_cannot_carry_code():
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
-    flat = transfer.flatten_state({"x": Evil()})
-    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
-        transfer.read_skeleton(flat.skeleton)
+    with pytest.raises(TypeError, match="cannot transfer a Evil"):
+        transfer.flatten_state({"x": Evil()})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        transfer.read_skeleton(b"\x80\x04\x95 pickle bytes")
 
 
 class Module(nn.Module):
@@ -122,3 +138,62 @@ def test_reset_weights_is_seeded_and_clears_optimizer_state():
     reset_weights(other, [other_optimizer], seed=5)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
     assert not optimizer.state
+
+
+class Mailbox:
+    """Stands in for the population group: messages from one rank to another, in send order."""
+
+    def __init__(self):
+        self.queues: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def rank(self, rank: int):
+        mailbox = self
+
+        class Population:
+            device = torch.device("cpu")
+
+            def exchange(self, sends, recvs):
+                for peer, tensors in sends:
+                    mailbox.queues.setdefault((rank, peer), []).extend(t.clone() for t in tensors)
+                for peer, tensors in recvs:
+                    queue = mailbox.queues[(peer, rank)]
+                    for target in tensors:
+                        target.copy_(queue.pop(0))
+
+        return Population()
+
+
+@pytest.mark.parametrize("same_specs", [True, False])
+def test_move_states_delivers_the_donors_state_in_place_or_not(same_specs):
+    donor, donor_optimizer, _ = trained_state()
+    loser, loser_optimizer, _ = trained_state()
+    with torch.no_grad():
+        for parameter in loser.parameters():
+            parameter.add_(1.0)
+    donor_flat = transfer.flatten_state({"model": donor.state_dict(), "opt": donor_optimizer.state_dict()})
+    loser_flat = transfer.flatten_state({"model": loser.state_dict(), "opt": loser_optimizer.state_dict()})
+    assert (transfer.spec_hash(donor_flat.tensors) == transfer.spec_hash(loser_flat.tensors)) is True
+    mailbox = Mailbox()
+    assert transfer.move_states(mailbox.rank(0), donor_flat, [(1, same_specs)], None, torch.device("cpu")) is None
+    weight = loser[0].weight
+    received = transfer.move_states(
+        mailbox.rank(1), loser_flat, [], (0, len(donor_flat.skeleton), same_specs), torch.device("cpu")
+    )
+    assert received is not None and received.in_place is same_specs
+    state = transfer.unflatten_state(received.nest, received.tensors)
+    if not same_specs:
+        loser.load_state_dict(state["model"])
+    loser_optimizer.load_state_dict(state["opt"])
+    assert loser[0].weight is weight  # the module keeps its own parameters
+    for name, tensor in donor.state_dict().items():
+        assert torch.equal(tensor, loser.state_dict()[name]), name
+    for key, value in donor_optimizer.state_dict()["state"].items():
+        for field, tensor in value.items():
+            assert torch.equal(tensor, loser_optimizer.state_dict()["state"][key][field])
+
+
+def test_spec_hash_tells_different_shapes_apart():
+    a = [torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)]
+    assert transfer.spec_hash(a) == transfer.spec_hash([torch.ones(3, 4), torch.ones(2, dtype=torch.int64)])
+    assert transfer.spec_hash(a) != transfer.spec_hash([torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64)])
+    assert transfer.spec_hash(a) != transfer.spec_hash([torch.zeros(3, 4), torch.zeros(2, dtype=torch.int32)])
