@@ -74,6 +74,7 @@ def test_member_view_of_lightning(layout, request):
         # sync_dist=True averages over the member's ranks, not the world's.
         expected = sum(r["world_rank"] for r in ranks if r["member"] == rank["member"]) / member_size
         assert rank["rank_value"] == pytest.approx(expected)
+        assert rank["torchmetric_mean"] == pytest.approx(expected)  # torchmetrics stay inside the member
 
 
 def test_ranks_of_a_member_hold_identical_weights_and_members_differ(run_2x2):

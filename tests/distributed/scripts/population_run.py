@@ -13,6 +13,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,6 +49,8 @@ class Net(pl.LightningModule):
         self.save_hyperparameters()
         self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 2))
         self.seen_dropout: list[float] = []
+        # Synchronises over the default group, which the strategy makes the member's group.
+        self.rank_mean = torchmetrics.MeanMetric()
         self.train_samples = 0
 
     def _diverged(self) -> bool:
@@ -66,6 +69,7 @@ class Net(pl.LightningModule):
             loss = loss * float("nan")
         self.log("train_loss", loss, sync_dist=True)
         self.log("rank_value", float(self.trainer.strategy.world_rank), sync_dist=True, on_step=True)
+        self.rank_mean.update(float(self.trainer.strategy.world_rank))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -208,6 +212,7 @@ result = {
     "log_dir": trainer.log_dir,
     "rank_value": float(trainer.callback_metrics.get("rank_value", float("nan"))),
     "gathered": len(model.all_gather(torch.tensor([1.0]))),
+    "torchmetric_mean": float(model.rank_mean.compute()),
     "population": {str(k): v for k, v in pbt.population.items()} if cfg.get("pbt", True) else None,
     "hyperparameters": pbt.hyperparameters,
 }
