@@ -32,12 +32,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``args`` (a script and its arguments) to completion; a hang fails the test at ``timeout``.
-
-    The child gets its own process group so that a timeout kills every rank it started.
-    """
-    proc = subprocess.Popen(
+def start_job(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``args`` in its own process group (so that every rank it starts can be killed at once)."""
+    return subprocess.Popen(
         args,
         cwd=cwd or REPO,
         env=child_env(),
@@ -46,6 +43,14 @@ def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subproc
         text=True,
         start_new_session=True,
     )
+
+
+def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments) to completion; a hang fails the test at ``timeout``.
+
+    The child gets its own process group so that a timeout kills every rank it started.
+    """
+    proc = start_job(args, cwd)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

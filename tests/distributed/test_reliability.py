@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS, child_env, load_lineage, load_ranks, run_population
+from tests.conftest import SCRIPTS, load_lineage, load_ranks, run_population, start_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
@@ -82,14 +81,7 @@ def test_sigterm_checkpoints_and_a_restart_resumes(tmp_path):
         "ckpt_every": 4,
         "on_exception_checkpoint": True,
     }
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "population_run.py"), json.dumps(cfg)],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_job([sys.executable, str(SCRIPTS / "population_run.py"), json.dumps(cfg)])
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("ckpt/member_*/last.ckpt")) and time.monotonic() < deadline:
