@@ -87,7 +87,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         r = results["transfer"]
         out += ["", "## 1. Exploit transfer (model + Adam state, winner -> loser, gloo, CPU)", "",
                 f"`{r['command']}`, {r['date']}. Ours = `state_dict` + `flatten_state` + the callback's "
-                "`_transfer_states` (skeleton, pack, exchange, unpack, `load_state_dict`); raw = "
+                "`_transfer_states` (JSON skeleton and tensors in one round, received into the loser's own "
+                "tensors, optimizer `load_state_dict`); raw = "
                 "`torch.distributed.send/recv` of one flat buffer of the same bytes. Prototype = "
                 "`bench/transfer_proto.py` (in-place receive, one round trip, JSON skeleton).", ""]
         rows = [[row["layout"], f"{row['state_bytes'] / 1e6:.1f} MB", str(row["messages"]), _f(row["ours_ms"]),

@@ -147,12 +147,13 @@ def fingerprint(model: Any, optimizer: Any) -> float:
 
 
 def profiled_transfer(trainer: Any, plans: Any, topology: Any, population: Any, clock: dict[str, float]) -> None:
-    """``_training_state`` + ``flatten_state`` + ``_transfer_states``, step by step with the same
+    """``_training_state`` + ``flatten_state`` + what ``transfer.move_states`` does for a donor and a loser
+    with the same tensor specs (one round trip, receive in place), phase by phase with the same
     functions, each phase timed into ``clock`` (for the profile; the real method is what is timed)."""
     import torch
 
     from lightning_pbt import transfer
-    from lightning_pbt.callback import _ROW, _SKELETON, PopulationBasedTraining
+    from lightning_pbt.callback import _ROW, _SKELETON, _SPECS, PopulationBasedTraining
 
     faults = [resource.getrusage(resource.RUSAGE_SELF).ru_minflt]
 
@@ -168,9 +169,10 @@ def profiled_transfer(trainer: Any, plans: Any, topology: Any, population: Any, 
     state = PopulationBasedTraining._training_state(trainer)
     t = tick("state_dict", t)
     flat = transfer.flatten_state(state)
-    t = tick("flatten_state", t)
     row = torch.zeros(_ROW, dtype=torch.float64)
     row[_SKELETON] = len(flat.skeleton)
+    row[_SPECS] = transfer.spec_hash(flat.tensors)
+    t = tick("flatten_state", t)
     table = population.all_gather(row)  # the ready step's all-gather (not part of the transfer)
     t = tick("ready_step_allgather_not_counted", t)
     j = topology.member_rank
@@ -179,35 +181,27 @@ def profiled_transfer(trainer: Any, plans: Any, topology: Any, population: Any, 
     receive_from = next(
         (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id), None)
     device = population.device
+    layout = transfer.message_layout([(x.dtype, x.numel()) for x in flat.tensors])
+    t = tick("other", t)
+    outgoing = transfer.pack_messages(flat.tensors, layout, device) if send_to else []
+    t = tick("layout_and_pack", t)
+    inbox: list[Any] = []
     skeleton_in = None
     if receive_from is not None:
         skeleton_in = torch.empty(int(table[receive_from, _SKELETON]), dtype=torch.uint8, device=device)
+        inbox = transfer._receive_targets(flat.tensors, layout, device)
+    t = tick("receive_targets", t)
     skeleton_out = flat.skeleton_tensor.to(device)
-    t = tick("other", t)
-    population.exchange([(peer, [skeleton_out]) for peer in send_to],
-                        [(receive_from, [skeleton_in])] if receive_from is not None else [])
-    t = tick("skeleton_exchange", t)
-    outgoing: list[Any] = []
-    if send_to:
-        layout = transfer.message_layout([(x.dtype, x.numel()) for x in flat.tensors])
-        outgoing = transfer.pack_messages(flat.tensors, layout, device)
-    t = tick("layout_and_pack", t)
-    incoming: list[Any] = []
+    population.exchange([(peer, [skeleton_out, *outgoing]) for peer in send_to],
+                        [(receive_from, [skeleton_in, *inbox])] if receive_from is not None else [])
+    t = tick("exchange", t)
     if receive_from is not None:
         assert skeleton_in is not None
-        nest, markers = transfer.read_skeleton(bytes(skeleton_in.cpu().numpy()))
-        in_layout = transfer.message_layout(transfer.specs_of(markers))
-        incoming = transfer.allocate_messages(markers, in_layout, device)
-    t = tick("read_skeleton_and_allocate", t)
-    population.exchange([(peer, outgoing) for peer in send_to],
-                        [(receive_from, incoming)] if receive_from is not None else [])
-    t = tick("tensor_exchange", t)
-    if receive_from is not None:
-        tensors = transfer.unpack_messages(incoming, markers, in_layout, trainer.strategy.root_device)
+        nest, _ = transfer.read_skeleton(bytes(skeleton_in.cpu().numpy()))
+        t = tick("read_skeleton", t)
+        tensors = transfer._settle_in_place(flat.tensors, inbox, layout)
         loaded = transfer.unflatten_state(nest, tensors)
-        t = tick("unpack", t)
-        trainer.lightning_module.load_state_dict(loaded["model"])
-        t = tick("load_model", t)
+        t = tick("settle_in_place", t)
         for optimizer, optimizer_state in zip(trainer.optimizers, loaded["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
         t = tick("load_optimizer", t)
@@ -323,8 +317,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         for _ in range(prof_reps):
             population.barrier()
             profiled_transfer(trainer, plans, topology, population, clock)
-        phases = ["state_dict", "flatten_state", "other", "skeleton_exchange", "layout_and_pack",
-                  "read_skeleton_and_allocate", "tensor_exchange", "unpack", "load_model", "load_optimizer"]
+        phases = ["state_dict", "flatten_state", "other", "layout_and_pack", "receive_targets", "exchange",
+                  "read_skeleton", "settle_in_place", "load_optimizer"]
         keys = phases + [f"faults:{p}" for p in phases]
         clock_tensor = torch.tensor([clock.get(k, 0.0) / prof_reps for k in keys], dtype=torch.float64)
         all_clocks = population.all_gather(clock_tensor)

@@ -192,7 +192,9 @@ def test_malformed_space_fails_fast_naming_the_key(override, nproc, message, tmp
     """Every process validates before a Trainer exists: a clear message, a non-zero exit, no hang."""
     proc = app(override, cwd=tmp_path, nproc=nproc, timeout=90)
     assert proc.returncode != 0
-    assert proc.stdout.count(f"digits.py: invalid configuration: {message}") == (nproc or 1), proc.stdout[-3000:]
+    reports = proc.stdout.count(f"digits.py: invalid configuration: {message}")
+    # Every process validates; under torchrun the agent may kill a sibling before it gets to print.
+    assert (reports >= 1 if nproc else reports == 1), proc.stdout[-3000:]
     if nproc is None:
         assert "Traceback" not in proc.stdout  # (torchrun's agent prints its own when a worker fails)
     assert not list(tmp_path.rglob("lineage.jsonl"))  # no Trainer ever started
