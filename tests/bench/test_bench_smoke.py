@@ -65,7 +65,7 @@ def test_transfer(smoke: Path) -> None:
         assert row["prototype_state_copied_exactly"] is True
     assert set(result["targets"]["ratio_at_10MB_and_above"]) >= {"target", "value", "met"}
     profile = result["profiles"]["2x1"]
-    assert any("tensor_exchange" in p["receiver_ms"] for p in profile.values())
+    assert any("exchange" in p["receiver_ms"] for p in profile.values())
 
 
 def test_ready_step(smoke: Path) -> None:
