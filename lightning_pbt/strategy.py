@@ -28,6 +28,8 @@ Without the PBT callback the members train independently: a parallel random sear
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 from datetime import timedelta
@@ -165,6 +167,22 @@ def _checkpoint_at_ready_step(directory: str, step: int) -> str | None:
         except Exception:  # an unreadable file is simply not a candidate
             log.debug("skipping unreadable checkpoint %s", path, exc_info=True)
     return None
+
+
+def _shutdown_population() -> None:
+    """Take the process groups down while the interpreter is still whole.
+
+    Left to interpreter teardown, a gloo backend can be destroyed after the threads it relies on, which
+    aborts the process ("terminate called without an active exception") after a successful run.
+    """
+    population = _ESTABLISHED.pop("population", None)
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if population is not None:
+        with contextlib.suppress(Exception):
+            population.backend.shutdown()
+        del population
 
 
 def _base_seed() -> int:
@@ -315,6 +333,7 @@ class PopulationStrategy(DDPStrategy):
             run_store, topology.world_rank, topology.world_size, backend, device, timeout
         )
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
+        atexit.register(_shutdown_population)
         self.topology = topology
         self._process_group_backend = backend
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
@@ -518,14 +537,17 @@ class PopulationStrategy(DDPStrategy):
             return
         self._finish_count += 1
         self.population.wait_for_everyone(f"finished/{self._finish_count}")
+        self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        # Joined, so that no thread is inside a store call when the process goes on to exit.
         if self._watchdog is not None:
             self._watchdog.stop()
+            self._watchdog.join(timeout=5)
             self._watchdog = None
 
     @override
     def teardown(self) -> None:
         self.finish_population()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        self._stop_watchdog()
         super().teardown()
