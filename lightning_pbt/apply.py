@@ -22,13 +22,7 @@ HOOK_NAME = "on_pbt_hyperparameters"
 
 
 def _optimizer_keys(optimizers: Iterable[Optimizer]) -> set[str]:
-    return {
-        key
-        for optimizer in optimizers
-        for group in optimizer.param_groups
-        for key in group
-        if key != "params"
-    }
+    return {key for optimizer in optimizers for group in optimizer.param_groups for key in group if key != "params"}
 
 
 def check_applicable(names: Iterable[str], optimizers: Sequence[Optimizer], module: Any) -> None:

@@ -311,7 +311,13 @@ class PopulationBasedTraining(Callback):
 
         decision: Any = None
         if topology.world_rank == 0:
-            decision = self._decide(table, topology, trainer)
+            try:
+                decision = self._decide(table, topology, trainer)
+            except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
+                decision = {
+                    "error": f"PopulationBasedTraining: the decision failed on population rank 0: "
+                    f"{type(error).__name__}: {error}"
+                }
         decision = population.broadcast_json(decision, root=0)
         decided = time.perf_counter()
         if decision.get("error"):

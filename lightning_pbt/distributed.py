@@ -75,9 +75,7 @@ class PopulationGroup:
             options._timeout = timeout
             backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
         else:
-            raise ValueError(
-                f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend_name!r}"
-            )
+            raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend_name!r}")
         return cls(backend, rank, size, device, store, backend_name)
 
     def all_gather(self, tensor: Tensor) -> Tensor:

@@ -85,12 +85,10 @@ class Explorer:
                 raise ValueError(f"{name}: expected a Domain, got {domain!r}")
         factors = list(perturbation_factors) if not isinstance(perturbation_factors, str) else []
         if not factors or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
-            for f in factors
+            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in factors
         ):
             raise ValueError(
-                "perturbation_factors must be positive finite numbers (at least one), "
-                f"got {perturbation_factors!r}"
+                f"perturbation_factors must be positive finite numbers (at least one), got {perturbation_factors!r}"
             )
         p = resample_probability
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -110,9 +108,7 @@ class Explorer:
             f"resample_probability={self.resample_probability!r}, custom_explore={self.custom_explore!r})"
         )
 
-    def explore(
-        self, hyperparameters: Mapping[str, Any], rng: np.random.Generator
-    ) -> tuple[dict[str, Any], list[str]]:
+    def explore(self, hyperparameters: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], list[str]]:
         """New values and human-readable mutations such as ``"lr: 0.01 -> 0.012 (x1.2)"``."""
         validate_hyperparameters(hyperparameters, self.space)
         if self.custom_explore is not None:
@@ -146,9 +142,7 @@ class Explorer:
                 raise ValueError(f"custom_explore {where} returned no value for '{name}'")
             value = result[name]
             if not self.space[name].contains(value):
-                raise ValueError(
-                    f"custom_explore {where} returned {name}={value!r}, outside {self.space[name]!r}"
-                )
+                raise ValueError(f"custom_explore {where} returned {name}={value!r}, outside {self.space[name]!r}")
             new[name] = self.space[name].normalize(value)
             old = hyperparameters[name]
             if new[name] != old:

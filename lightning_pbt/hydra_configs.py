@@ -207,8 +207,10 @@ def search_space(cfg: Any, prefix: str = HYPERPARAMETERS_KEY + ".") -> dict[str,
         raise ValueError(f"{prefix.rstrip('.')}: expected a mapping of name -> domain, got {plain!r}")
     space = space_from_config({name: _drop_nulls(value) for name, value in plain.items()}, prefix=prefix)
     if not space:
-        raise ValueError(f"{prefix.rstrip('.')}: the search space is empty; add one, e.g. "
-                         f"'+{prefix}lr={{type:loguniform,low:1e-4,high:0.1}}'")
+        raise ValueError(
+            f"{prefix.rstrip('.')}: the search space is empty; add one, e.g. "
+            f"'+{prefix}lr={{type:loguniform,low:1e-4,high:0.1}}'"
+        )
     return space
 
 
@@ -219,7 +221,7 @@ def _name_key(err: Exception, own_prefix: str, prefix: str, cfg: Mapping[str, An
     message = str(cause).removeprefix(own_prefix)
     match = re.match(r"(\w+) (must|is|should)\b", message)
     if match and match.group(1) in cfg:
-        return f"{prefix}.{match.group(1)}: {message[len(match.group(1)) + 1:]}"
+        return f"{prefix}.{match.group(1)}: {message[len(match.group(1)) + 1 :]}"
     return f"{prefix}: {message}"
 
 

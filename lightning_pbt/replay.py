@@ -135,8 +135,9 @@ class PBTReplay(Callback):
         self._catch_up(trainer, pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._catch_up(trainer, pl_module)
 
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,8 +153,11 @@ class PBTReplay(Callback):
         apply_hyperparameters(dict(self.hyperparameters), trainer.optimizers, schedulers, pl_module)
         self.applied.append((step, dict(self.hyperparameters)))
         if self.log_hyperparameters:
-            metrics = {f"replay/{name}": float(value) for name, value in self.hyperparameters.items()
-                       if isinstance(value, int | float) and not isinstance(value, bool)}
+            metrics = {
+                f"replay/{name}": float(value)
+                for name, value in self.hyperparameters.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 

@@ -160,8 +160,14 @@ def population_table(records: Sequence[LineageRecord], mode: str = "max") -> str
 
     order = rank_members(list(final), {m: r.score for m, r in final.items()}, mode)
     rows = [
-        [m, final[m].score, *(final[m].hyperparameters.get(n) for n in names), final[m].parent, copied.get(m, 0),
-         donated.get(m, 0)]
+        [
+            m,
+            final[m].score,
+            *(final[m].hyperparameters.get(n) for n in names),
+            final[m].parent,
+            copied.get(m, 0),
+            donated.get(m, 0),
+        ]
         for m in order
     ]
     return _table(["member", "score", *names, "parent", "exploits", "copied by others"], rows)
@@ -181,8 +187,14 @@ class Report:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def summary_markdown(records: Sequence[LineageRecord], mode: str = "max", *, lineage: Path | None = None,
-                     mode_source: str | None = None, member: int | None = None) -> str:
+def summary_markdown(
+    records: Sequence[LineageRecord],
+    mode: str = "max",
+    *,
+    lineage: Path | None = None,
+    mode_source: str | None = None,
+    member: int | None = None,
+) -> str:
     """The report's markdown text (best member or ``member``, schedule, population, exploits)."""
     by_member = _by_member(records)
     steps = sorted({r.step for r in records if r.event != "init"})
@@ -190,8 +202,9 @@ def summary_markdown(records: Sequence[LineageRecord], mode: str = "max", *, lin
     lines = ["# Population Based Training report", ""]
     if lineage is not None:
         lines.append(f"- lineage: `{lineage}`")
-    lines.append(f"- members: {len(by_member)}, ready steps: {len(steps)}"
-                 + (f" (last at step {steps[-1]})" if steps else ""))
+    lines.append(
+        f"- members: {len(by_member)}, ready steps: {len(steps)}" + (f" (last at step {steps[-1]})" if steps else "")
+    )
     lines.append(f"- mode: {mode}" + (f" ({mode_source})" if mode_source else ""))
     lines.append("")
     chosen, heading = member, "Member"
@@ -204,23 +217,34 @@ def summary_markdown(records: Sequence[LineageRecord], mode: str = "max", *, lin
         lines += ["No member has a finite score yet.", ""]
     else:
         last = final_records(records)[chosen]
-        lines += [f"## {heading}: {chosen}", "",
-                  f"score {_fmt(last.score)} at step {last.step} (epoch {last.epoch}), "
-                  f"weights from member {last.parent}", "",
-                  "Its schedule (the hyperparameters its final weights were trained with, from each step on):", ""]
+        lines += [
+            f"## {heading}: {chosen}",
+            "",
+            f"score {_fmt(last.score)} at step {last.step} (epoch {last.epoch}), weights from member {last.parent}",
+            "",
+            "Its schedule (the hyperparameters its final weights were trained with, from each step on):",
+            "",
+        ]
         schedule = member_schedule(records, chosen)
         names = _names(record for record in records)
-        lines += [_table(["from step", *names], ([step, *(values.get(n) for n in names)]
-                                                  for step, values in schedule)), ""]
+        lines += [
+            _table(["from step", *names], ([step, *(values.get(n) for n in names)] for step, values in schedule)),
+            "",
+        ]
     lines += ["## Population (last ready step)", "", population_table(records, mode), ""]
     total = sum(copied.values())
-    lines += [f"## Exploits: {total} in total", "",
-              _table(["member", "exploits"], sorted(copied.items())), ""]
+    lines += [f"## Exploits: {total} in total", "", _table(["member", "exploits"], sorted(copied.items())), ""]
     return "\n".join(lines)
 
 
-def export_schedule(records: Sequence[LineageRecord], member: int, path: str | os.PathLike[str], *,
-                    mode: str | None = None, lineage: str | os.PathLike[str] | None = None) -> Path:
+def export_schedule(
+    records: Sequence[LineageRecord],
+    member: int,
+    path: str | os.PathLike[str],
+    *,
+    mode: str | None = None,
+    lineage: str | os.PathLike[str] | None = None,
+) -> Path:
     """Write ``member``'s schedule as JSON (``{"member", "score", "schedule": [{"step", "hyperparameters"}]}``)."""
     last = final_records(records)[member]
     data = {
@@ -354,8 +378,9 @@ def _ancestry(by_member: Mapping[int, list[LineageRecord]], member: int, last: i
     return segments
 
 
-def plot_lineage_tree(records: Sequence[LineageRecord], path: str | os.PathLike[str],
-                      highlight: int | None = None) -> Path:
+def plot_lineage_tree(
+    records: Sequence[LineageRecord], path: str | os.PathLike[str], highlight: int | None = None
+) -> Path:
     """Members on the y axis, steps on the x axis; an arrow per exploit from the donor to the copier.
 
     A member's line is coloured by the member its weights originally came from, so a lineage that
@@ -374,15 +399,29 @@ def plot_lineage_tree(records: Sequence[LineageRecord], path: str | os.PathLike[
         before = dict(origin)
         for record in at_step:
             if record.event == "exploit" and record.parent != record.member:
-                ax.plot([start[record.member], step], [record.member] * 2, color=colors[before[record.member]],
-                        linewidth=3, solid_capstyle="butt")
-                ax.annotate("", xy=(step, record.member), xytext=(step, record.parent),
-                            arrowprops={"arrowstyle": "->", "color": colors[before[record.parent]], "lw": 1.2})
+                ax.plot(
+                    [start[record.member], step],
+                    [record.member] * 2,
+                    color=colors[before[record.member]],
+                    linewidth=3,
+                    solid_capstyle="butt",
+                )
+                ax.annotate(
+                    "",
+                    xy=(step, record.member),
+                    xytext=(step, record.parent),
+                    arrowprops={"arrowstyle": "->", "color": colors[before[record.parent]], "lw": 1.2},
+                )
                 origin[record.member] = before[record.parent]
                 start[record.member] = step
             elif record.event == "rejuvenate":
-                ax.plot([start[record.member], step], [record.member] * 2, color=colors[before[record.member]],
-                        linewidth=3, solid_capstyle="butt")
+                ax.plot(
+                    [start[record.member], step],
+                    [record.member] * 2,
+                    color=colors[before[record.member]],
+                    linewidth=3,
+                    solid_capstyle="butt",
+                )
                 ax.plot([step], [record.member], "*", color="grey", markersize=9)
                 origin[record.member] = record.member
                 start[record.member] = step
@@ -405,8 +444,15 @@ def plot_lineage_tree(records: Sequence[LineageRecord], path: str | os.PathLike[
 
 
 # -- the whole report --------------------------------------------------------------------------------
-def make_report(path: str | os.PathLike[str], *, mode: str | None = None, out_dir: str | os.PathLike[str] | None = None,
-                plots: bool = True, member: int | None = None, monitor: str | None = None) -> Report:
+def make_report(
+    path: str | os.PathLike[str],
+    *,
+    mode: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    plots: bool = True,
+    member: int | None = None,
+    monitor: str | None = None,
+) -> Report:
     """Read the lineage under ``path``, write plots, ``schedule.json`` and ``summary.md`` into ``out_dir``
     (default: the lineage file's folder) and return what was found and written.
 
@@ -450,8 +496,16 @@ def make_report(path: str | os.PathLike[str], *, mode: str | None = None, out_di
     files["summary"] = out / "summary.md"
     out.mkdir(parents=True, exist_ok=True)
     files["summary"].write_text(markdown, encoding="utf-8")
-    return Report(lineage=lineage, mode=mode, mode_source=mode_source, records=records, best=chosen,
-                  schedule=schedule, markdown=markdown, files=files)
+    return Report(
+        lineage=lineage,
+        mode=mode,
+        mode_source=mode_source,
+        records=records,
+        best=chosen,
+        schedule=schedule,
+        markdown=markdown,
+        files=files,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -460,18 +514,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Summarise a PBT run: markdown summary, plots and the best member's schedule.json.",
     )
     parser.add_argument("run_dir", help="the run directory (with pbt/lineage.jsonl) or a lineage.jsonl file")
-    parser.add_argument("--mode", choices=("min", "max"), default=None,
-                        help="whether a higher or lower score is better (default: from the run, else max)")
-    parser.add_argument("--out", default=None, help="where the plots, schedule.json and summary.md go "
-                        "(default: next to lineage.jsonl)")
+    parser.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        default=None,
+        help="whether a higher or lower score is better (default: from the run, else max)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="where the plots, schedule.json and summary.md go (default: next to lineage.jsonl)"
+    )
     parser.add_argument("--member", type=int, default=None, help="export this member's schedule instead of the best")
-    parser.add_argument("--monitor", default=None, help="the score's name on the plots (default: the run's "
-                        "pbt.monitor, else 'score')")
+    parser.add_argument(
+        "--monitor", default=None, help="the score's name on the plots (default: the run's pbt.monitor, else 'score')"
+    )
     parser.add_argument("--no-plots", action="store_true", help="only the summary and schedule.json")
     args = parser.parse_args(argv)
     try:
-        report = make_report(args.run_dir, mode=args.mode, out_dir=args.out, plots=not args.no_plots,
-                             member=args.member, monitor=args.monitor)
+        report = make_report(
+            args.run_dir,
+            mode=args.mode,
+            out_dir=args.out,
+            plots=not args.no_plots,
+            member=args.member,
+            monitor=args.monitor,
+        )
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -102,18 +102,13 @@ class PBTScheduler:
         self.space: dict[str, Domain] = space_from_config(space)
         self.mode = check_mode(mode)
         options: dict[str, Any] = {}
-        if (
-            isinstance(exploit, str)
-            and exploit.strip().lower() == "truncation"
-            and quantile_fraction is not None
-        ):
+        if isinstance(exploit, str) and exploit.strip().lower() == "truncation" and quantile_fraction is not None:
             options["quantile_fraction"] = quantile_fraction
         self.exploit = make_exploit_rule(exploit, **options)
         self.explorer = explorer if explorer is not None else Explorer(self.space)
         if set(self.explorer.space) != set(self.space):
             raise ValueError(
-                f"explorer space {sorted(self.explorer.space)} differs from the scheduler's "
-                f"{sorted(self.space)}"
+                f"explorer space {sorted(self.explorer.space)} differs from the scheduler's {sorted(self.space)}"
             )
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"burn_in must be an integer >= 0, got {burn_in!r}")
@@ -127,9 +122,7 @@ class PBTScheduler:
         self.seed = seed
         self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
 
-    def initial_hyperparameters(
-        self, member: int, start_values: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def initial_hyperparameters(self, member: int, start_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Starting values of ``member``: a function of ``(seed, member)`` only, so they do not depend on
         the population size or on the plan stream; ``start_values`` (possibly partial) override them."""
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_INIT_STREAM, int(member))))
@@ -210,9 +203,7 @@ class PBTScheduler:
         rng_state = _plain_state(state["rng"])
         expected = type(self._rng.bit_generator).__name__
         if rng_state.get("bit_generator") != expected:
-            raise ValueError(
-                f"state_dict holds a {rng_state.get('bit_generator')!r} generator, expected {expected!r}"
-            )
+            raise ValueError(f"state_dict holds a {rng_state.get('bit_generator')!r} generator, expected {expected!r}")
         self._rng.bit_generator.state = rng_state
 
 

@@ -49,9 +49,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 def _is_real(value: Any) -> bool:
     """A real number that is not a bool (``True`` is an ``int`` in Python, but never a bound)."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_factor(factor: float) -> float:
@@ -342,9 +340,7 @@ def _domain_from_mapping(cfg: Mapping[Any, Any], where: str) -> Domain:
         elif "low" in cfg or "high" in cfg:
             kind = "loguniform" if log else "uniform"
         else:
-            raise ValueError(
-                f"{where}: give 'values' (a choice) or 'low' and 'high' (a range), got {dict(cfg)!r}"
-            )
+            raise ValueError(f"{where}: give 'values' (a choice) or 'low' and 'high' (a range), got {dict(cfg)!r}")
     if not isinstance(kind, str) or kind.lower() not in _TYPES:
         raise ValueError(f"{where}: unknown type {kind!r} (expected one of {sorted(_TYPES)})")
     cls = _TYPES[kind.lower()]
@@ -388,9 +384,7 @@ def space_to_config(space: Mapping[str, Domain]) -> dict[str, dict[str, Any]]:
     return {name: domain.to_config() for name, domain in space.items()}
 
 
-def validate_hyperparameters(
-    values: Mapping[str, Any], space: Mapping[str, Domain], prefix: str = ""
-) -> None:
+def validate_hyperparameters(values: Mapping[str, Any], space: Mapping[str, Domain], prefix: str = "") -> None:
     """Raise ``ValueError`` naming the key if ``values`` misses, adds or mis-sets a hyperparameter."""
     missing = sorted(set(space) - set(values))
     if missing:

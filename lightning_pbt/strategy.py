@@ -465,10 +465,22 @@ class PopulationStrategy(DDPStrategy):
         if self._resume_agreed:
             return
         self._resume_agreed = True
-        mine = _last_ready_step(self._resume_path) if self._resume_path else -2
+        mine = -2  # no checkpoint
+        if self._resume_path:
+            try:
+                mine = _last_ready_step(self._resume_path)
+            except Exception as error:  # reported through the gather below, so that every rank raises
+                log.error("cannot read the checkpoint %s: %s", self._resume_path, error)
+                mine = -3
         table = self.population.all_gather(torch.tensor([mine], dtype=torch.int64)).flatten().tolist()
         if all(step == -2 for step in table):
             return
+        unreadable = [rank for rank, step in enumerate(table) if step == -3]
+        if unreadable:
+            raise RuntimeError(
+                f"PopulationStrategy: world ranks {unreadable} cannot read the checkpoint they were given to "
+                "resume from (corrupt or not a Lightning checkpoint); see their log"
+            )
         if any(step == -2 for step in table):
             missing = [rank for rank, step in enumerate(table) if step == -2]
             raise RuntimeError(

@@ -41,12 +41,7 @@ class PopulationTopology:
                 f"({self.member_size}); launch a multiple of {self.member_size} ranks or change member_size"
             )
         per_node = self.processes_per_node
-        if (
-            per_node is not None
-            and per_node >= 1
-            and per_node % self.member_size
-            and self.member_size % per_node
-        ):
+        if per_node is not None and per_node >= 1 and per_node % self.member_size and self.member_size % per_node:
             raise ValueError(
                 f"PopulationStrategy: member_size={self.member_size} does not divide the {per_node} ranks per node "
                 f"and is not a multiple of it, so a member would span nodes unevenly; use a member_size that "

@@ -64,6 +64,14 @@ def test_checkpoint_of_another_run_is_refused(finished_run, tmp_path):
     assert "comes from a run with another search space or seed" in proc.stdout, proc.stdout[-3000:]
 
 
+def test_unreadable_checkpoint_of_one_member_stops_every_rank(finished_run, tmp_path):
+    run = resume_copy(finished_run, tmp_path)
+    (run / "ckpt" / "member_1" / "last.ckpt").write_bytes(b"not a checkpoint")
+    proc = run_population(run, timeout=90, devices=2, member_size=1, max_steps=24, every=4, ckpt_every=4, resume=True)
+    assert proc.returncode != 0
+    assert proc.stdout.count("world ranks [1] cannot read the checkpoint") >= 2, proc.stdout[-3000:]
+
+
 def test_every_member_non_finite_is_a_clear_error(tmp_path):
     proc = run_population(tmp_path, timeout=90, devices=2, member_size=1, max_steps=40, every=4, nan_all=True)
     assert proc.returncode != 0
