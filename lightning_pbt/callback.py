@@ -19,10 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_pbt import transfer
@@ -32,7 +29,9 @@ from lightning_pbt.explore import Explorer
 from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
-from lightning_pbt.strategy import PopulationStrategy
+
+from ._lightning import Callback, TrainerFn, pl
+from .strategy import PopulationStrategy
 
 __all__ = ["PopulationBasedTraining"]
 

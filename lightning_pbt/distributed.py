@@ -18,14 +18,20 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PopulationAborted", "PopulationGroup", "PopulationWatchdog"]
+__all__ = ["ESTABLISHED", "PopulationAborted", "PopulationGroup", "PopulationWatchdog"]
 
 log = logging.getLogger(__name__)
+
+# The population of this process, once created. torch.distributed can be initialised only once per
+# process, so later strategies (a new Trainer for `test`, a second `fit`, either Lightning flavour)
+# adopt it; hence it lives here, in a module both flavours share.
+ESTABLISHED: dict[str, Any] = {}
 
 _ABORT_KEY = "abort"
 _ABORT_EXIT_CODE = 3

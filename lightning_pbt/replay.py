@@ -34,11 +34,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from typing_extensions import override
 
 from lightning_pbt.apply import apply_hyperparameters, check_applicable
+
+from ._lightning import Callback, pl
 
 __all__ = ["PBTReplay", "load_schedule"]
 

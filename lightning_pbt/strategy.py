@@ -37,24 +37,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_pbt.distributed import ESTABLISHED as _ESTABLISHED
 from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog, open_store_client
 from lightning_pbt.topology import PopulationTopology
+
+from ._lightning import (
+    DDPStrategy,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    fabric_rank_zero_only,
+    rank_zero_only,
+    seed_everything,
+)
 
 __all__ = ["PopulationStrategy", "check_supported", "member_id_from_env"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
-# The population of this process, once created: torch.distributed can be initialised only once, so
-# later strategies (a new Trainer for `test`, a second `fit`) adopt it.
-_ESTABLISHED: dict[str, Any] = {}
 _QUIET_LOGGERS = (
     "pytorch_lightning",
     "lightning.pytorch",
@@ -373,8 +376,6 @@ class PopulationStrategy(DDPStrategy):
         return int(_ESTABLISHED.get("fits", 0))
 
     def _seed_member(self) -> None:
-        from lightning_fabric.utilities.seed import seed_everything
-
         seed_everything(self.member_seed, workers=os.environ.get("PL_SEED_WORKERS") == "1", verbose=False)
 
     def _start_watchdog(self) -> None:
