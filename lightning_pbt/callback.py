@@ -1,13 +1,13 @@
 """``PopulationBasedTraining``: the Lightning callback that runs PBT across the members of a
 :class:`~lightning_pbt.strategy.PopulationStrategy`.
 
-Every ready step follows one path on every rank: hook -> gather scores -> population rank 0 decides
--> broadcast the decision -> move state -> apply. Each step is a fixed sequence of collectives that
-every rank runs, whatever the outcome, so no rank can skip one.
+Lightning glue only: hooks -> checks -> the ready-step protocol (:mod:`lightning_pbt.ready_steps`,
+synchronous or asynchronous) -> report. The protocol decides and moves state; this module knows where
+the trainer keeps that state and how to put hyperparameters into it.
 
 Stopping: a member that stops early (``EarlyStopping``, ``max_time``, ``trainer.should_stop``) stops
-training and keeps its weights; until every member has stopped it still takes part in ready steps,
-can be a donor, and is never replaced. The run ends when the last member stops.
+training and keeps its weights; until every member has stopped it can still be a donor and is never
+replaced. The run ends when the last member stops.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from typing_extensions import override
 
-from lightning_pbt import transfer
 from lightning_pbt.apply import apply_hyperparameters, check_applicable, reset_weights
 from lightning_pbt.exploit import make_exploit_rule
 from lightning_pbt.explore import Explorer
-from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage
-from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
+from lightning_pbt.scheduler import PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
 
 from ._lightning import Callback, TrainerFn, pl
@@ -36,10 +35,6 @@ from .strategy import PopulationStrategy
 __all__ = ["PopulationBasedTraining"]
 
 log = logging.getLogger(__name__)
-
-# Columns of the per-rank row in the ready step's all-gather.
-_SCORE, _STEP, _EPOCH, _MISSING, _DONE, _SKELETON, _SPECS = range(7)
-_ROW = 7
 
 
 class PopulationBasedTraining(Callback):
@@ -52,10 +47,13 @@ class PopulationBasedTraining(Callback):
         monitor: the logged metric that scores a member (identical on a member's ranks: log it with
             ``sync_dist=True``).
         mode: ``"max"`` or ``"min"``.
+        synchronous: ``True`` (default): members meet at every ready step at the same global step, one
+            decision for all, deterministic under a seed. ``False``: each member runs its ready steps
+            at its own pace and never waits for another (members may differ in speed and step counts).
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
-        every_n_epochs: a ready step at the validation end of every n-th epoch (default 1 when neither
-            interval is given).
+        every_n_epochs: a ready step at the first validation end at least this many epochs after the
+            previous one. With neither interval, a ready step happens at every validation end.
         burn_in: no exploit before this global step.
         exploit: ``"truncation"``, ``"tournament"`` or ``"ttest"`` (or an ``ExploitRule``).
         quantile_fraction: for truncation: the bottom fraction copies the top fraction, in (0, 0.5].
@@ -66,7 +64,7 @@ class PopulationBasedTraining(Callback):
         start_hyperparameters: values every member starts with (others are sampled per member).
         rejuvenate_patience: re-initialise a member's weights after this many ready steps without
             improvement (``None``: never).
-        seed: the run's seed; with the same seed and inputs, the same decisions.
+        seed: the run's seed; with the same seed and inputs, the same decisions (synchronous mode).
         dirpath: where ``lineage.jsonl`` goes (default ``<default_root_dir>/pbt``).
     """
 
@@ -88,8 +86,11 @@ class PopulationBasedTraining(Callback):
         rejuvenate_patience: int | None = None,
         seed: int = 0,
         dirpath: str | os.PathLike | None = None,
+        synchronous: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(synchronous, bool):
+            raise ValueError(f"PopulationBasedTraining: synchronous must be True or False, got {synchronous!r}")
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"PopulationBasedTraining: monitor must be a metric name, got {monitor!r}")
         if mode not in ("min", "max"):
@@ -107,9 +108,8 @@ class PopulationBasedTraining(Callback):
         self.monitor = monitor
         self.mode = mode
         self.every_n_train_steps = every_n_train_steps
-        self.every_n_epochs = every_n_epochs if every_n_train_steps is None else None
-        if self.every_n_train_steps is None and self.every_n_epochs is None:
-            self.every_n_epochs = 1
+        self.every_n_epochs = every_n_epochs
+        self.synchronous = synchronous
         self.start_hyperparameters = dict(start_hyperparameters or {})
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self.seed = seed
@@ -132,15 +132,33 @@ class PopulationBasedTraining(Callback):
             rejuvenate_patience=rejuvenate_patience,
             seed=seed,
         )
-        # Population status, identical on every rank after each ready step.
-        self.population: dict[int, dict[str, Any]] = {}
-        self.hyperparameters: dict[str, Any] = {}
-        self.ready_count = 0
-        self.last_ready_step = -1
+        self.book = PopulationBook()
         self._restored = False
-        self._store_namespace = ""
-        self._writer: LineageWriter | None = None
         self._strategy: PopulationStrategy | None = None
+        self._protocol: ReadySteps | None = None
+        self._validations = 0  # this fit's validation ends and whether they produced the monitor
+        self._monitor_seen = False
+        self._ready_at_start = 0
+
+    # -- the population, as this rank knows it ---------------------------------------------------
+    @property
+    def population(self) -> dict[int, dict[str, Any]]:
+        """``{member: {hyperparameters, score, history, parent, done}}``: identical on every rank after a
+        synchronous ready step; this member's latest view in asynchronous mode."""
+        return self.book.population
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The values in effect on this member."""
+        return self.book.hyperparameters
+
+    @property
+    def ready_count(self) -> int:
+        return self.book.ready_count
+
+    @property
+    def last_ready_step(self) -> int:
+        return self.book.last_ready_step
 
     @property
     @override
@@ -174,9 +192,9 @@ class PopulationBasedTraining(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self._require_strategy()
-        self._store_namespace = f"pbt/{strategy.fit_generation}"
+        assert strategy.population is not None and strategy.topology is not None
         if not self._restored:
-            self.population = {
+            self.book.population = {
                 member: {
                     "hyperparameters": self.scheduler.initial_hyperparameters(member, self.start_hyperparameters),
                     "score": None,
@@ -186,104 +204,71 @@ class PopulationBasedTraining(Callback):
                 }
                 for member in range(strategy.num_members)
             }
-            self.hyperparameters = dict(self.population[strategy.member_id]["hyperparameters"])
-        self._apply(trainer, pl_module, self.hyperparameters)
-        # Population rank 0 owns the lineage; a problem with it (corrupt, from another run) is
-        # broadcast so that every rank raises the same error instead of waiting for rank 0.
-        error = None
-        if strategy.world_rank == 0:
-            try:
-                self._open_lineage(trainer)
-            except (OSError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        assert strategy.population is not None
-        error = strategy.population.broadcast_json(error, root=0)
-        if error:
-            raise RuntimeError(f"PopulationBasedTraining: cannot continue the lineage: {error}")
-
-    def _open_lineage(self, trainer: pl.Trainer) -> None:
-        path = self.lineage_path
-        if self._restored and os.path.exists(path):
-            self._check_lineage_is_ours(path)
-            LineageWriter.truncate_after(path, self.last_ready_step)
-            self._writer = LineageWriter(path)
-            return
-        if os.path.exists(path):  # a fresh run: keep the older lineage, but not in the way
-            index = 1
-            while os.path.exists(f"{path}.{index}"):
-                index += 1
-            os.replace(path, f"{path}.{index}")
-        self._writer = LineageWriter(path)
-        self._writer.write(
-            LineageRecord(
-                step=trainer.global_step,
-                epoch=trainer.current_epoch,
-                member=member,
-                score=None,
-                event="init",
-                parent=member,
-                hyperparameters=dict(status["hyperparameters"]),
-                extra={"mode": self.mode, "monitor": self.monitor},
-            )
-            for member, status in sorted(self.population.items())
+            self.book.hyperparameters = dict(self.book.population[strategy.member_id]["hyperparameters"])
+            if not self.synchronous:  # each member decides alone: its own random stream
+                self.scheduler.use_member_stream(strategy.member_id)
+        member = _TrainerMember(trainer, pl_module, self)
+        member.apply(self.book.hyperparameters)
+        self._validations, self._monitor_seen, self._ready_at_start = 0, False, self.book.ready_count
+        self._protocol = protocol_class(self.synchronous)(
+            population=strategy.population,
+            topology=strategy.topology,
+            namespace=f"pbt/{strategy.fit_generation}",
+            scheduler=self.scheduler,
+            book=self.book,
+            member=member,
+            mode=self.mode,
+            monitor=self.monitor,
+            seed=self.seed,
         )
-
-    def _check_lineage_is_ours(self, path: str) -> None:
-        """A resumed run appends only to the lineage of the same run (same members, seed and space)."""
-        inits = {record.member: record.hyperparameters for record in read_lineage(path) if record.event == "init"}
-        expected = {
-            member: self.scheduler.initial_hyperparameters(member, self.start_hyperparameters)
-            for member in self.population
-        }
-        if inits != expected:
-            raise ValueError(
-                f"{path} belongs to another run: its init lines ({len(inits)} members) do not match this run's "
-                f"seed, search space and population ({len(expected)} members); move it away or set "
-                "PopulationBasedTraining(dirpath=...) to a fresh folder"
-            )
+        self._protocol.start(
+            self.lineage_path,
+            restored=self._restored,
+            layout=_optimizer_layout(trainer.optimizers),
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            start_values=self.start_hyperparameters,
+            init_extra={"mode": self.mode, "monitor": self.monitor, "synchronous": self.synchronous},
+        )
 
     # -- ready steps -----------------------------------------------------------------------------
     def _is_ready(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return False
-        if trainer.global_step == self.last_ready_step:  # e.g. several validations in one step
+        if trainer.global_step == self.book.last_ready_step:  # e.g. several validations in one step
             return False
         if self.every_n_train_steps is not None:
-            since = trainer.global_step - max(self.last_ready_step, 0)
-            return since >= self.every_n_train_steps
-        assert self.every_n_epochs is not None
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and trainer.is_last_batch
+            return trainer.global_step - max(self.book.last_ready_step, 0) >= self.every_n_train_steps
+        if self.every_n_epochs is not None:
+            return _epochs_done(trainer) - self.book.last_ready_epochs >= self.every_n_epochs
+        return True
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._is_ready(trainer):
-            self._ready_step(trainer, pl_module, done=False)
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._validations += 1
+        score, missing = self._score(trainer)
+        self._monitor_seen |= not missing
+        if not self._is_ready(trainer):
+            return
+        assert self._protocol is not None
+        result = self._protocol.step(Observation(score, missing, trainer.global_step, trainer.current_epoch))
+        self.book.last_ready_epochs = _epochs_done(trainer)
+        self._log_status(trainer, result)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """This member has stopped: serve ready steps until every member has."""
-        strategy = self._require_strategy()
-        assert strategy.population is not None
-        store = strategy.population.store
-        done_key = f"{self._store_namespace}/done"
-        store.add(done_key, 1)
-        while True:
-            key = self._ready_key()
-            if store.check([key]):
-                self._ready_step(trainer, pl_module, done=True)
-                continue
-            if store.add(done_key, 0) >= strategy.population.size:
-                break
-            reason = strategy.population.abort_reason()
-            if reason is not None:
-                raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
-            time.sleep(0.05)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        """This member has stopped: serve the population until every member has."""
+        assert self._protocol is not None
+        try:
+            self._protocol.finish()
+        finally:
+            self._protocol.close()
+        self._warn_if_idle(trainer)
 
-    def _ready_key(self) -> str:
-        return f"{self._store_namespace}/ready/{self.ready_count}"
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
 
     def _score(self, trainer: pl.Trainer) -> tuple[float, bool]:
         value = trainer.callback_metrics.get(self.monitor)
@@ -291,260 +276,80 @@ class PopulationBasedTraining(Callback):
             return math.nan, True
         return float(value.item() if isinstance(value, torch.Tensor) else value), False
 
-    def _ready_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool) -> None:
-        strategy = self._require_strategy()
-        population = strategy.population
-        topology = strategy.topology
-        assert population is not None and topology is not None
-        started = time.perf_counter()
-        if not done:
-            population.store.set(self._ready_key(), "1")
-        score, missing = self._score(trainer)
-        flat = transfer.flatten_state(self._training_state(trainer))
-        row = torch.zeros(_ROW, dtype=torch.float64)
-        row[_SCORE], row[_STEP], row[_EPOCH] = score, trainer.global_step, trainer.current_epoch
-        row[_MISSING], row[_DONE], row[_SKELETON] = float(missing), float(done), len(flat.skeleton)
-        row[_SPECS] = transfer.spec_hash(flat.tensors)
-        table = population.all_gather(row).cpu()
-        gathered = time.perf_counter()
-
-        decision: Any = None
-        if topology.world_rank == 0:
-            try:
-                decision = self._decide(table, topology, trainer)
-            except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
-                decision = {
-                    "error": f"PopulationBasedTraining: the decision failed on population rank 0: "
-                    f"{type(error).__name__}: {error}"
-                }
-        decision = population.broadcast_json(decision, root=0)
-        decided = time.perf_counter()
-        if decision.get("error"):
-            raise RuntimeError(decision["error"])
-
-        plans = {int(member): MemberPlan.from_dict(plan) for member, plan in decision["plans"].items()}
-        self._transfer_states(trainer, plans, table, flat, topology)
-        transferred = time.perf_counter()
-
-        self.scheduler.load_state_dict(decision["scheduler"])
-        for member, plan in plans.items():
-            status = self.population[member]
-            status.update(
-                hyperparameters=dict(plan.hyperparameters),
-                parent=plan.parent,
-                score=decision["scores"][str(member)],
-                done=bool(decision["done"][str(member)]),
-            )
-            status["history"] = decision["histories"][str(member)]
-        own = plans[topology.member_id]
-        if own.event == "rejuvenate":
-            reset_weights(
-                pl_module,
-                trainer.optimizers,
-                seed=self.seed * 1_000_003 + topology.member_id + 7919 * trainer.global_step,
-            )
-        if own.event != "keep" or own.hyperparameters != self.hyperparameters:
-            self.hyperparameters = dict(own.hyperparameters)
-            self._apply(trainer, pl_module, self.hyperparameters)
-        self.ready_count += 1
-        self.last_ready_step = int(decision["step"])
-        timing = {
-            "gather": gathered - started,
-            "decide": decided - gathered,
-            "transfer": transferred - decided,
-        }
-        if self._writer is not None:
-            self._write_lineage(decision, plans, timing)
-        self._log_status(trainer, topology.member_id, decision, timing)
-
-    def _decide(self, table: torch.Tensor, topology: Any, trainer: pl.Trainer) -> dict[str, Any]:
-        """Population rank 0 only: check the gathered rows and run the scheduler."""
-        leaders = {member: table[topology.world_rank_of(member, 0)] for member in range(topology.num_members)}
-        active = {member: row for member, row in leaders.items() if not row[_DONE]}
-        missing = [member for member, row in active.items() if row[_MISSING]]
-        if missing:
-            return {
-                "error": (
-                    f"PopulationBasedTraining: the monitored metric {self.monitor!r} was not logged by member(s) "
-                    f"{missing} at this ready step; available metrics: {sorted(trainer.callback_metrics)}. Log it "
-                    f"with self.log({self.monitor!r}, ..., sync_dist=True) in validation_step"
-                )
-            }
-        steps = {int(row[_STEP]) for row in active.values()}
-        if len(steps) > 1:
-            return {
-                "error": (
-                    "PopulationBasedTraining: members reached this ready step at different global steps "
-                    f"({ {m: int(r[_STEP]) for m, r in active.items()} }); every member must use the same "
-                    "Trainer limits, data size and validation interval"
-                )
-            }
-        if active and not any(math.isfinite(float(row[_SCORE])) for row in active.values()):
-            return {
-                "error": (
-                    f"PopulationBasedTraining: every training member's {self.monitor!r} is NaN or infinite at this "
-                    "ready step, so there is no member to copy; lower the learning-rate range or add gradient "
-                    "clipping (Trainer(gradient_clip_val=...))"
-                )
-            }
-        step = steps.pop() if steps else max(int(row[_STEP]) for row in leaders.values())
-        snapshots = []
-        histories: dict[str, list[float]] = {}
-        scores: dict[str, float | None] = {}
-        for member, row in leaders.items():
-            status = self.population[member]
-            score = float(row[_SCORE])
-            finite = score is not None and math.isfinite(score)
-            history = list(status["history"]) + ([score] if finite and not row[_DONE] else [])
-            history = history[-32:]
-            histories[str(member)] = history
-            scores[str(member)] = score if finite else None
-            snapshots.append(
-                MemberSnapshot(
-                    member=member,
-                    score=score if finite else None,
-                    hyperparameters=status["hyperparameters"],
-                    history=tuple(history),
-                    can_exploit=not bool(row[_DONE]),
-                )
-            )
-        plans = self.scheduler.plan(step, snapshots)
-        # A member's history describes the weights it holds: a copy inherits the donor's, fresh weights none.
-        for member, plan in plans.items():
-            if plan.event == "exploit":
-                histories[str(member)] = list(histories[str(plan.parent)])
-            elif plan.event == "rejuvenate":
-                histories[str(member)] = []
-        return {
-            "step": step,
-            "epoch": int(max(int(row[_EPOCH]) for row in leaders.values())),
-            "plans": {str(member): plan.to_dict() for member, plan in plans.items()},
-            "scores": scores,
-            "histories": histories,
-            "done": {str(member): bool(row[_DONE]) for member, row in leaders.items()},
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    # -- state transfer --------------------------------------------------------------------------
-    @staticmethod
-    def _training_state(trainer: pl.Trainer) -> dict[str, Any]:
-        return {
-            "model": trainer.lightning_module.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
-            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
-            "precision": trainer.precision_plugin.state_dict(),
-        }
-
-    def _transfer_states(
-        self,
-        trainer: pl.Trainer,
-        plans: Mapping[int, MemberPlan],
-        table: torch.Tensor,
-        flat: transfer.FlatState,
-        topology: Any,
-    ) -> None:
-        """Rank j of every donor sends to rank j of each of its losers; all of one step at once."""
-        population = self._require_strategy().population
-        assert population is not None
-        j, me = topology.member_rank, topology.world_rank
-        exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
-
-        def same_specs(peer: int) -> bool:
-            return bool(table[peer, _SPECS] == table[me, _SPECS])
-
-        send_to = [
-            (peer, same_specs(peer))
-            for peer in (topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id)
-        ]
-        donor_rank = next(
-            (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id), None
-        )
-        receive_from = None
-        if donor_rank is not None:
-            receive_from = (donor_rank, int(table[donor_rank, _SKELETON]), same_specs(donor_rank))
-        if not send_to and receive_from is None:
+    def _warn_if_idle(self, trainer: pl.Trainer) -> None:
+        """Say so (once, on population rank 0) when this fit gave PBT nothing to work with."""
+        if self._require_strategy().world_rank != 0 or self.book.ready_count > self._ready_at_start:
             return
-        received = transfer.move_states(population, flat, send_to, receive_from, trainer.strategy.root_device)
-        if received is not None:
-            state = transfer.unflatten_state(received.nest, received.tensors)
-            self._load_training_state(trainer, state, model_in_place=received.in_place)
-
-    @staticmethod
-    def _load_training_state(trainer: pl.Trainer, state: Mapping[str, Any], model_in_place: bool = False) -> None:
-        if not model_in_place:  # else the weights already arrived in the module's own tensors
-            trainer.lightning_module.load_state_dict(state["model"])
-        for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
-        for config, scheduler_state in zip(trainer.lr_scheduler_configs, state["lr_schedulers"], strict=True):
-            config.scheduler.load_state_dict(scheduler_state)
-        if state["precision"]:
-            trainer.precision_plugin.load_state_dict(state["precision"])
+        if not self._validations:
+            message = (
+                "no validation ran during this fit, so PopulationBasedTraining never had a ready step (a ready step "
+                "happens at a validation end; check limit_val_batches, check_val_every_n_epoch and val_check_interval)"
+            )
+        elif not self._monitor_seen:
+            message = (
+                f"validation ran {self._validations} time(s) but never logged {self.monitor!r}, and no ready step "
+                "happened; log the monitored metric in validation_step"
+            )
+        else:
+            interval = (
+                f"every_n_train_steps={self.every_n_train_steps}"
+                if self.every_n_train_steps is not None
+                else f"every_n_epochs={self.every_n_epochs}"
+            )
+            message = (
+                f"validation ran {self._validations} time(s) but no ready step happened ({interval} was never "
+                "reached at a validation end); lower the interval or validate more often"
+            )
+        warnings.warn(f"PopulationBasedTraining did nothing: {message}", UserWarning, stacklevel=2)
 
     # -- applying and reporting ------------------------------------------------------------------
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: Mapping[str, Any]) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         apply_hyperparameters(values, trainer.optimizers, schedulers, pl_module)
 
-    def _write_lineage(
-        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float]
-    ) -> None:
-        assert self._writer is not None
-        self._writer.write(
-            LineageRecord(
-                step=int(decision["step"]),
-                epoch=int(decision["epoch"]),
-                member=member,
-                score=decision["scores"][str(member)],
-                event=plan.event,
-                parent=plan.parent,
-                hyperparameters=dict(plan.hyperparameters),
-                mutations=list(plan.mutations),
-                timing=dict(timing),
-                extra={"done": bool(decision["done"][str(member)])},
-            )
-            for member, plan in sorted(plans.items())
-        )
-
-    def _log_status(
-        self, trainer: pl.Trainer, member: int, decision: Mapping[str, Any], timing: Mapping[str, float]
-    ) -> None:
-        scored = {int(m): s for m, s in decision["scores"].items() if s is not None}
-        metrics: dict[str, float] = {f"pbt/time_{name}": value for name, value in timing.items()}
+    def _log_status(self, trainer: pl.Trainer, result: ReadyStepResult) -> None:
+        scored = {m: s for m, s in result.scores.items() if s is not None}
+        metrics: dict[str, float] = {f"pbt/time_{name}": value for name, value in result.timing.items()}
         if scored:
             best = max(scored, key=lambda m: (scored[m] if self.mode == "max" else -scored[m], -m))
             metrics["pbt/best_member"] = float(best)
             metrics["pbt/best_score"] = float(scored[best])
-            for name, value in self.population[best]["hyperparameters"].items():
+            for name, value in self.book.population[best]["hyperparameters"].items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     metrics[f"pbt/best_{name}"] = float(value)
-        for name, value in self.hyperparameters.items():
+        for name, value in self.book.hyperparameters.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[f"pbt/{name}"] = float(value)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        plan = decision["plans"][str(member)]
-        if plan["event"] != "keep":
+        plan = result.plan
+        if plan.event != "keep":
             log.info(
                 "PBT step %s: member %d %s member %s; %s",
-                decision["step"],
-                member,
-                plan["event"],
-                plan["parent"],
-                "; ".join(plan["mutations"]),
+                result.step,
+                plan.member,
+                plan.event,
+                plan.parent,
+                "; ".join(plan.mutations),
             )
 
     # -- checkpointing ---------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._protocol is not None:
+            self._protocol.flush()  # the lineage holds every ready step a checkpoint claims
+        book = self.book
         return {
             "member_id": self._strategy.member_id if self._strategy and self._strategy.topology else None,
-            "hyperparameters": dict(self.hyperparameters),
-            "population": {str(member): dict(status) for member, status in self.population.items()},
+            "hyperparameters": dict(book.hyperparameters),
+            "population": {str(member): dict(status) for member, status in book.population.items()},
             "scheduler": self.scheduler.state_dict(),
-            "ready_count": self.ready_count,
-            "last_ready_step": self.last_ready_step,
+            "ready_count": book.ready_count,
+            "last_ready_step": book.last_ready_step,
+            "last_ready_epochs": book.last_ready_epochs,
             "space": sorted(self.space),
             "seed": self.seed,
+            "synchronous": self.synchronous,
         }
 
     @override
@@ -554,6 +359,11 @@ class PopulationBasedTraining(Callback):
                 "PopulationBasedTraining: the checkpoint comes from a run with another search space or seed "
                 f"(checkpoint: space={state_dict.get('space')}, seed={state_dict.get('seed')}; this run: "
                 f"space={sorted(self.space)}, seed={self.seed})"
+            )
+        if state_dict.get("synchronous", True) != self.synchronous:
+            raise ValueError(
+                f"PopulationBasedTraining: the checkpoint comes from a run with synchronous="
+                f"{state_dict.get('synchronous', True)}, this run has synchronous={self.synchronous}"
             )
         strategy = self._strategy
         if strategy is not None and strategy.topology is not None:
@@ -567,9 +377,66 @@ class PopulationBasedTraining(Callback):
                     f"PopulationBasedTraining: the checkpoint's population has {len(state_dict['population'])} "
                     f"members, this run has {strategy.num_members}"
                 )
-        self.hyperparameters = dict(state_dict["hyperparameters"])
-        self.population = {int(member): dict(status) for member, status in state_dict["population"].items()}
+        self.book = PopulationBook(
+            population={int(member): dict(status) for member, status in state_dict["population"].items()},
+            hyperparameters=dict(state_dict["hyperparameters"]),
+            ready_count=int(state_dict["ready_count"]),
+            last_ready_step=int(state_dict["last_ready_step"]),
+            last_ready_epochs=int(state_dict.get("last_ready_epochs", 0)),
+        )
         self.scheduler.load_state_dict(state_dict["scheduler"])
-        self.ready_count = int(state_dict["ready_count"])
-        self.last_ready_step = int(state_dict["last_ready_step"])
         self._restored = True
+
+
+def _epochs_done(trainer: pl.Trainer) -> int:
+    """Completed epochs, counting the current one once its last batch ran (validation at epoch end)."""
+    return trainer.current_epoch + int(bool(trainer.is_last_batch))
+
+
+def _optimizer_layout(optimizers: Sequence[torch.optim.Optimizer]) -> str:
+    """What must match between members for their states to be interchangeable."""
+    return "; ".join(
+        f"{type(optimizer).__name__}: "
+        + ", ".join(str(len(group["params"])) for group in optimizer.param_groups)
+        + " params per group"
+        for optimizer in optimizers
+    )
+
+
+class _TrainerMember:
+    """This rank's training state as the ready-step protocol sees it (``LocalMember``)."""
+
+    def __init__(self, trainer: pl.Trainer, module: pl.LightningModule, callback: PopulationBasedTraining) -> None:
+        self.trainer = trainer
+        self.module = module
+        self.callback = callback
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device
+
+    def training_state(self) -> dict[str, Any]:
+        trainer = self.trainer
+        return {
+            "model": trainer.lightning_module.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "precision": trainer.precision_plugin.state_dict(),
+        }
+
+    def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
+        trainer = self.trainer
+        if not model_in_place:  # else the weights already arrived in the module's own tensors
+            trainer.lightning_module.load_state_dict(state["model"])
+        for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        for config, scheduler_state in zip(trainer.lr_scheduler_configs, state["lr_schedulers"], strict=True):
+            config.scheduler.load_state_dict(scheduler_state)
+        if state["precision"]:
+            trainer.precision_plugin.load_state_dict(state["precision"])
+
+    def apply(self, hyperparameters: Mapping[str, Any]) -> None:
+        self.callback._apply(self.trainer, self.module, hyperparameters)
+
+    def rejuvenate(self, seed: int) -> None:
+        reset_weights(self.module, self.trainer.optimizers, seed=seed)

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +35,8 @@ ESTABLISHED: dict[str, Any] = {}
 
 _ABORT_KEY = "abort"
 _ABORT_EXIT_CODE = 3
+_LENGTH_BYTES = 8
+_INITIAL_JSON_CAPACITY = 16 << 10
 
 
 class PopulationAborted(RuntimeError):
@@ -55,6 +57,7 @@ class PopulationGroup:
         device: torch.device,
         store: dist.Store,
         backend_name: str,
+        connect_store: Callable[[], dist.Store] | None = None,
     ) -> None:
         self.backend = backend
         self.rank = rank
@@ -62,6 +65,8 @@ class PopulationGroup:
         self.device = device
         self.store = store
         self.backend_name = backend_name
+        self._json_capacity = _INITIAL_JSON_CAPACITY
+        self._connect_store = connect_store
 
     @classmethod
     def create(
@@ -72,17 +77,25 @@ class PopulationGroup:
         backend_name: str,
         device: torch.device,
         timeout: timedelta,
+        connect_store: Callable[[], dist.Store] | None = None,
     ) -> PopulationGroup:
         prefixed = dist.PrefixStore("population/", store)
         if backend_name == "gloo":
             backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
         elif backend_name == "nccl":
             options = dist.ProcessGroupNCCL.Options()
-            options._timeout = timeout
+            options._timeout = timeout  # Backend.Options' only timeout field (pinned in tests/unit/test_transport.py)
             backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
         else:
             raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend_name!r}")
-        return cls(backend, rank, size, device, store, backend_name)
+        return cls(backend, rank, size, device, store, backend_name, connect_store)
+
+    def new_store_client(self) -> dist.Store:
+        """A separate connection to the same store, for a background thread (a client is not shared
+        between threads, so that one thread's blocking wait never holds up another's requests)."""
+        if self._connect_store is None:
+            raise RuntimeError("this population group has no way to open another store client")
+        return self._connect_store()
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` stacked along a new first dimension (index = world rank)."""
@@ -98,15 +111,31 @@ class PopulationGroup:
         self.backend.broadcast([tensor], options).wait()
 
     def broadcast_json(self, obj: object, root: int = 0) -> object:
-        """``root``'s JSON-able object on every rank, as bytes in tensors (never pickled)."""
+        """``root``'s JSON-able object on every rank, as bytes in tensors (never pickled).
+
+        Usually one collective: the payload travels with its length in a buffer whose capacity every
+        rank knows; only a payload larger than that takes a second broadcast. The capacity then grows
+        the same way on every rank (it depends only on the broadcast length).
+        """
         payload = json.dumps(obj, sort_keys=True).encode() if self.rank == root else b""
-        length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        self.broadcast(length, root)
-        buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+        capacity = self._json_capacity
+        buffer = torch.zeros(capacity, dtype=torch.uint8, device=self.device)
         if self.rank == root:
-            buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            head = len(payload).to_bytes(_LENGTH_BYTES, "little") + payload[: capacity - _LENGTH_BYTES]
+            buffer[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         self.broadcast(buffer, root)
-        return json.loads(bytes(buffer.cpu().numpy()).decode())
+        received = bytes(buffer.cpu().numpy())
+        length = int.from_bytes(received[:_LENGTH_BYTES], "little")
+        data = received[_LENGTH_BYTES : _LENGTH_BYTES + length]
+        if length > capacity - _LENGTH_BYTES:
+            rest = torch.empty(length - len(data), dtype=torch.uint8, device=self.device)
+            if self.rank == root:
+                rest.copy_(torch.frombuffer(bytearray(payload[len(data) :]), dtype=torch.uint8))
+            self.broadcast(rest, root)
+            data += bytes(rest.cpu().numpy())
+        while self._json_capacity < 2 * (length + _LENGTH_BYTES):
+            self._json_capacity *= 2
+        return json.loads(data.decode())
 
     def barrier(self) -> None:
         self.backend.barrier().wait()
@@ -126,23 +155,21 @@ class PopulationGroup:
         self.barrier()
 
     def exchange(
-        self, sends: Sequence[tuple[int, Sequence[Tensor]]], recvs: Sequence[tuple[int, Sequence[Tensor]]]
+        self,
+        sends: Sequence[tuple[int, Sequence[Tensor]]],
+        recvs: Sequence[tuple[int, Sequence[Tensor]]],
+        first_tag: int = 0,
     ) -> None:
-        """Issue every point-to-point transfer of one step together, then wait for all of them.
+        """Issue every point-to-point transfer of one round together, then wait for all of them.
 
         ``sends`` and ``recvs`` are ``(peer world rank, tensors)``; the i-th tensor sent to a peer lands
-        in the i-th tensor that peer receives from this rank (message tags are those indices).
+        in the i-th tensor that peer receives from this rank, tagged ``first_tag + i``. Plain
+        ``send``/``recv`` on both backends: gloo pairs messages by tag, NCCL by order per pair, and the
+        tags follow the order, so both agree (a receiver that takes one send in two rounds passes the
+        tag the second round starts at). No coalescing block: its semantics differ between backends.
         """
-        works = []
-        coalesce = self.backend_name == "nccl"
-        if coalesce:
-            self.backend._start_coalescing(self.device)
-        for peer, tensors in sends:
-            works.extend(self.backend.send([t], peer, tag) for tag, t in enumerate(tensors))
-        for peer, tensors in recvs:
-            works.extend(self.backend.recv([t], peer, tag) for tag, t in enumerate(tensors))
-        if coalesce:
-            works.append(self.backend._end_coalescing(self.device))
+        works = [self.backend.send([t], peer, first_tag + i) for peer, tensors in sends for i, t in enumerate(tensors)]
+        works += [self.backend.recv([t], peer, first_tag + i) for peer, tensors in recvs for i, t in enumerate(tensors)]
         for work in works:
             work.wait()
 

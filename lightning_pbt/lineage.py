@@ -12,7 +12,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +31,7 @@ __all__ = [
     "member_schedule",
     "read_lineage",
     "truncate_after",
+    "truncate_members_after",
 ]
 
 _REQUIRED = ("step", "epoch", "member", "event", "parent", "hyperparameters")
@@ -62,7 +64,9 @@ class LineageRecord:
 
     ``parent`` is the member whose weights this member holds after the event (itself unless it
     exploited); ``hyperparameters`` are the values in effect after it; ``timing`` holds the seconds of
-    the ready step's phases (e.g. gather/decide/transfer).
+    the ready step's phases (e.g. gather/decide/transfer). In asynchronous mode ``step`` is the member's
+    own step and an exploit records ``donor_step``, the step of the parent's snapshot it copied (the line
+    has the key only then).
     """
 
     step: int
@@ -75,11 +79,14 @@ class LineageRecord:
     mutations: list[str] = field(default_factory=list)
     timing: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    donor_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-able dict; a non-finite or missing score becomes ``None``."""
         data = {name: getattr(self, name) for name in _FIELDS}
         data["score"] = float(self.score) if is_finite_score(self.score) else None  # type: ignore[arg-type]
+        if self.donor_step is not None:
+            data["donor_step"] = int(self.donor_step)
         return _json_safe(data)
 
     def to_json(self) -> str:
@@ -102,8 +109,9 @@ class LineageRecord:
         if not isinstance(data["hyperparameters"], Mapping):
             raise ValueError(f"'hyperparameters' must be an object, got {data['hyperparameters']!r}")
         extra = dict(data.get("extra") or {})
-        extra.update({k: v for k, v in data.items() if k not in _FIELDS})
+        extra.update({k: v for k, v in data.items() if k not in _FIELDS and k != "donor_step"})
         timing = data.get("timing")
+        donor_step = None if data.get("donor_step") is None else _int(data, "donor_step")
         return cls(
             step=_int(data, "step"),
             epoch=_int(data, "epoch"),
@@ -115,6 +123,7 @@ class LineageRecord:
             mutations=[str(m) for m in data.get("mutations") or ()],
             timing=None if timing is None else dict(timing),
             extra=extra,
+            donor_step=donor_step,
         )
 
 
@@ -135,6 +144,9 @@ class LineageWriter:
     """Appends records to a JSONL file, flushing and fsyncing after every :meth:`write`.
 
     Opening an existing file appends to it (after dropping a half-written last line, if any).
+    :meth:`write_in_background` moves the fsync off the caller's thread: at most one write is in
+    flight, and it is durable before the next one starts, before :meth:`wait` returns and at
+    :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -142,6 +154,21 @@ class LineageWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def write_in_background(self, records: Iterable[LineageRecord]) -> None:
+        """:meth:`write` on a worker thread, after the previous background write has completed."""
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-pbt-lineage")
+        self._pending = self._executor.submit(self.write, list(records))
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is durable; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def write(self, records: Iterable[LineageRecord] | LineageRecord) -> None:
         """Append ``records`` (one line each) and make them durable before returning."""
@@ -157,8 +184,14 @@ class LineageWriter:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            if not self._file.closed:
+                self._file.close()
 
     def __enter__(self) -> LineageWriter:
         return self
@@ -199,10 +232,22 @@ def read_lineage(path: str | os.PathLike[str]) -> list[LineageRecord]:
 def truncate_after(path: str | os.PathLike[str], step: int) -> int:
     """Atomically keep only the ``init`` records and those with ``step <= step`` (used on resume so the
     replayed steps are not written twice). Returns the number of records kept; a missing file is 0."""
-    path = Path(path)
+    return _keep_records(Path(path), lambda record: record.step <= step)
+
+
+def truncate_members_after(path: str | os.PathLike[str], steps: Mapping[int, int]) -> int:
+    """:func:`truncate_after` per member: member ``m`` keeps its records with ``step <= steps[m]``.
+
+    For an asynchronous run, whose members resume from their own, different steps. Members not in
+    ``steps`` keep everything.
+    """
+    return _keep_records(Path(path), lambda record: record.step <= steps.get(record.member, record.step))
+
+
+def _keep_records(path: Path, keep: Callable[[LineageRecord], bool]) -> int:
     if not path.exists():
         return 0
-    kept = [line for line, record in _parse(path) if record.event == "init" or record.step <= step]
+    kept = [line for line, record in _parse(path) if record.event == "init" or keep(record)]
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -235,34 +280,44 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
     """The schedule ``[(step, hyperparameters in effect from that step), ...]`` the final model of
     ``member`` was trained with.
 
-    Walks parent links backwards: at an ``exploit`` at step s from parent p the weights came from p, so
-    before s the schedule is p's (its records with step < s). It starts at the root ancestor's ``init``
-    record, or at a ``rejuvenate`` (weights re-initialised: earlier training does not count). Consecutive
-    identical hyperparameters collapse into their first step.
+    Walks parent links backwards: at an ``exploit`` from parent p the weights came from p, so before it
+    the schedule is p's (its records before the copied step). It starts at the root ancestor's ``init``
+    record, or at a ``rejuvenate`` (weights re-initialised: earlier training does not count). Steps count
+    the training the final weights received: in an asynchronous run a member that copied p's snapshot
+    of step d at its own step s continues at d, not s (``donor_step``). Consecutive identical
+    hyperparameters collapse into their first step.
     """
     by_member = _by_member(records)
     if member not in by_member:
         raise ValueError(f"member {member} has no lineage records")
-    backwards: list[tuple[int, dict[str, Any]]] = []
+    # Newest first: each segment's (own step, values) entries, newest first, and the copy that began it.
+    segments: list[tuple[list[tuple[int, dict[str, Any]]], tuple[int, int] | None]] = []
     current, upper, seen = member, math.inf, 0
     while True:
         own = [r for r in by_member.get(current, []) if r.step < upper]
-        next_member = None
+        entries: list[tuple[int, dict[str, Any]]] = []
+        next_member, copy = None, None
         for record in reversed(own):
-            backwards.append((record.step, dict(record.hyperparameters)))
+            entries.append((record.step, dict(record.hyperparameters)))
             if record.event in ("init", "rejuvenate"):
                 break
             if record.event == "exploit" and record.parent != current:
-                next_member, upper = record.parent, record.step
+                donor_step = record.step if record.donor_step is None else record.donor_step
+                next_member, upper, copy = record.parent, donor_step, (record.step, donor_step)
                 break
+        segments.append((entries, copy))
         seen += 1
         if next_member is None or seen > sum(len(v) for v in by_member.values()):
             break
         current = next_member
     schedule: list[tuple[int, dict[str, Any]]] = []
-    for step, values in reversed(backwards):
-        if not schedule or schedule[-1][1] != values:
-            schedule.append((step, values))
+    offset = 0
+    for entries, copy in reversed(segments):
+        if copy is not None:
+            offset += copy[1] - copy[0]
+        for step, values in reversed(entries):
+            if not schedule or schedule[-1][1] != values:
+                schedule.append((step + offset, values))
     return schedule
 
 

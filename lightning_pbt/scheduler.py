@@ -122,6 +122,11 @@ class PBTScheduler:
         self.seed = seed
         self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
 
+    def use_member_stream(self, member: int) -> None:
+        """Draw plans from a random stream of ``member``'s own (asynchronous mode: each member decides
+        alone, and members with one shared stream would make correlated decisions)."""
+        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_PLAN_STREAM, 1 + int(member))))
+
     def initial_hyperparameters(self, member: int, start_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Starting values of ``member``: a function of ``(seed, member)`` only, so they do not depend on
         the population size or on the plan stream; ``start_values`` (possibly partial) override them."""

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from lightning_pbt.distributed import ESTABLISHED as _ESTABLISHED
 from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog, open_store_client
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.topology import PopulationTopology, expand_devices
 
 from ._lightning import (
     DDPStrategy,
@@ -147,13 +147,18 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
 _FIT_CKPT_INDEX = 4
 
 
-def _last_ready_step(path: str) -> int:
-    """The PBT ready step a checkpoint was taken after (-1 when it holds no PBT state)."""
+def _pbt_state(path: str) -> dict[str, Any]:
+    """The PBT callback's state in a checkpoint (empty when it holds none)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith("PopulationBasedTraining") and isinstance(state, dict):
-            return int(state.get("last_ready_step", -1))
-    return -1
+            return state
+    return {}
+
+
+def _last_ready_step(path: str) -> int:
+    """The PBT ready step a checkpoint was taken after (-1 when it holds no PBT state)."""
+    return int(_pbt_state(path).get("last_ready_step", -1))
 
 
 def _checkpoint_at_ready_step(directory: str, step: int) -> str | None:
@@ -201,6 +206,10 @@ class PopulationStrategy(DDPStrategy):
     Args:
         member_size: ranks per member (DDP inside the member). The world size must be a multiple of it,
             and it must divide (or be a multiple of) the ranks per node.
+        processes_per_device: ranks that share each device, for a population larger than the GPU count
+            (e.g. ``Trainer(devices=1)`` with 4 here: 4 members on one GPU). Lightning's launcher starts
+            ``devices x processes_per_device`` processes per node; under torchrun, launch that many with
+            ``--nproc_per_node``. Ranks of one member always sit on distinct GPUs.
         timeout: collective timeout for the member and population groups. A dead peer normally ends
             the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
         **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
@@ -208,9 +217,17 @@ class PopulationStrategy(DDPStrategy):
 
     strategy_name = "population"
 
-    def __init__(self, member_size: int = 1, timeout: timedelta | float | None = DEFAULT_TIMEOUT, **ddp_kwargs: Any):
-        if isinstance(member_size, bool) or not isinstance(member_size, int) or member_size < 1:
-            raise ValueError(f"PopulationStrategy: member_size must be an integer >= 1, got {member_size!r}")
+    def __init__(
+        self,
+        member_size: int = 1,
+        processes_per_device: int = 1,
+        timeout: timedelta | float | None = DEFAULT_TIMEOUT,
+        **ddp_kwargs: Any,
+    ):
+        for name, value in (("member_size", member_size), ("processes_per_device", processes_per_device)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
+        self.processes_per_device = processes_per_device
         if isinstance(timeout, int | float):
             timeout = timedelta(seconds=timeout)
         if timeout is None or timeout.total_seconds() <= 0:
@@ -228,6 +245,31 @@ class PopulationStrategy(DDPStrategy):
         self._resume_path: str | None = None
         self._resume_override: str | None = None
         self._resume_agreed = False
+
+    # -- devices ---------------------------------------------------------------------------------
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """The device of each local rank: every device Lightning chose, ``processes_per_device`` times."""
+        devices = getattr(self, "_launch_devices", None)
+        return None if devices is None else expand_devices(devices, getattr(self, "processes_per_device", 1))
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        self._launch_devices = list(devices) if devices is not None else None
+
+    def _topology_from_launch(self) -> PopulationTopology:
+        """This rank's place in the population, from the launch environment alone (no group needed)."""
+        assert self.cluster_environment is not None
+        self.set_world_ranks()
+        devices = getattr(self, "_launch_devices", None) or []
+        gpus = len({str(d) for d in devices}) if any(torch.device(d).type == "cuda" for d in devices) else None
+        return PopulationTopology(
+            world_size=self.cluster_environment.world_size(),
+            world_rank=self.cluster_environment.global_rank(),
+            member_size=self.member_size,
+            processes_per_node=self.num_processes,
+            devices_per_node=gpus,
+        )
 
     # -- identity --------------------------------------------------------------------------------
     def _require_topology(self) -> PopulationTopology:
@@ -298,13 +340,7 @@ class PopulationStrategy(DDPStrategy):
         assert self.cluster_environment is not None
         check_supported(self.accelerator, self.precision_plugin)
         env = self.cluster_environment
-        self.set_world_ranks()
-        topology = PopulationTopology(
-            world_size=env.world_size(),
-            world_rank=env.global_rank(),
-            member_size=self.member_size,
-            processes_per_node=self.num_processes,
-        )
+        topology = self._topology_from_launch()
         backend = self._get_process_group_backend()
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend!r}")
@@ -331,9 +367,16 @@ class PopulationStrategy(DDPStrategy):
             timeout=timeout,
             **kwargs,
         )
-        device = self.root_device if backend == "nccl" else torch.device("cpu")
+        # NCCL across the population only when no two of its ranks share a GPU; else gloo via host memory.
+        population_backend = topology.population_backend if backend == "nccl" else "gloo"
+        device = self.root_device if population_backend == "nccl" else torch.device("cpu")
+        address, port = env.main_address, env.main_port
+
+        def connect_store() -> dist.Store:
+            return dist.PrefixStore(prefix, open_store_client(address, port, timeout))
+
         self.population = PopulationGroup.create(
-            run_store, topology.world_rank, topology.world_size, backend, device, timeout
+            run_store, topology.world_rank, topology.world_size, population_backend, device, timeout, connect_store
         )
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         atexit.register(_shutdown_population)
@@ -398,14 +441,7 @@ class PopulationStrategy(DDPStrategy):
         """
         if self._scoped_root is not None:
             return
-        assert self.cluster_environment is not None
-        self.set_world_ranks()
-        topology = PopulationTopology(
-            world_size=self.cluster_environment.world_size(),
-            world_rank=self.cluster_environment.global_rank(),
-            member_size=self.member_size,
-            processes_per_node=self.num_processes,
-        )
+        topology = self._topology_from_launch()
         self._scoped_root = os.path.abspath(trainer.default_root_dir)
         member_dir = f"member_{topology.member_id}"
         for logger in trainer.loggers:
@@ -455,25 +491,29 @@ class PopulationStrategy(DDPStrategy):
                 callback.dirpath = rebase(callback.dirpath)
 
     def _agree_on_resume(self) -> None:
-        """Make every member resume from checkpoints taken after the same PBT ready step.
+        """Make the ranks that must be in step resume from checkpoints taken after the same PBT ready step.
 
-        A crash can land between two members' saves of one ready step. Each rank reports the ready
-        step of the checkpoint it was given; ranks ahead of the slowest fall back to an older
-        checkpoint of theirs (keep several, e.g. ``ModelCheckpoint(save_top_k=-1)``). Every rank
-        sees the same gathered table, so every rank raises the same error when that is impossible.
+        Those are all ranks of a synchronous run, and the ranks of each member in an asynchronous one
+        (whose members are at steps of their own). A crash can land between two saves of one ready step.
+        Each rank reports the ready step of the checkpoint it was given; ranks ahead of the slowest of
+        their set fall back to an older checkpoint of theirs (keep several, e.g.
+        ``ModelCheckpoint(save_top_k=-1)``). Every rank sees the same gathered table, so every rank raises
+        the same error when that is impossible.
         """
         assert self.population is not None and self.topology is not None
         if self._resume_agreed:
             return
         self._resume_agreed = True
-        mine = -2  # no checkpoint
+        mine, synchronous = -2, 1  # -2: no checkpoint
         if self._resume_path:
             try:
-                mine = _last_ready_step(self._resume_path)
+                state = _pbt_state(self._resume_path)
+                mine, synchronous = int(state.get("last_ready_step", -1)), int(bool(state.get("synchronous", True)))
             except Exception as error:  # reported through the gather below, so that every rank raises
                 log.error("cannot read the checkpoint %s: %s", self._resume_path, error)
                 mine = -3
-        table = self.population.all_gather(torch.tensor([mine], dtype=torch.int64)).flatten().tolist()
+        rows = self.population.all_gather(torch.tensor([mine, synchronous], dtype=torch.int64)).cpu().tolist()
+        table = [step for step, _ in rows]
         if all(step == -2 for step in table):
             return
         unreadable = [rank for rank, step in enumerate(table) if step == -3]
@@ -488,7 +528,9 @@ class PopulationStrategy(DDPStrategy):
                 f"PopulationStrategy: world ranks {missing} have no checkpoint to resume from while the others "
                 "do; resume every member (e.g. ckpt_path='last' with ModelCheckpoint(save_last=True)) or none"
             )
-        target = min(table)
+        topology = self.topology
+        in_step = range(len(table)) if all(flag for _, flag in rows) else topology.member_ranks(topology.member_id)
+        target = min(table[rank] for rank in in_step)
         found = 1
         if mine != target:
             alternative = _checkpoint_at_ready_step(os.path.dirname(os.path.abspath(self._resume_path)), target)
@@ -502,9 +544,9 @@ class PopulationStrategy(DDPStrategy):
         if not all(found_table):
             stuck = [rank for rank, ok in enumerate(found_table) if not ok]
             raise RuntimeError(
-                f"PopulationStrategy: members resumed from different PBT ready steps (per world rank: {table}) "
-                f"and world ranks {stuck} keep no checkpoint of ready step {target}; keep several checkpoints "
-                "(ModelCheckpoint(save_top_k=-1)) so that a restart can roll every member back to one step"
+                f"PopulationStrategy: ranks that must resume together resumed from different PBT ready steps (per "
+                f"world rank: {table}) and world ranks {stuck} keep no checkpoint of the step they must roll back "
+                "to; keep several checkpoints (ModelCheckpoint(save_top_k=-1)) so that a restart can roll them back"
             )
 
     def _quiet_console(self, trainer: Any) -> None:

@@ -1,15 +1,42 @@
-"""How a world of ranks splits into population members.
+"""How a world of ranks splits into population members, and which device and backend each rank gets.
 
 Pure and validated up front (like torchtitan's ``ParallelDims``): every rank builds the same
 ``PopulationTopology`` from its launch environment and raises the same clear error on bad input,
 before any process group exists, so a mistake can never turn into a hang.
+
+Devices: a node runs ``processes_per_node`` ranks on ``devices_per_node`` GPUs (``None`` on CPU). When
+there are more ranks than GPUs, several members share a GPU: local rank ``i`` uses GPU
+``i % devices_per_node``, so the consecutive ranks of one member land on distinct GPUs (NCCL refuses
+two ranks of one communicator on one device). A member's own group is NCCL on GPUs; the population
+group is NCCL only when no two ranks share a GPU, and gloo through host memory otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-__all__ = ["PopulationTopology"]
+__all__ = ["PopulationTopology", "expand_devices"]
+
+T = TypeVar("T")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def expand_devices(devices: Sequence[T], processes_per_device: int) -> list[T]:
+    """The device of each local rank when every device hosts ``processes_per_device`` ranks.
+
+    Round-robin (local rank ``i`` -> ``devices[i % len(devices)]``), the same rule as
+    :attr:`PopulationTopology.device_index`.
+    """
+    if not _positive_int(processes_per_device):
+        raise ValueError(
+            f"PopulationStrategy: processes_per_device must be an integer >= 1, got {processes_per_device!r}"
+        )
+    return [devices[i % len(devices)] for i in range(len(devices) * processes_per_device)]
 
 
 @dataclass(frozen=True)
@@ -18,18 +45,19 @@ class PopulationTopology:
 
     ``processes_per_node`` is the number of ranks per node; a member either fits inside one node or
     spans whole nodes, so that a member's DDP traffic stays on fast links and no node is shared
-    unevenly.
+    unevenly. ``devices_per_node`` is the number of GPUs those ranks use (``None``: CPU ranks).
     """
 
     world_size: int
     world_rank: int
     member_size: int = 1
     processes_per_node: int | None = None
+    devices_per_node: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("world_size", "member_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _positive_int(value):
                 raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
         if not 0 <= self.world_rank < self.world_size:
             raise ValueError(
@@ -47,6 +75,28 @@ class PopulationTopology:
                 f"and is not a multiple of it, so a member would span nodes unevenly; use a member_size that "
                 f"divides {per_node} or is a multiple of it"
             )
+        if self.devices_per_node is not None:
+            self._check_devices()
+
+    def _check_devices(self) -> None:
+        devices, per_node = self.devices_per_node, self.processes_per_node
+        if not _positive_int(devices):
+            raise ValueError(f"PopulationStrategy: devices_per_node must be an integer >= 1, got {devices!r}")
+        if not _positive_int(per_node):
+            raise ValueError("PopulationStrategy: devices_per_node needs processes_per_node")
+        assert devices is not None and per_node is not None
+        if per_node % devices:
+            raise ValueError(
+                f"PopulationStrategy: {per_node} ranks per node cannot share {devices} GPUs evenly; launch a multiple "
+                f"of {devices} ranks per node (processes_per_device x GPUs)"
+            )
+        ranks_on_a_node = min(self.member_size, per_node)
+        if ranks_on_a_node > devices:
+            raise ValueError(
+                f"PopulationStrategy: member_size={self.member_size} would put two ranks of one member on the same "
+                f"GPU ({per_node} ranks share {devices} GPUs per node, and NCCL refuses two ranks of one group on one "
+                f"device); use member_size <= {devices}, or fewer processes per GPU"
+            )
 
     @property
     def num_members(self) -> int:
@@ -60,6 +110,33 @@ class PopulationTopology:
     def member_rank(self) -> int:
         """This rank's index inside its member (its DDP rank)."""
         return self.world_rank % self.member_size
+
+    @property
+    def local_rank(self) -> int:
+        """This rank's index on its node (ranks are numbered node by node)."""
+        return self.world_rank % self.processes_per_node if self.processes_per_node else self.world_rank
+
+    @property
+    def processes_per_device(self) -> int:
+        """How many ranks share each GPU (1 on CPU)."""
+        if self.devices_per_node is None or self.processes_per_node is None:
+            return 1
+        return self.processes_per_node // self.devices_per_node
+
+    @property
+    def device_index(self) -> int | None:
+        """The GPU this rank uses on its node (``None`` on CPU)."""
+        return None if self.devices_per_node is None else self.local_rank % self.devices_per_node
+
+    @property
+    def member_backend(self) -> str:
+        """The backend of each member's own (DDP) group."""
+        return "gloo" if self.devices_per_node is None else "nccl"
+
+    @property
+    def population_backend(self) -> str:
+        """The backend of the population group: NCCL needs every population rank on its own GPU."""
+        return "nccl" if self.devices_per_node is not None and self.processes_per_device == 1 else "gloo"
 
     def member_ranks(self, member: int) -> range:
         """World ranks of ``member``, in member-rank order."""

@@ -11,8 +11,10 @@ optimizer and LR-scheduler states, the precision plugin's state). It travels as:
    overhead is what makes hundreds of small sends slow; copying large tensors is what makes one flat
    buffer slow, so each tensor takes the cheaper of the two.
 
-The skeleton's byte length travels in the ready step's all-gather, so a loser can post every receive
-of a step at once.
+A transfer is a fixed-size header (skeleton length, spec fingerprint), then the skeleton and the
+messages, in the same order on both sides: only the members that move state pay for flattening it,
+and the order alone pairs sends with receives, as NCCL requires (gloo's tags are not relied on).
+When the donor's fingerprint equals the loser's, the loser receives straight into its own tensors.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from torch import Tensor
 
 __all__ = [
     "FlatState",
+    "PackedState",
     "Received",
     "flatten_state",
     "message_layout",
-    "move_states",
     "pack_messages",
+    "pack_state",
     "read_skeleton",
+    "receive_state",
+    "send_state",
     "spec_hash",
     "unflatten_state",
     "unpack_messages",
@@ -44,6 +49,7 @@ __all__ = [
 _TENSOR, _DICT, _TUPLE, _FLOAT = "$tensor", "$dict", "$tuple", "$float"
 DIRECT_BYTES = 64 << 10
 BUCKET_BYTES = 32 << 20
+_HEADER = 3
 
 
 @dataclass
@@ -166,12 +172,24 @@ def message_layout(
     return messages
 
 
-def pack_messages(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
-    """The buffers to send: large tensors as flat views (no copy), small ones concatenated."""
+def pack_messages(
+    tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device, copy: bool = False
+) -> list[Tensor]:
+    """The buffers to send on ``device``: a large tensor already there as a flat view (no copy), anything
+    else copied into one buffer per message (pinned when it comes from a GPU and goes to host memory)."""
     messages = []
     for indices in layout:
-        parts = [tensors[i].to(device).contiguous().reshape(-1) for i in indices]
-        messages.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        first = tensors[indices[0]]
+        if not copy and len(indices) == 1 and first.device == device and first.is_contiguous():
+            messages.append(first.detach().reshape(-1))
+            continue
+        numel = sum(tensors[i].numel() for i in indices)
+        buffer = _staging_buffer(numel, first.dtype, device, pinned=first.device.type == "cuda")
+        offset = 0
+        for i in indices:
+            buffer[offset : offset + tensors[i].numel()].copy_(tensors[i].detach().reshape(-1))
+            offset += tensors[i].numel()
+        messages.append(buffer)
     return messages
 
 
@@ -229,6 +247,85 @@ def spec_hash(tensors: Sequence[Tensor]) -> int:
 
 
 @dataclass
+class PackedState:
+    """A state ready to send: its skeleton, spec fingerprint and message buffers.
+
+    Packed once per transfer and sent to every loser of that donor; in asynchronous mode the snapshot a
+    member serves is a ``PackedState`` in host memory.
+    """
+
+    skeleton: bytes
+    spec_hash: int
+    messages: list[Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.skeleton) + sum(m.numel() * m.element_size() for m in self.messages)
+
+
+def pack_state(flat: FlatState, device: torch.device, copy: bool = False) -> PackedState:
+    """Lay ``flat`` out in messages on ``device`` (the transport's device: host memory for gloo).
+
+    ``copy=True`` makes a snapshot that later training cannot change; otherwise large tensors already
+    on ``device`` are sent as they are.
+    """
+    layout = message_layout(_specs(flat.tensors))
+    return PackedState(flat.skeleton, spec_hash(flat.tensors), pack_messages(flat.tensors, layout, device, copy))
+
+
+def header_tensor(device: torch.device) -> Tensor:
+    """The first message of every transfer: ``[skeleton bytes, spec hash, status]`` (status < 0: refused)."""
+    return torch.zeros(_HEADER, dtype=torch.int64, device=device)
+
+
+def send_state(population: Any, packed: PackedState, peers: Sequence[int], status: int = 0) -> None:
+    """Send ``packed`` to every peer: a fixed-size header, then the skeleton and the messages.
+
+    Both sides follow the same message order, so it works where messages are matched by order (NCCL)
+    as well as by tag (gloo); the loser posts its receives after reading the header.
+    """
+    device = population.device
+    header = header_tensor(device)
+    header[0], header[1], header[2] = len(packed.skeleton), packed.spec_hash, status
+    population.exchange([(peer, [header]) for peer in peers], [])
+    if status < 0:
+        return
+    skeleton = FlatState([], packed.skeleton).skeleton_tensor.to(device)
+    population.exchange([(peer, [skeleton, *packed.messages]) for peer in peers], [])
+
+
+def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, target: torch.device) -> Received | None:
+    """Receive what :func:`send_state` sends; ``None`` when the sender refused (negative status).
+
+    When the sender's spec fingerprint equals that of ``own`` (the loser's tensors, in flatten order),
+    the layout is known in advance: large tensors arrive straight in the loser's own tensors and the
+    rest is copied in, so a model keeps its parameter objects (``in_place``). Otherwise fresh tensors
+    are allocated from the skeleton.
+    """
+    device = population.device
+    header = header_tensor(device)
+    population.exchange([], [(peer, [header])])
+    skeleton_bytes, remote_hash, status = (int(v) for v in header.cpu().tolist())
+    if status < 0:
+        return None
+    skeleton = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
+    in_place = own is not None and remote_hash == spec_hash(own)
+    if in_place:
+        assert own is not None
+        layout = message_layout(_specs(own))
+        inbox = _receive_targets(own, layout, device)
+        population.exchange([], [(peer, [skeleton, *inbox])])
+        nest, _ = read_skeleton(bytes(skeleton.cpu().numpy()))
+        return Received(nest, _settle_in_place(own, inbox, layout), in_place=True)
+    population.exchange([], [(peer, [skeleton])])
+    nest, markers = read_skeleton(bytes(skeleton.cpu().numpy()))
+    layout = message_layout(specs_of(markers))
+    inbox = allocate_messages(markers, layout, device)
+    population.exchange([], [(peer, inbox)], first_tag=1)  # the messages follow the skeleton (tag 0)
+    return Received(nest, unpack_messages(inbox, markers, layout, target), in_place=False)
+
+
+@dataclass
 class Received:
     """What a loser got: the donor's skeleton, the tensors in its order, and whether they were
     written straight into the loser's own tensors (then the model needs no further copy)."""
@@ -236,47 +333,6 @@ class Received:
     nest: Any
     tensors: list[Tensor]
     in_place: bool
-
-
-def move_states(
-    population: Any,
-    flat: FlatState,
-    send_to: Sequence[tuple[int, bool]],
-    receive_from: tuple[int, int, bool] | None,
-    target: torch.device,
-) -> Received | None:
-    """Send ``flat`` to every ``(peer, same_specs)`` and receive from ``(peer, skeleton_bytes, same_specs)``.
-
-    Peers with the same specs exchange skeleton and tensors in one round; others first the skeleton,
-    then tensors laid out from it. Both sides derive the same choice from the all-gathered specs.
-    """
-    device = population.device
-    skeleton_out = flat.skeleton_tensor.to(device)
-    outgoing = pack_messages(flat.tensors, message_layout(_specs(flat.tensors)), device) if send_to else []
-    skeleton_in = None
-    inbox: list[Tensor] = []
-    if receive_from is not None:
-        _, skeleton_bytes, same_specs = receive_from
-        skeleton_in = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
-        if same_specs:
-            inbox = _receive_targets(flat.tensors, message_layout(_specs(flat.tensors)), device)
-    population.exchange(
-        [(peer, [skeleton_out, *outgoing] if same else [skeleton_out]) for peer, same in send_to],
-        [(receive_from[0], [skeleton_in, *inbox])] if receive_from is not None and skeleton_in is not None else [],
-    )
-    later = [(peer, outgoing) for peer, same in send_to if not same]
-    if receive_from is None or skeleton_in is None:
-        if later:
-            population.exchange(later, [])
-        return None
-    nest, markers = read_skeleton(bytes(skeleton_in.cpu().numpy()))
-    layout = message_layout(specs_of(markers))
-    if receive_from[2]:
-        tensors = _settle_in_place(flat.tensors, inbox, layout)
-        return Received(nest, tensors, in_place=True)
-    inbox = allocate_messages(markers, layout, device)
-    population.exchange(later, [(receive_from[0], inbox)])
-    return Received(nest, unpack_messages(inbox, markers, layout, target), in_place=False)
 
 
 def _specs(tensors: Sequence[Tensor]) -> list[tuple[torch.dtype, int]]:
@@ -291,7 +347,8 @@ def _receive_targets(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]],
         if len(indices) == 1 and own.is_contiguous() and own.device == device:
             targets.append(own.view(-1))
         else:
-            targets.append(torch.empty(sum(tensors[i].numel() for i in indices), dtype=own.dtype, device=device))
+            numel = sum(tensors[i].numel() for i in indices)
+            targets.append(_staging_buffer(numel, own.dtype, device, pinned=own.device.type == "cuda"))
     return targets
 
 
@@ -307,3 +364,9 @@ def _settle_in_place(
             tensors[i].copy_(buffer[offset : offset + tensors[i].numel()].view_as(tensors[i]))
             offset += tensors[i].numel()
     return list(tensors)
+
+
+def _staging_buffer(numel: int, dtype: torch.dtype, device: torch.device, pinned: bool) -> Tensor:
+    """A transport buffer; page-locked host memory when it stages GPU tensors for a host transport (gloo),
+    so that the copies to and from the GPU are direct DMA."""
+    return torch.empty(numel, dtype=dtype, device=device, pin_memory=pinned and device.type == "cpu")

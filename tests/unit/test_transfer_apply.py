@@ -140,58 +140,6 @@ def test_reset_weights_is_seeded_and_clears_optimizer_state():
     assert not optimizer.state
 
 
-class Mailbox:
-    """Stands in for the population group: messages from one rank to another, in send order."""
-
-    def __init__(self):
-        self.queues: dict[tuple[int, int], list[torch.Tensor]] = {}
-
-    def rank(self, rank: int):
-        mailbox = self
-
-        class Population:
-            device = torch.device("cpu")
-
-            def exchange(self, sends, recvs):
-                for peer, tensors in sends:
-                    mailbox.queues.setdefault((rank, peer), []).extend(t.clone() for t in tensors)
-                for peer, tensors in recvs:
-                    queue = mailbox.queues[(peer, rank)]
-                    for target in tensors:
-                        target.copy_(queue.pop(0))
-
-        return Population()
-
-
-@pytest.mark.parametrize("same_specs", [True, False])
-def test_move_states_delivers_the_donors_state_in_place_or_not(same_specs):
-    donor, donor_optimizer, _ = trained_state()
-    loser, loser_optimizer, _ = trained_state()
-    with torch.no_grad():
-        for parameter in loser.parameters():
-            parameter.add_(1.0)
-    donor_flat = transfer.flatten_state({"model": donor.state_dict(), "opt": donor_optimizer.state_dict()})
-    loser_flat = transfer.flatten_state({"model": loser.state_dict(), "opt": loser_optimizer.state_dict()})
-    assert (transfer.spec_hash(donor_flat.tensors) == transfer.spec_hash(loser_flat.tensors)) is True
-    mailbox = Mailbox()
-    assert transfer.move_states(mailbox.rank(0), donor_flat, [(1, same_specs)], None, torch.device("cpu")) is None
-    weight = loser[0].weight
-    received = transfer.move_states(
-        mailbox.rank(1), loser_flat, [], (0, len(donor_flat.skeleton), same_specs), torch.device("cpu")
-    )
-    assert received is not None and received.in_place is same_specs
-    state = transfer.unflatten_state(received.nest, received.tensors)
-    if not same_specs:
-        loser.load_state_dict(state["model"])
-    loser_optimizer.load_state_dict(state["opt"])
-    assert loser[0].weight is weight  # the module keeps its own parameters
-    for name, tensor in donor.state_dict().items():
-        assert torch.equal(tensor, loser.state_dict()[name]), name
-    for key, value in donor_optimizer.state_dict()["state"].items():
-        for field, tensor in value.items():
-            assert torch.equal(tensor, loser_optimizer.state_dict()["state"][key][field])
-
-
 def test_spec_hash_tells_different_shapes_apart():
     a = [torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)]
     assert transfer.spec_hash(a) == transfer.spec_hash([torch.ones(3, 4), torch.ones(2, dtype=torch.int64)])

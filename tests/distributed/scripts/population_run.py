@@ -11,17 +11,26 @@ import json
 import os
 import sys
 
-import pytorch_lightning as pl
+import time
+
 import torch
 import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy, Uniform, member_id_from_env
-from lightning_pbt.space import space_from_config
+from lightning_pbt.space import LogUniform, Uniform, space_from_config
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
+if cfg.get("flavour") == "lightning":  # the unified package: `import lightning.pytorch as pl`
+    import lightning.pytorch as pl
+
+    from lightning_pbt.lightning import PopulationBasedTraining, PopulationStrategy, member_id_from_env
+else:
+    import pytorch_lightning as pl
+
+    from lightning_pbt import PopulationBasedTraining, PopulationStrategy, member_id_from_env
+MEMBER = member_id_from_env(cfg["member_size"])
 
 
 def digest(tensors) -> str:
@@ -62,6 +71,8 @@ class Net(pl.LightningModule):
         self.seen_dropout.append(values["dropout"])
 
     def training_step(self, batch, batch_idx):
+        if MEMBER in cfg.get("slow_members", ()):  # a slower device: same work, more time per step
+            time.sleep(cfg["slow_delay"])
         x, y = batch
         self.train_samples += len(x)
         loss = nn.functional.cross_entropy(self.body(x), y)
@@ -140,6 +151,7 @@ pbt = PopulationBasedTraining(
     quantile_fraction=cfg.get("quantile", 0.5),
     rejuvenate_patience=cfg.get("rejuvenate_patience"),
     exploit=cfg.get("exploit", "truncation"),
+    synchronous=cfg.get("synchronous", True),
 )
 callbacks = [before, pbt, after] if cfg.get("pbt", True) else [before, after]
 if cfg.get("early_stop_member") is not None:
@@ -168,9 +180,11 @@ if cfg.get("kill_world_rank") is not None:
     callbacks.append(Kill())
 trainer = pl.Trainer(
     accelerator="cpu",
-    devices=cfg["devices"],
-    strategy=PopulationStrategy(member_size=cfg["member_size"], timeout=60),
-    max_steps=cfg["max_steps"],
+    devices=cfg["devices"] // cfg.get("processes_per_device", 1),
+    strategy=PopulationStrategy(
+        member_size=cfg["member_size"], processes_per_device=cfg.get("processes_per_device", 1), timeout=60
+    ),
+    max_steps=cfg.get("member_max_steps", {}).get(str(MEMBER), cfg["max_steps"]),
     val_check_interval=cfg.get("every", 4),
     check_val_every_n_epoch=None,
     default_root_dir=out,
@@ -182,7 +196,7 @@ trainer = pl.Trainer(
     max_time=cfg.get("max_time"),
 )
 # Different initial weights per member, reproducible: seed before building the model.
-pl.seed_everything(cfg.get("seed", 0) + member_id_from_env(cfg["member_size"]), verbose=False)
+pl.seed_everything(cfg.get("seed", 0) + MEMBER, verbose=False)
 model = Net()
 if (
     cfg.get("raise_in_rank") is not None

@@ -1,0 +1,689 @@
+"""Ready steps: how members are scored, copy each other and explore, in lockstep or at their own pace.
+
+Two implementations of one small interface (:class:`ReadySteps`: ``start``, ``step``, ``finish``,
+``close``), chosen by ``PopulationBasedTraining(synchronous=...)``:
+
+- :class:`SynchronousReadySteps` (default, deterministic): every member reaches each ready step at the
+  same global step; one all-gather of scores, population rank 0 decides for everyone, the decision is
+  broadcast, donors send to losers. Every rank runs the same collectives whatever the outcome.
+- :class:`AsynchronousReadySteps`: no member ever waits for another. At its own ready step a member
+  snapshots its state into host memory (served in the background, see :mod:`lightning_pbt.serving`),
+  publishes its score in the launch's store, decides for itself from the latest published state of the
+  population, and, to copy, fetches the donor's latest snapshot while the donor trains on.
+
+Neither knows Lightning: the callback hands in a :class:`LocalMember` (the trainer's state, how to load
+it, apply hyperparameters, re-initialise weights) and one :class:`Observation` per ready step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from lightning_pbt import transfer
+from lightning_pbt.distributed import PopulationGroup
+from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
+from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.serving import (
+    LineageDrain,
+    Snapshot,
+    SnapshotServer,
+    push_count,
+    push_lineage,
+    request_snapshot,
+)
+from lightning_pbt.topology import PopulationTopology
+
+__all__ = [
+    "AsynchronousReadySteps",
+    "LocalMember",
+    "Observation",
+    "PopulationBook",
+    "ReadyStepResult",
+    "ReadySteps",
+    "SynchronousReadySteps",
+    "protocol_class",
+]
+
+log = logging.getLogger(__name__)
+
+_HISTORY = 32  # scores kept per member (the t-test and rejuvenation read them)
+# Columns of the per-rank row in the synchronous ready step's all-gather.
+_SCORE, _STEP, _EPOCH, _MISSING, _DONE = range(5)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What this rank brings to a ready step."""
+
+    score: float
+    missing: bool
+    step: int
+    epoch: int
+    done: bool = False
+
+
+class LocalMember(Protocol):
+    """The training state of this rank, as the trainer holds it (implemented by the callback)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def training_state(self) -> dict[str, Any]: ...
+
+    def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None: ...
+
+    def apply(self, hyperparameters: Mapping[str, Any]) -> None: ...
+
+    def rejuvenate(self, seed: int) -> None: ...
+
+
+@dataclass
+class PopulationBook:
+    """What this rank knows of the population; the callback checkpoints it.
+
+    Synchronous: identical on every rank after each ready step. Asynchronous: this member's latest
+    view (its own entry is exact, the others' as last published).
+    """
+
+    population: dict[int, dict[str, Any]] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    ready_count: int = 0
+    last_ready_step: int = -1
+    last_ready_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class ReadyStepResult:
+    """What the callback reports to the loggers after a ready step."""
+
+    step: int
+    scores: dict[int, float | None]
+    plan: MemberPlan
+    timing: dict[str, float]
+
+
+def _finite(score: float | None) -> bool:
+    return score is not None and math.isfinite(score)
+
+
+class ReadySteps(ABC):
+    """One ready-step protocol for this rank. ``start`` once per fit, ``step`` at every ready step of
+    this member, ``finish`` when this member stops training, ``close`` in every case at the end."""
+
+    synchronous: ClassVar[bool]
+
+    def __init__(
+        self,
+        *,
+        population: PopulationGroup,
+        topology: PopulationTopology,
+        namespace: str,
+        scheduler: PBTScheduler,
+        book: PopulationBook,
+        member: LocalMember,
+        mode: str,
+        monitor: str,
+        seed: int,
+    ) -> None:
+        self.population = population
+        self.topology = topology
+        self.namespace = namespace
+        self.scheduler = scheduler
+        self.book = book
+        self.member = member
+        self.mode = mode
+        self.monitor = monitor
+        self.seed = seed
+        self.lineage: LineageWriter | None = None
+
+    @property
+    def me(self) -> int:
+        return self.topology.member_id
+
+    def start(
+        self,
+        lineage_path: str,
+        *,
+        restored: bool,
+        layout: str,
+        step: int,
+        epoch: int,
+        start_values: Mapping[str, Any],
+        init_extra: Mapping[str, Any],
+    ) -> None:
+        """Check what every rank must agree on and open the lineage (population rank 0).
+
+        ``layout`` describes this rank's optimizers: members that differ could not copy each other's
+        state, so every rank stops with the same message before training. Problems with the lineage
+        file (corrupt, another run's) are broadcast from rank 0 so that every rank raises them.
+        """
+        row = torch.tensor(
+            [float(hash_text(layout)), float(self.book.last_ready_step)],
+            dtype=torch.float64,
+            device=self.population.device,
+        )
+        table = self.population.all_gather(row).cpu()
+        error = None
+        if self.topology.world_rank == 0:
+            differing = sorted({int(r) for r in range(table.shape[0]) if table[r, 0] != table[0, 0]})
+            if differing:
+                error = (
+                    f"PopulationBasedTraining: the optimizers of world ranks {differing} differ from world rank 0's "
+                    f"({layout}); every member must build the same optimizers and param groups, or the members "
+                    "could not copy each other's state"
+                )
+            else:
+                resumed_at = {
+                    member: int(table[self.topology.world_rank_of(member, 0), 1])
+                    for member in range(self.topology.num_members)
+                }
+                try:
+                    self.lineage = open_lineage(
+                        lineage_path,
+                        self.book,
+                        self.scheduler,
+                        restored,
+                        resumed_at,
+                        step,
+                        epoch,
+                        start_values,
+                        init_extra,
+                    )
+                except (OSError, ValueError) as exc:
+                    error = f"PopulationBasedTraining: cannot continue the lineage: {type(exc).__name__}: {exc}"
+        error = self.population.broadcast_json(error, root=0)
+        if error:
+            raise RuntimeError(error)
+
+    @abstractmethod
+    def step(self, observation: Observation) -> ReadyStepResult:
+        """This member's ready step."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """This member stopped training: keep serving the population until every member has stopped."""
+
+    def close(self) -> None:
+        """Release threads and files; safe to call more than once and after a failure."""
+        if self.lineage is not None:
+            self.lineage.close()
+            self.lineage = None
+
+    def flush(self) -> None:
+        """Make the lineage lines written so far durable (before a checkpoint claims their step)."""
+        if self.lineage is not None:
+            self.lineage.wait()
+
+    def _carry_out(self, plan: MemberPlan, step: int) -> None:
+        """Re-initialise weights and apply hyperparameters as ``plan`` says (after any state arrived)."""
+        if plan.event == "rejuvenate":
+            self.member.rejuvenate(self.seed * 1_000_003 + self.me + 7919 * step)
+        if plan.event != "keep" or plan.hyperparameters != self.book.hyperparameters:
+            self.book.hyperparameters = dict(plan.hyperparameters)
+            self.member.apply(self.book.hyperparameters)
+
+    def _missing_monitor_error(self, members: list[int]) -> str:
+        return (
+            f"PopulationBasedTraining: the monitored metric {self.monitor!r} was not logged by member(s) {members} at "
+            f"this ready step. Log it with self.log({self.monitor!r}, ..., sync_dist=True) in validation_step"
+        )
+
+    def _all_diverged_error(self) -> str:
+        return (
+            f"PopulationBasedTraining: every training member's {self.monitor!r} is NaN or infinite at this ready "
+            "step, so there is no member to copy; lower the learning-rate range or add gradient clipping "
+            "(Trainer(gradient_clip_val=...))"
+        )
+
+
+def hash_text(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def open_lineage(
+    path: str,
+    book: PopulationBook,
+    scheduler: PBTScheduler,
+    restored: bool,
+    resumed_at: Mapping[int, int],
+    step: int,
+    epoch: int,
+    start_values: Mapping[str, Any],
+    init_extra: Mapping[str, Any],
+) -> LineageWriter:
+    """Population rank 0: continue the lineage of a resumed run, or start a fresh one.
+
+    A resumed member's lines after the ready step it resumed from are dropped (they are written again);
+    a fresh run moves an existing file aside (``lineage.jsonl.N``) instead of deleting it.
+    """
+    if restored and os.path.exists(path):
+        inits = {record.member: record.hyperparameters for record in read_lineage(path) if record.event == "init"}
+        expected = {member: scheduler.initial_hyperparameters(member, start_values) for member in book.population}
+        if inits != expected:
+            raise ValueError(
+                f"{path} belongs to another run: its init lines ({len(inits)} members) do not match this run's seed, "
+                f"search space and population ({len(expected)} members); move it away or set "
+                "PopulationBasedTraining(dirpath=...) to a fresh folder"
+            )
+        truncate_members_after(path, resumed_at)
+        return LineageWriter(path)
+    if os.path.exists(path):
+        index = 1
+        while os.path.exists(f"{path}.{index}"):
+            index += 1
+        os.replace(path, f"{path}.{index}")
+    writer = LineageWriter(path)
+    writer.write(
+        LineageRecord(
+            step=step,
+            epoch=epoch,
+            member=member,
+            score=None,
+            event="init",
+            parent=member,
+            hyperparameters=dict(status["hyperparameters"]),
+            extra=dict(init_extra),
+        )
+        for member, status in sorted(book.population.items())
+    )
+    return writer
+
+
+# -- synchronous -----------------------------------------------------------------------------------
+class SynchronousReadySteps(ReadySteps):
+    """Lockstep ready steps: one decision for the whole population, on population rank 0."""
+
+    synchronous = True
+
+    def _ready_key(self) -> str:
+        return f"{self.namespace}/ready/{self.book.ready_count}"
+
+    def step(self, observation: Observation) -> ReadyStepResult:
+        population, topology = self.population, self.topology
+        started = time.perf_counter()
+        if not observation.done:  # wakes the members that have stopped (see finish)
+            population.store.set(self._ready_key(), "1")
+        row = torch.tensor(
+            [observation.score, observation.step, observation.epoch, observation.missing, observation.done],
+            dtype=torch.float64,
+            device=population.device,
+        )
+        table = population.all_gather(row).cpu()
+        gathered = time.perf_counter()
+        decision: Any = None
+        if topology.world_rank == 0:
+            try:
+                decision = self._decide(table)
+            except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
+                decision = {
+                    "error": "PopulationBasedTraining: the decision failed on population rank 0: "
+                    f"{type(error).__name__}: {error}"
+                }
+        decision = population.broadcast_json(decision, root=0)
+        decided = time.perf_counter()
+        if decision.get("error"):
+            raise RuntimeError(decision["error"])
+
+        plans = {int(member): MemberPlan.from_dict(plan) for member, plan in decision["plans"].items()}
+        self._move_states(plans)
+        transferred = time.perf_counter()
+
+        self.scheduler.load_state_dict(decision["scheduler"])
+        for member, plan in plans.items():
+            self.book.population[member].update(
+                hyperparameters=dict(plan.hyperparameters),
+                parent=plan.parent,
+                score=decision["scores"][str(member)],
+                done=bool(decision["done"][str(member)]),
+                history=decision["histories"][str(member)],
+            )
+        step = int(decision["step"])
+        self._carry_out(plans[self.me], step)
+        self.book.ready_count += 1
+        self.book.last_ready_step = step
+        timing = {"gather": gathered - started, "decide": decided - gathered, "transfer": transferred - decided}
+        if self.lineage is not None:
+            self.lineage.write_in_background(
+                LineageRecord(
+                    step=step,
+                    epoch=int(decision["epoch"]),
+                    member=member,
+                    score=decision["scores"][str(member)],
+                    event=plan.event,
+                    parent=plan.parent,
+                    hyperparameters=dict(plan.hyperparameters),
+                    mutations=list(plan.mutations),
+                    timing=dict(timing),
+                    extra={"done": bool(decision["done"][str(member)])},
+                )
+                for member, plan in sorted(plans.items())
+            )
+        scores = {int(member): score for member, score in decision["scores"].items()}
+        return ReadyStepResult(step, scores, plans[self.me], timing)
+
+    def finish(self) -> None:
+        """Serve the ready steps of the members still training (as a possible donor) until all stop."""
+        store, size = self.population.store, self.population.size
+        done_key = f"{self.namespace}/done"
+        store.add(done_key, 1)
+        while True:
+            if store.check([self._ready_key()]):
+                self.step(Observation(math.nan, False, self.book.last_ready_step, -1, done=True))
+                continue
+            if store.add(done_key, 0) >= size:
+                break
+            reason = self.population.abort_reason()
+            if reason is not None:
+                raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
+            time.sleep(0.05)
+
+    def _decide(self, table: torch.Tensor) -> dict[str, Any]:
+        """Population rank 0 only: check the gathered rows and run the scheduler."""
+        topology = self.topology
+        leaders = {member: table[topology.world_rank_of(member, 0)] for member in range(topology.num_members)}
+        active = {member: row for member, row in leaders.items() if not row[_DONE]}
+        missing = [member for member, row in active.items() if row[_MISSING]]
+        if missing:
+            return {"error": self._missing_monitor_error(missing)}
+        steps = {int(row[_STEP]) for row in active.values()}
+        if len(steps) > 1:
+            return {
+                "error": (
+                    "PopulationBasedTraining: members reached this ready step at different global steps "
+                    f"({ {m: int(r[_STEP]) for m, r in active.items()} }); in synchronous mode every member must "
+                    "use the same Trainer limits, data size and validation interval (or use synchronous=False)"
+                )
+            }
+        if active and not any(math.isfinite(float(row[_SCORE])) for row in active.values()):
+            return {"error": self._all_diverged_error()}
+        step = steps.pop() if steps else max(int(row[_STEP]) for row in leaders.values())
+        snapshots = []
+        histories: dict[str, list[float]] = {}
+        scores: dict[str, float | None] = {}
+        for member, row in leaders.items():
+            status = self.book.population[member]
+            score = float(row[_SCORE])
+            finite = math.isfinite(score)
+            history = (list(status["history"]) + ([score] if finite and not row[_DONE] else []))[-_HISTORY:]
+            histories[str(member)] = history
+            scores[str(member)] = score if finite else None
+            snapshots.append(
+                MemberSnapshot(
+                    member=member,
+                    score=score if finite else None,
+                    hyperparameters=status["hyperparameters"],
+                    history=tuple(history),
+                    can_exploit=not bool(row[_DONE]),
+                )
+            )
+        plans = self.scheduler.plan(step, snapshots)
+        # A member's history describes the weights it holds: a copy inherits the donor's, fresh weights none.
+        for member, plan in plans.items():
+            if plan.event == "exploit":
+                histories[str(member)] = list(histories[str(plan.parent)])
+            elif plan.event == "rejuvenate":
+                histories[str(member)] = []
+        return {
+            "step": step,
+            "epoch": int(max(int(row[_EPOCH]) for row in leaders.values())),
+            "plans": {str(member): plan.to_dict() for member, plan in plans.items()},
+            "scores": scores,
+            "histories": histories,
+            "done": {str(member): bool(row[_DONE]) for member, row in leaders.items()},
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _move_states(self, plans: Mapping[int, MemberPlan]) -> None:
+        """Rank j of every donor sends to rank j of each of its losers; only they flatten their state."""
+        topology, j = self.topology, self.topology.member_rank
+        exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
+        send_to = [topology.world_rank_of(loser, j) for loser, donor in exploits if donor == self.me]
+        donor = next((donor for loser, donor in exploits if loser == self.me), None)
+        if send_to:
+            flat = transfer.flatten_state(self.member.training_state())
+            transfer.send_state(self.population, transfer.pack_state(flat, self.population.device), send_to)
+        if donor is not None:
+            own = transfer.flatten_state(self.member.training_state()).tensors
+            received = transfer.receive_state(
+                self.population, topology.world_rank_of(donor, j), own, self.member.device
+            )
+            assert received is not None  # a synchronous donor never refuses
+            self.member.load_training_state(
+                transfer.unflatten_state(received.nest, received.tensors), model_in_place=received.in_place
+            )
+
+
+# -- asynchronous ----------------------------------------------------------------------------------
+class AsynchronousReadySteps(ReadySteps):
+    """Each member at its own pace: publish, decide alone, fetch the donor's snapshot (see module doc)."""
+
+    synchronous = False
+    attempts = 3  # a donor's snapshot can move on while a loser's ranks copy it; then decide again
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server: SnapshotServer | None = None
+        self.drain: LineageDrain | None = None
+        self._store: Any = None
+
+    @property
+    def _leader(self) -> bool:
+        return self.topology.member_rank == 0
+
+    def _record_key(self, member: int) -> str:
+        return f"{self.namespace}/member/{member}"
+
+    def start(self, lineage_path: str, **kwargs: Any) -> None:
+        if self._leader:  # before start's collectives, so that every member's record exists after them
+            self._publish(kwargs["step"], kwargs["epoch"], None, version=-1, done=False)
+        super().start(lineage_path, **kwargs)
+        population = self.population
+        self._store = population.store
+        self.server = SnapshotServer(
+            population, population.new_store_client(), self.namespace, self.topology.world_rank, population.signal_abort
+        )
+        self.server.start()
+        if self.lineage is not None:
+            self.drain = LineageDrain(
+                population.new_store_client(), self.namespace, self.lineage, population.signal_abort
+            )
+            self.drain.start()
+
+    def _publish(self, step: int, epoch: int, score: float | None, version: int, done: bool) -> None:
+        own = self.book.population[self.me]
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "score": score,
+            "hyperparameters": self.book.hyperparameters,
+            "history": own.get("history", []),
+            "version": version,
+            "done": done,
+        }
+        self.population.store.set(self._record_key(self.me), json.dumps(record))
+
+    def _records(self) -> dict[int, dict[str, Any]]:
+        keys = [self._record_key(member) for member in range(self.topology.num_members)]
+        return {member: json.loads(raw) for member, raw in enumerate(self.population.store.multi_get(keys))}
+
+    def step(self, observation: Observation) -> ReadyStepResult:
+        assert self.server is not None
+        started = time.perf_counter()
+        version = self.book.ready_count
+        flat = transfer.flatten_state(self.member.training_state())
+        self.server.publish(Snapshot(version, transfer.pack_state(flat, self.population.device, copy=True)))
+        if observation.missing:  # the same on every rank of this member
+            raise RuntimeError(self._missing_monitor_error([self.me]))
+        score = observation.score if math.isfinite(observation.score) else None
+        own = self.book.population[self.me]
+        own.update(
+            score=score, history=(list(own.get("history", [])) + ([score] if score is not None else []))[-_HISTORY:]
+        )
+        if self._leader:
+            self._publish(observation.step, observation.epoch, score, version, done=False)
+        snapshotted = time.perf_counter()
+
+        plan, donor_step, decided, view = None, None, snapshotted, {}
+        for attempt in range(self.attempts):
+            message = self._shared_decision(observation, attempt)
+            decided = time.perf_counter()
+            plan, view = MemberPlan.from_dict(message["plan"]), message["view"]
+            if plan.event != "exploit":
+                break
+            donor = message["donor"]
+            received = self._fetch(plan.parent, donor, attempt)
+            if received is not None:
+                self.member.load_training_state(
+                    transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
+                )
+                own["history"] = list(donor["history"])
+                donor_step = int(donor["step"])
+                break
+            plan = None
+        if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
+            plan = MemberPlan(self.me, "keep", self.me, dict(self.book.hyperparameters), ("donor moved on; kept",))
+        transferred = time.perf_counter()
+
+        if plan.event == "rejuvenate":
+            own["history"] = []
+        self._carry_out(plan, observation.step)
+        own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
+        for member, status in view.items():
+            if int(member) != self.me:
+                self.book.population[int(member)].update(status)
+        self.book.ready_count += 1
+        self.book.last_ready_step = observation.step
+        timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
+        if self._leader:
+            self._publish(observation.step, observation.epoch, score, version, done=False)
+            record = LineageRecord(
+                step=observation.step,
+                epoch=observation.epoch,
+                member=self.me,
+                score=score,
+                event=plan.event,
+                parent=plan.parent,
+                hyperparameters=dict(plan.hyperparameters),
+                mutations=list(plan.mutations),
+                timing=timing,
+                extra={"done": False},
+                donor_step=donor_step,
+            )
+            push_lineage(self.population.store, self.namespace, [record])
+        scores = {int(member): status.get("score") for member, status in view.items()}
+        scores[self.me] = score
+        return ReadyStepResult(observation.step, scores, plan, timing)
+
+    def _shared_decision(self, observation: Observation, attempt: int) -> dict[str, Any]:
+        """The member's leader decides; the member's other ranks read the same decision from the store."""
+        key = f"{self.namespace}/plan/{self.me}/{self.book.ready_count}/{attempt}"
+        if self._leader:
+            try:
+                message = self._decide(observation)
+            except Exception as error:  # shared, so that the member's other ranks raise it too
+                message = {"error": f"PopulationBasedTraining: member {self.me}'s decision failed: {error}"}
+            self.population.store.set(key, json.dumps(message))
+        else:
+            message = json.loads(self.population.store.get(key))
+        if message.get("error"):
+            raise RuntimeError(message["error"])
+        return message
+
+    def _decide(self, observation: Observation) -> dict[str, Any]:
+        records = self._records()
+        score = self.book.population[self.me]["score"]
+        snapshots = []
+        for member, record in records.items():
+            mine = member == self.me
+            servable = record["version"] >= 0 and not mine
+            snapshots.append(
+                MemberSnapshot(
+                    member=member,
+                    score=score if mine else (record["score"] if servable else None),
+                    hyperparameters=self.book.hyperparameters if mine else record["hyperparameters"],
+                    history=tuple(self.book.population[self.me]["history"] if mine else record["history"]),
+                    can_exploit=mine,
+                )
+            )
+        everyone_scored = all(record["version"] >= 0 for record in records.values())
+        if score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
+            raise RuntimeError(self._all_diverged_error())
+        plan = self.scheduler.plan(observation.step, snapshots)[self.me]
+        view = {
+            str(member): {
+                "score": record["score"],
+                "hyperparameters": record["hyperparameters"],
+                "done": record["done"],
+            }
+            for member, record in records.items()
+            if member != self.me
+        }
+        message: dict[str, Any] = {"plan": plan.to_dict(), "view": view}
+        if plan.event == "exploit":
+            donor = records[plan.parent]
+            message["donor"] = {"version": donor["version"], "step": donor["step"], "history": donor["history"]}
+        return message
+
+    def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
+        """Every rank j of this member copies rank j of the donor; all of them or none (then ``None``)."""
+        topology = self.topology
+        donor_rank = topology.world_rank_of(donor, topology.member_rank)
+        store = self.population.store
+        try:
+            request_snapshot(store, self.namespace, donor_rank, topology.world_rank, int(info["version"]))
+            received = transfer.receive_state(self.population, donor_rank, None, self.member.device)
+        except Exception as error:
+            raise RuntimeError(
+                f"PopulationBasedTraining: member {self.me} could not copy member {donor}'s snapshot of step "
+                f"{info['step']} from world rank {donor_rank}: {type(error).__name__}: {error}"
+            ) from error
+        # Ranks of one member must end with the same state: load only if every one of them got it.
+        prefix = f"{self.namespace}/fetched/{self.me}/{self.book.ready_count}/{attempt}"
+        store.set(f"{prefix}/{topology.member_rank}", "1" if received is not None else "0")
+        agreed = all(store.get(f"{prefix}/{j}") == b"1" for j in range(topology.member_size))
+        return received if agreed else None
+
+    def finish(self) -> None:
+        """Stopped: stay a donor (serving the last snapshot) until every member has stopped."""
+        store, size = self.population.store, self.population.size
+        if self._leader:
+            own = self.book.population[self.me]
+            self._publish(self.book.last_ready_step, -1, own.get("score"), self.book.ready_count - 1, done=True)
+        done_key = f"{self.namespace}/done"
+        store.add(done_key, 1)
+        while store.add(done_key, 0) < size:
+            reason = self.population.abort_reason()
+            if reason is not None:
+                raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
+            time.sleep(0.05)
+        if self.server is not None:
+            self.server.stop()
+        if self.drain is not None:
+            self.drain.finish(push_count(store, self.namespace))
+
+    def close(self) -> None:
+        for thread in (self.server, self.drain):
+            if thread is not None:
+                thread.stop(timeout=2.0)
+        self.server = self.drain = None
+        super().close()
+
+    def flush(self) -> None:
+        if self.drain is not None:  # the drain writes on its own thread; nothing is pending on this one
+            return
+        super().flush()
+
+
+def protocol_class(synchronous: bool) -> type[ReadySteps]:
+    return SynchronousReadySteps if synchronous else AsynchronousReadySteps
