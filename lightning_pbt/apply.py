@@ -12,10 +12,10 @@ not numbers (``betas``, flags) are set as they are.
 
 Learning rate and LR schedulers. ``lr`` is the *base* rate of a group: without an LR scheduler its
 ``lr``; with one, its ``initial_lr`` (every ``torch.optim.lr_scheduler.LRScheduler`` writes it: the
-scheduler's ``base_lrs``; for ``OneCycleLR`` it is ``max_lr / div_factor``). A new base ``b'`` replacing ``b``
-multiplies *every lr-valued quantity of the group* by ``b' / b``, so the schedule keeps its shape and
-position: from then on the rate is what the same scheduler, at the same step, would give had it been
-built with every lr-valued argument multiplied by ``b' / b``. The quantities:
+scheduler's ``base_lrs``; for ``OneCycleLR`` it is ``max_lr / div_factor``). A new base ``b'``
+replacing ``b`` multiplies *every lr-valued quantity of the group* by ``b' / b``, so the schedule keeps
+its shape and position: from then on the rate is what the same scheduler, at the same step, would give
+had it been built with every lr-valued argument multiplied by ``b' / b``. The quantities:
 
 - every scheduler: the group's ``lr`` and ``initial_lr``, ``base_lrs`` and the last rate (``_last_lr``);
 - ``ReduceLROnPlateau`` keeps no base: the first application writes the group's ``initial_lr`` (so the
