@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_pbt.apply import apply_hyperparameters, check_applicable, reset_weights
+from lightning_pbt.apply import (
+    GroupRatios,
+    apply_hyperparameters,
+    capture_group_ratios,
+    check_applicable,
+    check_module_names,
+    optimizer_layout,
+    reset_weights,
+)
 from lightning_pbt.exploit import make_exploit_rule
 from lightning_pbt.explore import Explorer
 from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
@@ -63,7 +71,11 @@ class PopulationBasedTraining(Callback):
             replacing the default explore.
         start_hyperparameters: values every member starts with (others are sampled per member).
         rejuvenate_patience: re-initialise a member's weights after this many ready steps without
-            improvement (``None``: never).
+            improvement (``None``: never). Its hyperparameters, step count and LR schedulers stay as
+            they are.
+        rejuvenate_modules: re-initialise only these submodules (names as in ``named_modules()``, e.g.
+            ``["head"]``, ``["encoder.layer3"]``) with their children; the others keep their weights and
+            optimizer state (``None``: every submodule, and all optimizer state).
         seed: the run's seed; with the same seed and inputs, the same decisions (synchronous mode).
         dirpath: where ``lineage.jsonl`` goes (default ``<default_root_dir>/pbt``).
     """
@@ -84,6 +96,7 @@ class PopulationBasedTraining(Callback):
         custom_explore: Callable[..., Mapping[str, Any]] | str | None = None,
         start_hyperparameters: Mapping[str, Any] | None = None,
         rejuvenate_patience: int | None = None,
+        rejuvenate_modules: Sequence[str] | str | None = None,
         seed: int = 0,
         dirpath: str | os.PathLike | None = None,
         synchronous: bool = True,
@@ -102,6 +115,21 @@ class PopulationBasedTraining(Callback):
             raise ValueError("PopulationBasedTraining: set every_n_train_steps or every_n_epochs, not both")
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"PopulationBasedTraining: burn_in must be an integer >= 0, got {burn_in!r}")
+        if isinstance(rejuvenate_modules, str):
+            rejuvenate_modules = [rejuvenate_modules]
+        if rejuvenate_modules is not None:
+            rejuvenate_modules = list(rejuvenate_modules)
+            if not rejuvenate_modules or not all(isinstance(n, str) and n for n in rejuvenate_modules):
+                raise ValueError(
+                    "PopulationBasedTraining: rejuvenate_modules must be None (every submodule) or a non-empty list "
+                    f"of submodule names as in named_modules(), e.g. ['head'], got {rejuvenate_modules!r}"
+                )
+            if rejuvenate_patience is None:
+                raise ValueError(
+                    "PopulationBasedTraining: rejuvenate_modules needs rejuvenate_patience (without it no member is "
+                    "ever rejuvenated)"
+                )
+        self.rejuvenate_modules: list[str] | None = rejuvenate_modules
         self.space = space_from_config(hyperparameters, prefix="hyperparameters.")
         if not self.space:
             raise ValueError("PopulationBasedTraining: the search space (hyperparameters) is empty")
@@ -139,6 +167,7 @@ class PopulationBasedTraining(Callback):
         self._validations = 0  # this fit's validation ends and whether they produced the monitor
         self._monitor_seen = False
         self._ready_at_start = 0
+        self._group_ratios: GroupRatios | None = None
 
     # -- the population, as this rank knows it ---------------------------------------------------
     @property
@@ -188,6 +217,10 @@ class PopulationBasedTraining(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_applicable(self.space, trainer.optimizers, pl_module)
+        if self.rejuvenate_modules is not None:
+            check_module_names(pl_module, self.rejuvenate_modules)
+        # Before any value is applied and before a resume restores optimizer state: configure_optimizers' ratios.
+        self._group_ratios = capture_group_ratios(trainer.optimizers)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,7 +257,7 @@ class PopulationBasedTraining(Callback):
         self._protocol.start(
             self.lineage_path,
             restored=self._restored,
-            layout=_optimizer_layout(trainer.optimizers),
+            layout=optimizer_layout(trainer.optimizers),
             step=trainer.global_step,
             epoch=trainer.current_epoch,
             start_values=self.start_hyperparameters,
@@ -305,7 +338,7 @@ class PopulationBasedTraining(Callback):
     # -- applying and reporting ------------------------------------------------------------------
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: Mapping[str, Any]) -> None:
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        apply_hyperparameters(values, trainer.optimizers, schedulers, pl_module)
+        apply_hyperparameters(values, trainer.optimizers, schedulers, pl_module, self._group_ratios)
 
     def _log_status(self, trainer: pl.Trainer, result: ReadyStepResult) -> None:
         scored = {m: s for m, s in result.scores.items() if s is not None}
@@ -393,16 +426,6 @@ def _epochs_done(trainer: pl.Trainer) -> int:
     return trainer.current_epoch + int(bool(trainer.is_last_batch))
 
 
-def _optimizer_layout(optimizers: Sequence[torch.optim.Optimizer]) -> str:
-    """What must match between members for their states to be interchangeable."""
-    return "; ".join(
-        f"{type(optimizer).__name__}: "
-        + ", ".join(str(len(group["params"])) for group in optimizer.param_groups)
-        + " params per group"
-        for optimizer in optimizers
-    )
-
-
 class _TrainerMember:
     """This rank's training state as the ready-step protocol sees it (``LocalMember``)."""
 
@@ -439,4 +462,4 @@ class _TrainerMember:
         self.callback._apply(self.trainer, self.module, hyperparameters)
 
     def rejuvenate(self, seed: int) -> None:
-        reset_weights(self.module, self.trainer.optimizers, seed=seed)
+        reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.callback.rejuvenate_modules)

@@ -91,6 +91,7 @@ class PopulationBasedTrainingConf:
     custom_explore: str | None = None
     start_hyperparameters: dict[str, Any] | None = None
     rejuvenate_patience: int | None = None
+    rejuvenate_modules: list[str] | None = None
     seed: int = 0
     dirpath: str | None = None
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from lightning_pbt import transfer
+from lightning_pbt.apply import describe_layout_mismatch
 from lightning_pbt.distributed import PopulationGroup
 from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
@@ -156,7 +157,7 @@ class ReadySteps(ABC):
         lineage_path: str,
         *,
         restored: bool,
-        layout: str,
+        layout: list[dict[str, Any]],
         step: int,
         epoch: int,
         start_values: Mapping[str, Any],
@@ -164,44 +165,36 @@ class ReadySteps(ABC):
     ) -> None:
         """Check what every rank must agree on and open the lineage (population rank 0).
 
-        ``layout`` describes this rank's optimizers: members that differ could not copy each other's
-        state, so every rank stops with the same message before training. Problems with the lineage
+        ``layout`` (:func:`lightning_pbt.apply.optimizer_layout`) describes this rank's optimizers: members
+        that differ could not copy each other's state, so every rank stops with the same message before
+        training. Problems with the lineage
         file (corrupt, another run's) are broadcast from rank 0 so that every rank raises them.
         """
-        row = torch.tensor(
-            [float(hash_text(layout)), float(self.book.last_ready_step)],
-            dtype=torch.float64,
-            device=self.population.device,
-        )
-        table = self.population.all_gather(row).cpu()
+        population, topology = self.population, self.topology
+        fingerprint = zlib.crc32(json.dumps(layout, sort_keys=True).encode())
+        row = torch.tensor([fingerprint, self.book.last_ready_step], dtype=torch.float64, device=population.device)
+        table = population.all_gather(row).cpu()
+        differing = [rank for rank in range(table.shape[0]) if table[rank, 0] != table[0, 0]]
+        if differing:  # every rank saw the same table: every rank takes these broadcasts and raises
+            reference = population.broadcast_json(layout if topology.world_rank == 0 else None, root=0)
+            other = population.broadcast_json(layout if topology.world_rank == differing[0] else None, differing[0])
+            raise RuntimeError(
+                f"PopulationBasedTraining: the optimizers of world ranks {differing} differ from world rank 0's, so "
+                f"members could not copy each other's state (rank 0 as donor, rank {differing[0]} as loser: "
+                f"{describe_layout_mismatch(reference, other)}); every member must build the same optimizers and "
+                "param groups"
+            )
         error = None
-        if self.topology.world_rank == 0:
-            differing = sorted({int(r) for r in range(table.shape[0]) if table[r, 0] != table[0, 0]})
-            if differing:
-                error = (
-                    f"PopulationBasedTraining: the optimizers of world ranks {differing} differ from world rank 0's "
-                    f"({layout}); every member must build the same optimizers and param groups, or the members "
-                    "could not copy each other's state"
+        if topology.world_rank == 0:
+            resumed_at = {
+                member: int(table[topology.world_rank_of(member, 0), 1]) for member in range(topology.num_members)
+            }
+            try:
+                self.lineage = open_lineage(
+                    lineage_path, self.book, self.scheduler, restored, resumed_at, step, epoch, start_values, init_extra
                 )
-            else:
-                resumed_at = {
-                    member: int(table[self.topology.world_rank_of(member, 0), 1])
-                    for member in range(self.topology.num_members)
-                }
-                try:
-                    self.lineage = open_lineage(
-                        lineage_path,
-                        self.book,
-                        self.scheduler,
-                        restored,
-                        resumed_at,
-                        step,
-                        epoch,
-                        start_values,
-                        init_extra,
-                    )
-                except (OSError, ValueError) as exc:
-                    error = f"PopulationBasedTraining: cannot continue the lineage: {type(exc).__name__}: {exc}"
+            except (OSError, ValueError) as exc:
+                error = f"PopulationBasedTraining: cannot continue the lineage: {type(exc).__name__}: {exc}"
         error = self.population.broadcast_json(error, root=0)
         if error:
             raise RuntimeError(error)
@@ -245,10 +238,6 @@ class ReadySteps(ABC):
             "step, so there is no member to copy; lower the learning-rate range or add gradient clipping "
             "(Trainer(gradient_clip_val=...))"
         )
-
-
-def hash_text(text: str) -> int:
-    return zlib.crc32(text.encode())
 
 
 def open_lineage(

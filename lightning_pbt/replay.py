@@ -36,7 +36,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_pbt.apply import apply_hyperparameters, check_applicable
+from lightning_pbt.apply import GroupRatios, apply_hyperparameters, capture_group_ratios, check_applicable
 
 from ._lightning import Callback, pl
 
@@ -123,10 +123,12 @@ class PBTReplay(Callback):
         self.hyperparameters: dict[str, Any] = {}
         self.applied: list[tuple[int, dict[str, Any]]] = []  # (global step, values), for inspection
         self._next = 0
+        self._group_ratios: GroupRatios | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_applicable(self.names, trainer.optimizers, pl_module)
+        self._group_ratios = capture_group_ratios(trainer.optimizers)  # as PopulationBasedTraining does
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,7 +152,7 @@ class PBTReplay(Callback):
         if not due:
             return
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        apply_hyperparameters(dict(self.hyperparameters), trainer.optimizers, schedulers, pl_module)
+        apply_hyperparameters(dict(self.hyperparameters), trainer.optimizers, schedulers, pl_module, self._group_ratios)
         self.applied.append((step, dict(self.hyperparameters)))
         if self.log_hyperparameters:
             metrics = {

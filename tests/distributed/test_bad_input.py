@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -29,6 +31,9 @@ SPACE = {"lr": LogUniform(1e-3, 0.1)}
         ({"burn_in": -1}, "burn_in must be an integer >= 0"),
         ({"exploit": "roulette"}, "roulette"),
         ({"custom_explore": "no_such_module.explore"}, "no_such_module"),
+        ({"rejuvenate_modules": ["head"]}, "rejuvenate_modules needs rejuvenate_patience"),
+        ({"rejuvenate_modules": [], "rejuvenate_patience": 2}, "rejuvenate_modules must be None .* got \\[\\]"),
+        ({"rejuvenate_modules": ["head", ""], "rejuvenate_patience": 2}, "rejuvenate_modules must be None"),
     ],
 )
 def test_invalid_callback_arguments(kwargs, message):
@@ -107,6 +112,17 @@ def test_callback_without_population_strategy(tmp_path):
     )
     with pytest.raises(TypeError, match="needs Trainer\\(strategy=PopulationStrategy"):
         trainer.fit(Tiny(), data)
+
+
+def test_unknown_rejuvenate_module_is_an_error_at_fit_start():
+    callback = PopulationBasedTraining(SPACE, monitor="val_acc", rejuvenate_patience=2, rejuvenate_modules="head")
+    assert callback.rejuvenate_modules == ["head"]  # one name may be given as a string
+    module = Tiny()
+    trainer = SimpleNamespace(optimizers=[module.configure_optimizers()])  # all that on_fit_start reads
+    with pytest.raises(
+        ValueError, match=r"rejuvenate_modules \['head'\] are not submodules of Tiny; available .*\['layer'\]"
+    ):
+        callback.on_fit_start(trainer, module)
 
 
 @pytest.mark.distributed

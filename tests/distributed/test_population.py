@@ -307,27 +307,44 @@ def test_resume_from_checkpoints_continues_the_lineage(tmp_path):
 
 
 def test_rejuvenation_is_recorded_and_resets_weights(tmp_path):
+    """Partial rejuvenation of the head (``body.3``) in a 2x2 layout. Every member scores the same flat
+    metric, so the tournament never exploits and member 1 (not the best-ranked) is rejuvenated."""
     proc = run_population(
         tmp_path,
         devices=4,
-        member_size=1,
+        member_size=2,
         max_steps=10,
         every=2,
-        rejuvenate_patience=2,
-        quantile=0.25,
-        monitor="member_const",
+        rejuvenate_patience=1,
+        rejuvenate_modules=["body.3"],
+        exploit="tournament",
+        monitor="flat",
+        lr_scheduler="cosine",
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     lineage = load_lineage(tmp_path)
     rejuvenated = [r for r in lineage if r["event"] == "rejuvenate"]
     assert rejuvenated, "a plateaued member should have been rejuvenated"
-    for rank in load_ranks(tmp_path):
-        before = {r["step"]: r for r in rank["before"]}
-        after = {r["step"]: r for r in rank["after"]}
-        for rec in rejuvenated:
-            if rec["member"] == rank["member"]:
-                assert rec["parent"] == rec["member"]
-                assert after[rec["step"]]["model"] != before[rec["step"]]["model"]
+    ranks = load_ranks(tmp_path)
+    for rec in rejuvenated:
+        assert rec["parent"] == rec["member"]
+        step = rec["step"]
+        member_ranks = [r for r in ranks if r["member"] == rec["member"]]
+        assert len(member_ranks) == 2
+        afters = [{r["step"]: r for r in rank["after"]}[step] for rank in member_ranks]
+        # Both ranks of the member drew the same fresh weights (the seed depends on seed, member, step only).
+        assert afters[0]["model"] == afters[1]["model"]
+        assert afters[0]["submodules"] == afters[1]["submodules"]
+        for rank, after in zip(member_ranks, afters, strict=True):
+            before = {r["step"]: r for r in rank["before"]}[step]
+            assert after["model"] != before["model"]
+            # Only the named submodule was re-initialised; the others keep weights and optimizer state.
+            assert after["submodules"]["body.3"]["weights"] != before["submodules"]["body.3"]["weights"]
+            assert after["submodules"]["body.3"]["optimizer"] is None
+            assert after["submodules"]["body.0"] == before["submodules"]["body.0"]
+            assert before["submodules"]["body.0"]["optimizer"] is not None
+            # The LR scheduler is left where it is: the same (decayed) rate as just before.
+            assert after["lr"] == before["lr"] != rec["hyperparameters"]["lr"]
 
 
 def test_a_killed_rank_ends_the_run_and_leaves_no_process(tmp_path):

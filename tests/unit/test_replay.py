@@ -134,3 +134,54 @@ def test_schedule_json_written_by_hand(tmp_path):
     entries = [{"step": 7, "hyperparameters": {"lr": 0.05}}, {"step": 0, "hyperparameters": {"lr": 1}}]
     path.write_text(json.dumps(entries))
     assert load_schedule(path) == [(0, {"lr": 1}), (7, {"lr": 0.05})]
+
+
+class Gan(pl.LightningModule):
+    """Manual optimisation with two optimizers: the discriminator starts at half the generator's rate."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator, self.discriminator = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.seen: list[tuple[int, float, float]] = []  # (global step, generator lr, discriminator lr)
+
+    def training_step(self, batch, batch_idx):
+        g_opt, d_opt = self.optimizers()
+        self.seen.append((self.global_step, g_opt.param_groups[0]["lr"], d_opt.param_groups[0]["lr"]))
+        x, _ = batch
+        d_loss = self.discriminator(self.generator(x).detach()).mean() - self.discriminator(x).mean()
+        d_opt.zero_grad()
+        self.manual_backward(d_loss)
+        d_opt.step()
+        g_loss = -self.discriminator(self.generator(x)).mean()
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=2e-4, betas=(0.5, 0.999)),
+            torch.optim.Adam(self.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.999)),
+        ]
+
+
+def test_two_optimizers_keep_their_ratio_to_the_first_under_manual_optimisation():
+    """The ratios are taken at fit start, before the first value is applied, across both optimizers."""
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.zeros(32)), batch_size=4)
+    model = Gan()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=16,
+        callbacks=[PBTReplay([(0, {"lr": 0.01}), (8, {"lr": 0.02})])],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    assert len(model.seen) == 8
+    for step, g_lr, d_lr in model.seen:
+        base = 0.01 if step < 8 else 0.02
+        assert (g_lr, d_lr) == pytest.approx((base, base / 2)), step

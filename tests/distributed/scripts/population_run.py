@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import sys
-
 import time
 
 import torch
@@ -50,6 +49,18 @@ def state_digest(trainer) -> dict:
         if isinstance(v, torch.Tensor)
     ]
     return {"model": digest(module.state_dict().values()), "optimizer": digest(opt_tensors)}
+
+
+def submodule_digests(trainer, names=("body.0", "body.3")) -> dict:
+    """Per submodule: its weights, and its parameters' optimizer state (None when they have none)."""
+    modules = dict(trainer.lightning_module.named_modules())
+    opt = trainer.optimizers[0]
+    out = {}
+    for name in names:
+        params = list(modules[name].parameters())
+        state = [v for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        out[name] = {"weights": digest(params), "optimizer": digest(state) if state else None}
+    return out
 
 
 class Net(pl.LightningModule):
@@ -94,6 +105,7 @@ class Net(pl.LightningModule):
             return
         self.log("val_acc", acc, sync_dist=True)
         self.log("member_const", float(self.trainer.strategy.member_id), sync_dist=True)  # never improves
+        self.log("flat", 0.0, sync_dist=True)  # the same for every member: never improves, nobody exploits
         self.log("val_loss", loss, sync_dist=True)
 
     def configure_optimizers(self):
@@ -126,6 +138,7 @@ class Recorder(pl.Callback):
             {
                 "step": trainer.global_step,
                 **state_digest(trainer),
+                "submodules": submodule_digests(trainer),
                 "lr": opt.param_groups[0]["lr"],
                 "dropout": pl_module.body[2].p,
                 "hparams_dropout": pl_module.hparams.dropout,
@@ -150,6 +163,7 @@ pbt = PopulationBasedTraining(
     seed=cfg.get("seed", 0),
     quantile_fraction=cfg.get("quantile", 0.5),
     rejuvenate_patience=cfg.get("rejuvenate_patience"),
+    rejuvenate_modules=cfg.get("rejuvenate_modules"),
     exploit=cfg.get("exploit", "truncation"),
     synchronous=cfg.get("synchronous", True),
 )
