@@ -223,9 +223,17 @@ if (
                 raise RuntimeError("injected failure")
 
     trainer.callbacks.append(Boom())
+if cfg.get("serve_fail_member") == MEMBER:  # this member's snapshot server breaks at its first request
+    import lightning_pbt.serving
+
+    def broken_send(*args, **kwargs):
+        raise RuntimeError("injected serving failure")
+
+    lightning_pbt.serving._send = broken_send
 ckpt_path = "last" if cfg.get("resume") else None
 trainer.fit(model, train, val, ckpt_path=ckpt_path)
 result = {
+    "package": type(trainer).__module__.split(".")[0],
     "world_rank": trainer.strategy.world_rank,
     "member": trainer.strategy.member_id,
     "global_rank": trainer.global_rank,

@@ -1,0 +1,211 @@
+"""Asynchronous PBT (``synchronous=False``): members at their own pace, never waiting for each other.
+
+The same functional guarantees as the synchronous mode (bit-exact copies of the full state, the
+lineage contract, NaN members, stopping, resume), with members of unequal speed and step counts.
+One run uses the unified ``lightning`` package, the other ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_lineage, load_ranks, run_population
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def run_2x2(tmp_path_factory) -> Path:
+    """2 members x 2 ranks, `lightning.pytorch`; member 1 is slower and stops at step 16, member 0 at 24.
+
+    Scored on a constant per member (member 1 always better), so member 0 copies member 1 as soon as
+    member 1 has a snapshot: copies from a slower donor whose step differs from the loser's.
+    """
+    out = tmp_path_factory.mktemp("async_2x2")
+    proc = run_population(
+        out,
+        flavour="lightning",
+        synchronous=False,
+        devices=4,
+        member_size=2,
+        max_steps=24,
+        member_max_steps={"1": 16},
+        every=EVERY,
+        slow_members=[1],
+        slow_delay=0.05,
+        monitor="member_const",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_4x1(tmp_path_factory) -> Path:
+    """4 members under torchrun: member 1 slow, member 2 diverges to NaN from step 6, member 3 stops at 8."""
+    out = tmp_path_factory.mktemp("async_4x1")
+    proc = run_population(
+        out,
+        torchrun=True,
+        synchronous=False,
+        devices=4,
+        member_size=1,
+        max_steps=24,
+        every=EVERY,
+        slow_members=[1],
+        slow_delay=0.03,
+        nan_member=2,
+        nan_from=6,
+        early_stop_member=3,
+        early_stop_at=8,
+        quantile=0.25,
+        seed=5,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out
+
+
+def ready_lines(out: Path) -> list[dict]:
+    return [r for r in load_lineage(out) if r["event"] != "init"]
+
+
+@pytest.mark.parametrize("layout", ["run_2x2", "run_4x1"])
+def test_exploit_copies_the_donors_snapshot_bit_exactly(layout, request):
+    """A loser's rank j holds, after its ready step, exactly what the donor's rank j held at the donor's
+    ready step ``donor_step`` (model and optimizer); a member that keeps holds what it had."""
+    out = request.getfixturevalue(layout)
+    ranks = load_ranks(out)
+    lines = ready_lines(out)
+    exploits = [r for r in lines if r["event"] == "exploit"]
+    assert exploits, "the run should exploit at least once"
+    for rank in ranks:
+        before = {r["step"]: r for r in rank["before"]}
+        after = {r["step"]: r for r in rank["after"]}
+        for rec in (r for r in lines if r["member"] == rank["member"]):
+            mine = after[rec["step"]]
+            if rec["event"] == "exploit":
+                donor = next(
+                    r for r in ranks if r["member"] == rec["parent"] and r["global_rank"] == rank["global_rank"]
+                )
+                donor_before = {r["step"]: r for r in donor["before"]}[rec["donor_step"]]
+                assert (mine["model"], mine["optimizer"]) == (donor_before["model"], donor_before["optimizer"])
+            else:
+                assert "donor_step" not in rec
+                assert (mine["model"], mine["optimizer"]) == (
+                    before[rec["step"]]["model"],
+                    before[rec["step"]]["optimizer"],
+                )
+
+
+def test_members_run_their_own_steps_and_the_lineage_has_each_ready_step_once(run_2x2):
+    ranks = load_ranks(run_2x2)
+    assert {r["package"] for r in ranks} == {"lightning"}
+    assert {r["member"]: r["global_step"] for r in ranks} == {0: 24, 1: 16}
+    lineage = load_lineage(run_2x2)
+    assert sorted(r["member"] for r in lineage if r["event"] == "init") == [0, 1]
+    steps = defaultdict(list)
+    for rec in lineage:
+        if rec["event"] != "init":
+            steps[rec["member"]].append(rec["step"])
+            assert set(rec) >= {"step", "epoch", "member", "score", "event", "parent", "hyperparameters", "timing"}
+            assert set(rec["timing"]) == {"snapshot", "decide", "transfer"}
+    assert sorted(steps[0]) == list(range(EVERY, 25, EVERY))
+    assert sorted(steps[1]) == list(range(EVERY, 17, EVERY))
+    # Member 1 scores higher at every step, so member 0 copies it whenever it has a snapshot, and never
+    # a snapshot from the future: the donor's step was reached before the copy was made.
+    exploits = [r for r in lineage if r["event"] == "exploit"]
+    assert exploits and all(r["member"] == 0 and r["parent"] == 1 for r in exploits)
+    assert all(r["donor_step"] in steps[1] for r in exploits)
+
+
+def test_ranks_of_a_member_agree_after_every_ready_step(run_2x2):
+    by_member = defaultdict(list)
+    for rank in load_ranks(run_2x2):
+        by_member[rank["member"]].append(rank)
+    for ranks in by_member.values():
+        assert len({r["final"]["model"] for r in ranks}) == 1
+        for step in {r["step"] for r in ranks[0]["after"]}:
+            assert len({next(x["model"] for x in r["after"] if x["step"] == step) for r in ranks}) == 1
+
+
+def test_hyperparameters_in_effect_match_the_lineage(run_2x2):
+    lineage = ready_lines(run_2x2)
+    for rank in load_ranks(run_2x2):
+        after = {r["step"]: r for r in rank["after"]}
+        for rec in (r for r in lineage if r["member"] == rank["member"]):
+            assert after[rec["step"]]["lr"] == pytest.approx(rec["hyperparameters"]["lr"])
+            assert after[rec["step"]]["dropout"] == pytest.approx(rec["hyperparameters"]["dropout"])
+
+
+def test_nan_member_is_replaced_and_never_copied(run_4x1):
+    lines = ready_lines(run_4x1)
+    by_key = {(r["member"], r["step"]): r for r in lines}
+    diverged = [r for r in lines if r["member"] == 2 and r["score"] is None]
+    assert diverged, "member 2 should have diverged"
+    # It may keep while no finite member has a snapshot yet; once one has, it copies at every ready step.
+    first = next(i for i, r in enumerate(diverged) if r["event"] == "exploit")
+    assert all(r["event"] == "exploit" for r in diverged[first:])
+    for rec in (r for r in lines if r["event"] == "exploit"):
+        donor_line = by_key[(rec["parent"], rec["donor_step"])]
+        assert donor_line["score"] is not None and math.isfinite(donor_line["score"])
+
+
+def test_a_stopped_member_stays_a_donor_and_nobody_waits_for_it(run_4x1):
+    ranks = {r["member"]: r for r in load_ranks(run_4x1)}
+    assert ranks[3]["global_step"] == 8
+    assert all(ranks[m]["global_step"] == 24 for m in (0, 1, 2))
+    lines = ready_lines(run_4x1)
+    assert max(r["step"] for r in lines if r["member"] == 3) == 8
+    for member in (0, 1, 2):
+        assert sorted(r["step"] for r in lines if r["member"] == member) == list(range(EVERY, 25, EVERY))
+
+
+def test_resume_continues_each_members_lineage(tmp_path):
+    common = {"synchronous": False, "devices": 2, "member_size": 1, "every": EVERY, "ckpt_every": EVERY}
+    first = run_population(tmp_path, max_steps=12, slow_members=[1], slow_delay=0.03, **common)
+    assert first.returncode == 0, first.stdout[-4000:]
+    before = load_lineage(tmp_path)
+    second = run_population(tmp_path, max_steps=24, resume=True, **common)
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert f"Restored all states from the checkpoint at {tmp_path}/ckpt/member_0/last.ckpt" in second.stdout
+    assert not (tmp_path / "pbt" / "lineage.jsonl.1").exists()  # continued, not restarted
+    lineage = load_lineage(tmp_path)
+    assert lineage[: len(before)] == before
+    for member in (0, 1):
+        steps = sorted(r["step"] for r in lineage if r["member"] == member and r["event"] != "init")
+        assert steps == list(range(EVERY, 25, EVERY)), member
+    restored = {r["member"]: r["hyperparameters"] for r in before if r["step"] == 12}
+    for rank in load_ranks(tmp_path):
+        assert rank["global_step"] == 24
+        first_after = {r["step"]: r for r in rank["before"]}[16]
+        assert first_after["lr"] == pytest.approx(restored[rank["member"]]["lr"])
+
+
+def test_a_donor_that_fails_while_serving_ends_the_run_with_its_error(tmp_path):
+    """Member 1's snapshot server breaks when member 0 asks for a copy: every rank ends, naming it."""
+    started = time.monotonic()
+    proc = run_population(
+        tmp_path,
+        timeout=120,
+        synchronous=False,
+        devices=2,
+        member_size=1,
+        max_steps=400,
+        every=EVERY,
+        monitor="member_const",
+        serve_fail_member=1,
+    )
+    assert proc.returncode != 0
+    assert not list(tmp_path.glob("rank_*.json"))
+    # Both ranks were ended by the abort flag, with the server's error, long before the 60 s group
+    # timeout would have ended the loser's receive.
+    for rank in (0, 1):
+        assert f"[lightning_pbt rank {rank}] another rank of the population failed" in proc.stdout
+    assert "snapshot-server-1 failed: RuntimeError: injected serving failure" in proc.stdout
+    assert time.monotonic() - started < 45
