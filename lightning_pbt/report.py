@@ -106,12 +106,17 @@ def infer_mode(records: Sequence[LineageRecord], run_dir: str | os.PathLike[str]
     for record in records:
         if record.event != "exploit" or record.parent == record.member:
             continue
-        mine, theirs = scores.get((record.step, record.member)), scores.get((record.step, record.parent))
+        mine, theirs = scores.get((record.step, record.member)), scores.get((_donor_step(record), record.parent))
         if _finite(mine) and _finite(theirs) and mine != theirs:
             votes += 1 if theirs > mine else -1
     if votes:
         return ("max" if votes > 0 else "min"), "the direction of the recorded exploits"
     return "max", "default (pass --mode min if lower is better)"
+
+
+def _donor_step(record: LineageRecord) -> int:
+    """The parent's step whose state an exploit copied (the same step, except in asynchronous runs)."""
+    return record.step if record.donor_step is None else record.donor_step
 
 
 def _fmt(value: Any) -> str:
@@ -198,12 +203,14 @@ def summary_markdown(
     """The report's markdown text (best member or ``member``, schedule, population, exploits)."""
     by_member = _by_member(records)
     steps = sorted({r.step for r in records if r.event != "init"})
+    counts = sorted({sum(r.event != "init" for r in recs) for recs in by_member.values()})
     copied, _ = _exploit_counts(records)
     lines = ["# Population Based Training report", ""]
     if lineage is not None:
         lines.append(f"- lineage: `{lineage}`")
+    ready = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} per member (asynchronous)"
     lines.append(
-        f"- members: {len(by_member)}, ready steps: {len(steps)}" + (f" (last at step {steps[-1]})" if steps else "")
+        f"- members: {len(by_member)}, ready steps: {ready}" + (f" (last at step {steps[-1]})" if steps else "")
     )
     lines.append(f"- mode: {mode}" + (f" ({mode_source})" if mode_source else ""))
     lines.append("")
@@ -357,31 +364,33 @@ def _ancestry(by_member: Mapping[int, list[LineageRecord]], member: int, last: i
     """``[(member, from_step, to_step)]``: whose weights ``member``'s final model was in, when.
 
     The same walk as :func:`lightning_pbt.lineage.member_schedule`: an exploit at step s from p means
-    the weights were p's before s.
+    the weights were p's before s (before the donor step in an asynchronous run); steps are each
+    member's own.
     """
     segments: list[tuple[int, int, int]] = []
     current, upper, inclusive = member, last, True
     for _ in range(sum(len(v) for v in by_member.values()) + 1):
         own = [r for r in by_member.get(current, []) if (r.step <= upper if inclusive else r.step < upper)]
-        start, parent = (own[0].step if own else 0), None
+        start, parent, copied_at = (own[0].step if own else 0), None, 0
         for record in reversed(own):
             if record.event in ("init", "rejuvenate"):
                 start = record.step
                 break
             if record.event == "exploit" and record.parent != current:
-                start, parent = record.step, record.parent
+                start, parent, copied_at = record.step, record.parent, _donor_step(record)
                 break
         segments.append((current, start, upper))
         if parent is None:
             break
-        current, upper, inclusive = parent, start, False
+        current, upper, inclusive = parent, copied_at, False
     return segments
 
 
 def plot_lineage_tree(
     records: Sequence[LineageRecord], path: str | os.PathLike[str], highlight: int | None = None
 ) -> Path:
-    """Members on the y axis, steps on the x axis; an arrow per exploit from the donor to the copier.
+    """Members on the y axis, steps on the x axis; an arrow per exploit from the donor to the copier
+    (from the donor's step to the copier's: they differ in an asynchronous run).
 
     A member's line is coloured by the member its weights originally came from, so a lineage that
     takes over the population shows as one colour spreading; ``highlight``'s ancestry is drawn in black.
@@ -409,7 +418,7 @@ def plot_lineage_tree(
                 ax.annotate(
                     "",
                     xy=(step, record.member),
-                    xytext=(step, record.parent),
+                    xytext=(_donor_step(record), record.parent),
                     arrowprops={"arrowstyle": "->", "color": colors[before[record.parent]], "lw": 1.2},
                 )
                 origin[record.member] = before[record.parent]

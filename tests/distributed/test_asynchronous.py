@@ -167,7 +167,8 @@ def test_a_stopped_member_stays_a_donor_and_nobody_waits_for_it(run_4x1):
 
 
 def test_resume_continues_each_members_lineage(tmp_path):
-    common = {"synchronous": False, "devices": 2, "member_size": 1, "every": EVERY, "ckpt_every": EVERY}
+    common = {"synchronous": False, "flavour": "lightning", "devices": 2, "member_size": 1, "every": EVERY}
+    common["ckpt_every"] = EVERY
     first = run_population(tmp_path, max_steps=12, slow_members=[1], slow_delay=0.03, **common)
     assert first.returncode == 0, first.stdout[-4000:]
     before = load_lineage(tmp_path)

@@ -17,12 +17,11 @@ from lightning_pbt.lineage import (
     member_schedule,
     read_lineage,
     truncate_after,
+    truncate_members_after,
 )
 
 
-def rec(
-    step: int, member: int, event: str, parent: int, lr: float, score: float | None = 0.5
-) -> LineageRecord:
+def rec(step: int, member: int, event: str, parent: int, lr: float, score: float | None = 0.5) -> LineageRecord:
     return LineageRecord(
         step=step,
         epoch=step // 10,
@@ -156,3 +155,57 @@ def test_final_records_and_best_member() -> None:
     assert best_member([*records, rec(50, 1, "keep", 1, 0.1, 0.75)], "max") == 0  # tie: lower id
     with pytest.raises(ValueError, match="no member has a finite score"):
         best_member(records[:2], "max")
+
+
+def async_lineage() -> list[LineageRecord]:
+    """Asynchronous: member 0 (fast) and 1 (slow) have their own steps. At its step 8, member 1 copies
+    member 0's snapshot of step 24; member 0 ran lr 0.1 until 16, then 0.2."""
+    return [
+        rec(0, 0, "init", 0, 0.1, None),
+        rec(0, 1, "init", 1, 0.5, None),
+        rec(8, 0, "keep", 0, 0.1),
+        rec(16, 0, "keep", 0, 0.2),
+        rec(4, 1, "keep", 1, 0.5),
+        rec(24, 0, "keep", 0, 0.2),
+        LineageRecord(8, 0, 1, 0.4, "exploit", 0, {"lr": 0.3}, donor_step=24),
+        rec(12, 1, "keep", 1, 0.3),
+        rec(32, 0, "keep", 0, 0.25),
+    ]
+
+
+def test_asynchronous_schedule_counts_the_training_the_weights_received() -> None:
+    # Member 1's final weights: member 0's first 24 steps (0.1, then 0.2 from 16), then member 1's own
+    # steps from 8 on, which continue the copied weights at their 24th step: 0.3 from 24 + (8 - 8).
+    assert member_schedule(async_lineage(), 1) == [(0, {"lr": 0.1}), (16, {"lr": 0.2}), (24, {"lr": 0.3})]
+    # Member 0 never copied: its own steps.
+    assert member_schedule(async_lineage(), 0) == [(0, {"lr": 0.1}), (16, {"lr": 0.2}), (32, {"lr": 0.25})]
+
+
+def test_donor_step_round_trips_and_appears_only_when_set(tmp_path) -> None:
+    path = tmp_path / "lineage.jsonl"
+    with LineageWriter(path) as writer:
+        writer.write(async_lineage())
+    back = read_lineage(path)
+    assert back == async_lineage()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line.get("donor_step") for line in lines if "donor_step" in line] == [24]
+
+
+def test_truncating_per_member_keeps_each_members_own_steps(tmp_path) -> None:
+    path = tmp_path / "lineage.jsonl"
+    with LineageWriter(path) as writer:
+        writer.write(async_lineage())
+    assert truncate_members_after(path, {0: 16, 1: 4}) == 5
+    assert [(r.member, r.step) for r in read_lineage(path)] == [(0, 0), (1, 0), (0, 8), (0, 16), (1, 4)]
+
+
+def test_background_writes_are_durable_before_the_next_one_and_at_close(tmp_path) -> None:
+    path = tmp_path / "lineage.jsonl"
+    writer = LineageWriter(path)
+    writer.write_in_background(lineage()[:2])
+    writer.wait()
+    assert len(read_lineage(path)) == 2
+    writer.write_in_background(lineage()[2:4])
+    writer.write_in_background(lineage()[4:6])  # waits for the previous one first
+    writer.close()
+    assert read_lineage(path) == lineage()[:6]

@@ -129,3 +129,24 @@ def test_cli_prints_markdown_and_reports_errors(run_dir, tmp_path, capsys):
 def test_summary_markdown_without_files():
     text = summary_markdown(records(), "max")
     assert "members: 3, ready steps: 3 (last at step 30)" in text
+
+
+def test_asynchronous_lineage_with_steps_that_do_not_line_up(tmp_path):
+    """Member 1 (slow) copies member 0's snapshot of step 24 at its own step 8 (``donor_step``)."""
+    lines = [
+        rec(0, 0, None, "init", lr=0.1), rec(0, 1, None, "init", lr=0.5),
+        rec(8, 0, 0.6, lr=0.1), rec(4, 1, 0.2, lr=0.5), rec(16, 0, 0.7, lr=0.2), rec(24, 0, 0.8, lr=0.2),
+        LineageRecord(8, 0, 1, 0.3, "exploit", 0, {"lr": 0.3, "opt": "sgd"}, donor_step=24),
+        rec(12, 1, 0.9, lr=0.3), rec(32, 0, 0.85, lr=0.2),
+    ]
+    # The exploit compares the copier's score with the donor's at the donor's step (0.3 -> 0.8): max.
+    assert infer_mode(lines) == ("max", "the direction of the recorded exploits")
+    with LineageWriter(tmp_path / "pbt" / "lineage.jsonl") as writer:
+        writer.write(lines)
+    report = make_report(tmp_path, mode="max")
+    for name in ("hyperparameters", "scores", "lineage_tree"):
+        assert report.files[name].read_bytes().startswith(PNG)
+    assert "ready steps: 3-4 per member (asynchronous)" in report.markdown
+    assert "## Best member: 1" in report.markdown
+    schedule = json.loads((tmp_path / "pbt" / "schedule.json").read_text())["schedule"]
+    assert [entry["step"] for entry in schedule] == [0, 16, 24]  # member 0's steps, then 1's from 24
