@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_pbt tests examples bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(ARGS)
+
+# The GPU tier on a CUDA machine whose python already has torch, Lightning and pytest (no set-up, no
+# Hydra needed): `make test-gpu PYTHON=python3`.
+test-gpu:
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PYTHON) -m pytest -p no:cacheprovider -o addopts="-ra --durations=10" tests/gpu $(ARGS)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench $(ARGS)

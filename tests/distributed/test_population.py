@@ -32,12 +32,14 @@ def run_2x2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_4x1(tmp_path_factory) -> Path:
-    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler."""
+    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler; two ranks per
+    device (``processes_per_device=2``: Trainer(devices=2) under ``--nproc_per_node=4``)."""
     out = tmp_path_factory.mktemp("run_4x1")
     proc = run_population(
         out,
         torchrun=True,
         devices=4,
+        processes_per_device=2,
         member_size=1,
         max_steps=STEPS,
         every=EVERY,
@@ -127,12 +129,11 @@ def test_exploit_copies_the_donors_state_bit_exactly(layout, request):
             donor_rank = next(r for r in ranks if r["member"] == rec["parent"] and r["global_rank"] == j)
             donor_before = {r["step"]: r for r in donor_rank["before"]}[rec["step"]]
             mine = after[rec["step"]]
+            moved = ("model", "optimizer", "schedulers", "precision")
             if rec["event"] == "exploit":
-                assert mine["model"] == donor_before["model"]
-                assert mine["optimizer"] == donor_before["optimizer"]
+                assert [mine[k] for k in moved] == [donor_before[k] for k in moved]
             else:
-                assert mine["model"] == before[rec["step"]]["model"]
-                assert mine["optimizer"] == before[rec["step"]]["optimizer"]
+                assert [mine[k] for k in moved] == [before[rec["step"]][k] for k in moved]
 
 
 def test_lineage_has_init_and_one_line_per_member_per_ready_step(run_2x2):
@@ -230,10 +231,12 @@ def test_same_seed_gives_identical_lineage(run_2x2, tmp_path):
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
 def test_member_stopping_early_ends_without_hang(tmp_path):
-    """Member 1 stops at step 8; member 0 goes on to max_steps; nothing hangs."""
+    """Member 1 stops at step 8; member 0 goes on to max_steps; nothing hangs. Both members share one
+    device: Lightning's launcher starts Trainer(devices=1) x processes_per_device=2 processes."""
     proc = run_population(
         tmp_path,
         devices=2,
+        processes_per_device=2,
         member_size=1,
         max_steps=STEPS,
         every=EVERY,
@@ -243,6 +246,7 @@ def test_member_stopping_early_ends_without_hang(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     ranks = {r["member"]: r for r in load_ranks(tmp_path)}
+    assert len(ranks) == 2 and {r["population_backend"] for r in ranks.values()} == {"gloo"}
     assert ranks[1]["global_step"] == 8
     assert ranks[0]["global_step"] == STEPS
     lineage = load_lineage(tmp_path)

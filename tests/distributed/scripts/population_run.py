@@ -48,7 +48,18 @@ def state_digest(trainer) -> dict:
         for v in s.values()
         if isinstance(v, torch.Tensor)
     ]
-    return {"model": digest(module.state_dict().values()), "optimizer": digest(opt_tensors)}
+    # Where each LR scheduler is (its lr values follow the hyperparameters, which explore changes).
+    schedulers = [
+        {k: v for k, v in config.scheduler.state_dict().items() if k in ("last_epoch", "_step_count")}
+        for config in trainer.lr_scheduler_configs
+    ]
+    return {
+        "model": digest(module.state_dict().values()),
+        "optimizer": digest(opt_tensors),
+        "schedulers": hashlib.sha256(json.dumps(schedulers, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        # the precision plugin's state: the GradScaler's scale and growth tracker under 16-mixed
+        "precision": json.dumps(trainer.precision_plugin.state_dict(), sort_keys=True, default=float),
+    }
 
 
 def submodule_digests(trainer, names=("body.0", "body.3")) -> dict:
@@ -193,7 +204,8 @@ if cfg.get("kill_world_rank") is not None:
 
     callbacks.append(Kill())
 trainer = pl.Trainer(
-    accelerator="cpu",
+    accelerator=cfg.get("accelerator", "cpu"),
+    precision=cfg.get("precision", "32-true"),
     devices=cfg["devices"] // cfg.get("processes_per_device", 1),
     strategy=PopulationStrategy(
         member_size=cfg["member_size"], processes_per_device=cfg.get("processes_per_device", 1), timeout=60
@@ -235,6 +247,8 @@ trainer.fit(model, train, val, ckpt_path=ckpt_path)
 result = {
     "package": type(trainer).__module__.split(".")[0],
     "world_rank": trainer.strategy.world_rank,
+    "device": str(trainer.strategy.root_device),
+    "population_backend": trainer.strategy.population.backend_name,
     "member": trainer.strategy.member_id,
     "global_rank": trainer.global_rank,
     "world_size": trainer.world_size,
