@@ -21,7 +21,8 @@ What a user sees:
   before ``Trainer.fit`` can call :func:`member_id_from_env` to seed themselves.
 - Loggers and checkpoints go to ``member_<id>/`` under the run directory, which population rank 0
   chooses for everyone (so differing working directories, e.g. Hydra's, cannot split a run).
-- Only population rank 0 shows the progress bar and Lightning's info messages.
+- Only population rank 0 shows the progress bar and Lightning's (and our) info messages and warnings;
+  errors appear from every rank.
 
 Without the PBT callback the members train independently: a parallel random search.
 """
@@ -32,6 +33,7 @@ import atexit
 import contextlib
 import logging
 import os
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -58,13 +60,18 @@ __all__ = ["PopulationStrategy", "check_supported", "member_id_from_env"]
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+# Quieted on population ranks != 0: every member's rank 0 is a rank 0 for Lightning (rank_zero_only),
+# so Lightning's rank-zero messages would otherwise appear once per member instead of once per run.
 _QUIET_LOGGERS = (
     "pytorch_lightning",
     "lightning.pytorch",
     "lightning_fabric",
     "lightning.fabric",
+    "lightning_utilities",
     "lightning_pbt",
 )
+# Warnings attributed to these packages (rank_zero_warn points at its Lightning caller).
+_QUIET_WARNING_MODULES = r"(pytorch_lightning|lightning_fabric|lightning_utilities|lightning_pbt|lightning)(\.|$)"
 
 
 def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None) -> int:
@@ -145,6 +152,11 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 # Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
 _FIT_CKPT_INDEX = 4
+
+
+def _is_save_config_callback(callback: Any) -> bool:
+    """LightningCLI's ``SaveConfigCallback`` (or a subclass), known by name: importing ``cli`` is costly."""
+    return any(cls.__name__ == "SaveConfigCallback" for cls in type(callback).__mro__)
 
 
 def _pbt_state(path: str) -> dict[str, Any]:
@@ -457,6 +469,10 @@ class PopulationStrategy(DDPStrategy):
                 callback.dirpath = os.path.join(os.path.abspath(callback.dirpath), member_dir)
             elif isinstance(callback, ModelCheckpoint) and not trainer.loggers:
                 callback.dirpath = os.path.join(self._scoped_root, member_dir, "checkpoints")
+            elif _is_save_config_callback(callback) and not trainer.loggers and topology.member_id != 0:
+                # Without a logger LightningCLI writes config.yaml into the run directory, which every
+                # member shares; every member parsed the same command line, so member 0 writes it once.
+                callback.save_to_log_dir = False
 
     def _agree_on_run_dir(self, trainer: Any) -> None:
         """Population rank 0's ``default_root_dir`` becomes everyone's run directory.
@@ -550,13 +566,20 @@ class PopulationStrategy(DDPStrategy):
             )
 
     def _quiet_console(self, trainer: Any) -> None:
+        """One console per population: the progress bar, info and warnings on population rank 0 only.
+
+        Lightning's and our own messages are the same in every member, so the other ranks drop them;
+        errors (logged at ERROR, exceptions and tracebacks) still appear from every rank. Loggers stay
+        member-scoped: ``rank_zero_only.rank`` is untouched.
+        """
         if self.world_rank == 0:
             return
         progress_bar = trainer.progress_bar_callback
         if progress_bar is not None:
             progress_bar.disable()
         for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
 
     @override
     def _configure_launcher(self) -> None:

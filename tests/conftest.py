@@ -32,12 +32,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_job(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
-    """Start ``args`` in its own process group (so that every rank it starts can be killed at once)."""
+def start_job(args: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    """Start ``args`` in its own process group (so that every rank it starts can be killed at once).
+
+    ``env`` adds to (or overrides) :func:`child_env`, e.g. ``PYTHONWARNINGS="default"`` to see warnings.
+    """
     return subprocess.Popen(
         args,
         cwd=cwd or REPO,
-        env=child_env(),
+        env=child_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -45,12 +48,12 @@ def start_job(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
     )
 
 
-def run_job(args: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_job(args: list[str], timeout: float, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments) to completion; a hang fails the test at ``timeout``.
 
     The child gets its own process group so that a timeout kills every rank it started.
     """
-    proc = start_job(args, cwd)
+    proc = start_job(args, cwd, **env)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,80 @@
+"""One console per population: what population ranks other than 0 still print.
+
+Every member's rank 0 is a rank 0 for Lightning, so without the strategy's quieting Lightning's
+rank-zero warnings and info messages would appear once per member. In-process: no process group, the
+strategy is given a topology by hand. A multi-process run checks the same with real Lightning warnings
+(tests/examples/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import SimpleNamespace
+
+import pytest
+
+from lightning_pbt.strategy import _QUIET_LOGGERS, PopulationStrategy
+from lightning_pbt.topology import PopulationTopology
+
+
+@pytest.fixture
+def restore_console():
+    """The quieting changes process-wide state; put it back for the other tests."""
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _quieted_strategy(world_rank: int) -> PopulationStrategy:
+    strategy = PopulationStrategy(member_size=1)
+    strategy.topology = PopulationTopology(world_size=2, world_rank=world_rank, member_size=1)
+    bar = SimpleNamespace(disabled=False)
+    bar.disable = lambda: setattr(bar, "disabled", True)
+    strategy._quiet_console(SimpleNamespace(progress_bar_callback=bar))
+    strategy.bar = bar
+    return strategy
+
+
+WARNINGS_BY_MODULE = {
+    "lightning.pytorch.loops.fit_loop": "from lightning.pytorch",
+    "pytorch_lightning.trainer.connectors.data_connector": "from pytorch_lightning",
+    "lightning_fabric.utilities.rank_zero": "from lightning_fabric",
+    "lightning_pbt.callback": "from lightning_pbt",
+    "__main__": "from the user's script",
+    "torch.distributed": "from torch",
+    "lightningfast": "from another package whose name starts with lightning",
+}
+
+
+def _emit_warnings() -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        for module, text in WARNINGS_BY_MODULE.items():
+            warnings.warn_explicit(text, UserWarning, f"{module}.py", 1, module=module)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.usefixtures("restore_console")
+def test_population_ranks_other_than_zero_drop_lightning_and_pbt_warnings_and_info():
+    warnings.simplefilter("always")  # what the user's own settings may be; the quieting comes first
+    strategy = _quieted_strategy(world_rank=1)
+    assert strategy.bar.disabled
+    assert _emit_warnings() == [
+        "from the user's script",
+        "from torch",
+        "from another package whose name starts with lightning",
+    ]
+    for name in ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning", "lightning_fabric", "lightning_pbt"):
+        logger = logging.getLogger(name)
+        assert not logger.isEnabledFor(logging.WARNING), name
+        assert logger.isEnabledFor(logging.ERROR), name  # errors still appear from every rank
+
+
+@pytest.mark.usefixtures("restore_console")
+def test_population_rank_zero_keeps_everything():
+    warnings.simplefilter("always")
+    strategy = _quieted_strategy(world_rank=0)
+    assert not strategy.bar.disabled
+    assert _emit_warnings() == list(WARNINGS_BY_MODULE.values())
