@@ -130,8 +130,10 @@ class ObservationLog:
             and now is not None
         ):
             start, before, _ = opened
-            self.observations.append(Observation(member, start, step, values, (now - before) / (step - start)))
-            del self.observations[: -self.max_observations]
+            rate = (now - before) / (step - start)
+            if math.isfinite(rate):  # scores near the float limits can overflow
+                self.observations.append(Observation(member, start, step, values, rate))
+                del self.observations[: -self.max_observations]
         self._open[member] = (int(step), now, values)
 
     def restart(self, member: int, step: int, score: float | None, hyperparameters: Mapping[str, Any]) -> None:
@@ -163,32 +165,45 @@ class ObservationLog:
 class TimeVaryingGP:
     """GP regression with the time-varying kernel, fitted by maximum marginal likelihood (scipy)."""
 
-    def __init__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, start: Sequence[float] | None = None) -> None:
+        """Fit on inputs ``x`` (n, d) in [0, 1], times ``t`` (n,) and targets ``y`` (n,); ``start``: a previous
+        fit's :attr:`theta` to start the likelihood search from (else two fixed starting points)."""
         self.x, self.t = np.asarray(x, float), np.asarray(t, float)
         y = np.asarray(y, float)
         self.y_mean, self.y_std = float(y.mean()), float(y.std())
         self.y = (y - self.y_mean) / (self.y_std if self.y_std > 0 else 1.0)
-        fits = [
-            optimize.minimize(self._nll, np.array(s), jac=True, method="L-BFGS-B", bounds=_BOUNDS)
-            for s in _THETA_STARTS
-        ]
+        self._sq = cdist(self.x, self.x, "sqeuclidean")
+        self._dt = np.abs(self.t[:, None] - self.t[None, :])
+        # A previous fit is usually close (the window changed by one plan), so one search from it is enough;
+        # the first fixed point replaces it when it is already more likely (a previous fit gone stale).
+        starts: Sequence[Any] = _THETA_STARTS
+        if start is not None:
+            starts = [min((np.clip(start, *np.array(_BOUNDS).T), np.array(_THETA_STARTS[0])), key=self._nll_only)]
+        fits = [optimize.minimize(self._nll, np.array(s), jac=True, method="L-BFGS-B", bounds=_BOUNDS) for s in starts]
         self.theta = np.array(min(fits, key=lambda r: (float(r.fun), tuple(r.x))).x)
-        self._chol = linalg.cho_factor(self._gram(self.theta), lower=True)
+        self._chol = linalg.cho_factor(self._gram(self.theta)[1], lower=True)
         self._alpha = linalg.cho_solve(self._chol, self.y)
 
     @staticmethod
     def kernel(theta: np.ndarray, xa: np.ndarray, ta: np.ndarray, xb: np.ndarray, tb: np.ndarray) -> np.ndarray:
-        s2, length, eps = math.exp(theta[0]), math.exp(theta[1]), float(theta[2])
-        space = np.exp(-cdist(xa, xb, "sqeuclidean") / (2.0 * length**2))
-        return s2 * space * np.exp(0.5 * np.abs(ta[:, None] - tb[None, :]) * math.log1p(-eps))
+        return TimeVaryingGP._kernel(theta, cdist(xa, xb, "sqeuclidean"), np.abs(ta[:, None] - tb[None, :]))
 
-    def _gram(self, theta: np.ndarray) -> np.ndarray:
-        return self.kernel(theta, self.x, self.t, self.x, self.t) + (math.exp(theta[3]) + 1e-8) * np.eye(len(self.y))
+    @staticmethod
+    def _kernel(theta: np.ndarray, sq: np.ndarray, dt: np.ndarray) -> np.ndarray:
+        s2, length, eps = math.exp(theta[0]), math.exp(theta[1]), float(theta[2])
+        return s2 * np.exp(-sq / (2.0 * length**2) + 0.5 * math.log1p(-eps) * dt)
+
+    def _gram(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel matrix of the observations, and the same plus the noise."""
+        k = self._kernel(theta, self._sq, self._dt)
+        return k, k + (math.exp(theta[3]) + 1e-8) * np.eye(len(self.y))
+
+    def _nll_only(self, theta: np.ndarray) -> float:
+        return self._nll(theta)[0]
 
     def _nll(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Negative log marginal likelihood and its gradient in (log s2, log l, eps, log noise)."""
-        k = self.kernel(theta, self.x, self.t, self.x, self.t)
-        gram = k + (math.exp(theta[3]) + 1e-8) * np.eye(len(self.y))
+        k, gram = self._gram(theta)
         try:
             chol = linalg.cho_factor(gram, lower=True)
         except linalg.LinAlgError:
@@ -199,15 +214,23 @@ class TimeVaryingGP:
             + float(np.sum(np.log(np.diag(chol[0]))))
             + 0.5 * len(self.y) * math.log(2 * math.pi)
         )
-        inner = np.outer(alpha, alpha) - linalg.cho_solve(chol, np.eye(len(self.y)))
+        # d nll / d theta_i = -1/2 tr((alpha alpha^T - K^-1) dK/dtheta_i)
+        inverse, info = linalg.lapack.dpotri(chol[0], lower=1)  # K^-1 from the factor (lower triangle)
+        if info != 0:
+            return 1e25, np.zeros(4)
+        inverse = np.tril(inverse)
+        inverse += inverse.T - np.diag(np.diag(inverse))
+        inner = np.outer(alpha, alpha) - inverse
+        weighted = inner * k
         length, eps = math.exp(theta[1]), float(theta[2])
-        derivatives = (
-            k,
-            k * cdist(self.x, self.x, "sqeuclidean") / length**2,
-            k * (-0.5 * np.abs(self.t[:, None] - self.t[None, :]) / (1.0 - eps)),
-            math.exp(theta[3]) * np.eye(len(self.y)),
+        grad = -0.5 * np.array(
+            [
+                np.sum(weighted),
+                np.sum(weighted * self._sq) / length**2,
+                -0.5 * np.sum(weighted * self._dt) / (1.0 - eps),
+                math.exp(theta[3]) * np.trace(inner),
+            ]
         )
-        grad = np.array([-0.5 * float(np.sum(inner * d)) for d in derivatives])
         return nll, grad
 
     def mean(self, x: np.ndarray, t: float) -> np.ndarray:
@@ -264,6 +287,7 @@ class PB2:
             raise ValueError(f"min_observations must be None or an integer >= 2, got {min_observations!r}")
         self.min_observations = default_min if min_observations is None else min_observations
         self.log = ObservationLog(self.space, mode, max_observations)
+        self.theta: list[float] | None = None  # the last fit's kernel parameters: the next fit starts there
 
     def model(self) -> tuple[TimeVaryingGP, float] | None:
         """The GP on the current window and its time unit (steps), or ``None`` without enough data."""
@@ -275,7 +299,9 @@ class PB2:
             return None
         unit = float(max(np.median([o.end - o.start for o in obs]), 1))
         x = np.array([self._unit(o.values) for o in obs])
-        return TimeVaryingGP(x, np.array([o.start for o in obs]) / unit, y), unit
+        gp = TimeVaryingGP(x, np.array([o.start for o in obs]) / unit, y, start=self.theta)
+        self.theta = [float(v) for v in gp.theta]
+        return gp, unit
 
     def _unit(self, values: Sequence[float]) -> list[float]:
         return [_to_unit(self.space[name], v) for name, v in zip(self.names, values, strict=True)]
@@ -337,7 +363,9 @@ class PB2:
         return best_x
 
     def state_dict(self) -> dict[str, Any]:
-        return self.log.state_dict()
+        return {**self.log.state_dict(), "theta": self.theta}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.log.load_state_dict(state)
+        theta = state.get("theta")
+        self.theta = None if theta is None else [float(v) for v in theta]
