@@ -172,6 +172,15 @@ def test_state_round_trip_continues_with_the_same_plan() -> None:
     resumed.load_state_dict(state)
     assert resumed.plan(40, snaps) == expected
 
+    def plain(value: object) -> bool:  # broadcast as JSON and saved for torch.load(weights_only=True)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or type(value) in (int, float, str, bool)
+
+    assert state["pb2"]["theta"] is not None and plain(scheduler.state_dict())
+
 
 def test_state_of_another_explore_or_version_is_refused() -> None:
     pb2, perturb = PBTScheduler(SPACE, explore="pb2"), PBTScheduler(SPACE)
@@ -237,7 +246,7 @@ def test_a_batch_of_losers_spreads_out() -> None:
 
 @st.composite
 def spaces(draw: st.DrawFn) -> dict:
-    kinds = draw(st.lists(st.sampled_from(["uniform", "log", "int", "choice"]), min_size=1, max_size=4))
+    kinds = draw(st.lists(st.sampled_from(["uniform", "log", "int", "choice", "extreme"]), min_size=1, max_size=4))
     space: dict = {}
     for i, kind in enumerate(kinds):
         if kind == "uniform":
@@ -249,6 +258,10 @@ def spaces(draw: st.DrawFn) -> dict:
         elif kind == "int":
             low = draw(st.integers(-1000, 1000))
             space[f"i{i}"] = IntUniform(low, low + draw(st.integers(1, 1000)))
+        elif kind == "extreme":  # the widest bounds each domain accepts
+            space[f"e{i}"] = draw(
+                st.sampled_from([Uniform(-1e308, 1e308), LogUniform(1e-300, 1e300), IntUniform(-(2**63), 2**63 - 1)])
+            )
         else:
             space[f"c{i}"] = Choice(("a", "b", "c"))
     if not continuous_names(space):
