@@ -178,6 +178,9 @@ def run_seed(seed: int, members: int, steps: int, ready: int) -> dict[str, Any]:
         schedule = entry[arm].get("schedule")
         if schedule:
             entry[arm]["lr_at"] = {f"{q}%": lr_at(schedule, int(steps * q / 100)) for q in (10, 50, 90)}
+            # One line in the JSON: "step:lr" whenever the best member's rate changed
+            entry[arm]["schedule"] = " ".join(f"{step}:{lr:.4g}" for step, lr in schedule)
+    entry["random_search"].pop("schedule", None)  # a constant: start_lrs has it
     return entry
 
 
