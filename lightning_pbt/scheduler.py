@@ -185,7 +185,11 @@ class PBTScheduler:
         steps = {m: step if by_member[m].step is None else int(by_member[m].step) for m in members}  # type: ignore[arg-type]
         if self.pb2 is not None:
             for m in members:
-                self.pb2.log.observe(m, steps[m], by_member[m].score, by_member[m].hyperparameters)
+                snap = by_member[m]
+                if snap.can_exploit:
+                    self.pb2.log.observe(m, steps[m], snap.score, snap.hyperparameters)
+                else:  # a finished member does not train: a plan's step passing is no observation of it
+                    self.pb2.log.restart(m, steps[m], None, snap.hyperparameters)
         keep = {m: MemberPlan(m, "keep", m, dict(by_member[m].hyperparameters)) for m in members}
         if step < self.burn_in or not members:
             return keep

@@ -71,6 +71,13 @@ def test_synchronous_snapshots_make_one_observation_per_member_and_interval() ->
     assert scheduler.pb2.log.observations[2:] == [Observation(1, 20, 30, (0.1,), pytest.approx(-0.1))]
 
 
+def test_a_finished_member_makes_no_observation() -> None:
+    scheduler = PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, burn_in=NEVER, explore="pb2")
+    for step in (10, 20, 30):  # the plan's step moves on; the finished member's score does not
+        scheduler.plan(step, [MemberSnapshot(0, 1.0, {"lr": 0.01}, can_exploit=False)])
+    assert scheduler.pb2.log.observations == []
+
+
 def test_minimising_scores_are_oriented_so_larger_is_better() -> None:
     scheduler = PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, mode="min", burn_in=NEVER, explore="pb2")
     scheduler.plan(10, [MemberSnapshot(0, 3.0, {"lr": 0.01})])
