@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ("transfer", "ready_step", "overhead", "quality")
+ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule")
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -171,7 +171,87 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                  _spread(s["default"]["mean_member_test_acc"]),
                  "PBT wins/ties/losses: {wins}/{ties}/{losses}".format(**w["pbt_vs_default"])]]
         out += _table(["arm", "best member's test accuracy", "mean member's test accuracy", "paired by seed"], rows)
+    if "schedule" in results:
+        out += render_schedule(results["schedule"])
     return "\n".join(out) + "\n"
+
+
+SCHEDULE_ARMS = (
+    ("pbt", "PBT"),
+    ("pb2", "PB2"),
+    ("random_search", "random search"),
+    ("cosine", "cosine from the grid's best"),
+    ("grid", "grid: best constant (oracle)"),
+)
+SCHEDULE_PAIRS = (
+    ("pb2_vs_pbt", "PB2 vs PBT"),
+    ("pbt_vs_random_search", "PBT vs random"),
+    ("pb2_vs_random_search", "PB2 vs random"),
+    ("pbt_vs_grid", "PBT vs grid"),
+    ("pb2_vs_grid", "PB2 vs grid"),
+    ("pbt_vs_cosine", "PBT vs cosine"),
+    ("pb2_vs_cosine", "PB2 vs cosine"),
+)
+
+
+def render_schedule(r: dict[str, Any]) -> list[str]:
+    """Section 5: the schedule task (lower excess risk is better)."""
+    cfg = r["config"]
+    out = [
+        "",
+        "## 5. Schedules: a task where the best learning rate changes during training",
+        "",
+        f"`{r['command']}`, {r['date']}. Noisy quadratic model: linear regression, {cfg['dim']} dimensions "
+        f"({cfg['input_variances']}), minibatch SGD (batch {cfg['batch']}), {cfg['steps']} steps, "
+        f"{cfg['space']}, {len(cfg['seeds'])} seeds. The population runs in one process with the library's "
+        "`PBTScheduler` (see `bench/schedule.py`). Test excess risk of the member with the best final "
+        "validation loss (lower is better), median [min, max] over seeds; the grid costs "
+        f"{len(cfg['grid'])} runs, the other arms one run per member.",
+        "",
+    ]
+    rows = [
+        [f"{row['members']} x every {row['ready']}"]
+        + [_spread(row["summary"][arm]["excess_risk"], 4) for arm, _ in SCHEDULE_ARMS]
+        for row in r["rows"]
+    ]
+    out += _table(["members x ready steps", *(label for _, label in SCHEDULE_ARMS)], rows)
+    out += [
+        "",
+        "Paired by seed, wins/ties/losses of the first arm (lower excess risk wins), and the median "
+        "ratio of each arm's excess risk to the grid's:",
+        "",
+    ]
+    rows = [
+        [f"{row['members']} x every {row['ready']}"]
+        + ["{wins}/{ties}/{losses}".format(**row["wins"][key]) for key, _ in SCHEDULE_PAIRS]
+        + [" / ".join(_f(row["summary"][arm]["ratio_to_grid"]["median"]) for arm in ("pbt", "pb2", "cosine"))]
+        for row in r["rows"]
+    ]
+    out += _table(
+        ["members x ready steps", *(label for _, label in SCHEDULE_PAIRS), "ratio to grid: PBT / PB2 / cosine"], rows
+    )
+    out += [
+        "",
+        "The schedules found: learning rate of the best member at 10 % / 50 % / 90 % of training (median "
+        "over seeds), the grid's best constant, and PB2's decision time per ready step:",
+        "",
+    ]
+    rows = []
+    for row in r["rows"]:
+        s = row["summary"]
+        found = [
+            " / ".join(f"{s[arm]['lr_at'][q]['median']:.3g}" for q in ("10%", "50%", "90%")) for arm in ("pbt", "pb2")
+        ]
+        rows.append(
+            [
+                f"{row['members']} x every {row['ready']}",
+                *found,
+                f"{s['grid']['lr']['median']:.3g}",
+                _f(s["pb2"]["decide_ms_per_ready_step"]["median"], 0),
+            ]
+        )
+    out += _table(["members x ready steps", "PBT", "PB2", "grid's best constant", "PB2 ms per ready step"], rows)
+    return out
 
 
 def write_report(folder: Path) -> Path:

@@ -34,7 +34,7 @@ from lightning_pbt.apply import (
 from lightning_pbt.exploit import make_exploit_rule
 from lightning_pbt.explore import Explorer
 from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
-from lightning_pbt.scheduler import PBTScheduler
+from lightning_pbt.scheduler import EXPLORE_METHODS, PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
 
 from ._lightning import Callback, TrainerFn, pl
@@ -69,6 +69,9 @@ class PopulationBasedTraining(Callback):
         perturbation_factors: factors a perturbed value is multiplied by.
         custom_explore: a function (or its dotted import path) ``fn(hyperparameters, space, rng) -> dict``
             replacing the default explore.
+        explore: ``"perturb"`` (perturbation factors / resampling) or ``"pb2"``: a time-varying GP bandit
+            fitted on the population's history proposes the continuous values (Parker-Holder et al. 2020;
+            see :mod:`lightning_pbt.pb2`); choices, and everything until it has enough data, are perturbed.
         start_hyperparameters: values every member starts with (others are sampled per member).
         rejuvenate_patience: re-initialise a member's weights after this many ready steps without
             improvement (``None``: never). Its hyperparameters, step count and LR schedulers stay as
@@ -94,6 +97,7 @@ class PopulationBasedTraining(Callback):
         resample_probability: float = 0.25,
         perturbation_factors: Sequence[float] = (0.8, 1.2),
         custom_explore: Callable[..., Mapping[str, Any]] | str | None = None,
+        explore: str = "perturb",
         start_hyperparameters: Mapping[str, Any] | None = None,
         rejuvenate_patience: int | None = None,
         rejuvenate_modules: Sequence[str] | str | None = None,
@@ -150,6 +154,14 @@ class PopulationBasedTraining(Callback):
             if exploit == "truncation"
             else (make_exploit_rule(exploit))
         )
+        if explore not in EXPLORE_METHODS:
+            raise ValueError(f"PopulationBasedTraining: explore must be one of {EXPLORE_METHODS}, got {explore!r}")
+        if explore != "perturb" and custom_explore is not None:
+            raise ValueError(
+                f"PopulationBasedTraining: explore={explore!r} and custom_explore exclude each other; "
+                "custom_explore replaces the perturb explore, so leave explore='perturb' to use it"
+            )
+        self.explore = explore
         explorer = Explorer(self.space, perturbation_factors, resample_probability, custom_explore)
         self.scheduler = PBTScheduler(
             self.space,
@@ -159,6 +171,7 @@ class PopulationBasedTraining(Callback):
             burn_in=burn_in,
             rejuvenate_patience=rejuvenate_patience,
             seed=seed,
+            explore=explore,
         )
         self.book = PopulationBook()
         self._restored = False

@@ -89,6 +89,7 @@ class PopulationBasedTrainingConf:
     resample_probability: float = 0.25
     perturbation_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
     custom_explore: str | None = None
+    explore: str = "perturb"
     start_hyperparameters: dict[str, Any] | None = None
     rejuvenate_patience: int | None = None
     rejuvenate_modules: list[str] | None = None

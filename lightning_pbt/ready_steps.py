@@ -464,7 +464,7 @@ class AsynchronousReadySteps(ReadySteps):
         super().__init__(**kwargs)
         self.server: SnapshotServer | None = None
         self.drain: LineageDrain | None = None
-        self._store: Any = None
+        self._record: dict[str, Any] | None = None
 
     @property
     def _leader(self) -> bool:
@@ -478,7 +478,6 @@ class AsynchronousReadySteps(ReadySteps):
             self._publish(kwargs["step"], kwargs["epoch"], None, version=-1, done=False)
         super().start(lineage_path, **kwargs)
         population = self.population
-        self._store = population.store
         self.server = SnapshotServer(
             population, population.new_store_client(), self.namespace, self.topology.world_rank, population.signal_abort
         )
@@ -490,17 +489,18 @@ class AsynchronousReadySteps(ReadySteps):
             self.drain.start()
 
     def _publish(self, step: int, epoch: int, score: float | None, version: int, done: bool) -> None:
-        own = self.book.population[self.me]
-        record = {
+        """This member's public record: its snapshot ``version`` and what produced it (the score, the
+        hyperparameters it trained with, its history), read by the others when they decide."""
+        self._record = {
             "step": step,
             "epoch": epoch,
             "score": score,
-            "hyperparameters": self.book.hyperparameters,
-            "history": own.get("history", []),
+            "hyperparameters": dict(self.book.hyperparameters),
+            "history": list(self.book.population[self.me].get("history", [])),
             "version": version,
             "done": done,
         }
-        self.population.store.set(self._record_key(self.me), json.dumps(record))
+        self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _records(self) -> dict[int, dict[str, Any]]:
         keys = [self._record_key(member) for member in range(self.topology.num_members)]
@@ -555,7 +555,6 @@ class AsynchronousReadySteps(ReadySteps):
         self.book.last_ready_step = observation.step
         timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
         if self._leader:
-            self._publish(observation.step, observation.epoch, score, version, done=False)
             record = LineageRecord(
                 step=observation.step,
                 epoch=observation.epoch,
@@ -603,6 +602,7 @@ class AsynchronousReadySteps(ReadySteps):
                     hyperparameters=self.book.hyperparameters if mine else record["hyperparameters"],
                     history=tuple(self.book.population[self.me]["history"] if mine else record["history"]),
                     can_exploit=mine,
+                    step=observation.step if mine else record["step"],
                 )
             )
         everyone_scored = all(record["version"] >= 0 for record in records.values())
@@ -646,9 +646,9 @@ class AsynchronousReadySteps(ReadySteps):
     def finish(self) -> None:
         """Stopped: stay a donor (serving the last snapshot) until every member has stopped."""
         store, size = self.population.store, self.population.size
-        if self._leader:
-            own = self.book.population[self.me]
-            self._publish(self.book.last_ready_step, -1, own.get("score"), self.book.ready_count - 1, done=True)
+        if self._leader and self._record is not None:  # still a donor: the last snapshot, now from a stopped member
+            self._record["done"] = True
+            self.population.store.set(self._record_key(self.me), json.dumps(self._record))
         done_key = f"{self.namespace}/done"
         store.add(done_key, 1)
         while store.add(done_key, 0) < size:

@@ -2,8 +2,9 @@
 
 No torch, no process group: the callback gathers one :class:`MemberSnapshot` per member, calls
 :meth:`PBTScheduler.plan` on population rank 0 (or on every rank: same seed, same inputs, same plan)
-and carries out the returned :class:`MemberPlan` s. The only state is the RNG, saved by
-:meth:`PBTScheduler.state_dict` so that a resumed run continues the same random stream.
+and carries out the returned :class:`MemberPlan` s. The state is the RNG and, with ``explore="pb2"``,
+PB2's observation window (:mod:`lightning_pbt.pb2`), saved by :meth:`PBTScheduler.state_dict` so that
+a resumed run continues the same random stream and model.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import numpy as np
 
 from lightning_pbt.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
 from lightning_pbt.explore import Explorer
+from lightning_pbt.pb2 import PB2
 from lightning_pbt.space import Domain, space_from_config
 
-__all__ = ["PLAN_EVENTS", "MemberPlan", "MemberSnapshot", "PBTScheduler"]
+__all__ = ["EXPLORE_METHODS", "PLAN_EVENTS", "MemberPlan", "MemberSnapshot", "PBTScheduler"]
 
 PLAN_EVENTS = ("keep", "exploit", "rejuvenate")
-_STATE_VERSION = 1
+EXPLORE_METHODS = ("perturb", "pb2")
+_STATE_VERSION = 2  # 2: adds "explore" and PB2's observations; version 1 (the RNG only) still loads for perturb
 # SeedSequence spawn keys: separate streams for the plans and for each member's initial values.
 _PLAN_STREAM = 0
 _INIT_STREAM = 1
@@ -34,6 +37,8 @@ class MemberSnapshot:
     ``history`` holds the member's recent scores, oldest first. It should describe the weights the member
     holds now: the caller clears it after an exploit or a rejuvenation (the t-test and rejuvenation read
     it). ``can_exploit=False`` marks a member that may donate but is never replaced (e.g. it has finished).
+    ``step`` is the member's own step when the snapshot was taken; ``None`` means the plan's step (every
+    member at the same step, as in synchronous mode). PB2 measures each member's progress between them.
     """
 
     member: int
@@ -41,6 +46,7 @@ class MemberSnapshot:
     hyperparameters: Mapping[str, Any]
     history: tuple[float, ...] = ()
     can_exploit: bool = True
+    step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class PBTScheduler:
     ``quantile_fraction`` configures truncation selection when ``exploit`` is a rule *name*; it is
     ignored by the other rules and when ``exploit`` is an already built :class:`ExploitRule`.
     ``rejuvenate_patience`` (see :meth:`should_rejuvenate`) re-initialises stagnant members' weights.
+    ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"`` (:class:`~lightning_pbt.pb2.PB2`
+    proposes the continuous values, the ``explorer`` the choices and everything until PB2 has enough data).
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class PBTScheduler:
         rejuvenate_patience: int | None = None,
         seed: int = 0,
         quantile_fraction: float | None = None,
+        explore: str = "perturb",
     ) -> None:
         self.space: dict[str, Domain] = space_from_config(space)
         self.mode = check_mode(mode)
@@ -117,6 +126,10 @@ class PBTScheduler:
             raise ValueError(f"rejuvenate_patience must be None or an integer >= 1, got {p!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if explore not in EXPLORE_METHODS:
+            raise ValueError(f"explore must be one of {EXPLORE_METHODS}, got {explore!r}")
+        self.explore_method = explore
+        self.pb2 = PB2(self.space, self.mode, self.explorer) if explore == "pb2" else None
         self.burn_in = burn_in
         self.rejuvenate_patience = p
         self.seed = seed
@@ -163,9 +176,10 @@ class PBTScheduler:
     def plan(self, step: int, snapshots: Sequence[MemberSnapshot]) -> dict[int, MemberPlan]:
         """One plan per member: ``keep``, ``exploit`` (copy ``parent`` then explore) or ``rejuvenate``.
 
-        Before ``burn_in`` (``step < burn_in``) everyone keeps and the RNG does not move. A member is
-        rejuvenated only if it is eligible, neither a loser nor a donor in this step's exploit plan, not
-        the best-ranked member, and :meth:`should_rejuvenate` holds for its history.
+        Before ``burn_in`` (``step < burn_in``) everyone keeps and the RNG does not move (PB2 still
+        records observations). A member is rejuvenated only if it is eligible, neither a loser nor a donor
+        in this step's exploit plan, not the best-ranked member, and :meth:`should_rejuvenate` holds for
+        its history.
         """
         by_member: dict[int, MemberSnapshot] = {}
         for snap in snapshots:
@@ -173,6 +187,14 @@ class PBTScheduler:
                 raise ValueError(f"duplicate member id {snap.member} in the population snapshot")
             by_member[snap.member] = snap
         members = sorted(by_member)
+        steps = {m: step if by_member[m].step is None else int(by_member[m].step) for m in members}  # type: ignore[arg-type]
+        if self.pb2 is not None:
+            for m in members:
+                snap = by_member[m]
+                if snap.can_exploit:
+                    self.pb2.log.observe(m, steps[m], snap.score, snap.hyperparameters)
+                else:  # a finished member does not train: a plan's step passing is no observation of it
+                    self.pb2.log.restart(m, steps[m], None, snap.hyperparameters)
         keep = {m: MemberPlan(m, "keep", m, dict(by_member[m].hyperparameters)) for m in members}
         if step < self.burn_in or not members:
             return keep
@@ -181,10 +203,15 @@ class PBTScheduler:
         eligible = {m for m in members if by_member[m].can_exploit}
         losers = self.exploit.select(members, scores, histories, self.mode, self._rng, eligible)
         plans = dict(keep)
-        for loser in sorted(losers):
-            donor = losers[loser]
-            values, mutations = self.explorer.explore(by_member[donor].hyperparameters, self._rng)
-            plans[loser] = MemberPlan(loser, "exploit", donor, values, tuple(mutations))
+        order = sorted(losers)
+        if self.pb2 is not None:
+            running = [by_member[m].hyperparameters for m in members if m not in losers and by_member[m].can_exploit]
+            requests = [(steps[m], by_member[losers[m]].hyperparameters) for m in order]
+            explored = self.pb2.explore_batch(requests, running, self._rng)
+        else:
+            explored = [self.explorer.explore(by_member[losers[m]].hyperparameters, self._rng) for m in order]
+        for loser, (values, mutations) in zip(order, explored, strict=True):
+            plans[loser] = MemberPlan(loser, "exploit", losers[loser], values, tuple(mutations))
         if self.rejuvenate_patience is not None:
             protected = set(losers) | set(losers.values()) | set(rank_members(members, scores, self.mode)[:1])
             for m in members:
@@ -192,23 +219,44 @@ class PBTScheduler:
                     plans[m] = MemberPlan(
                         m, "rejuvenate", m, dict(by_member[m].hyperparameters), ("weights re-initialised",)
                     )
+        if self.pb2 is not None:  # a copy's score change is not an observation: its next interval starts now
+            for m in members:
+                if plans[m].event == "exploit":
+                    self.pb2.log.restart(m, steps[m], by_member[plans[m].parent].score, plans[m].hyperparameters)
+                elif plans[m].event == "rejuvenate":
+                    self.pb2.log.restart(m, steps[m], None, plans[m].hyperparameters)
         return {m: plans[m] for m in members}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (dicts, lists, ints, strs): safe for ``torch.load(weights_only=True)``."""
         rng = _plain_state(self._rng.bit_generator.state)
-        return {"version": _STATE_VERSION, "seed": self.seed, "rng": rng}
+        pb2 = self.pb2.state_dict() if self.pb2 is not None else None
+        return {"version": _STATE_VERSION, "seed": self.seed, "rng": rng, "explore": self.explore_method, "pb2": pb2}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the RNG so that the next :meth:`plan` continues the saved stream."""
+        """Restore the RNG (and PB2's observations) so that the next :meth:`plan` continues the saved run."""
         if not isinstance(state, Mapping) or "rng" not in state:
             raise ValueError(f"not a PBTScheduler state_dict: {state!r}")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"PBTScheduler state_dict version {state.get('version')!r} != {_STATE_VERSION}")
+        version = state.get("version")
+        if version == 1 and self.explore_method != "perturb":
+            raise ValueError(
+                f"PBTScheduler state_dict version 1 predates explore={self.explore_method!r}; resume it with "
+                "explore='perturb' or start a new run"
+            )
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"PBTScheduler state_dict version {version!r} != {_STATE_VERSION}")
+        saved = state.get("explore", "perturb")
+        if saved != self.explore_method:
+            raise ValueError(
+                f"PBTScheduler state_dict was saved with explore={saved!r}, this scheduler uses "
+                f"explore={self.explore_method!r}"
+            )
         rng_state = _plain_state(state["rng"])
         expected = type(self._rng.bit_generator).__name__
         if rng_state.get("bit_generator") != expected:
             raise ValueError(f"state_dict holds a {rng_state.get('bit_generator')!r} generator, expected {expected!r}")
+        if self.pb2 is not None:
+            self.pb2.load_state_dict(state["pb2"])
         self._rng.bit_generator.state = rng_state
 
 

@@ -17,7 +17,7 @@ from tests.conftest import run_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
-BENCHMARKS = ("transfer", "ready_step", "overhead", "quality")
+BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule")
 
 
 def positive_finite(value: object) -> bool:
@@ -101,9 +101,20 @@ def test_quality(smoke: Path) -> None:
         assert entry["pbt"]["exploits"] >= 1
 
 
+def test_schedule(smoke: Path) -> None:
+    result = load(smoke, "schedule")
+    for row in result["rows"]:
+        for arm in ("pbt", "pb2", "random_search", "cosine", "grid"):
+            assert positive_finite(row["summary"][arm]["excess_risk"]["median"]), arm
+        assert sum(row["wins"]["pb2_vs_pbt"].values()) == len(result["config"]["seeds"])  # paired by seed
+        for entry in row["per_seed"]:
+            assert entry["pbt"]["exploits"] >= 1 and entry["random_search"]["exploits"] == 0
+            assert entry["pb2"]["pb2_proposals"] >= 1 and entry["pbt"]["pb2_proposals"] == 0  # PB2 is what ran
+
+
 def test_markdown_table(smoke: Path) -> None:
     text = (smoke / "RESULTS.md").read_text()
     for heading in ("## Targets", "## 1. Exploit transfer", "## 2. Ready-step latency", "## 3. Training overhead",
-                    "## 4. Search quality"):
+                    "## 4. Search quality", "## 5. Schedules"):
         assert heading in text
     assert "| layout |" in text and "Machine:" in text
