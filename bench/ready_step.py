@@ -14,12 +14,13 @@ References, in the same processes and on the same population group, interleaved:
 plus ``broadcast_json`` of the very decision the ready step broadcast (the collectives a ready step
 cannot avoid). Each repetition starts after a barrier; its time is the slowest rank's.
 
-Breakdown (issue 12 item 6, the step's own work): the step's ``timing`` (``gather``, ``decide`` =
-decide + broadcast, ``transfer``), the time the training thread spends handing the lineage lines over
-(``lineage_submit``: it waits only if the previous write is still running) and the background write
-itself (``lineage_write``, with its fsync, off the training thread). Here every rank starts after a
-barrier, so the gather holds almost no waiting; ``bench/overhead.py`` reports the same breakdown in
-real training, where members arrive at different times.
+Breakdown (issue 12 item 6, the step's own work): the step's ``timing`` (``gather``: the store write
+that wakes members that have stopped, then the all-gather; ``decide`` = decide + broadcast;
+``transfer``), the time the training thread spends handing the lineage lines over (``lineage_submit``:
+it waits only if the previous write is still running) and the background write itself
+(``lineage_write``, with its fsync, off the training thread). Here every rank starts after a barrier,
+so the gather holds almost no waiting; ``bench/overhead.py`` reports the same breakdown in real
+training, where members arrive at different times.
 
 All population sizes run in one launch of ``max(sizes)`` ranks: for size N, ranks < N build their
 own ``PopulationGroup`` (as ``PopulationStrategy`` does) while the others wait in a barrier.
