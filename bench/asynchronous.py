@@ -60,7 +60,7 @@ ARMS = {  # name: (callback: None / "sync" / "async", mixed speeds)
     "async_equal": ("async", False),
     "none_equal": (None, False),
 }
-FULL = {"budget_s": 20.0, "every": 20, "reps": 2}
+FULL = {"budget_s": 15.0, "every": 20, "reps": 3}
 SMOKE = {"budget_s": 2.5, "every": 10, "reps": 1}
 TARGET_ASYNC_OVER_SYNC = 1.5
 TARGET_CALLBACK_OVER_NONE = 0.97
