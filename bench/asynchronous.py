@@ -1,13 +1,17 @@
 """5. Asynchronous PBT: throughput with members of unequal speed, and the quality reached in equal time.
 
 Four members of one rank each train a small MLP on sklearn digits (SGD, lr ~ LogUniform(1e-4, 1), a
-ready step every ``EVERY`` optimizer steps, scored on the validation accuracy). Members 2 and 3 run
-on an emulated device 3x slower: every training batch (``on_train_batch_start`` to
-``on_train_batch_end``) is padded with ``time.sleep`` to ``BASE_STEP_S`` x its member's speed (1 or 3).
-The speed is a property of the member's "device", read from its member id, not a searched
-hyperparameter, so an exploit copies weights and hyperparameters but never the speed. Sleeping, not
-computing, makes the slow members slow without taking CPU from the others: this machine has 2 cores
-for 4 processes, and the real compute per step (a few ms) stays well below the padded step time.
+ready step every ``every`` optimizer steps, scored on the validation accuracy). Members 2 and 3 run
+on an emulated device 3x slower: each training step (the loop's whole iteration: fetching the batch,
+forward, backward, optimizer step) is padded with ``time.sleep`` to ``BASE_STEP_S`` x its member's
+speed (1 or 3); validation and the ready step after it are not padded, they cost what they cost. The
+speed is a property of the member's "device", read from its member id, not a searched hyperparameter,
+so an exploit copies weights and hyperparameters but never the speed. Sleeping, not computing, makes
+the slow members slow without taking CPU from the others: this machine has 2 cores for 4 processes,
+and the real work per step (a few ms) stays well below the padded step time. The flip side: CPU the
+callback's background threads take is hidden while a step's work still fits in its padded time, as it
+would be behind a real accelerator; each member's ``busy_fraction``, ``overran_fraction`` and
+``cpu_ms_per_step`` show how much room there was.
 
 Each run has the same wall-time budget: every rank meets the others in a barrier at
 ``on_train_start`` (after the callback's own start), starts its clock, and stops itself
@@ -18,7 +22,7 @@ Each run has the same wall-time budget: every rank meets the others in a barrier
 - quality at equal wall time = the held-out test accuracy (digits test split, never seen by PBT) of the
   member whose own final validation accuracy is best, evaluated after the budget (outside it).
 
-Arms, alternating in order from one repetition to the next (ABCD, DCBA):
+Arms, in alternating order from one repetition to the next (ABCD, DCBA, ABCD):
 
 - ``sync_mixed``: ``PopulationBasedTraining(synchronous=True)``, speeds 1, 1, 3, 3: the fast members wait
   for the slow ones at every ready step;
