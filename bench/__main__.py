@@ -1,7 +1,7 @@
 """``python -m bench``: run the benchmarks, write ``<out>/<name>.json`` and ``<out>/RESULTS.md``.
 
-    python -m bench                      # every benchmark at its documented size (~17-22 min on 2 cores)
-    python -m bench --only transfer      # one (or several) of: transfer ready_step overhead quality schedule
+    python -m bench                      # every benchmark at its documented size (~25-30 min on 2 cores)
+    python -m bench --only transfer      # one or several of: transfer ready_step overhead quality schedule asynchronous
     python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
     python -m bench --report             # only re-render RESULTS.md from the JSON already there
     python -m bench --launcher torchrun  # ranks in fresh interpreters (torchrun) instead of forks
@@ -29,8 +29,9 @@ from pathlib import Path
 from bench.common import LAUNCHERS, RESULTS, SMOKE_RESULTS, machine, set_launcher
 from bench.report import ORDER, write_report
 
-TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900}  # per launch, s
-SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90}
+# per launch, seconds
+TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900, "asynchronous": 120}
+SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60}
 
 
 def main(argv: list[str] | None = None) -> int:

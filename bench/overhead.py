@@ -18,6 +18,12 @@ ratios (``cpu_ratio``, ``interleaved_cpu_ratio``: CPU seconds per optimizer step
 waiting for a descheduled peer does not inflate). Two model sizes show
 how the fixed cost of a ready step weighs against the compute between ready steps.
 
+``ready_step_breakdown`` (issue 12 item 6, from the wall-clock PBT runs, every rank, every ready step;
+see ``bench/breakdown.py``): how much of a ready step is members waiting for each other in the
+all-gather versus the step's own work (the all-gather itself, decide + broadcast, the exploit transfer,
+the rest of the callback), and what the lineage costs the training thread (handing lines over) and its
+background thread (the write and fsync).
+
 Worker: ``torchrun --standalone --nproc_per_node=2 -m bench.overhead '<json>'``.
 """
 
@@ -31,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import breakdown
+from bench.breakdown import ReadyStepRecorder
 from bench.common import SCRATCH, clean_floats, launch, median, spread, worker_config
 
 NAME = "overhead"
@@ -61,6 +69,7 @@ def run(smoke: bool = False, timeout: float = 300) -> dict[str, Any]:
     rows = []
     for model_name, spec in models.items():
         runs: dict[str, list[dict[str, Any]]] = {"pbt": [], "baseline": []}
+        ready_records: list[list[dict[str, Any]]] = []
         order = []
         for rep in range(spec["reps"]):
             order += ["pbt", "baseline"] if rep % 2 == 0 else ["baseline", "pbt"]
@@ -69,6 +78,8 @@ def run(smoke: bool = False, timeout: float = 300) -> dict[str, Any]:
             cfg = {"out": str(out), "pbt": arm == "pbt", "model": spec, "every": every, "warmup": warmup, "seed": 0}
             launch("bench.overhead", MEMBERS, cfg, timeout, root / f"{model_name}_{index:02d}_{arm}.log")
             runs[arm].append(json.loads((out / "result.json").read_text()))
+            if arm == "pbt":
+                ready_records.append(breakdown.load(out))
         segment, pairs = (SMOKE_SEGMENT, SMOKE_SEGMENT_PAIRS) if smoke else (SEGMENT, SEGMENT_PAIRS)
         segment_ratios, segment_cpu_ratios, segment_ready = [], [], []
         for index in range(SMOKE_SEGMENT_RUNS if smoke else SEGMENT_RUNS):
@@ -117,6 +128,7 @@ def run(smoke: bool = False, timeout: float = 300) -> dict[str, Any]:
             "ready_step_transfer_ms": median(t["transfer"] for t in ready),
             "ready_step_gather_ms": median(t["gather"] for t in ready),
             "step_ms_baseline": 1e3 / median(base_rates),
+            "ready_step_breakdown": breakdown.summarise(ready_records, synchronous=True),
         })
     headline = next((r for r in rows if r["model"] == HEADLINE), rows[0])
     return clean_floats({
@@ -234,13 +246,14 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
 
     start, end = Clock(end=False), Clock(end=True)
     callbacks: list[pl.Callback] = [start]
-    pbt = segments = None
+    pbt = segments = recorder = None
     if cfg.get("segments"):
         segments = Segments(cfg["segments"]["length"], cfg["segments"]["first_on"])
         callbacks = [segments]
     if cfg["pbt"]:
         pbt = PopulationBasedTraining(space, monitor="val_loss", mode="min", every_n_train_steps=cfg["every"],
                                       quantile_fraction=0.5, seed=cfg["seed"], dirpath=str(out / "pbt"))
+        recorder = ReadyStepRecorder(pbt)
         if segments is not None:
             ready_step = pbt.on_validation_end
 
@@ -261,6 +274,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     model = Net(start_lr)
     trainer.fit(model, train, val)
     rank = trainer.strategy.world_rank
+    if recorder is not None and segments is None:
+        recorder.save(out / f"ready_rank{rank}.json", rank)
     steps = spec["max_steps"] - cfg["warmup"]
     population = trainer.strategy.population
     if segments is not None:

@@ -1,17 +1,26 @@
 """2. Ready-step latency without a transfer, as the population grows (2, 4, 8, 16 ranks of a tiny model).
 
-"Ours" is the callback's whole ready step, ``PopulationBasedTraining.on_validation_end`` ->
-``_ready_step``: the per-rank row's ``all_gather`` over the population (with ``flatten_state`` of
-the training state, whose skeleton size travels in the row), the decision on population rank 0,
-its JSON broadcast, applying it, and rank 0's fsynced ``lineage.jsonl`` lines. ``burn_in`` is set
-beyond the run, so every plan is ``keep`` and nothing is transferred: this is the fixed cost every
-ready step pays. The Trainer is replaced by a stand-in holding the module, its optimizer and the
-monitored metric (a random score per rank and step), so that what is timed is the ready step alone.
+"Ours" is the callback's whole synchronous ready step, ``PopulationBasedTraining.on_validation_end`` ->
+``SynchronousReadySteps.step``: the all-gather of the 5-float row [score, step, epoch, missing, done]
+over the ``PopulationGroup``, the decision on population rank 0 (``_decide``), its ``broadcast_json``,
+``_move_states`` (nothing to move), applying the plan, handing the lineage lines to the background
+writer, and the callback's report. ``burn_in`` is set beyond the run, so every plan is ``keep``: this is
+the fixed cost every ready step pays. The Trainer is replaced by a stand-in holding the module, its
+optimizer and the monitored metric (a random score per rank and step), so that what is timed is the
+ready step alone.
 
 References, in the same processes and on the same population group, interleaved:
-``raw_allgather`` = a bare ``all_gather`` of the same 6-float64 row; ``collectives`` = that
-all-gather plus ``broadcast_json`` of the very decision the callback broadcast (the collectives a
-ready step cannot avoid). Each repetition starts after a barrier; its time is the slowest rank's.
+``raw_allgather`` = a bare ``all_gather`` of the same 5-float64 row; ``collectives`` = that all-gather
+plus ``broadcast_json`` of the very decision the ready step broadcast (the collectives a ready step
+cannot avoid). Each repetition starts after a barrier; its time is the slowest rank's.
+
+Breakdown (issue 12 item 6, the step's own work): the step's ``timing`` (``gather``: the store write
+that wakes members that have stopped, then the all-gather; ``decide`` = decide + broadcast;
+``transfer``), the time the training thread spends handing the lineage lines over (``lineage_submit``:
+it waits only if the previous write is still running) and the background write itself
+(``lineage_write``, with its fsync, off the training thread). Here every rank starts after a barrier,
+so the gather holds almost no waiting; ``bench/overhead.py`` reports the same breakdown in real
+training, where members arrive at different times.
 
 All population sizes run in one launch of ``max(sizes)`` ranks: for size N, ranks < N build their
 own ``PopulationGroup`` (as ``PopulationStrategy`` does) while the others wait in a barrier.
@@ -34,6 +43,7 @@ from bench.common import SCRATCH, clean_floats, launch, median, spread, worker_c
 NAME = "ready_step"
 SIZES = (2, 4, 8, 16)
 SMOKE_SIZES = (2,)
+ROW = 5  # the synchronous ready step's row: score, step, epoch, missing, done
 
 
 def reps_for(size: int, smoke: bool) -> tuple[int, int]:
@@ -58,11 +68,13 @@ def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
     last = rows[-1]
     met = len(rows) > 1 and last["ours_growth"] <= last["raw_allgather_growth"]
     return clean_floats({
-        "description": "ready step without transfer (score all-gather + decision + plan broadcast + apply + "
-                       "lineage), against a bare all-gather of the same row on the same group, same processes",
+        "description": "synchronous ready step without transfer (row all-gather + decision + plan broadcast + "
+                       "apply + lineage hand-over), against a bare all-gather of the same row on the same group, "
+                       "same processes; with the step's own breakdown",
         "config": {"sizes": list(sizes), "model": "Linear(8, 32)-ReLU-Linear(32, 2), SGD", "member_size": 1,
-                   "reps": reps_for(sizes[-1], smoke)[1],
-                   "timing": "median over repetitions of the slowest rank, each after a barrier"},
+                   "reps": reps_for(sizes[-1], smoke)[1], "row_floats": ROW,
+                   "timing": "median over repetitions of the slowest rank, each after a barrier; breakdown: "
+                             "median over repetitions of the slowest rank per phase (lineage: rank 0)"},
         "rows": rows,
         "targets": {
             "grows_no_faster_than_allgather": {
@@ -82,6 +94,25 @@ class _NoPrecision:
         pass
 
 
+def time_lineage_writer(writer: Any, submits: list[float], writes: list[float]) -> None:
+    """Record, on this ``LineageWriter`` instance, how long the training thread spends in
+    ``write_in_background`` and how long each write takes on the background thread."""
+    write, write_in_background = writer.write, writer.write_in_background
+
+    def timed_write(records: Any) -> None:
+        started = time.perf_counter()
+        write(records)
+        writes.append(time.perf_counter() - started)
+
+    def timed_submit(records: Any) -> None:
+        started = time.perf_counter()
+        write_in_background(records)
+        submits.append(time.perf_counter() - started)
+
+    writer.write = timed_write
+    writer.write_in_background = timed_submit
+
+
 def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
@@ -89,7 +120,6 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     from torch import nn
 
     from lightning_pbt import LogUniform, PopulationBasedTraining
-    from lightning_pbt.callback import _ROW
     from lightning_pbt.distributed import PopulationGroup
     from lightning_pbt.topology import PopulationTopology
 
@@ -111,17 +141,28 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
                                   every_n_train_steps=1, burn_in=10**9, seed=0,
                                   dirpath=os.path.join(cfg["lineage_dir"], f"size_{size}"))
     pbt._strategy = strategy  # what setup() stores; the stand-in has what the ready step reads
-    captured: dict[str, Any] = {}
-    log_status = pbt._log_status
-
-    def capture(trainer: Any, member: int, decision: Any, timing: Any) -> None:
-        captured["decision"], captured["timing"] = decision, dict(timing)
-        log_status(trainer, member, decision, timing)
-
-    pbt._log_status = capture  # type: ignore[method-assign]
     pbt.on_train_start(trainer, model)
+    protocol = pbt._protocol
+    assert protocol is not None and protocol.synchronous
+    captured: dict[str, Any] = {}
+    decide, log_status = protocol._decide, pbt._log_status
+
+    def capture_decision(table: Any) -> Any:
+        captured["decision"] = decide(table)
+        return captured["decision"]
+
+    def capture_timing(trainer: Any, result: Any) -> None:
+        captured["timing"] = dict(result.timing)
+        log_status(trainer, result)
+
+    protocol._decide = capture_decision  # type: ignore[method-assign]
+    pbt._log_status = capture_timing  # type: ignore[method-assign]
+    submits: list[float] = []
+    writes: list[float] = []
+    if protocol.lineage is not None:
+        time_lineage_writer(protocol.lineage, submits, writes)
     generator = torch.Generator().manual_seed(1000 + rank)
-    row = torch.zeros(_ROW, dtype=torch.float64)
+    row = torch.zeros(ROW, dtype=torch.float64)
     decision: Any = None
 
     def ours() -> None:
@@ -138,7 +179,7 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
 
     warmup, reps = reps_for(size, cfg["smoke"])
     ours()  # first decision: its JSON is what the collectives reference broadcasts
-    decision = captured["decision"]
+    decision = captured.get("decision")
     names = ["ours", "raw_allgather", "collectives"]
     methods = {"ours": ours, "raw_allgather": raw_allgather, "collectives": collectives}
     times = torch.zeros(len(names), warmup + reps, dtype=torch.float64)
@@ -151,14 +192,14 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
             times[names.index(name), rep] = time.perf_counter() - started
         timing = captured["timing"]
         phases[:, rep] = torch.tensor([timing["gather"], timing["decide"], timing["transfer"]], dtype=torch.float64)
-        if rep == 0:
-            decision = captured["decision"]
+        decision = captured.get("decision")  # the latest decision (histories grow for a while)
+    events = {plan["event"] for plan in decision["plans"].values()} if decision else set()
+    pbt._protocol.close()  # waits for the last background write
+    lineage = torch.tensor([median(submits[warmup + 1:]), median(writes[warmup + 1:])] if rank == 0 else [0.0, 0.0],
+                           dtype=torch.float64)
+    lineage = population.all_gather(lineage)[0]
     slowest = population.all_gather(times).amax(dim=0)[:, warmup:]
     phase_max = population.all_gather(phases).amax(dim=0)[:, warmup:]
-    events = {plan["event"] for plan in captured["decision"]["plans"].values()}
-    if pbt._writer is not None:
-        pbt._writer.close()
-        pbt._writer = None
     per = {name: [float(x) for x in slowest[i]] for i, name in enumerate(names)}
     return {
         "ranks": size,
@@ -168,9 +209,13 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
         "collectives_ms": median(per["collectives"]) * 1e3,
         "ratio": median(per["ours"]) / median(per["raw_allgather"]),
         "ratio_vs_collectives": median(per["ours"]) / median(per["collectives"]),
-        "callback_gather_ms": median(float(x) for x in phase_max[0]) * 1e3,
-        "callback_decide_ms": median(float(x) for x in phase_max[1]) * 1e3,
-        "callback_transfer_ms": median(float(x) for x in phase_max[2]) * 1e3,
+        "breakdown_ms": {
+            "gather": median(float(x) for x in phase_max[0]) * 1e3,
+            "decide_and_broadcast": median(float(x) for x in phase_max[1]) * 1e3,
+            "transfer": median(float(x) for x in phase_max[2]) * 1e3,
+            "lineage_submit": float(lineage[0]) * 1e3,
+            "lineage_write_background": float(lineage[1]) * 1e3,
+        },
         "decision_json_bytes": len(json.dumps(decision, sort_keys=True)),
         "events": sorted(events),
         "ours_spread_ms": {k: v * 1e3 for k, v in spread(per["ours"]).items() if k != "n"},
@@ -205,4 +250,3 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
 
 if __name__ == "__main__":
     worker()
-

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule")
+ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous")
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -80,29 +80,39 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             extra = f" (interleaved {_f(t['interleaved_value'], 3)}, CPU time {_f(t.get('cpu_value'), 3)})"
         targets.append([f"3. training throughput with / without the callback ({t['model']})", t["target"],
                         f"{_f(t['value'], 3)}{extra}", _met(t)])
+    if "asynchronous" in results:
+        t = results["asynchronous"]["targets"]
+        targets.append(["5. member-steps/s, asynchronous / synchronous, 2 of 4 members 3x slower",
+                        t["async_over_sync_mixed"]["target"], _f(t["async_over_sync_mixed"]["value"], 3),
+                        _met(t["async_over_sync_mixed"])])
+        targets.append(["5. member-steps/s with the asynchronous callback / without, equal speeds",
+                        t["async_callback_over_none_equal"]["target"],
+                        _f(t["async_callback_over_none_equal"]["value"], 3), _met(t["async_callback_over_none_equal"])])
     if targets:
         out += ["", "## Targets", "", *_table(["what", "target", "measured", ""], targets)]
 
     if "transfer" in results:
         r = results["transfer"]
         out += ["", "## 1. Exploit transfer (model + Adam state, winner -> loser, gloo, CPU)", "",
-                f"`{r['command']}`, {r['date']}. Ours = `state_dict` + `flatten_state` + the callback's "
-                "`_transfer_states` (JSON skeleton and tensors in one round, received into the loser's own "
-                "tensors, optimizer `load_state_dict`); raw = "
-                "`torch.distributed.send/recv` of one flat buffer of the same bytes. Prototype = "
-                "`bench/transfer_proto.py` (in-place receive, one round trip, JSON skeleton).", ""]
+                f"`{r['command']}`, {r['date']}. Ours = the synchronous ready step's `_move_states`: the donor's "
+                "`training_state` + `flatten_state` + `pack_state` + `send_state`, the loser's own `flatten_state` "
+                "(its in-place targets) + `receive_state` (header, then skeleton and messages, into its own tensors "
+                "when the spec hashes match) + `load_training_state`; raw = `torch.distributed.send/recv` of one "
+                "flat buffer of the same bytes; raw same group = that send/recv on the population group's backend. "
+                "(The earlier prototype, `bench/transfer_proto.py`, is gone: its one-round, in-place receive is the "
+                "package's path now.)", ""]
         rows = [[row["layout"], f"{row['state_bytes'] / 1e6:.1f} MB", str(row["messages"]), _f(row["ours_ms"]),
-                 _f(row["raw_ms"]), f"**{_f(row['ratio'])}**", _f(row["prototype_ms"]), _f(row["prototype_ratio"]),
-                 _f(row["raw_gbps"])]
+                 _f(row["raw_ms"]), f"**{_f(row['ratio'])}**", _f(row["raw_same_group_ms"]), _f(row["raw_gbps"]),
+                 _f(row.get("received_in_place")), _f(row["state_copied_exactly"])]
                 for row in r["rows"]]
-        out += _table(["layout", "state", "messages", "ours ms", "raw ms", "ours/raw", "prototype ms",
-                       "prototype/raw", "raw GB/s"], rows)
+        out += _table(["layout", "state", "messages", "ours ms", "raw ms", "ours/raw", "raw same group ms",
+                       "raw GB/s", "in place", "copied exactly"], rows)
         profile = r["profiles"].get("2x1") or next(iter(r["profiles"].values()), None)
         if profile:
             sizes = list(profile)
             phases = [p for p in profile[sizes[0]]["receiver_ms"]
                       if any(profile[s]["receiver_ms"][p] or profile[s]["sender_ms"][p] for s in sizes)]
-            out += ["", "Where the time goes, 2x1 layout, mean ms per exploit (phases of `_transfer_states` timed one "
+            out += ["", "Where the time goes, 2x1 layout, mean ms per exploit (the steps of `_move_states` timed one "
                     "by one; sender / receiver):", ""]
             rows = [[p.replace("_", " ")] + [f"{_f(profile[s]['sender_ms'][p])} / {_f(profile[s]['receiver_ms'][p])}"
                                              for s in sizes] for p in phases]
@@ -110,16 +120,25 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     if "ready_step" in results:
         r = results["ready_step"]
         out += ["", "## 2. Ready-step latency, no transfer (tiny model, 1 rank per member)", "",
-                f"`{r['command']}`, {r['date']}. Ours = the callback's whole ready step (row all-gather with "
-                "`flatten_state`, decision, JSON broadcast, apply, fsynced lineage); the references run on the "
-                "same population group in the same processes. 8 and 16 ranks oversubscribe the 2 cores.", ""]
-        rows = [[str(row["ranks"]), _f(row["ours_ms"]), _f(row["callback_gather_ms"]), _f(row["callback_decide_ms"]),
-                 _f(row["raw_allgather_ms"]), _f(row["collectives_ms"]), _f(row["ratio"]),
-                 f"{_f(row['ours_growth'])}x", f"{_f(row['raw_allgather_growth'])}x"]
+                f"`{r['command']}`, {r['date']}. Ours = the callback's whole synchronous ready step "
+                "(`on_validation_end` -> `SynchronousReadySteps.step`: row all-gather, decision, JSON broadcast, "
+                "apply, lineage handed to its background writer); the references run on the same population group "
+                "in the same processes. 8 and 16 ranks oversubscribe the 2 cores.", ""]
+        rows = [[str(row["ranks"]), _f(row["ours_ms"]), _f(row["raw_allgather_ms"]), _f(row["collectives_ms"]),
+                 _f(row["ratio"]), f"{_f(row['ours_growth'])}x", f"{_f(row['raw_allgather_growth'])}x"]
                 for row in r["rows"]]
-        out += _table(["ranks", "ours ms", "of which gather", "of which decide+broadcast", "bare all-gather ms",
-                       "all-gather + decision broadcast ms", "ours/all-gather", "ours growth", "all-gather growth"],
-                      rows)
+        out += _table(["ranks", "ours ms", "bare all-gather ms", "all-gather + decision broadcast ms",
+                       "ours/all-gather", "ours growth", "all-gather growth"], rows)
+        breakdowns = [row for row in r["rows"] if "breakdown_ms" in row]  # absent from older results
+        if breakdowns:
+            out += ["", "The step's own work, ms (slowest rank per phase; every rank starts after a barrier, so the "
+                    "gather holds almost no waiting; the lineage: population rank 0):", ""]
+            rows = [[str(row["ranks"])] + [_f(row["breakdown_ms"][k]) for k in
+                                           ("gather", "decide_and_broadcast", "transfer", "lineage_submit",
+                                            "lineage_write_background")]
+                    for row in breakdowns]
+            out += _table(["ranks", "gather", "decide + broadcast", "transfer", "lineage hand-over (training thread)",
+                           "lineage write + fsync (background)"], rows)
     if "overhead" in results:
         r = results["overhead"]
         out += ["", "## 3. Training overhead (2 members x 1 rank, ready every "
@@ -148,6 +167,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                           f"{_f(row['end_of_fit_ms']['baseline'], 0)} ms" for row in r["rows"])
         out += ["", f"Once per fit, after the last step, until `on_train_end` has run everywhere: {tails} "
                 "(with / without the callback)."]
+        breakdowns = [(row["model"], row["ready_step_breakdown"]) for row in r["rows"] if "ready_step_breakdown" in row]
+        if breakdowns:  # absent from older results
+            out += ["", "Where a ready step's time goes in these runs (issue 12 item 6; ms, mean per ready step and "
+                    "rank, so the parts add up; `bench/breakdown.py`). At each ready step the rank with the shortest "
+                    "all-gather arrived last, so its gather is the collective's own cost and the others' excess is "
+                    "waiting; transfer: the losers' exploits alone; lineage: per write, on population rank 0:", ""]
+            out += _table(*_sync_breakdown(breakdowns))
     if "quality" in results:
         r = results["quality"]
         cfg = r["config"]
@@ -173,6 +199,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         out += _table(["arm", "best member's test accuracy", "mean member's test accuracy", "paired by seed"], rows)
     if "schedule" in results:
         out += render_schedule(results["schedule"])
+    if "asynchronous" in results:
+        out += _asynchronous_section(results["asynchronous"])
     return "\n".join(out) + "\n"
 
 
@@ -251,6 +279,66 @@ def render_schedule(r: dict[str, Any]) -> list[str]:
             ]
         )
     out += _table(["members x ready steps", "PBT", "PB2", "grid's best constant", "PB2 ms per ready step"], rows)
+    return out
+
+
+def _sync_breakdown(rows: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    header = ["", "ready step", "all-gather", "of which waiting", "of which its own work", "decide + broadcast",
+              "transfer (exploits)", "rest of the step", "waiting share of ready-step time",
+              "lineage hand-over (training thread)", "lineage write + fsync (background)"]
+    body = [[name, _f(b.get("total_ms")), _f(b.get("gather_ms")), _f(b.get("gather_waiting_ms")),
+             _f(b.get("gather_own_ms")), _f(b.get("decide_ms")), _f(b.get("exploit_transfer_ms")),
+             _f(b.get("other_ms")),
+             f"{100 * b['waiting_share']:.0f} %" if b.get("waiting_share") is not None else "n/a",
+             _f(b.get("lineage_submit_ms")), _f(b.get("lineage_write_background_ms"))]
+            for name, b in rows]
+    return header, body
+
+
+def _asynchronous_section(r: dict[str, Any]) -> list[str]:
+    cfg = r["config"]
+    out = ["", f"## 6. Asynchronous PBT, members of unequal speed ({cfg['members']} members x 1 rank, members "
+           f"{cfg['slow_members']} {cfg['slow_factor']}x slower)", "",
+           f"`{r['command']}`, {r['date']}. Every training step is padded with `time.sleep` to "
+           f"{1e3 * cfg['base_step_s']:.0f} ms x the member's speed (an emulated slower device: the speed belongs "
+           "to the member, an exploit never copies it); validation and ready steps are not padded. Each run has the "
+           f"same wall-time budget ({cfg['budget_s']:g} s from a common start); member-steps/s = the sum over "
+           "members of their own steps / seconds; quality = held-out test accuracy of the member with the best "
+           f"validation accuracy at the end of the budget. {cfg['reps']} repetition(s) per arm, median [min, max].",
+           ""]
+    rows = []
+    for arm, a in r["arms"].items():
+        rows.append([arm, a["callback"] or "none", " ".join(str(x) for x in a["speeds"]),
+                     _spread(a["member_steps_per_s"], 1), " / ".join(_f(x, 0) for x in a["steps_per_member"]),
+                     _spread(a["best_member_test_acc"]), _spread(a["mean_member_test_acc"])])
+    out += _table(["arm", "PBT", "speeds", "member-steps/s", "steps per member", "best member's test accuracy",
+                   "mean member's test accuracy"], rows)
+    ratios = r["ratios"]
+    out += ["", f"Asynchronous / synchronous member-steps/s: **{_f(ratios['async_over_sync_mixed'], 3)}** (ideal "
+            f"{_f(ratios['ideal_async_over_sync_mixed'])}); with / without the asynchronous callback at equal "
+            f"speeds: **{_f(ratios['async_callback_over_none_equal'], 3)}**. Paired by repetition: "
+            f"{', '.join(_f(x, 3) for x in ratios['async_over_sync_mixed_paired'])} and "
+            f"{', '.join(_f(x, 3) for x in ratios['async_callback_over_none_equal_paired'])}."]
+    work = [(f"{run['arm']} #{run['rep']}", m) for run in r["runs"] for m in run["members"]]
+    busiest = max(work, key=lambda item: item[1]["busy_fraction"], default=None)
+    if busiest is not None:
+        out += ["", "The emulation holds while a step's real work fits in its padded time: the busiest member "
+                f"({busiest[0]}, member {busiest[1]['member']}) worked {100 * busiest[1]['busy_fraction']:.0f} % of "
+                f"its step time and overran it in {100 * busiest[1]['overran_fraction']:.0f} % of its steps."]
+    sync = [(arm, a["ready_step_breakdown"]) for arm, a in r["arms"].items() if a["callback"] == "sync"]
+    if sync:
+        out += ["", "Synchronous ready steps, ms, mean per ready step and rank (the all-gather holds the fast "
+                "members' waiting):", ""]
+        out += _table(*_sync_breakdown(sync))
+    asynchronous = [(arm, a["ready_step_breakdown"]) for arm, a in r["arms"].items() if a["callback"] == "async"]
+    if asynchronous:
+        out += ["", "Asynchronous ready steps, ms, mean per ready step and rank (nobody waits; an exploit's "
+                "transfer includes the donor's snapshot server noticing the request in the store):", ""]
+        rows = [[arm, _f(b.get("total_ms")), _f(b.get("snapshot_ms")), _f(b.get("decide_ms")),
+                 _f(b.get("exploit_transfer_ms")), _f(b.get("other_ms")), _f(b.get("lineage_write_background_ms")),
+                 str(b.get("ready_steps"))] for arm, b in asynchronous]
+        out += _table(["", "ready step", "snapshot", "decide", "transfer (exploits)", "rest of the step",
+                       "lineage write + fsync (drain thread)", "ready steps"], rows)
     return out
 
 

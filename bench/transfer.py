@@ -1,17 +1,24 @@
 """1. Exploit transfer: a member's whole state (model + Adam state) from a winner to a loser.
 
-The measured path is the callback's own: ``PopulationBasedTraining._training_state`` ->
-``transfer.flatten_state`` -> ``PopulationBasedTraining._transfer_states`` (skeleton exchange,
-``message_layout``, ``pack_messages``, ``allocate_messages``, ``PopulationGroup.exchange``,
-``unpack_messages``, ``load_state_dict``) on a ``PopulationGroup`` built the way
-``PopulationStrategy.setup_distributed`` builds it; only the Lightning ``Trainer`` is replaced by a
-stand-in that holds the module and its optimizer. The reference is a raw ``torch.distributed``
-send/recv of one flat buffer of the same number of bytes, between the same ranks, in the same
-processes, interleaved with our transfers (order alternating every repetition).
+"Ours" is the synchronous ready step's own transfer, ``SynchronousReadySteps._move_states``, on a
+``PopulationGroup`` built the way ``PopulationStrategy.setup_distributed`` builds it, with the
+callback's own ``_TrainerMember`` adapter: the donor takes its training state (``state_dict`` of the
+model and optimizer), ``flatten_state`` + ``pack_state`` + ``send_state``; the loser flattens its own
+state (the in-place targets), ``receive_state`` (a 3-int64 header, then skeleton + messages, received
+into its own tensors when the spec hashes match) and ``load_training_state``. Only the Lightning
+``Trainer`` is replaced by a stand-in that holds the module and its optimizer.
+
+The reference is a raw ``torch.distributed`` send/recv of one flat buffer of the same number of
+bytes, between the same ranks, in the same processes, interleaved with our transfers (order
+alternating every repetition); ``raw_same_group`` is the same send/recv on the population group's
+own backend.
 
 Layouts: ``2x1`` (2 ranks, member_size 1) and ``2x2`` (4 ranks, member_size 2; rank j of the winner
 sends to rank j of the loser, both pairs at once). Each timing starts after a barrier on the
 population group and ends when this rank is done; a repetition's time is the slowest rank's.
+
+The profile repeats the same steps phase by phase with the same functions (``receive_state``'s
+in-place branch spelled out, since it is one function), in separate repetitions after the timed ones.
 
 Worker: ``torchrun --standalone --nproc_per_node=N -m bench.transfer '<json>'``.
 """
@@ -21,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +44,7 @@ SMOKE_LAYOUTS = ("2x1",)
 TARGET_RATIO = 1.15
 TARGET_FROM_MB = 10
 DEPTH = 4  # Linear(w, w) layers; w is chosen to hit the state size
+PHASES = ("state_dict", "flatten", "pack", "header", "layout", "payload", "read_skeleton", "settle", "load")
 
 
 def reps_for(size_mb: float, smoke: bool) -> tuple[int, int]:
@@ -67,12 +74,13 @@ def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
     worst = max((r["ratio"] for r in checked), default=math.nan)
     return clean_floats({
         "description": "exploit transfer of model + Adam state, winner -> loser, gloo on CPU; ours = "
-                       "state_dict + flatten_state + PopulationBasedTraining._transfer_states (incl. "
-                       "load_state_dict); raw = torch.distributed send/recv of one flat buffer of the same "
-                       "bytes, same ranks, same processes, interleaved",
+                       "SynchronousReadySteps._move_states (training_state + flatten_state + pack_state + "
+                       "send_state / receive_state in place + load_training_state); raw = torch.distributed "
+                       "send/recv of one flat buffer of the same bytes, same ranks, same processes, interleaved",
         "config": {"sizes_mb": list(sizes), "layouts": list(layouts), "model": f"MLP of {DEPTH} Linear(w, w) "
                    "layers + Adam (state = 3x parameter bytes)", "timing": "median over repetitions of the "
-                   "slowest rank, after a barrier and warm-up repetitions", "backend": "gloo"},
+                   "slowest rank, after a barrier and warm-up repetitions", "backend": "gloo",
+                   "phases": list(PHASES)},
         "rows": rows,
         "profiles": profiles,
         "targets": {
@@ -113,12 +121,16 @@ def build_member(total_bytes: float, seed: int) -> tuple[Any, Any]:
     return model, optimizer
 
 
-def fake_trainer(model: Any, optimizer: Any) -> Any:
-    """What ``_training_state`` / ``_transfer_states`` / ``_load_training_state`` read from a Trainer."""
+def trainer_member(model: Any, optimizer: Any) -> Any:
+    """The callback's ``_TrainerMember`` over a stand-in holding what it reads from a Trainer."""
     import torch
 
-    return SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[],
-                           precision_plugin=_NoPrecision(), strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    from lightning_pbt.callback import _TrainerMember
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"))
+    trainer = SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[],
+                              precision_plugin=_NoPrecision(), strategy=strategy)
+    return _TrainerMember(trainer, model, callback=None)  # type: ignore[arg-type]  # apply/rejuvenate unused
 
 
 def perturb(model: Any, optimizer: Any) -> None:
@@ -146,76 +158,68 @@ def fingerprint(model: Any, optimizer: Any) -> float:
     return total
 
 
-def profiled_transfer(trainer: Any, plans: Any, topology: Any, population: Any, clock: dict[str, float]) -> None:
-    """``_training_state`` + ``flatten_state`` + what ``transfer.move_states`` does for a donor and a loser
-    with the same tensor specs (one round trip, receive in place), phase by phase with the same
-    functions, each phase timed into ``clock`` (for the profile; the real method is what is timed)."""
+def profiled_move(member: Any, population: Any, send_to: list[int], receive_from: int | None,
+                  clock: dict[str, float]) -> bool:
+    """What ``_move_states`` does for a donor or a loser, phase by phase with the same functions; returns
+    whether the loser received in place (``receive_state``'s in-place branch is spelled out here)."""
     import torch
 
     from lightning_pbt import transfer
-    from lightning_pbt.callback import _ROW, _SKELETON, _SPECS, PopulationBasedTraining
-
-    faults = [resource.getrusage(resource.RUSAGE_SELF).ru_minflt]
 
     def tick(name: str, since: float) -> float:
         t = time.perf_counter()
         clock[name] = clock.get(name, 0.0) + t - since
-        now_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        clock[f"faults:{name}"] = clock.get(f"faults:{name}", 0.0) + now_faults - faults[0]
-        faults[0] = now_faults
         return t
 
+    device = population.device
     t = time.perf_counter()
-    state = PopulationBasedTraining._training_state(trainer)
+    state = member.training_state()
     t = tick("state_dict", t)
     flat = transfer.flatten_state(state)
-    row = torch.zeros(_ROW, dtype=torch.float64)
-    row[_SKELETON] = len(flat.skeleton)
-    row[_SPECS] = transfer.spec_hash(flat.tensors)
-    t = tick("flatten_state", t)
-    table = population.all_gather(row)  # the ready step's all-gather (not part of the transfer)
-    t = tick("ready_step_allgather_not_counted", t)
-    j = topology.member_rank
-    exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
-    send_to = [topology.world_rank_of(loser, j) for loser, donor in exploits if donor == topology.member_id]
-    receive_from = next(
-        (topology.world_rank_of(donor, j) for loser, donor in exploits if loser == topology.member_id), None)
-    device = population.device
-    layout = transfer.message_layout([(x.dtype, x.numel()) for x in flat.tensors])
-    t = tick("other", t)
-    outgoing = transfer.pack_messages(flat.tensors, layout, device) if send_to else []
-    t = tick("layout_and_pack", t)
-    inbox: list[Any] = []
-    skeleton_in = None
-    if receive_from is not None:
-        skeleton_in = torch.empty(int(table[receive_from, _SKELETON]), dtype=torch.uint8, device=device)
-        inbox = transfer._receive_targets(flat.tensors, layout, device)
-    t = tick("receive_targets", t)
-    skeleton_out = flat.skeleton_tensor.to(device)
-    population.exchange([(peer, [skeleton_out, *outgoing]) for peer in send_to],
-                        [(receive_from, [skeleton_in, *inbox])] if receive_from is not None else [])
-    t = tick("exchange", t)
-    if receive_from is not None:
-        assert skeleton_in is not None
-        nest, _ = transfer.read_skeleton(bytes(skeleton_in.cpu().numpy()))
-        t = tick("read_skeleton", t)
-        tensors = transfer._settle_in_place(flat.tensors, inbox, layout)
-        loaded = transfer.unflatten_state(nest, tensors)
-        t = tick("settle_in_place", t)
-        for optimizer, optimizer_state in zip(trainer.optimizers, loaded["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
-        t = tick("load_optimizer", t)
+    t = tick("flatten", t)
+    if send_to:
+        packed = transfer.pack_state(flat, device)
+        t = tick("pack", t)
+        header = transfer.header_tensor(device)
+        header[0], header[1], header[2] = len(packed.skeleton), packed.spec_hash, 0
+        population.exchange([(peer, [header]) for peer in send_to], [])
+        t = tick("header", t)
+        skeleton = transfer.FlatState([], packed.skeleton).skeleton_tensor.to(device)
+        population.exchange([(peer, [skeleton, *packed.messages]) for peer in send_to], [])
+        tick("payload", t)
+        return False
+    assert receive_from is not None
+    header = transfer.header_tensor(device)
+    population.exchange([], [(receive_from, [header])])
+    skeleton_bytes, remote_hash, _ = (int(v) for v in header.tolist())
+    t = tick("header", t)
+    own = flat.tensors
+    in_place = remote_hash == transfer.spec_hash(own)
+    if not in_place:
+        raise RuntimeError("bench/transfer.py: the donor's spec hash differs from the loser's; expected equal models")
+    layout = transfer.message_layout([(x.dtype, x.numel()) for x in own])
+    skeleton = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
+    inbox = transfer._receive_targets(own, layout, device)
+    t = tick("layout", t)
+    population.exchange([], [(receive_from, [skeleton, *inbox])])
+    t = tick("payload", t)
+    nest, _ = transfer.read_skeleton(bytes(skeleton.numpy()))
+    t = tick("read_skeleton", t)
+    tensors = transfer._settle_in_place(own, inbox, layout)
+    t = tick("settle", t)
+    member.load_training_state(transfer.unflatten_state(nest, tensors), model_in_place=True)
+    tick("load", t)
+    return in_place
 
 
 def worker(cfg: dict[str, Any] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from bench import transfer_proto
-    from lightning_pbt import LogUniform, PopulationBasedTraining, transfer
-    from lightning_pbt.callback import _ROW, _SKELETON
+    from lightning_pbt import LogUniform, transfer
     from lightning_pbt.distributed import PopulationGroup
-    from lightning_pbt.scheduler import MemberPlan
+    from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
+    from lightning_pbt.scheduler import MemberPlan, PBTScheduler
     from lightning_pbt.topology import PopulationTopology
 
     cfg = worker_config(cfg)
@@ -233,46 +237,28 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     assert topology.num_members == 2
     winner = topology.member_id == 0
     peer = topology.world_rank_of(1 - topology.member_id, topology.member_rank)
-    pbt = PopulationBasedTraining({"lr": LogUniform(1e-5, 1.0)}, monitor="score")
-    pbt._strategy = SimpleNamespace(population=population)  # what _require_strategy() hands back
+    space = {"lr": LogUniform(1e-5, 1.0)}
     plans = {0: MemberPlan(0, "keep", 0, {"lr": 1e-3}), 1: MemberPlan(1, "exploit", 0, {"lr": 1e-3})}
 
     rows, profiles = [], {}
     for size_mb in cfg["sizes_mb"]:
         warmup, reps = reps_for(size_mb, cfg["smoke"])
         model, optimizer = build_member(size_mb * 1e6, seed=topology.member_id)
-        trainer = fake_trainer(model, optimizer)
-        flat = transfer.flatten_state(PopulationBasedTraining._training_state(trainer))
+        member = trainer_member(model, optimizer)
+        protocol = SynchronousReadySteps(population=population, topology=topology, namespace=f"bench/{size_mb}",
+                                         scheduler=PBTScheduler(space), book=PopulationBook(), member=member,
+                                         mode="max", monitor="score", seed=0)
+        flat = transfer.flatten_state(member.training_state())
         nbytes = sum(t.numel() * t.element_size() for t in flat.tensors)
         layout = transfer.message_layout([(t.dtype, t.numel()) for t in flat.tensors])
         direct = sum(1 for m in layout if len(m) == 1
                      and flat.tensors[m[0]].numel() * flat.tensors[m[0]].element_size() >= transfer.DIRECT_BYTES)
         raw = torch.ones(nbytes, dtype=torch.uint8) if winner else torch.empty(nbytes, dtype=torch.uint8)
-        receiver = transfer_proto.InPlaceReceiver()
 
-        # Each path returns its own time: state_dict + flatten, then (clock paused) the ready step's
-        # all-gather that carries the skeleton size, then the transfer itself.
-        def ours(trainer: Any = trainer) -> float:
+        def ours(protocol: Any = protocol) -> float:
             started = time.perf_counter()
-            flat = transfer.flatten_state(PopulationBasedTraining._training_state(trainer))
-            flattened = time.perf_counter()
-            row = torch.zeros(_ROW, dtype=torch.float64)
-            row[_SKELETON] = len(flat.skeleton)
-            table = population.all_gather(row)
-            gathered = time.perf_counter()
-            pbt._transfer_states(trainer, plans, table, flat, topology)
-            return flattened - started + time.perf_counter() - gathered
-
-        def prototype(trainer: Any = trainer, receiver: Any = receiver) -> float:
-            started = time.perf_counter()
-            flat = transfer_proto.FastFlat(PopulationBasedTraining._training_state(trainer))
-            flattened = time.perf_counter()
-            table = population.all_gather(torch.tensor([flat.spec_hash, len(flat.skeleton)], dtype=torch.float64))
-            gathered = time.perf_counter()
-            transfer_proto.transfer_states(trainer, plans, [float(x) for x in table[:, 0]],
-                                           [int(x) for x in table[:, 1]], flat, topology, population, receiver,
-                                           PopulationBasedTraining._load_training_state)
-            return flattened - started + time.perf_counter() - gathered
+            protocol._move_states(plans)
+            return time.perf_counter() - started
 
         def raw_dist(raw: Any = raw) -> float:
             started = time.perf_counter()
@@ -290,7 +276,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
                 population.backend.recv([raw], peer, 0).wait()
             return time.perf_counter() - started
 
-        methods = {"ours": ours, "raw": raw_dist, "raw_same_group": raw_population_group, "prototype": prototype}
+        methods = {"ours": ours, "raw": raw_dist, "raw_same_group": raw_population_group}
         names = list(methods)
         times = torch.zeros(len(names), warmup + reps, dtype=torch.float64)
         for rep in range(warmup + reps):
@@ -298,35 +284,36 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
                 population.barrier()
                 times[names.index(name), rep] = methods[name]()
         slowest = population.all_gather(times).amax(dim=0)[:, warmup:]  # slowest rank per repetition
-        copied = {}
-        for name in ("ours", "prototype"):  # each path alone must make the loser's state the winner's
-            if not winner:
-                perturb(model, optimizer)
-            population.barrier()
-            methods[name]()
-            prints = population.all_gather(torch.tensor([fingerprint(model, optimizer)], dtype=torch.float64))
-            copied[name] = all(
-                math.isclose(float(prints[topology.world_rank_of(1, j)]), float(prints[topology.world_rank_of(0, j)]),
-                             rel_tol=1e-12, abs_tol=1e-9)
-                for j in range(member_size)
-            )
+
+        # The loser's state must become the winner's, exactly.
+        if not winner:
+            perturb(model, optimizer)
+        population.barrier()
+        ours()
+        prints = population.all_gather(torch.tensor([fingerprint(model, optimizer)], dtype=torch.float64))
+        copied = all(
+            math.isclose(float(prints[topology.world_rank_of(1, j)]), float(prints[topology.world_rank_of(0, j)]),
+                         rel_tol=1e-12, abs_tol=1e-9)
+            for j in range(member_size)
+        )
 
         # Profile: the same steps, phase by phase (separate repetitions, after the timed ones).
         clock: dict[str, float] = {}
         prof_reps = max(2, reps // 3)
+        send_to = [topology.world_rank_of(1, topology.member_rank)] if winner else []
+        receive_from = None if winner else topology.world_rank_of(0, topology.member_rank)
+        in_place = False
         for _ in range(prof_reps):
             population.barrier()
-            profiled_transfer(trainer, plans, topology, population, clock)
-        phases = ["state_dict", "flatten_state", "other", "layout_and_pack", "receive_targets", "exchange",
-                  "read_skeleton", "settle_in_place", "load_optimizer"]
-        keys = phases + [f"faults:{p}" for p in phases]
-        clock_tensor = torch.tensor([clock.get(k, 0.0) / prof_reps for k in keys], dtype=torch.float64)
+            in_place = profiled_move(member, population, send_to, receive_from, clock)
+        clock_tensor = torch.tensor([clock.get(p, 0.0) / prof_reps for p in PHASES] + [float(in_place)],
+                                    dtype=torch.float64)
         all_clocks = population.all_gather(clock_tensor)
         receiver_rank = topology.world_rank_of(1, 0)
 
         per = {name: [float(x) for x in slowest[i]] for i, name in enumerate(names)}
         paired = [o / r for o, r in zip(per["ours"], per["raw"], strict=True) if r > 0]
-        entry = {
+        rows.append({
             "size_mb": size_mb,
             "state_bytes": nbytes,
             "tensors": len(flat.tensors),
@@ -344,21 +331,15 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
             "ours_gbps": nbytes / median(per["ours"]) / 1e9,
             "ours_spread_ms": {k: v * 1e3 for k, v in spread(per["ours"]).items() if k != "n"},
             "raw_spread_ms": {k: v * 1e3 for k, v in spread(per["raw"]).items() if k != "n"},
-            "prototype_ms": median(per["prototype"]) * 1e3,
-            "prototype_ratio": median(per["prototype"]) / median(per["raw"]),
-            "state_copied_exactly": copied["ours"],
-            "prototype_state_copied_exactly": copied["prototype"],
-        }
-        rows.append(entry)
+            "state_copied_exactly": copied,
+            "received_in_place": bool(all_clocks[receiver_rank, len(PHASES)]),
+        })
         profiles[str(size_mb)] = {
-            "sender_ms": {p: float(all_clocks[0, i]) * 1e3 for i, p in enumerate(phases)},
-            "receiver_ms": {p: float(all_clocks[receiver_rank, i]) * 1e3 for i, p in enumerate(phases)},
-            "sender_page_faults": {p: float(all_clocks[0, len(phases) + i]) for i, p in enumerate(phases)},
-            "receiver_page_faults": {p: float(all_clocks[receiver_rank, len(phases) + i])
-                                     for i, p in enumerate(phases)},
+            "sender_ms": {p: float(all_clocks[0, i]) * 1e3 for i, p in enumerate(PHASES)},
+            "receiver_ms": {p: float(all_clocks[receiver_rank, i]) * 1e3 for i, p in enumerate(PHASES)},
             "reps": prof_reps,
         }
-        del model, optimizer, trainer, raw, flat, receiver
+        del model, optimizer, member, protocol, raw, flat
     population.barrier()
     if rank == 0:
         Path(cfg["out"]).write_text(json.dumps({"rows": rows, "profiles": profiles}))
