@@ -95,6 +95,7 @@ class PopulationBasedTrainingConf:
     rejuvenate_modules: list[str] | None = None
     seed: int = 0
     dirpath: str | None = None
+    synchronous: bool = True
 
 
 @dataclass
@@ -103,6 +104,7 @@ class PopulationStrategyConf:
 
     _target_: str = "lightning_pbt.PopulationStrategy"
     member_size: int = 1
+    processes_per_device: int = 1
     timeout: float = 600.0
     process_group_backend: str | None = None
     find_unused_parameters: bool = False
@@ -130,14 +132,15 @@ def _torchrun(env: Mapping[str, str]) -> bool:
     return bool(env.get("TORCHELASTIC_RUN_ID")) and env.get("LOCAL_WORLD_SIZE", "").isdigit()
 
 
-def launch_devices(default: Any, env: Mapping[str, str] | None = None) -> Any:
-    """``${pbt_launch_devices:4}``: under torchrun the processes per node it started, else ``default``.
+def launch_devices(default: Any, processes_per_device: Any = 1, env: Mapping[str, str] | None = None) -> Any:
+    """``${pbt_launch_devices:4,${strategy.processes_per_device}}``: under torchrun the devices its
+    processes per node use (``--nproc_per_node`` / ``processes_per_device``), else ``default``.
 
-    So ``torchrun --nproc_per_node=N app.py`` needs no matching ``trainer.devices=N``; an explicit
+    So ``torchrun --nproc_per_node=N app.py`` needs no matching ``trainer.devices``; an explicit
     ``trainer.devices=...`` on the command line still wins.
     """
     env = os.environ if env is None else env
-    return int(env["LOCAL_WORLD_SIZE"]) if _torchrun(env) else default
+    return int(env["LOCAL_WORLD_SIZE"]) // max(1, int(processes_per_device)) if _torchrun(env) else default
 
 
 def launch_nodes(default: Any, env: Mapping[str, str] | None = None) -> Any:
@@ -271,10 +274,11 @@ def build_strategy(cfg: Any, prefix: str = "strategy") -> Any:
         raise ValueError(_name_key(err, "PopulationStrategy: ", prefix, plain)) from None
 
 
-def check_population(trainer_cfg: Any, member_size: int) -> int | None:
+def check_population(trainer_cfg: Any, member_size: int, processes_per_device: int = 1) -> int | None:
     """The number of members, checked before any process starts; ``None`` when devices are not a count.
 
-    ``trainer.devices`` (x ``trainer.num_nodes``) must be a multiple of ``strategy.member_size``.
+    ``trainer.devices`` x ``trainer.num_nodes`` x ``strategy.processes_per_device`` ranks must be a
+    multiple of ``strategy.member_size``.
     """
     trainer = _plain(trainer_cfg) or {}
     devices = trainer.get("devices", "auto")
@@ -285,10 +289,10 @@ def check_population(trainer_cfg: Any, member_size: int) -> int | None:
         devices = int(devices)
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         return None  # "auto", -1, "0,1": Lightning resolves them; the strategy checks again
-    world = devices * int(nodes)
+    world = devices * int(nodes) * processes_per_device
     if world % member_size:
         raise ValueError(
-            f"trainer.devices x trainer.num_nodes = {world} ranks is not a multiple of "
-            f"strategy.member_size={member_size}; the population size is ranks / member_size"
+            f"trainer.devices x trainer.num_nodes x strategy.processes_per_device = {world} ranks is not a "
+            f"multiple of strategy.member_size={member_size}; the population size is ranks / member_size"
         )
     return world // member_size

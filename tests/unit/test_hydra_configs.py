@@ -119,6 +119,7 @@ def test_build_callback_and_strategy():
 
 def test_check_population():
     assert check_population({"devices": 8, "num_nodes": 2}, 4) == 4
+    assert check_population({"devices": 1}, 1, processes_per_device=4) == 4  # 4 members sharing one GPU
     assert check_population({"devices": [0, 1]}, 2) == 1
     assert check_population({"devices": "auto"}, 3) is None
     assert check_population({"devices": -1}, 3) is None
@@ -194,3 +195,15 @@ def test_a_missing_monitor_is_named():
     cfg.hyperparameters = {"lr": {"type": "loguniform", "low": 1e-3, "high": 0.1}}
     with pytest.raises(ValueError, match=r"^pbt\.monitor: a value is required"):
         build_callback(cfg)
+
+
+def test_members_sharing_devices_and_the_asynchronous_mode_from_the_command_line(monkeypatch):
+    cfg = digits("trainer=gpu_node", "trainer.devices=1", "strategy.processes_per_device=4", "pbt.synchronous=false")
+    strategy, callback = build_strategy(cfg.strategy), build_callback(cfg.pbt)
+    assert strategy.processes_per_device == 4 and callback.synchronous is False
+    assert check_population(cfg.trainer, strategy.member_size, strategy.processes_per_device) == 4
+    # Under torchrun --nproc_per_node=8 with 2 ranks per device, the trainer gets 4 devices.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert digits("trainer=gpu_node", "strategy.processes_per_device=2").trainer.devices == 4
+    assert digits("trainer=gpu_node").trainer.devices == 8
