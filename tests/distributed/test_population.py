@@ -232,11 +232,13 @@ def test_same_seed_gives_identical_lineage(run_2x2, tmp_path):
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
 def test_member_stopping_early_ends_without_hang(tmp_path):
     """Member 1 stops at step 8; member 0 goes on to max_steps; nothing hangs. Both members share one
-    device: Lightning's launcher starts Trainer(devices=1) x processes_per_device=2 processes."""
+    device: Lightning's launcher starts Trainer(devices=1) x processes_per_device=2 processes. No ready
+    interval is given: a ready step at every validation end (every EVERY steps)."""
     proc = run_population(
         tmp_path,
         devices=2,
         processes_per_device=2,
+        default_interval=True,
         member_size=1,
         max_steps=STEPS,
         every=EVERY,

@@ -170,7 +170,8 @@ pbt = PopulationBasedTraining(
     space,
     monitor=cfg.get("monitor", "val_acc"),
     mode="max",
-    every_n_train_steps=cfg.get("every", 4),
+    # "default_interval": neither interval given, so a ready step at every validation end
+    every_n_train_steps=None if cfg.get("default_interval") else cfg.get("every", 4),
     seed=cfg.get("seed", 0),
     quantile_fraction=cfg.get("quantile", 0.5),
     rejuvenate_patience=cfg.get("rejuvenate_patience"),
