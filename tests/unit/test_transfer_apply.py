@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_pbt import transfer
-from lightning_pbt.apply import apply_hyperparameters, check_applicable, reset_weights
+from lightning_pbt.apply import apply_hyperparameters, check_applicable
 
 
 def trained_state() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -129,15 +129,6 @@ def test_a_name_nothing_applies_is_a_clear_error():
     check_applicable(["lr", "dropout"], [optimizer], Module())
     with pytest.raises(ValueError, match=r"\['colour'\].*param-group keys.*hparams"):
         check_applicable(["lr", "colour"], [optimizer], Module())
-
-
-def test_reset_weights_is_seeded_and_clears_optimizer_state():
-    model, optimizer, _ = trained_state()
-    other, other_optimizer, _ = trained_state()
-    assert reset_weights(model, [optimizer], seed=5) == 3
-    reset_weights(other, [other_optimizer], seed=5)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
-    assert not optimizer.state
 
 
 def test_spec_hash_tells_different_shapes_apart():

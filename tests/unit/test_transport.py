@@ -138,7 +138,7 @@ def member(seed: int, width: int = 40) -> tuple[nn.Module, torch.optim.Optimizer
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(300, width), nn.BatchNorm1d(width), nn.Linear(width, 3))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model(torch.randn(8, 300)).sum().backward()
+    model(torch.randn(8, 300)).pow(2).sum().backward()
     optimizer.step()
     return model, optimizer
 
@@ -168,6 +168,9 @@ def test_one_donor_moves_its_state_bit_exactly_to_two_losers(backend, loser_widt
         model, optimizer = member(group.rank, loser_width)
         weight = model[0].weight
         own = transfer.flatten_state(state_of(model, optimizer)).tensors
+        if loser_width == 40:  # every tensor but the step counters differs: weights, BN buffers, Adam moments
+            theirs = transfer.flatten_state(donor_state).tensors
+            assert all(not torch.equal(a, b) for a, b in zip(own, theirs, strict=True) if a.numel() > 1)
         received = transfer.receive_state(group, 0, own, torch.device("cpu"))
         assert received is not None
         state = transfer.unflatten_state(received.nest, received.tensors)
