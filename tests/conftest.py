@@ -108,5 +108,10 @@ def load_ranks(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in ranks]
 
 
+def rank_errors(out: Path) -> dict[int, str]:
+    """``{world rank: its error}`` for every rank whose ``fit`` raised (population_run.py writes them)."""
+    return {int(p.stem.split("_")[1]): p.read_text() for p in out.glob("error_*.txt")}
+
+
 def load_lineage(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if line.strip()]

@@ -48,7 +48,8 @@ def run_2x2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_4x1(tmp_path_factory) -> Path:
-    """4 members under torchrun: member 1 slow, member 2 diverges to NaN from step 6, member 3 stops at 8."""
+    """4 members under torchrun: member 1 slow, member 2 diverges to NaN from step 6, member 3 stops at 8;
+    no exploit before step 8 (burn-in), explore by a function named by import path."""
     out = tmp_path_factory.mktemp("async_4x1")
     proc = run_population(
         out,
@@ -65,6 +66,8 @@ def run_4x1(tmp_path_factory) -> Path:
         early_stop_member=3,
         early_stop_at=8,
         quantile=0.25,
+        burn_in=8,
+        custom_explore="tests.distributed.scripts.explore_fns:halve_lr",
         seed=5,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -154,6 +157,18 @@ def test_nan_member_is_replaced_and_never_copied(run_4x1):
     for rec in (r for r in lines if r["event"] == "exploit"):
         donor_line = by_key[(rec["parent"], rec["donor_step"])]
         assert donor_line["score"] is not None and math.isfinite(donor_line["score"])
+
+
+def test_burn_in_and_custom_explore_apply_to_each_members_own_steps(run_4x1):
+    lineage = load_lineage(run_4x1)
+    exploits = [r for r in lineage if r["event"] == "exploit"]
+    assert exploits and min(r["step"] for r in exploits) >= 8
+    for rec in exploits:
+        # The learning rate the donor's snapshot was trained with (set at its line before donor_step), halved.
+        earlier = [r for r in lineage if r["member"] == rec["parent"] and r["step"] < rec["donor_step"]]
+        trained_with = max(earlier, key=lambda r: r["step"])["hyperparameters"]["lr"]
+        assert rec["hyperparameters"]["lr"] == pytest.approx(max(1e-3, trained_with / 2))
+        assert all(m.endswith("(custom)") for m in rec["mutations"])
 
 
 def test_a_stopped_member_stays_a_donor_and_nobody_waits_for_it(run_4x1):

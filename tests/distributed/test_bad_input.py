@@ -10,7 +10,7 @@ import torch
 
 from lightning_pbt import Choice, IntUniform, LogUniform, PopulationBasedTraining, PopulationStrategy, Uniform
 from lightning_pbt.strategy import check_supported
-from tests.conftest import run_population
+from tests.conftest import rank_errors, run_population
 
 SPACE = {"lr": LogUniform(1e-3, 0.1)}
 
@@ -130,7 +130,9 @@ def test_unknown_rejuvenate_module_is_an_error_at_fit_start():
 def test_world_size_not_a_multiple_of_member_size(tmp_path):
     proc = run_population(tmp_path, timeout=90, devices=3, member_size=2, max_steps=8)
     assert proc.returncode != 0
-    assert proc.stdout.count("is not a multiple of member_size") >= 3, proc.stdout[-3000:]  # every rank
+    errors = rank_errors(tmp_path)  # each rank raised it itself, before any process group existed
+    assert sorted(errors) == [0, 1, 2], proc.stdout[-3000:]
+    assert all("is not a multiple of member_size" in error for error in errors.values())
 
 
 @pytest.mark.distributed
@@ -145,7 +147,9 @@ def test_unknown_hyperparameter_fails_at_start(tmp_path):
         extra_space={"colour": {"type": "uniform", "low": 0, "high": 1}},
     )
     assert proc.returncode != 0
-    assert "['colour'] can be applied neither to an optimizer" in proc.stdout, proc.stdout[-3000:]
+    errors = rank_errors(tmp_path)
+    assert sorted(errors) == [0, 1], proc.stdout[-3000:]
+    assert all("['colour'] can be applied neither to an optimizer" in error for error in errors.values())
 
 
 @pytest.mark.distributed
@@ -153,4 +157,6 @@ def test_unknown_hyperparameter_fails_at_start(tmp_path):
 def test_monitor_never_logged_fails_on_every_rank_at_the_first_ready_step(tmp_path):
     proc = run_population(tmp_path, timeout=90, devices=2, member_size=1, max_steps=40, every=4, no_metric=True)
     assert proc.returncode != 0
-    assert proc.stdout.count("the monitored metric 'val_acc' was not logged") >= 2, proc.stdout[-3000:]
+    errors = rank_errors(tmp_path)
+    assert sorted(errors) == [0, 1], proc.stdout[-3000:]
+    assert all("the monitored metric 'val_acc' was not logged" in error for error in errors.values())

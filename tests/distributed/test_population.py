@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,21 +19,23 @@ from tests.conftest import load_lineage, load_ranks, run_population
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 STEPS, EVERY = 24, 4
+# run_2x2's PBT settings, shared by the runs compared with it (the tournament rule, a start value).
+RUN_2X2 = {"exploit": "tournament", "start": {"dropout": 0.2}}
 
 
 @pytest.fixture(scope="module")
 def run_2x2(tmp_path_factory) -> Path:
     """4 ranks as 2 members x 2 ranks, Lightning's own launcher, validate() after fit."""
     out = tmp_path_factory.mktemp("run_2x2")
-    proc = run_population(out, devices=4, member_size=2, max_steps=STEPS, every=EVERY, validate_after=True)
+    proc = run_population(out, devices=4, member_size=2, max_steps=STEPS, every=EVERY, validate_after=True, **RUN_2X2)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def run_4x1(tmp_path_factory) -> Path:
-    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler; two ranks per
-    device (``processes_per_device=2``: Trainer(devices=2) under ``--nproc_per_node=4``)."""
+    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler, the t-test rule;
+    two ranks per device (``processes_per_device=2``: Trainer(devices=2) under ``--nproc_per_node=4``)."""
     out = tmp_path_factory.mktemp("run_4x1")
     proc = run_population(
         out,
@@ -47,6 +49,7 @@ def run_4x1(tmp_path_factory) -> Path:
         nan_from=6,
         lr_scheduler="step",
         quantile=0.25,
+        exploit="ttest",
         seed=3,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -86,17 +89,22 @@ def test_ranks_of_a_member_hold_identical_weights_and_members_differ(layout, req
         assert len({r["final"]["model"] for r in ranks}) == 1
         for step in {r["step"] for r in ranks[0]["before"]}:
             assert len({next(x["model"] for x in r["before"] if x["step"] == step) for r in ranks}) == 1
-    # Before the first ready step no one has copied anyone: every member trained its own model.
-    first = {
-        member: next(x["model"] for x in ranks[0]["before"] if x["step"] == EVERY) for member, ranks in members.items()
-    }
-    assert len(set(first.values())) == len(members)
+    # Every member starts from weights of its own (the same on the member's ranks).
+    assert len({ranks[0]["initial"]["model"] for ranks in members.values()}) == len(members)
+    for ranks in members.values():
+        assert len({r["initial"]["model"] for r in ranks}) == 1
 
 
 def test_each_member_sees_its_share_of_the_data(run_2x2):
-    for rank in load_ranks(run_2x2):
-        # 256 samples, 2 ranks per member, batch 16: 8 batches per epoch of 16 samples each.
-        assert rank["train_samples"] == STEPS * 16
+    """Inside a member the ranks split each epoch's 256 samples; members shuffle in orders of their own."""
+    members = by_member(load_ranks(run_2x2))
+    orders = []
+    for ranks in members.values():
+        shares = [r["first_epoch_indices"] for r in ranks]
+        assert all(len(share) == 128 for share in shares)  # 256 samples, 2 ranks
+        assert sorted(shares[0] + shares[1]) == list(range(256))  # disjoint halves covering the data
+        orders.append(shares[0])
+    assert orders[0] != orders[1] and sorted(orders[0]) != sorted(orders[1])
 
 
 def test_member_outputs_in_their_own_directories(run_2x2):
@@ -219,14 +227,25 @@ def test_step_lr_scheduler_keeps_its_shape_after_explore(run_4x1):
             assert seen["lr"] == pytest.approx(base * 0.5**epochs_done, rel=1e-6)
 
 
-def test_same_seed_gives_identical_lineage(run_2x2, tmp_path):
-    proc = run_population(tmp_path, devices=4, member_size=2, max_steps=STEPS, every=EVERY)
+def test_same_seed_gives_identical_lineage_and_a_fresh_run_keeps_the_old_lineage(run_2x2, tmp_path):
+    """The same run again, in a folder that already holds a lineage (a fresh run, not a resume)."""
+    (tmp_path / "pbt").mkdir()
+    old = (run_2x2 / "pbt" / "lineage.jsonl").read_text()
+    (tmp_path / "pbt" / "lineage.jsonl").write_text(old)
+    proc = run_population(tmp_path, devices=4, member_size=2, max_steps=STEPS, every=EVERY, **RUN_2X2)
     assert proc.returncode == 0, proc.stdout[-4000:]
 
     def decisions(out):
         return [{k: v for k, v in r.items() if k != "timing"} for r in load_lineage(out)]
 
     assert decisions(tmp_path) == decisions(run_2x2)
+    assert (tmp_path / "pbt" / "lineage.jsonl.1").read_text() == old  # moved aside, not overwritten
+
+
+def test_start_hyperparameters_are_every_members_first_values(run_2x2):
+    inits = [r for r in load_lineage(run_2x2) if r["event"] == "init"]
+    assert [r["hyperparameters"]["dropout"] for r in inits] == [0.2, 0.2]
+    assert len({r["hyperparameters"]["lr"] for r in inits}) == 2  # the rest is sampled per member
 
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
@@ -354,12 +373,16 @@ def test_rejuvenation_is_recorded_and_resets_weights(tmp_path):
 
 
 def test_a_killed_rank_ends_the_run_and_leaves_no_process(tmp_path):
-    """SIGKILL of population rank 0 (which also hosts the launch's store) under Lightning's launcher."""
+    """SIGKILL of population rank 0 (which also hosts the launch's store) under Lightning's launcher: the
+    other rank ends within seconds (its next collective or store call fails, or the watchdog notices the
+    store is gone), long before the 60 s collective timeout would end it."""
     proc = run_population(
         tmp_path, timeout=90, devices=2, member_size=1, max_steps=100_000, every=EVERY, kill_world_rank=0, kill_at=6
     )
+    ended = time.time()
     assert proc.returncode != 0
-    assert proc.returncode == -9 or "ending this rank" in proc.stdout
+    assert ended - float((tmp_path / "killed_at").read_text()) < 20, proc.stdout[-3000:]
+    assert "Timed out" not in proc.stdout
 
 
 def test_a_killed_rank_ends_a_torchrun_job(tmp_path):
@@ -374,21 +397,21 @@ def test_a_killed_rank_ends_a_torchrun_job(tmp_path):
         kill_world_rank=2,
         kill_at=6,
     )
+    ended = time.time()
     assert proc.returncode != 0
     assert not list(tmp_path.glob("rank_*.json"))
+    assert ended - float((tmp_path / "killed_at").read_text()) < 20, proc.stdout[-3000:]
 
 
-def test_elastic_restart_after_a_random_kill_resumes_every_member(run_2x2, tmp_path):
-    """torchrun --max-restarts=1; one random rank is SIGKILLed at a random step of the first attempt.
+def test_elastic_restart_rolls_members_back_to_a_common_ready_step(run_2x2, tmp_path):
+    """torchrun --max-restarts=1; member 1's rank 0 dies while saving its checkpoint of ready step 12,
+    after member 0 saved its own: a crash between two members' saves of one ready step.
 
-    Every member resumes from a checkpoint of the same PBT ready step (ckpt_path="last", falling back
-    to an older checkpoint when a member was killed between two saves), and the finished lineage has
-    every ready step exactly once. Up to the step it resumed from, the lineage is the one of the same
-    run never interrupted (``run_2x2``); after it, training is not bit-identical (see the README).
+    After the restart member 0's newest checkpoint is of step 12 and member 1's of step 8, so member 0
+    rolls back to its checkpoint of step 8 and every member resumes from there. The finished lineage has
+    every ready step exactly once and, up to step 8, is the one of the same run never interrupted
+    (``run_2x2``); after it, training is not bit-identical (see the README).
     """
-    rng = random.Random(int(os.environ.get("PBT_FAULT_SEED", "0")) or None)
-    rank, step = rng.randrange(4), rng.randrange(10, 20)
-    print(f"killing world rank {rank} at step {step}")  # shown when the test fails
     proc = run_population(
         tmp_path,
         timeout=200,
@@ -400,10 +423,11 @@ def test_elastic_restart_after_a_random_kill_resumes_every_member(run_2x2, tmp_p
         every=EVERY,
         ckpt_every=EVERY,
         resume=True,
-        kill_world_rank=rank,
-        kill_at=step,
+        kill_before_save={"world_rank": 2, "step": 12},
+        **RUN_2X2,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "member 0 resumes from" in proc.stdout and "(ready step 8, as the others)" in proc.stdout
     ranks = load_ranks(tmp_path)
     assert len(ranks) == 4 and all(r["global_step"] == STEPS for r in ranks)
     lineage = load_lineage(tmp_path)
@@ -416,9 +440,8 @@ def test_elastic_restart_after_a_random_kill_resumes_every_member(run_2x2, tmp_p
         assert (
             member_ranks[0]["hyperparameters"] == [r for r in lineage if r["member"] == member][-1]["hyperparameters"]
         )
-    surely_kept = (step - 1) // EVERY * EVERY - EVERY  # the resumed step is at most one ready step back
 
     def prefix(records):
-        return [{k: v for k, v in r.items() if k != "timing"} for r in records if r["step"] <= surely_kept]
+        return [{k: v for k, v in r.items() if k != "timing"} for r in records if r["step"] <= 8]
 
     assert prefix(lineage) == prefix(load_lineage(run_2x2))

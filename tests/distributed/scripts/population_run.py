@@ -83,6 +83,7 @@ class Net(pl.LightningModule):
         # Synchronises over the default group, which the strategy makes the member's group.
         self.rank_mean = torchmetrics.MeanMetric()
         self.train_samples = 0
+        self.first_epoch_indices: list[int] = []
 
     def _diverged(self) -> bool:
         member = self.trainer.strategy.member_id
@@ -95,8 +96,10 @@ class Net(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if MEMBER in cfg.get("slow_members", ()):  # a slower device: same work, more time per step
             time.sleep(cfg["slow_delay"])
-        x, y = batch
+        x, y, index = batch
         self.train_samples += len(x)
+        if self.current_epoch == 0:
+            self.first_epoch_indices.extend(index.tolist())
         loss = nn.functional.cross_entropy(self.body(x), y)
         if self._diverged():
             loss = loss * float("nan")
@@ -140,6 +143,10 @@ class Recorder(pl.Callback):
     def __init__(self, when: str):
         self.when = when
         self.records: list[dict] = []
+        self.initial: dict | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = state_digest(trainer)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -160,7 +167,7 @@ class Recorder(pl.Callback):
 g = torch.Generator().manual_seed(0)
 x = torch.randn(256, 8, generator=g)
 y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
-train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+train = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=16, shuffle=True)
 val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
 
 before, after = Recorder("before"), Recorder("after")
@@ -176,6 +183,9 @@ pbt = PopulationBasedTraining(
     quantile_fraction=cfg.get("quantile", 0.5),
     rejuvenate_patience=cfg.get("rejuvenate_patience"),
     rejuvenate_modules=cfg.get("rejuvenate_modules"),
+    burn_in=cfg.get("burn_in", 0),
+    start_hyperparameters=cfg.get("start"),
+    custom_explore=cfg.get("custom_explore"),
     exploit=cfg.get("exploit", "truncation"),
     synchronous=cfg.get("synchronous", True),
 )
@@ -201,9 +211,36 @@ if cfg.get("kill_world_rank") is not None:
             first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
             target = trainer.strategy.world_rank == cfg["kill_world_rank"]
             if first_attempt and target and trainer.global_step >= cfg["kill_at"]:
+                with open(os.path.join(out, "killed_at"), "w") as f:
+                    f.write(str(time.time()))
                 os.kill(os.getpid(), 9)
 
     callbacks.append(Kill())
+if cfg.get("kill_before_save") is not None:
+
+    class KillBetweenSaves(pl.Callback):
+        """SIGKILL this rank while it saves the checkpoint of ready step ``step``, once member 0 has saved
+        its own: a crash between two members' saves of one ready step."""
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            when = cfg["kill_before_save"]
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if not first_attempt or trainer.strategy.world_rank != when["world_rank"]:
+                return
+            if trainer.global_step != when["step"]:
+                return
+            last = os.path.join(out, "ckpt", "member_0", "last.ckpt")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if torch.load(last, map_location="cpu", weights_only=True)["global_step"] == when["step"]:
+                        break
+                except Exception:  # not there yet, or being written
+                    pass
+                time.sleep(0.05)
+            os.kill(os.getpid(), 9)
+
+    callbacks.append(KillBetweenSaves())
 trainer = pl.Trainer(
     accelerator=cfg.get("accelerator", "cpu"),
     precision=cfg.get("precision", "32-true"),
@@ -244,7 +281,13 @@ if cfg.get("serve_fail_member") == MEMBER:  # this member's snapshot server brea
 
     lightning_pbt.serving._send = broken_send
 ckpt_path = "last" if cfg.get("resume") else None
-trainer.fit(model, train, val, ckpt_path=ckpt_path)
+try:
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+except Exception as error:  # each rank leaves its own error behind: the tests check every rank raised
+    rank = int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+    with open(os.path.join(out, f"error_{rank}.txt"), "w") as f:
+        f.write(f"{type(error).__name__}: {error}")
+    raise
 result = {
     "package": type(trainer).__module__.split(".")[0],
     "world_rank": trainer.strategy.world_rank,
@@ -256,10 +299,12 @@ result = {
     "is_global_zero": trainer.is_global_zero,
     "global_step": trainer.global_step,
     "final": state_digest(trainer),
+    "initial": before.initial,
     "before": before.records,
     "after": after.records,
     "seen_dropout": model.seen_dropout,
     "train_samples": model.train_samples,
+    "first_epoch_indices": model.first_epoch_indices,
     "log_dir": trainer.log_dir,
     "rank_value": float(trainer.callback_metrics.get("rank_value", float("nan"))),
     "gathered": len(model.all_gather(torch.tensor([1.0]))),
