@@ -39,7 +39,6 @@ from lightning_pbt.serving import (
     LineageDrain,
     Snapshot,
     SnapshotServer,
-    push_count,
     push_lineage,
     request_snapshot,
 )
@@ -657,14 +656,14 @@ class AsynchronousReadySteps(ReadySteps):
                 raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
             time.sleep(0.05)
         if self.server is not None:
-            self.server.stop()
+            self.server.stop(store)
         if self.drain is not None:
-            self.drain.finish(push_count(store, self.namespace))
+            self.drain.finish(store)
 
     def close(self) -> None:
         for thread in (self.server, self.drain):
             if thread is not None:
-                thread.stop(timeout=2.0)
+                thread.stop(self.population.store, timeout=2.0)
         self.server = self.drain = None
         super().close()
 

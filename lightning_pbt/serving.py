@@ -3,11 +3,15 @@
 In asynchronous PBT no training thread waits for another member. A member takes a snapshot of its
 state at each of its ready steps (host memory, so later training cannot change it) and a
 :class:`SnapshotServer` thread sends it to whoever asks: a loser's rank ``j`` writes a request into
-the launch's store and receives from rank ``j`` of the donor over the population group (gloo). Each
-thread opens its own store client, so it never contends with the training thread's.
+the launch's store and receives from rank ``j`` of the donor over the population group (gloo).
 
 Population rank 0 runs a :class:`LineageDrain`: members push their lineage lines into the store and
 the drain appends them to ``lineage.jsonl``, so that rank 0's training is never blocked by a file.
+
+Both threads read numbered keys in order and block in the store until the next one exists, so a
+request is noticed at once and an idle thread costs nothing; each has a store client of its own (a
+blocked wait must not hold up the training thread's store calls) and is stopped by a stop message
+written into its own sequence.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ from typing import Any
 from lightning_pbt import transfer
 from lightning_pbt.lineage import LineageRecord, LineageWriter
 
-__all__ = ["LineageDrain", "Snapshot", "SnapshotServer", "push_count", "push_lineage", "request_snapshot"]
+__all__ = [
+    "LineageDrain",
+    "Snapshot",
+    "SnapshotServer",
+    "push_count",
+    "push_lineage",
+    "request_snapshot",
+]
 
 log = logging.getLogger(__name__)
 
 _REFUSED = -1
-# Polling the store: quickly right after activity, backing off to _IDLE_POLL when idle (a store's own
-# blocking wait with a timeout logs a warning at every timeout).
-_BUSY_POLL = 0.002
-_IDLE_POLL = 0.05
+_STOP = {"stop": True}
+_PENDING_POLL = 0.002  # while a request waits for a snapshot version this rank has not taken yet
 
 
 @dataclass
@@ -45,56 +54,88 @@ def _request_key(namespace: str, server_rank: int, index: int) -> str:
     return f"{namespace}/request/{server_rank}/{index}"
 
 
+def _post_request(store: Any, namespace: str, server_rank: int, message: dict[str, Any]) -> None:
+    index = store.add(f"{namespace}/requests/{server_rank}", 1) - 1
+    store.set(_request_key(namespace, server_rank, index), json.dumps(message))
+
+
 def request_snapshot(store: Any, namespace: str, server_rank: int, my_rank: int, version: int) -> None:
     """Ask ``server_rank`` for its snapshot ``version``; receive it with :func:`transfer.receive_state`."""
-    index = store.add(f"{namespace}/requests/{server_rank}", 1) - 1
-    store.set(_request_key(namespace, server_rank, index), json.dumps({"peer": my_rank, "version": version}))
+    _post_request(store, namespace, server_rank, {"peer": my_rank, "version": version})
 
 
-class _StoppableThread(threading.Thread):
+def push_key(namespace: str, index: int) -> str:
+    return f"{namespace}/lineage/{index}"
+
+
+def _push(store: Any, namespace: str, payload: Any) -> None:
+    index = store.add(f"{namespace}/lineage_count", 1) - 1
+    store.set(push_key(namespace, index), json.dumps(payload))
+
+
+def push_lineage(store: Any, namespace: str, records: list[LineageRecord]) -> None:
+    """Hand one member's lines of one ready step to population rank 0's drain."""
+    _push(store, namespace, [record.to_dict() for record in records])
+
+
+def push_count(store: Any, namespace: str) -> int:
+    return store.add(f"{namespace}/lineage_count", 0)
+
+
+def _wait(store: Any, key: str) -> None:
+    """Block until ``key`` exists. The store's own timeout only makes it look again."""
+    while True:
+        try:
+            store.wait([key])
+            return
+        except Exception as error:  # DistStoreError on timeout; a lost store is a real failure
+            if "timeout" not in str(error).lower():
+                raise
+
+
+class _Worker(threading.Thread):
     """A daemon loop that reports its failure through ``on_failure`` (the population's abort flag)."""
 
     def __init__(self, name: str, on_failure: Callable[[str], None]) -> None:
         super().__init__(daemon=True, name=name)
-        self._stopped = threading.Event()
         self._on_failure = on_failure
-        self._idle = 0
+        self._stopping = False
         self.error: BaseException | None = None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopped.set()
-        if self.is_alive():
-            self.join(timeout)
 
     def run(self) -> None:
         try:
             self.loop()
         except BaseException as error:  # reported: a silent server would leave a loser waiting
             self.error = error
-            if not self._stopped.is_set():
+            if not self._stopping:
                 log.error("%s failed: %s", self.name, error, exc_info=True)
                 self._on_failure(f"{self.name} failed: {type(error).__name__}: {error}")
 
     def loop(self) -> None:
         raise NotImplementedError
 
-    def _wait_for(self, store: Any, key: str, wake: threading.Event | None = None) -> bool:
-        """Whether ``key`` appeared before the next poll (``wake`` cuts the wait short)."""
-        if store.check([key]):
-            self._idle = 0
-            return True
-        delay = min(_IDLE_POLL, _BUSY_POLL * 2**self._idle)
-        self._idle = min(self._idle + 1, 8)
-        (wake or self._stopped).wait(delay)
-        return False
+    def _post_stop(self, store: Any) -> None:
+        raise NotImplementedError
+
+    def stop(self, store: Any, timeout: float = 10.0) -> None:
+        """Wake the loop with a stop message (written with the caller's ``store`` client) and join it."""
+        self._stopping = True
+        if not self.is_alive():
+            return
+        try:
+            self._post_stop(store)
+        except Exception:  # the store may be gone after a failure: the thread is a daemon
+            log.debug("could not post a stop message to %s", self.name, exc_info=True)
+            return
+        self.join(timeout)
 
 
-class SnapshotServer(_StoppableThread):
+class SnapshotServer(_Worker):
     """Serves this rank's latest snapshot, in request order, while training goes on.
 
     A request names the snapshot version the loser decided on. A version not taken yet (this rank is a
     moment behind the member rank that published it) is served when it arrives; a replaced one is
-    refused, and the loser's member retries with the donor's newer state.
+    refused, and the loser's member decides again.
     """
 
     def __init__(
@@ -120,19 +161,30 @@ class SnapshotServer(_StoppableThread):
         with self._lock:
             return self._snapshot
 
+    def _post_stop(self, store: Any) -> None:
+        _post_request(store, self.namespace, self.rank, _STOP)
+
     def loop(self) -> None:
-        pending: list[dict[str, int]] = []
+        pending: list[dict[str, Any]] = []
         index = 0
-        while not self._stopped.is_set():
+        while True:
             key = _request_key(self.namespace, self.rank, index)
-            arrived = self._wait_for(self.store, key, wake=self._published if pending else None)
-            if arrived:
-                pending.append(json.loads(self.store.get(key)))
-                index += 1
+            if not pending:
+                _wait(self.store, key)
+            elif not self.store.check([key]):  # a request waits for a snapshot: look again soon
+                self._published.wait(_PENDING_POLL)
+                self._published.clear()
+                pending = [request for request in pending if not self._serve(request)]
+                continue
+            request = json.loads(self.store.get(key))
+            index += 1
+            if request.get("stop"):
+                return
+            pending.append(request)
             self._published.clear()
             pending = [request for request in pending if not self._serve(request)]
 
-    def _serve(self, request: dict[str, int]) -> bool:
+    def _serve(self, request: dict[str, Any]) -> bool:
         """Send or refuse ``request``; False while its version is still to come."""
         snapshot = self.snapshot
         if snapshot is None or snapshot.version < request["version"]:
@@ -149,54 +201,45 @@ def _send(population: Any, packed: transfer.PackedState, peers: list[int], statu
     transfer.send_state(population, packed, peers, status)
 
 
-class LineageDrain(_StoppableThread):
+class LineageDrain(_Worker):
     """Population rank 0: appends the lineage lines members push into the store, in push order."""
 
-    def __init__(self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]) -> None:
+    def __init__(
+        self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]
+    ) -> None:
         super().__init__("lightning-pbt-lineage", on_failure)
         self.store = store
         self.namespace = namespace
         self.writer = writer
         self.consumed = 0
 
+    def _post_stop(self, store: Any) -> None:
+        _push(store, self.namespace, _STOP)
+
     def loop(self) -> None:
-        while not self._stopped.is_set():
-            self.drain(block=True)
+        while True:
+            _wait(self.store, push_key(self.namespace, self.consumed))
+            if not self._write_available(self.store):
+                return
 
-    def drain(self, block: bool = False) -> None:
-        """Write every push so far (``block``: wait up to one poll interval for the next one)."""
-        first = push_key(self.namespace, self.consumed)
-        if not (self._wait_for(self.store, first) if block else self.store.check([first])):
-            return
+    def _write_available(self, store: Any) -> bool:
+        """Write the pushes there are now, in one batch; False once the stop message is reached."""
         records: list[LineageRecord] = []
-        while len(records) < 256 and self.store.check([push_key(self.namespace, self.consumed)]):
-            records.extend(_parse_push(self.store.get(push_key(self.namespace, self.consumed))))
+        running = True
+        while store.check([push_key(self.namespace, self.consumed)]):
+            payload = json.loads(store.get(push_key(self.namespace, self.consumed)))
             self.consumed += 1
+            if isinstance(payload, dict) and payload.get("stop"):
+                running = False
+                break
+            records.extend(LineageRecord.from_dict(line) for line in payload)
         self.writer.write(records)
+        return running
 
-    def finish(self, total: int) -> None:
-        """Stop the thread, then write the pushes left up to ``total`` (every member has pushed by now)."""
-        self.stop()
+    def finish(self, store: Any) -> None:
+        """Every member has pushed its last line: stop the thread, then write whatever is left."""
+        self.stop(store)
+        total = push_count(store, self.namespace)
         while self.consumed < total:
-            key = push_key(self.namespace, self.consumed)
-            self.store.wait([key])
-            self.writer.write(_parse_push(self.store.get(key)))
-            self.consumed += 1
-
-
-def _parse_push(raw: bytes) -> list[LineageRecord]:
-    return [LineageRecord.from_dict(line) for line in json.loads(raw)]
-
-
-def push_count(store: Any, namespace: str) -> int:
-    return store.add(f"{namespace}/lineage_count", 0)
-
-
-def push_key(namespace: str, index: int) -> str:
-    return f"{namespace}/lineage/{index}"
-
-
-def push_lineage(store: Any, namespace: str, records: list[LineageRecord]) -> None:
-    """Hand one member's lines of one ready step to population rank 0's drain."""
-    index = store.add(f"{namespace}/lineage_count", 1) - 1
-    store.set(push_key(namespace, index), json.dumps([record.to_dict() for record in records]))
+            _wait(store, push_key(self.namespace, self.consumed))
+            self._write_available(store)
