@@ -82,10 +82,10 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                         f"{_f(t['value'], 3)}{extra}", _met(t)])
     if "asynchronous" in results:
         t = results["asynchronous"]["targets"]
-        targets.append(["5. member-steps/s, asynchronous / synchronous, 2 of 4 members 3x slower",
+        targets.append(["6. member-steps/s, asynchronous / synchronous, 2 of 4 members 3x slower",
                         t["async_over_sync_mixed"]["target"], _f(t["async_over_sync_mixed"]["value"], 3),
                         _met(t["async_over_sync_mixed"])])
-        targets.append(["5. member-steps/s with the asynchronous callback / without, equal speeds",
+        targets.append(["6. member-steps/s with the asynchronous callback / without, equal speeds",
                         t["async_callback_over_none_equal"]["target"],
                         _f(t["async_callback_over_none_equal"]["value"], 3), _met(t["async_callback_over_none_equal"])])
     if targets:
