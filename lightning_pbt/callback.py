@@ -226,9 +226,12 @@ class PopulationBasedTraining(Callback):
                 f"{type(trainer.strategy).__name__}"
             )
         self._strategy = trainer.strategy
+        if stage == "fit":
+            self._strategy.before_finishing(lambda: self._take_part_if_training_was_skipped(trainer, pl_module))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._protocol = None
         check_applicable(self.space, trainer.optimizers, pl_module)
         if self.rejuvenate_modules is not None:
             check_module_names(pl_module, self.rejuvenate_modules)
@@ -237,6 +240,9 @@ class PopulationBasedTraining(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self._require_strategy()
         assert strategy.population is not None and strategy.topology is not None
         if not self._restored:
@@ -304,12 +310,23 @@ class PopulationBasedTraining(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """This member has stopped: serve the population until every member has."""
+        self._finish()
+        self._warn_if_idle(trainer)
+
+    def _take_part_if_training_was_skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A member whose training loop did not run (it resumed at ``max_steps``, ``limit_train_batches=0``)
+        gets neither ``on_train_start`` nor ``on_train_end``; it still takes part, starting and stopping at
+        once as a donor, so that the others do not wait for it. Run by the strategy before its teardown."""
+        if self._protocol is None:
+            self._start(trainer, pl_module)
+            self._finish()
+
+    def _finish(self) -> None:
         assert self._protocol is not None
         try:
             self._protocol.finish()
         finally:
             self._protocol.close()
-        self._warn_if_idle(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -383,7 +400,7 @@ class PopulationBasedTraining(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._protocol is not None:
-            self._protocol.flush()  # the lineage holds every ready step a checkpoint claims
+            self._protocol.flush()  # the lineage holds the ready steps a checkpoint claims (see flush)
         book = self.book
         return {
             "member_id": self._strategy.member_id if self._strategy and self._strategy.topology else None,

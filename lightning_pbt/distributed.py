@@ -67,6 +67,8 @@ class PopulationGroup:
         self.backend_name = backend_name
         self._json_capacity = _INITIAL_JSON_CAPACITY
         self._connect_store = connect_store
+        self._timeout: timedelta | None = None
+        self._host: PopulationGroup | None = None
 
     @classmethod
     def create(
@@ -88,7 +90,31 @@ class PopulationGroup:
             backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
         else:
             raise ValueError(f"PopulationStrategy supports the 'gloo' and 'nccl' backends, not {backend_name!r}")
-        return cls(backend, rank, size, device, store, backend_name, connect_store)
+        group = cls(backend, rank, size, device, store, backend_name, connect_store)
+        group._timeout = timeout
+        return group
+
+    def host_group(self) -> PopulationGroup:
+        """The population over gloo and host memory: this group when it is gloo, else a second one,
+        created on first use (every rank must ask at the same point).
+
+        The asynchronous mode serves snapshots from a background thread: NCCL would put them on the GPU
+        and run the server's sends on the stream the training thread receives on.
+        """
+        if self.backend_name == "gloo":
+            return self
+        if self._host is None:
+            assert self._timeout is not None, "create the group with PopulationGroup.create"
+            self._host = PopulationGroup.create(
+                dist.PrefixStore("host/", self.store),
+                self.rank,
+                self.size,
+                "gloo",
+                torch.device("cpu"),
+                self._timeout,
+                self._connect_store,
+            )
+        return self._host
 
     def new_store_client(self) -> dist.Store:
         """A separate connection to the same store, for a background thread (a client is not shared
@@ -140,19 +166,28 @@ class PopulationGroup:
     def barrier(self) -> None:
         self.backend.barrier().wait()
 
-    def wait_for_everyone(self, key: str, poll_seconds: float = 0.1) -> None:
+    def wait_for_everyone(
+        self, key: str, poll_seconds: float = 0.1, barrier: bool = True, meanwhile: Callable[[], None] | None = None
+    ) -> None:
         """Block until every rank has called this with ``key``, with no time limit.
 
         Members may finish far apart (early stopping, ``max_time``); a collective would time out, the
-        store does not. A rank that failed meanwhile is reported instead of waited for.
+        store does not. A rank that failed meanwhile is reported instead of waited for. ``meanwhile`` runs
+        between looks (a stopped member serving the others' ready steps).
         """
         self.store.add(key, 1)
         while self.store.add(key, 0) < self.size:
-            reason = self.abort_reason()
-            if reason is not None:
-                raise PopulationAborted(f"another rank of the population failed: {reason}")
+            self.raise_if_aborted()
+            if meanwhile is not None:
+                meanwhile()
             time.sleep(poll_seconds)
-        self.barrier()
+        if barrier:
+            self.barrier()
+
+    def raise_if_aborted(self) -> None:
+        reason = self.abort_reason()
+        if reason is not None:
+            raise PopulationAborted(f"another rank of the population failed: {reason}")
 
     def exchange(
         self,

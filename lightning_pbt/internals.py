@@ -56,10 +56,12 @@ def _source_has(function: Any, text: str) -> bool:
 
 
 def _probe_fit_impl_ckpt_index(package: str) -> bool:
-    from lightning_pbt.strategy import _FIT_CKPT_INDEX
+    from lightning_pbt.strategy import _FIT_CKPT_INDEX, _FIT_WEIGHTS_ONLY_INDEX
 
-    trainer = _module(package, "").Trainer
-    return _parameters(trainer._fit_impl).index("ckpt_path") == _FIT_CKPT_INDEX
+    parameters = _parameters(_module(package, "").Trainer._fit_impl)
+    return (
+        parameters.index("ckpt_path") == _FIT_CKPT_INDEX and parameters.index("weights_only") == _FIT_WEIGHTS_ONLY_INDEX
+    )
 
 
 def _probe_parse_ckpt_path(package: str) -> bool:
@@ -118,7 +120,7 @@ def _probe_load_checkpoint_weights_only(package: str) -> bool:
 
 INTERNALS: tuple[Internal, ...] = (
     Internal(
-        "Trainer._fit_impl (its name and ckpt_path's position)",
+        "Trainer._fit_impl (its name and the positions of ckpt_path and weights_only)",
         "lightning",
         "strategy._call_scoped",
         "the launcher calls Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, "

@@ -41,6 +41,7 @@ from lightning_pbt.serving import (
     SnapshotServer,
     push_lineage,
     request_snapshot,
+    wait_until_written,
 )
 from lightning_pbt.topology import PopulationTopology
 
@@ -192,7 +193,7 @@ class ReadySteps(ABC):
                 self.lineage = open_lineage(
                     lineage_path, self.book, self.scheduler, restored, resumed_at, step, epoch, start_values, init_extra
                 )
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # broadcast below, so that every rank raises it
                 error = f"PopulationBasedTraining: cannot continue the lineage: {type(exc).__name__}: {exc}"
         error = self.population.broadcast_json(error, root=0)
         if error:
@@ -362,19 +363,12 @@ class SynchronousReadySteps(ReadySteps):
 
     def finish(self) -> None:
         """Serve the ready steps of the members still training (as a possible donor) until all stop."""
-        store, size = self.population.store, self.population.size
-        done_key = f"{self.namespace}/done"
-        store.add(done_key, 1)
-        while True:
-            if store.check([self._ready_key()]):
+
+        def serve() -> None:
+            while self.population.store.check([self._ready_key()]):
                 self.step(Observation(math.nan, False, self.book.last_ready_step, -1, done=True))
-                continue
-            if store.add(done_key, 0) >= size:
-                break
-            reason = self.population.abort_reason()
-            if reason is not None:
-                raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
-            time.sleep(0.05)
+
+        self.population.wait_for_everyone(f"{self.namespace}/done", 0.05, barrier=False, meanwhile=serve)
 
     def _decide(self, table: torch.Tensor) -> dict[str, Any]:
         """Population rank 0 only: check the gathered rows and run the scheduler."""
@@ -464,6 +458,7 @@ class AsynchronousReadySteps(ReadySteps):
         self.server: SnapshotServer | None = None
         self.drain: LineageDrain | None = None
         self._record: dict[str, Any] | None = None
+        self._last_push: int | None = None
 
     @property
     def _leader(self) -> bool:
@@ -473,6 +468,9 @@ class AsynchronousReadySteps(ReadySteps):
         return f"{self.namespace}/member/{member}"
 
     def start(self, lineage_path: str, **kwargs: Any) -> None:
+        # Snapshots live in host memory and travel over gloo, also where the population has NCCL (see
+        # PopulationGroup.host_group); every rank switches here, at the same point.
+        self.population = self.population.host_group()
         if self._leader:  # before start's collectives, so that every member's record exists after them
             self._publish(kwargs["step"], kwargs["epoch"], None, version=-1, done=False)
         super().start(lineage_path, **kwargs)
@@ -509,6 +507,8 @@ class AsynchronousReadySteps(ReadySteps):
         assert self.server is not None
         started = time.perf_counter()
         version = self.book.ready_count
+        if self._leader and version > 0:
+            self._forget(version - 1)
         flat = transfer.flatten_state(self.member.training_state())
         self.server.publish(Snapshot(version, transfer.pack_state(flat, self.population.device, copy=True)))
         if observation.missing:  # the same on every rank of this member
@@ -567,10 +567,19 @@ class AsynchronousReadySteps(ReadySteps):
                 extra={"done": False},
                 donor_step=donor_step,
             )
-            push_lineage(self.population.store, self.namespace, [record])
+            self._last_push = push_lineage(self.population.store, self.namespace, [record])
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
         return ReadyStepResult(observation.step, scores, plan, timing)
+
+    def _forget(self, ready_count: int) -> None:
+        """Delete a past ready step's keys from the store. Every rank of this member has read them by now:
+        they trained in step (DDP) since, so the store does not grow with the ready steps."""
+        store = self.population.store
+        for attempt in range(self.attempts):
+            store.delete_key(f"{self.namespace}/plan/{self.me}/{ready_count}/{attempt}")
+            for j in range(self.topology.member_size):
+                store.delete_key(f"{self.namespace}/fetched/{self.me}/{ready_count}/{attempt}/{j}")
 
     def _shared_decision(self, observation: Observation, attempt: int) -> dict[str, Any]:
         """The member's leader decides; the member's other ranks read the same decision from the store."""
@@ -601,6 +610,7 @@ class AsynchronousReadySteps(ReadySteps):
                     hyperparameters=self.book.hyperparameters if mine else record["hyperparameters"],
                     history=tuple(self.book.population[self.me]["history"] if mine else record["history"]),
                     can_exploit=mine,
+                    training=mine or not record["done"],
                     step=observation.step if mine else record["step"],
                 )
             )
@@ -644,17 +654,11 @@ class AsynchronousReadySteps(ReadySteps):
 
     def finish(self) -> None:
         """Stopped: stay a donor (serving the last snapshot) until every member has stopped."""
-        store, size = self.population.store, self.population.size
+        store = self.population.store
         if self._leader and self._record is not None:  # still a donor: the last snapshot, now from a stopped member
             self._record["done"] = True
-            self.population.store.set(self._record_key(self.me), json.dumps(self._record))
-        done_key = f"{self.namespace}/done"
-        store.add(done_key, 1)
-        while store.add(done_key, 0) < size:
-            reason = self.population.abort_reason()
-            if reason is not None:
-                raise RuntimeError(f"PopulationBasedTraining: another rank failed: {reason}")
-            time.sleep(0.05)
+            store.set(self._record_key(self.me), json.dumps(self._record))
+        self.population.wait_for_everyone(f"{self.namespace}/done", 0.05, barrier=False)
         if self.server is not None:
             self.server.stop(store)
         if self.drain is not None:
@@ -668,9 +672,15 @@ class AsynchronousReadySteps(ReadySteps):
         super().close()
 
     def flush(self) -> None:
-        if self.drain is not None:  # the drain writes on its own thread; nothing is pending on this one
-            return
-        super().flush()
+        """Wait (a few seconds at most) until rank 0's drain has written this member's last lines."""
+        if self._leader and self._last_push is not None:
+            confirmed = wait_until_written(self.population.store, self.namespace, self._last_push, timeout=10.0)
+            if not confirmed:
+                log.warning(
+                    "member %d: lineage lines up to this checkpoint are not confirmed written yet; a crash now "
+                    "could leave the lineage short of this member's last ready step",
+                    self.me,
+                )
 
 
 def protocol_class(synchronous: bool) -> type[ReadySteps]:

@@ -39,6 +39,9 @@ class MemberSnapshot:
     it). ``can_exploit=False`` marks a member that may donate but is never replaced (e.g. it has finished).
     ``step`` is the member's own step when the snapshot was taken; ``None`` means the plan's step (every
     member at the same step, as in synchronous mode). PB2 measures each member's progress between them.
+    ``training``: whether the member still trains (PB2 learns only from those); ``None`` means
+    ``can_exploit`` (in synchronous mode only stopped members may not be replaced, while an asynchronous
+    member deciding alone marks every other member ``can_exploit=False`` although they train on).
     """
 
     member: int
@@ -47,6 +50,11 @@ class MemberSnapshot:
     history: tuple[float, ...] = ()
     can_exploit: bool = True
     step: int | None = None
+    training: bool | None = None
+
+    @property
+    def is_training(self) -> bool:
+        return self.can_exploit if self.training is None else self.training
 
 
 @dataclass(frozen=True)
@@ -191,7 +199,7 @@ class PBTScheduler:
         if self.pb2 is not None:
             for m in members:
                 snap = by_member[m]
-                if snap.can_exploit:
+                if snap.is_training:
                     self.pb2.log.observe(m, steps[m], snap.score, snap.hyperparameters)
                 else:  # a finished member does not train: a plan's step passing is no observation of it
                     self.pb2.log.restart(m, steps[m], None, snap.hyperparameters)
@@ -205,7 +213,7 @@ class PBTScheduler:
         plans = dict(keep)
         order = sorted(losers)
         if self.pb2 is not None:
-            running = [by_member[m].hyperparameters for m in members if m not in losers and by_member[m].can_exploit]
+            running = [by_member[m].hyperparameters for m in members if m not in losers and by_member[m].is_training]
             requests = [(steps[m], by_member[losers[m]].hyperparameters) for m in order]
             explored = self.pb2.explore_batch(requests, running, self._rng)
         else:

@@ -3,7 +3,8 @@
 In asynchronous PBT no training thread waits for another member. A member takes a snapshot of its
 state at each of its ready steps (host memory, so later training cannot change it) and a
 :class:`SnapshotServer` thread sends it to whoever asks: a loser's rank ``j`` writes a request into
-the launch's store and receives from rank ``j`` of the donor over the population group (gloo).
+the launch's store and receives from rank ``j`` of the donor over the population's gloo group (its host
+group where the population itself has NCCL).
 
 Population rank 0 runs a :class:`LineageDrain`: members push their lineage lines into the store and
 the drain appends them to ``lineage.jsonl``, so that rank 0's training is never blocked by a file.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = [
     "push_count",
     "push_lineage",
     "request_snapshot",
+    "wait_until_written",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,14 +71,25 @@ def push_key(namespace: str, index: int) -> str:
     return f"{namespace}/lineage/{index}"
 
 
-def _push(store: Any, namespace: str, payload: Any) -> None:
+def _push(store: Any, namespace: str, payload: Any) -> int:
     index = store.add(f"{namespace}/lineage_count", 1) - 1
     store.set(push_key(namespace, index), json.dumps(payload))
+    return index
 
 
-def push_lineage(store: Any, namespace: str, records: list[LineageRecord]) -> None:
-    """Hand one member's lines of one ready step to population rank 0's drain."""
-    _push(store, namespace, [record.to_dict() for record in records])
+def push_lineage(store: Any, namespace: str, records: list[LineageRecord]) -> int:
+    """Hand one member's lines of one ready step to population rank 0's drain; returns the push's index."""
+    return _push(store, namespace, [record.to_dict() for record in records])
+
+
+def wait_until_written(store: Any, namespace: str, index: int, timeout: float) -> bool:
+    """Whether the drain has written push ``index`` (and all before it) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while int(store.add(f"{namespace}/lineage_written", 0)) <= index:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def push_count(store: Any, namespace: str) -> int:
@@ -149,7 +163,6 @@ class SnapshotServer(_Worker):
         self._snapshot: Snapshot | None = None
         self._lock = threading.Lock()
         self._published = threading.Event()
-        self.served = 0
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -177,6 +190,7 @@ class SnapshotServer(_Worker):
                 pending = [request for request in pending if not self._serve(request)]
                 continue
             request = json.loads(self.store.get(key))
+            self.store.delete_key(key)
             index += 1
             if request.get("stop"):
                 return
@@ -189,24 +203,15 @@ class SnapshotServer(_Worker):
         snapshot = self.snapshot
         if snapshot is None or snapshot.version < request["version"]:
             return False
-        if snapshot.version > request["version"]:
-            _send(self.population, snapshot.packed, [request["peer"]], _REFUSED)
-        else:
-            _send(self.population, snapshot.packed, [request["peer"]], 0)
-            self.served += 1
+        status = _REFUSED if snapshot.version > request["version"] else 0
+        transfer.send_state(self.population, snapshot.packed, [request["peer"]], status)
         return True
-
-
-def _send(population: Any, packed: transfer.PackedState, peers: list[int], status: int) -> None:
-    transfer.send_state(population, packed, peers, status)
 
 
 class LineageDrain(_Worker):
     """Population rank 0: appends the lineage lines members push into the store, in push order."""
 
-    def __init__(
-        self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]
-    ) -> None:
+    def __init__(self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]) -> None:
         super().__init__("lightning-pbt-lineage", on_failure)
         self.store = store
         self.namespace = namespace
@@ -225,20 +230,30 @@ class LineageDrain(_Worker):
     def _write_available(self, store: Any) -> bool:
         """Write the pushes there are now, in one batch; False once the stop message is reached."""
         records: list[LineageRecord] = []
+        keys: list[str] = []
         running = True
-        while store.check([push_key(self.namespace, self.consumed)]):
-            payload = json.loads(store.get(push_key(self.namespace, self.consumed)))
-            self.consumed += 1
+        while store.check([push_key(self.namespace, self.consumed + len(keys))]):
+            key = push_key(self.namespace, self.consumed + len(keys))
+            keys.append(key)
+            payload = json.loads(store.get(key))
             if isinstance(payload, dict) and payload.get("stop"):
                 running = False
                 break
             records.extend(LineageRecord.from_dict(line) for line in payload)
         self.writer.write(records)
+        self.consumed += len(keys)
+        store.add(f"{self.namespace}/lineage_written", len(keys))  # what wait_until_written reads
+        for key in keys:
+            store.delete_key(key)
         return running
 
     def finish(self, store: Any) -> None:
         """Every member has pushed its last line: stop the thread, then write whatever is left."""
-        self.stop(store)
+        self._stopping = True
+        self._post_stop(store)
+        self.join()  # no timeout: the rest is written here, never by two threads at once
+        if self.error is not None:
+            raise self.error
         total = push_count(store, self.namespace)
         while self.consumed < total:
             _wait(store, push_key(self.namespace, self.consumed))

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -128,6 +129,11 @@ class _MemberScopingLauncher:
         return self.inner.launch(_call_scoped, function, *args, trainer=trainer, **kwargs)
 
 
+# Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+_FIT_CKPT_INDEX = 4
+_FIT_WEIGHTS_ONLY_INDEX = 5
+
+
 def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs in each launched process: ``function`` is a bound method of the Trainer (``_fit_impl``...)."""
     trainer = getattr(function, "__self__", None)
@@ -147,11 +153,9 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
                 else:
                     kwargs["ckpt_path"] = ckpt_path
             strategy._resume_path = str(ckpt_path) if ckpt_path is not None else None
+            weights_only = args[_FIT_WEIGHTS_ONLY_INDEX] if len(args) > _FIT_WEIGHTS_ONLY_INDEX else None
+            strategy._resume_weights_only = kwargs.get("weights_only", weights_only)
     return function(*args, **kwargs)
-
-
-# Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
-_FIT_CKPT_INDEX = 4
 
 
 def _is_save_config_callback(callback: Any) -> bool:
@@ -159,9 +163,10 @@ def _is_save_config_callback(callback: Any) -> bool:
     return any(cls.__name__ == "SaveConfigCallback" for cls in type(callback).__mro__)
 
 
-def _pbt_state(path: str) -> dict[str, Any]:
-    """The PBT callback's state in a checkpoint (empty when it holds none)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def _pbt_state(path: str, weights_only: bool | None = None) -> dict[str, Any]:
+    """The PBT callback's state in a checkpoint (empty when it holds none); plain data only unless the
+    fit was told otherwise (``trainer.fit(..., weights_only=False)``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False, mmap=True)
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith("PopulationBasedTraining") and isinstance(state, dict):
             return state
@@ -251,11 +256,12 @@ class PopulationStrategy(DDPStrategy):
         self.run_dir: str | None = None
         self._watchdog: PopulationWatchdog | None = None
         self._failed = False
-        self._finish_count = 0
         self._watchdog_prefix = ""
         self._scoped_root: str | None = None
         self._resume_path: str | None = None
         self._resume_override: str | None = None
+        self._resume_weights_only: bool | None = None
+        self._before_finishing: list[Callable[[], None]] = []
         self._resume_agreed = False
 
     # -- devices ---------------------------------------------------------------------------------
@@ -523,7 +529,7 @@ class PopulationStrategy(DDPStrategy):
         mine, synchronous = -2, 1  # -2: no checkpoint
         if self._resume_path:
             try:
-                state = _pbt_state(self._resume_path)
+                state = _pbt_state(self._resume_path, self._resume_weights_only)
                 mine, synchronous = int(state.get("last_ready_step", -1)), int(bool(state.get("synchronous", True)))
             except Exception as error:  # reported through the gather below, so that every rank raises
                 log.error("cannot read the checkpoint %s: %s", self._resume_path, error)
@@ -588,8 +594,10 @@ class PopulationStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # Only plain data is unpickled unless the user explicitly asks for more.
-        checkpoint_path = self._resume_override or checkpoint_path
+        # Only plain data is unpickled unless the user explicitly asks for more. The rollback agreed on
+        # at resume replaces only the checkpoint it was agreed for, once (not a later validate/test's).
+        if self._resume_override is not None and str(checkpoint_path) == self._resume_path:
+            checkpoint_path, self._resume_override = self._resume_override, None
         return super().load_checkpoint(checkpoint_path, weights_only=True if weights_only is None else weights_only)
 
     # -- failure and teardown --------------------------------------------------------------------
@@ -599,11 +607,16 @@ class PopulationStrategy(DDPStrategy):
         self._failed = True
         if type(exception).__name__ == "SIGTERMException":
             return  # a preemption reaches every rank by itself; each one checkpoints and exits
+        self._stop_watchdog()  # else it could end this very rank on its own abort flag, losing the traceback
         if self.population is not None and self.topology is not None:
             self.population.signal_abort(
                 f"member {self.topology.member_id} (world rank {self.topology.world_rank}) raised "
                 f"{type(exception).__name__}: {exception}"
             )
+
+    def before_finishing(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` at the end of this fit, before waiting for the population (not after a failure)."""
+        self._before_finishing.append(hook)
 
     def finish_population(self) -> None:
         """Wait until every rank of the population has finished, then stop the watchdog.
@@ -611,10 +624,14 @@ class PopulationStrategy(DDPStrategy):
         Called once at the end of a successful fit so that no rank leaves (and takes the store with
         it) while others still need it.
         """
+        hooks, self._before_finishing = self._before_finishing, []
         if self.population is None or self._failed:
             return
-        self._finish_count += 1
-        self.population.wait_for_everyone(f"finished/{self._finish_count}")
+        for hook in hooks:
+            hook()
+        # Counted per process (any Trainer's strategy), so that every rank waits on the same key.
+        _ESTABLISHED["finishes"] = _ESTABLISHED.get("finishes", 0) + 1
+        self.population.wait_for_everyone(f"finished/{_ESTABLISHED['finishes']}")
         self._stop_watchdog()
 
     def _stop_watchdog(self) -> None:

@@ -11,10 +11,12 @@ optimizer and LR-scheduler states, the precision plugin's state). It travels as:
    overhead is what makes hundreds of small sends slow; copying large tensors is what makes one flat
    buffer slow, so each tensor takes the cheaper of the two.
 
-A transfer is a fixed-size header (skeleton length, spec fingerprint), then the skeleton and the
-messages, in the same order on both sides: only the members that move state pay for flattening it,
-and the order alone pairs sends with receives, as NCCL requires (gloo's tags are not relied on).
-When the donor's fingerprint equals the loser's, the loser receives straight into its own tensors.
+A transfer is a fixed-size header (skeleton length, spec fingerprint, status: a refusal sends nothing
+more), then the skeleton and the messages, in the same order on both sides: only the members that move
+state pay for flattening it. NCCL pairs messages by their order, gloo by tag; the tags follow the order
+(see ``PopulationGroup.exchange``), so both pair them alike. When the donor's fingerprint equals the
+loser's, the loser receives straight into its own tensors (the model's ``state_dict`` tensors share
+storage with its parameters, as torch's do).
 """
 
 from __future__ import annotations
@@ -193,12 +195,15 @@ def pack_messages(
     return messages
 
 
-def allocate_messages(markers: Sequence[dict], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
+def allocate_messages(
+    markers: Sequence[dict], layout: Sequence[Sequence[int]], device: torch.device, pinned: bool = False
+) -> list[Tensor]:
+    """Receive buffers for ``layout``; ``pinned``: page-locked, when they stage tensors bound for a GPU."""
     buffers = []
     for indices in layout:
         dtype = _dtype(markers[indices[0]]["dtype"])
         numel = sum(_numel(markers[i]["shape"]) for i in indices)
-        buffers.append(torch.empty(numel, dtype=dtype, device=device))
+        buffers.append(_staging_buffer(numel, dtype, device, pinned))
     return buffers
 
 
@@ -320,7 +325,7 @@ def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, targ
     population.exchange([], [(peer, [skeleton])])
     nest, markers = read_skeleton(bytes(skeleton.cpu().numpy()))
     layout = message_layout(specs_of(markers))
-    inbox = allocate_messages(markers, layout, device)
+    inbox = allocate_messages(markers, layout, device, pinned=target.type == "cuda")
     population.exchange([], [(peer, inbox)], first_tag=1)  # the messages follow the skeleton (tag 0)
     return Received(nest, unpack_messages(inbox, markers, layout, target), in_place=False)
 

@@ -182,25 +182,28 @@ def test_a_stopped_member_stays_a_donor_and_nobody_waits_for_it(run_4x1):
 
 
 def test_resume_continues_each_members_lineage(tmp_path):
+    """Resume with ckpt_path="last", each member from its own step. Member 1 had already reached its
+    max_steps: its training loop does not run again, yet it takes part (as a donor) instead of leaving
+    the others waiting for it."""
     common = {"synchronous": False, "flavour": "lightning", "devices": 2, "member_size": 1, "every": EVERY}
     common["ckpt_every"] = EVERY
     first = run_population(tmp_path, max_steps=12, slow_members=[1], slow_delay=0.03, **common)
     assert first.returncode == 0, first.stdout[-4000:]
     before = load_lineage(tmp_path)
-    second = run_population(tmp_path, max_steps=24, resume=True, **common)
+    second = run_population(tmp_path, timeout=100, max_steps=24, member_max_steps={"1": 12}, resume=True, **common)
     assert second.returncode == 0, second.stdout[-4000:]
     assert f"Restored all states from the checkpoint at {tmp_path}/ckpt/member_0/last.ckpt" in second.stdout
     assert not (tmp_path / "pbt" / "lineage.jsonl.1").exists()  # continued, not restarted
     lineage = load_lineage(tmp_path)
     assert lineage[: len(before)] == before
-    for member in (0, 1):
+    for member, last in ((0, 24), (1, 12)):
         steps = sorted(r["step"] for r in lineage if r["member"] == member and r["event"] != "init")
-        assert steps == list(range(EVERY, 25, EVERY)), member
+        assert steps == list(range(EVERY, last + 1, EVERY)), member
+    ranks = {r["member"]: r for r in load_ranks(tmp_path)}
+    assert (ranks[0]["global_step"], ranks[1]["global_step"]) == (24, 12)
     restored = {r["member"]: r["hyperparameters"] for r in before if r["step"] == 12}
-    for rank in load_ranks(tmp_path):
-        assert rank["global_step"] == 24
-        first_after = {r["step"]: r for r in rank["before"]}[16]
-        assert first_after["lr"] == pytest.approx(restored[rank["member"]]["lr"])
+    first_after = {r["step"]: r for r in ranks[0]["before"]}[16]
+    assert first_after["lr"] == pytest.approx(restored[0]["lr"])
 
 
 def test_a_donor_that_fails_while_serving_ends_the_run_with_its_error(tmp_path):

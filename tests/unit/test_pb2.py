@@ -95,6 +95,24 @@ def test_staggered_snapshots_use_each_members_own_steps() -> None:
     assert scheduler.pb2.log.observations[1:] == [Observation(0, 10, 25, (0.01,), pytest.approx(0.04))]
 
 
+def test_an_asynchronous_decider_learns_from_members_it_cannot_replace() -> None:
+    """Deciding alone, member 0 marks the others ``can_exploit=False``; they still train, so their
+    intervals are observations (only ``training=False``, a stopped member, makes none)."""
+    scheduler = PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, burn_in=NEVER, explore="pb2")
+    a, b, c = {"lr": 0.01}, {"lr": 0.1}, {"lr": 0.3}
+
+    def view(step_b: int, score_b: float, step_c: int, score_c: float) -> list[MemberSnapshot]:
+        return [
+            MemberSnapshot(0, 1.0, a, step=10),
+            MemberSnapshot(1, score_b, b, step=step_b, can_exploit=False, training=True),
+            MemberSnapshot(2, score_c, c, step=step_c, can_exploit=False, training=False),
+        ]
+
+    scheduler.plan(10, view(20, 2.0, 20, 2.0))
+    scheduler.plan(10, view(30, 3.0, 30, 3.0))
+    assert scheduler.pb2.log.observations == [Observation(1, 20, 30, (0.1,), pytest.approx(0.1))]
+
+
 def test_an_exploit_starts_the_losers_interval_from_the_donors_score() -> None:
     scheduler = PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, explore="pb2")
     plans = scheduler.plan(10, [MemberSnapshot(0, 5.0, {"lr": 0.01}), MemberSnapshot(1, 1.0, {"lr": 0.1})])

@@ -274,12 +274,12 @@ if (
 
     trainer.callbacks.append(Boom())
 if cfg.get("serve_fail_member") == MEMBER:  # this member's snapshot server breaks at its first request
-    import lightning_pbt.serving
+    import lightning_pbt.transfer
 
     def broken_send(*args, **kwargs):
         raise RuntimeError("injected serving failure")
 
-    lightning_pbt.serving._send = broken_send
+    lightning_pbt.transfer.send_state = broken_send
 ckpt_path = "last" if cfg.get("resume") else None
 try:
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
