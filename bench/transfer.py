@@ -186,7 +186,7 @@ def profiled_move(member: Any, population: Any, send_to: list[int], receive_from
         header[0], header[1], header[2] = len(packed.skeleton), packed.spec_hash, 0
         population.exchange([(peer, [header]) for peer in send_to], [])
         t = tick("header", t)
-        skeleton = transfer.FlatState([], packed.skeleton).skeleton_tensor.to(device)
+        skeleton = transfer.bytes_tensor(packed.skeleton).to(device)
         population.exchange([(peer, [skeleton, *packed.messages]) for peer in send_to], [])
         tick("payload", t)
         return False

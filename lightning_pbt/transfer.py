@@ -35,6 +35,7 @@ __all__ = [
     "FlatState",
     "PackedState",
     "Received",
+    "bytes_tensor",
     "flatten_state",
     "message_layout",
     "pack_messages",
@@ -63,11 +64,12 @@ class FlatState:
 
     @property
     def skeleton_tensor(self) -> Tensor:
-        return (
-            torch.frombuffer(bytearray(self.skeleton), dtype=torch.uint8)
-            if self.skeleton
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        return bytes_tensor(self.skeleton)
+
+
+def bytes_tensor(data: bytes) -> Tensor:
+    """``data`` as a uint8 tensor (a copy), ready to send."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def flatten_state(state: Any) -> FlatState:
@@ -295,7 +297,7 @@ def send_state(population: Any, packed: PackedState, peers: Sequence[int], statu
     population.exchange([(peer, [header]) for peer in peers], [])
     if status < 0:
         return
-    skeleton = FlatState([], packed.skeleton).skeleton_tensor.to(device)
+    skeleton = bytes_tensor(packed.skeleton).to(device)
     population.exchange([(peer, [skeleton, *packed.messages]) for peer in peers], [])
 
 
