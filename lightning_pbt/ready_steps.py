@@ -167,8 +167,8 @@ class ReadySteps(ABC):
 
         ``layout`` (:func:`lightning_pbt.apply.optimizer_layout`) describes this rank's optimizers: members
         that differ could not copy each other's state, so every rank stops with the same message before
-        training. Problems with the lineage
-        file (corrupt, another run's) are broadcast from rank 0 so that every rank raises them.
+        training. Problems with the lineage file (corrupt, another run's) are broadcast from rank 0 so
+        that every rank raises them.
         """
         population, topology = self.population, self.topology
         fingerprint = zlib.crc32(json.dumps(layout, sort_keys=True).encode())

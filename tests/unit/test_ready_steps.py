@@ -1,0 +1,78 @@
+"""ReadySteps.start on real gloo groups in threads: what every rank must agree on, checked before training."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_pbt.apply import optimizer_layout
+from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.scheduler import PBTScheduler
+from lightning_pbt.space import LogUniform
+from lightning_pbt.topology import PopulationTopology
+from tests.unit.test_transport import run_ranks
+
+
+def start(tmp_path, layouts: dict[int, list], lineage: str = "lineage.jsonl") -> list[object]:
+    """Every rank starts; returns each rank's error message, or None."""
+    scheduler = PBTScheduler({"lr": LogUniform(1e-3, 0.1)})
+
+    def body(group):
+        book = PopulationBook(
+            population={m: {"hyperparameters": scheduler.initial_hyperparameters(m), "history": []} for m in (0, 1)}
+        )
+        protocol = SynchronousReadySteps(
+            population=group,
+            topology=PopulationTopology(world_size=2, world_rank=group.rank),
+            namespace="pbt/0",
+            scheduler=scheduler,
+            book=book,
+            member=None,
+            mode="max",
+            monitor="val_acc",
+            seed=0,
+        )
+        try:
+            protocol.start(
+                str(tmp_path / lineage),
+                restored=False,
+                layout=layouts[group.rank],
+                step=0,
+                epoch=0,
+                start_values={},
+                init_extra={},
+            )
+        except RuntimeError as error:
+            return str(error)
+        finally:
+            protocol.close()
+        return None
+
+    return run_ranks(2, "gloo", body)
+
+
+def layout(*group_sizes: int) -> list:
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(sum(group_sizes))]
+    groups, i = [], 0
+    for size in group_sizes:
+        groups.append({"params": params[i : i + size]})
+        i += size
+    return optimizer_layout([torch.optim.SGD(groups, lr=0.1)])
+
+
+def test_members_with_different_optimizers_stop_every_rank_with_the_same_message(tmp_path):
+    errors = start(tmp_path, {0: layout(2, 1), 1: layout(3)})
+    assert errors[0] == errors[1]
+    assert "the optimizers of world ranks [1] differ from world rank 0's" in errors[0]
+    assert "has 2 param group(s) in the donor, 1 in the loser" in errors[0]
+    assert not (tmp_path / "lineage.jsonl").exists()  # refused before the lineage was opened
+
+
+def test_equal_optimizers_start_and_rank_0_writes_the_init_lines(tmp_path):
+    assert start(tmp_path, {0: layout(2, 1), 1: layout(2, 1)}) == [None, None]
+    assert len((tmp_path / "lineage.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_lineage_problem_on_rank_0_is_every_ranks_error(tmp_path):
+    (tmp_path / "blocker").write_text("")  # a file where the lineage's folder should be
+    errors = start(tmp_path, {0: layout(1), 1: layout(1)}, lineage="blocker/lineage.jsonl")
+    assert errors[0] == errors[1] and "cannot continue the lineage" in errors[0]
