@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_pbt import transfer
 from lightning_pbt.apply import (
     GroupRatios,
     apply_hyperparameters,
@@ -479,8 +480,13 @@ class _TrainerMember:
 
     def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
         trainer = self.trainer
-        if not model_in_place:  # else the weights already arrived in the module's own tensors
-            trainer.lightning_module.load_state_dict(state["model"])
+        module = trainer.lightning_module
+        if not model_in_place:
+            module.load_state_dict(state["model"])
+        else:  # what arrived in the module's own parameters and buffers is there; the rest still needs loading
+            rest = transfer.outside_module(module, state["model"])
+            if rest:
+                module.load_state_dict(rest, strict=False)
         for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
         for config, scheduler_state in zip(trainer.lr_scheduler_configs, state["lr_schedulers"], strict=True):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ESTABLISHED", "PopulationAborted", "PopulationGroup", "PopulationWatchdog"]
+__all__ = ["ESTABLISHED", "PopulationAborted", "PopulationGroup", "PopulationWatchdog", "wire_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -95,26 +95,35 @@ class PopulationGroup:
         return group
 
     def host_group(self) -> PopulationGroup:
-        """The population over gloo and host memory: this group when it is gloo, else a second one,
-        created on first use (every rank must ask at the same point).
+        """The group the asynchronous mode serves snapshots over: always a second gloo group in host memory,
+        created on first use (every rank must ask at the same point), whatever this group's backend.
 
-        The asynchronous mode serves snapshots from a background thread: NCCL would put them on the GPU
-        and run the server's sends on the stream the training thread receives on.
+        One path on every backend: CPU CI runs exactly what an NCCL population runs. Only the gloo
+        backend's own rendezvous is prefixed (``host/``); requests, lineage pushes, stop messages and the
+        abort flag share this group's key space, which the background threads' clients
+        (:meth:`new_store_client`) and the watchdog read. A separate group also keeps the server thread's
+        sends apart from the training thread's population collectives.
         """
-        if self.backend_name == "gloo":
-            return self
         if self._host is None:
-            assert self._timeout is not None, "create the group with PopulationGroup.create"
-            self._host = PopulationGroup.create(
-                dist.PrefixStore("host/", self.store),
-                self.rank,
-                self.size,
-                "gloo",
-                torch.device("cpu"),
-                self._timeout,
-                self._connect_store,
+            if self._timeout is None:
+                raise RuntimeError("create the population group with PopulationGroup.create to get its host group")
+            backend = dist.ProcessGroupGloo(dist.PrefixStore("host/", self.store), self.rank, self.size, self._timeout)
+            host = PopulationGroup(
+                backend, self.rank, self.size, torch.device("cpu"), self.store, "gloo", self._connect_store
             )
+            host._timeout = self._timeout
+            self._host = host
         return self._host
+
+    def shutdown(self) -> None:
+        """Shut down every backend this group created (its host group first); best effort, at exit."""
+        groups = [group for group in (self._host, self) if group is not None]
+        self._host = None
+        for group in groups:
+            try:
+                group.backend.shutdown()
+            except Exception:  # already gone, or a stand-in without shutdown
+                log.debug("could not shut down a population backend", exc_info=True)
 
     def new_store_client(self) -> dist.Store:
         """A separate connection to the same store, for a background thread (a client is not shared
@@ -202,9 +211,20 @@ class PopulationGroup:
         ``send``/``recv`` on both backends: gloo pairs messages by tag, NCCL by order per pair, and the
         tags follow the order, so both agree (a receiver that takes one send in two rounds passes the
         tag the second round starts at). No coalescing block: its semantics differ between backends.
+
+        Every message travels as a byte view of its tensor (:func:`wire_bytes`), so the backend's dtype
+        support never matters (NCCL refuses complex, int16 and unsigned wider than 8 bits).
         """
-        works = [self.backend.send([t], peer, first_tag + i) for peer, tensors in sends for i, t in enumerate(tensors)]
-        works += [self.backend.recv([t], peer, first_tag + i) for peer, tensors in recvs for i, t in enumerate(tensors)]
+        works = [
+            self.backend.send([wire_bytes(t)], peer, first_tag + i)
+            for peer, tensors in sends
+            for i, t in enumerate(tensors)
+        ]
+        works += [
+            self.backend.recv([wire_bytes(t)], peer, first_tag + i)
+            for peer, tensors in recvs
+            for i, t in enumerate(tensors)
+        ]
         for work in works:
             work.wait()
 
@@ -263,6 +283,14 @@ class PopulationWatchdog(threading.Thread):
         print(f"[lightning_pbt rank {self._rank}] {message}; ending this rank", flush=True)
         time.sleep(0.2)
         os._exit(_ABORT_EXIT_CODE)
+
+
+def wire_bytes(tensor: Tensor) -> Tensor:
+    """``tensor``'s memory as a flat uint8 view (no copy): what a transfer message sends or receives into."""
+    if not tensor.is_contiguous():
+        raise ValueError("lightning_pbt: a transfer message must be contiguous to travel as bytes")
+    flat = tensor.detach().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def open_store_client(host: str, port: int, timeout: timedelta) -> dist.Store:

@@ -37,7 +37,6 @@ from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, tr
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 from lightning_pbt.serving import (
     LineageDrain,
-    Snapshot,
     SnapshotServer,
     push_lineage,
     request_snapshot,
@@ -468,7 +467,7 @@ class AsynchronousReadySteps(ReadySteps):
         return f"{self.namespace}/member/{member}"
 
     def start(self, lineage_path: str, **kwargs: Any) -> None:
-        # Snapshots live in host memory and travel over gloo, also where the population has NCCL (see
+        # Snapshots live in host memory and travel over a gloo group of their own on every backend (see
         # PopulationGroup.host_group); every rank switches here, at the same point.
         self.population = self.population.host_group()
         if self._leader:  # before start's collectives, so that every member's record exists after them
@@ -510,7 +509,7 @@ class AsynchronousReadySteps(ReadySteps):
         if self._leader and version > 0:
             self._forget(version - 1)
         flat = transfer.flatten_state(self.member.training_state())
-        self.server.publish(Snapshot(version, transfer.pack_state(flat, self.population.device, copy=True)))
+        self.server.take_snapshot(version, flat, self.population.device)
         if observation.missing:  # the same on every rank of this member
             raise RuntimeError(self._missing_monitor_error([self.me]))
         score = observation.score if math.isfinite(observation.score) else None

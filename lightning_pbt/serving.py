@@ -1,10 +1,11 @@
 """Background threads of the asynchronous mode: serving snapshots and draining the lineage.
 
 In asynchronous PBT no training thread waits for another member. A member takes a snapshot of its
-state at each of its ready steps (host memory, so later training cannot change it) and a
+state at each of its ready steps (host memory, so later training cannot change it; the buffers are reused
+from step to step) and a
 :class:`SnapshotServer` thread sends it to whoever asks: a loser's rank ``j`` writes a request into
-the launch's store and receives from rank ``j`` of the donor over the population's gloo group (its host
-group where the population itself has NCCL).
+the launch's store and receives from rank ``j`` of the donor over the population's host group (a gloo
+group of its own on every backend, sharing the population's store keys).
 
 Population rank 0 runs a :class:`LineageDrain`: members push their lineage lines into the store and
 the drain appends them to ``lineage.jsonl``, so that rank 0's training is never blocked by a file.
@@ -161,12 +162,30 @@ class SnapshotServer(_Worker):
         self.namespace = namespace
         self.rank = rank
         self._snapshot: Snapshot | None = None
+        self._sending: Snapshot | None = None
+        self._buffers: list[transfer.PackedState] = []  # at most 3: published, being sent, being written
         self._lock = threading.Lock()
         self._published = threading.Event()
 
     def publish(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
+        self._published.set()
+
+    def take_snapshot(self, version: int, flat: transfer.FlatState, device: Any) -> None:
+        """Copy ``flat`` into a snapshot buffer set and serve it as ``version``.
+
+        The buffers are reused: a set that is neither the one served now nor one a request is reading is
+        overwritten, so memory stays flat over the ready steps (at most three full copies, usually two).
+        """
+        with self._lock:
+            busy = [snapshot.packed for snapshot in (self._snapshot, self._sending) if snapshot is not None]
+            spare = next((packed for packed in self._buffers if all(packed is not b for b in busy)), None)
+        packed = transfer.pack_state(flat, device, copy=True, reuse=spare)
+        with self._lock:
+            if packed is not spare:  # a new set (none was free, or the layout changed): the old spare goes
+                self._buffers = [b for b in self._buffers if b is not spare] + [packed]
+            self._snapshot = Snapshot(version, packed)
         self._published.set()
 
     @property
@@ -200,11 +219,17 @@ class SnapshotServer(_Worker):
 
     def _serve(self, request: dict[str, Any]) -> bool:
         """Send or refuse ``request``; False while its version is still to come."""
-        snapshot = self.snapshot
-        if snapshot is None or snapshot.version < request["version"]:
-            return False
-        status = _REFUSED if snapshot.version > request["version"] else 0
-        transfer.send_state(self.population, snapshot.packed, [request["peer"]], status)
+        with self._lock:  # marked as being sent, so that take_snapshot does not overwrite it meanwhile
+            snapshot = self._snapshot
+            if snapshot is None or snapshot.version < request["version"]:
+                return False
+            self._sending = snapshot
+        try:
+            status = _REFUSED if snapshot.version > request["version"] else 0
+            transfer.send_state(self.population, snapshot.packed, [request["peer"]], status)
+        finally:
+            with self._lock:
+                self._sending = None
         return True
 
 

@@ -205,8 +205,7 @@ def _shutdown_population() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if population is not None:
-        with contextlib.suppress(Exception):
-            population.backend.shutdown()
+        population.shutdown()  # the host group of the asynchronous mode too
         del population
 
 

@@ -14,9 +14,10 @@ optimizer and LR-scheduler states, the precision plugin's state). It travels as:
 A transfer is a fixed-size header (skeleton length, spec fingerprint, status: a refusal sends nothing
 more), then the skeleton and the messages, in the same order on both sides: only the members that move
 state pay for flattening it. NCCL pairs messages by their order, gloo by tag; the tags follow the order
-(see ``PopulationGroup.exchange``), so both pair them alike. When the donor's fingerprint equals the
-loser's, the loser receives straight into its own tensors (the model's ``state_dict`` tensors share
-storage with its parameters, as torch's do).
+(see ``PopulationGroup.exchange``), so both pair them alike; every message travels as bytes, whatever its
+dtype. When the donor's fingerprint equals the loser's, the loser receives straight into its own tensors;
+what reached the model's parameters and buffers that way needs no further copy, anything else
+(:func:`outside_module`) is loaded with ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ __all__ = [
     "PackedState",
     "Received",
     "bytes_tensor",
+    "fits",
     "flatten_state",
     "message_layout",
+    "outside_module",
     "pack_messages",
     "pack_state",
     "read_skeleton",
@@ -177,24 +180,40 @@ def message_layout(
 
 
 def pack_messages(
-    tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device, copy: bool = False
+    tensors: Sequence[Tensor],
+    layout: Sequence[Sequence[int]],
+    device: torch.device,
+    copy: bool = False,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """The buffers to send on ``device``: a large tensor already there as a flat view (no copy), anything
-    else copied into one buffer per message (pinned when it comes from a GPU and goes to host memory)."""
+    else copied into one buffer per message (pinned when it comes from a GPU and goes to host memory).
+
+    ``out``: buffers of an earlier packing of the same layout (:func:`fits`), written again instead of
+    allocating new ones.
+    """
     messages = []
-    for indices in layout:
+    for k, indices in enumerate(layout):
         first = tensors[indices[0]]
         if not copy and len(indices) == 1 and first.device == device and first.is_contiguous():
             messages.append(first.detach().reshape(-1))
             continue
         numel = sum(tensors[i].numel() for i in indices)
-        buffer = _staging_buffer(numel, first.dtype, device, pinned=first.device.type == "cuda")
+        buffer = out[k] if out is not None else _staging_buffer(numel, first.dtype, device, first.device.type == "cuda")
         offset = 0
         for i in indices:
             buffer[offset : offset + tensors[i].numel()].copy_(tensors[i].detach().reshape(-1))
             offset += tensors[i].numel()
         messages.append(buffer)
     return messages
+
+
+def fits(buffers: Sequence[Tensor], tensors: Sequence[Tensor], layout: Sequence[Sequence[int]]) -> bool:
+    """Whether ``buffers`` have exactly the dtypes and sizes that packing ``tensors`` in ``layout`` needs."""
+    return len(buffers) == len(layout) and all(
+        buffer.dtype == tensors[indices[0]].dtype and buffer.numel() == sum(tensors[i].numel() for i in indices)
+        for buffer, indices in zip(buffers, layout, strict=False)
+    )
 
 
 def allocate_messages(
@@ -270,14 +289,36 @@ class PackedState:
         return len(self.skeleton) + sum(m.numel() * m.element_size() for m in self.messages)
 
 
-def pack_state(flat: FlatState, device: torch.device, copy: bool = False) -> PackedState:
+def pack_state(
+    flat: FlatState, device: torch.device, copy: bool = False, reuse: PackedState | None = None
+) -> PackedState:
     """Lay ``flat`` out in messages on ``device`` (the transport's device: host memory for gloo).
 
     ``copy=True`` makes a snapshot that later training cannot change; otherwise large tensors already
-    on ``device`` are sent as they are.
+    on ``device`` are sent as they are. ``reuse``: an earlier snapshot nobody reads any more; when its
+    buffers fit, it is overwritten and returned (no new allocation), else a new one is made.
     """
     layout = message_layout(_specs(flat.tensors))
+    if copy and reuse is not None and fits(reuse.messages, flat.tensors, layout):
+        pack_messages(flat.tensors, layout, device, copy=True, out=reuse.messages)
+        reuse.skeleton, reuse.spec_hash = flat.skeleton, spec_hash(flat.tensors)
+        return reuse
     return PackedState(flat.skeleton, spec_hash(flat.tensors), pack_messages(flat.tensors, layout, device, copy))
+
+
+def outside_module(module: torch.nn.Module, model_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``model_state`` that are not ``module``'s own parameters or buffers (by storage).
+
+    An in-place receive writes into the tensors ``state_dict()`` returned; only those that are the module's
+    parameters and buffers thereby reach the module. The rest (copies made by a ``state_dict`` hook, extra
+    state) must still go through ``load_state_dict``.
+    """
+    live = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    return {
+        key: value
+        for key, value in model_state.items()
+        if not (isinstance(value, Tensor) and value.untyped_storage().data_ptr() in live)
+    }
 
 
 def header_tensor(device: torch.device) -> Tensor:

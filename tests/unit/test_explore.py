@@ -62,9 +62,7 @@ def test_mutation_strings() -> None:
     g = np.random.default_rng(0)
     explorer = Explorer({"lr": LogUniform(1e-4, 1.0)}, perturbation_factors=(1.2,), resample_probability=0)
     assert explorer.explore({"lr": 0.01}, g) == ({"lr": pytest.approx(0.012)}, ["lr: 0.01 -> 0.012 (x1.2)"])
-    explorer = Explorer(
-        {"optimizer": SPACE["optimizer"]}, perturbation_factors=(1.2,), resample_probability=0
-    )
+    explorer = Explorer({"optimizer": SPACE["optimizer"]}, perturbation_factors=(1.2,), resample_probability=0)
     assert explorer.explore({"optimizer": "adam"}, g)[1] == ["optimizer: 'adam' -> 'sgd' (x1.2)"]
     explorer = Explorer({"layers": SPACE["layers"]}, perturbation_factors=(0.5,), resample_probability=0)
     assert explorer.explore({"layers": 4}, g)[1] == ["layers: 4 -> 2 (x0.5)"]
@@ -76,9 +74,7 @@ def test_mutation_strings() -> None:
 
 def test_explore_validates_its_input() -> None:
     with pytest.raises(ValueError, match=r"missing hyperparameter\(s\) \['optimizer'\]"):
-        Explorer(SPACE).explore(
-            {k: v for k, v in START.items() if k != "optimizer"}, np.random.default_rng(0)
-        )
+        Explorer(SPACE).explore({k: v for k, v in START.items() if k != "optimizer"}, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"dropout: value 0\.9 is outside"):
         Explorer(SPACE).explore({**START, "dropout": 0.9}, np.random.default_rng(0))
 

@@ -67,8 +67,10 @@ def test_trainer_presets(preset, accelerator, nodes):
 
 def test_space_overrides_bounds_add_remove_and_switch_type():
     cfg = digits(
-        "pbt.hyperparameters.lr.low=1e-5", "pbt.hyperparameters.lr.high=0.5",
-        "+pbt.hyperparameters.momentum={type:uniform,low:0.5,high:0.99}", "~pbt.hyperparameters.dropout",
+        "pbt.hyperparameters.lr.low=1e-5",
+        "pbt.hyperparameters.lr.high=0.5",
+        "+pbt.hyperparameters.momentum={type:uniform,low:0.5,high:0.99}",
+        "~pbt.hyperparameters.dropout",
         "pbt.hyperparameters.weight_decay.type=uniform",
     )
     space = search_space(cfg.pbt.hyperparameters)
@@ -76,8 +78,12 @@ def test_space_overrides_bounds_add_remove_and_switch_type():
     # To a choice: delete and re-add, or null the range keys.
     cfg = digits("~pbt.hyperparameters.lr", "+pbt.hyperparameters.lr={type:choice,values:[0.01,0.1]}")
     assert search_space(cfg.pbt.hyperparameters)["lr"] == Choice((0.01, 0.1))
-    cfg = digits("pbt.hyperparameters.dropout.type=choice", "pbt.hyperparameters.dropout.low=null",
-                 "pbt.hyperparameters.dropout.high=null", "+pbt.hyperparameters.dropout.values=[0.0,0.25]")
+    cfg = digits(
+        "pbt.hyperparameters.dropout.type=choice",
+        "pbt.hyperparameters.dropout.low=null",
+        "pbt.hyperparameters.dropout.high=null",
+        "+pbt.hyperparameters.dropout.values=[0.0,0.25]",
+    )
     assert search_space(cfg.pbt.hyperparameters)["dropout"] == Choice((0.0, 0.25))
     cfg = digits("+pbt.hyperparameters.act=[relu,gelu]")  # a bare list is a choice
     assert search_space(cfg.pbt.hyperparameters)["act"] == Choice(("relu", "gelu"))
@@ -93,8 +99,10 @@ def test_space_overrides_bounds_add_remove_and_switch_type():
         (["+pbt.hyperparameters.m={type:uniform,low:0.9,high:0.5}"], "pbt.hyperparameters.m: Uniform: low (0.9)"),
         (["+pbt.hyperparameters.m={lo:1}"], "pbt.hyperparameters.m: unknown key(s) ['lo']"),
         (["pbt.hyperparameters.dropout.type=choice"], "pbt.hyperparameters.dropout: a choice takes 'values' only"),
-        (["~pbt.hyperparameters.lr", "~pbt.hyperparameters.dropout", "~pbt.hyperparameters.weight_decay"],
-         "pbt.hyperparameters: the search space is empty"),
+        (
+            ["~pbt.hyperparameters.lr", "~pbt.hyperparameters.dropout", "~pbt.hyperparameters.weight_decay"],
+            "pbt.hyperparameters: the search space is empty",
+        ),
         (["pbt.mode=maximum"], "pbt.mode: must be 'min' or 'max', got 'maximum'"),
         (["pbt.quantile_fraction=0.9"], "pbt.quantile_fraction: must be in (0, 0.5]"),
         (["pbt.exploit=best"], "pbt:"),

@@ -44,11 +44,20 @@ class Net(pl.LightningModule):
 
 def fit(replay: PBTReplay, steps: int = 10, **model_kwargs) -> Net:
     g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)),
-                      batch_size=4)
+    data = DataLoader(
+        TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)), batch_size=4
+    )
     model = Net(**model_kwargs)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=[replay], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        callbacks=[replay],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, data)
     return model
 
@@ -96,6 +105,7 @@ def test_schedule_from_schedule_json_and_from_lineage(tmp_path):
 
 def test_resumed_run_starts_with_the_entry_in_effect():
     replay = PBTReplay([(0, {"lr": 0.1}), (3, {"lr": 0.01}), (50, {"lr": 0.05})])
+
     # A run starting at step 5 (as after a resume) applies the step-3 entry at once.
     class Fake:
         global_step, optimizers, lr_scheduler_configs, loggers = 5, [], [], []

@@ -14,21 +14,33 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def rec(step, member, score, event="keep", parent=None, lr=0.1, opt="sgd", **extra):
-    return LineageRecord(step=step, epoch=step // 10, member=member, score=score, event=event,
-                         parent=member if parent is None else parent, hyperparameters={"lr": lr, "opt": opt},
-                         extra=extra)
+    return LineageRecord(
+        step=step,
+        epoch=step // 10,
+        member=member,
+        score=score,
+        event=event,
+        parent=member if parent is None else parent,
+        hyperparameters={"lr": lr, "opt": opt},
+        extra=extra,
+    )
 
 
 def records() -> list[LineageRecord]:
     """3 members. Step 10: 2 copies 0. Step 20: 1 copies 2 (who holds 0's weights). Step 30: 0 diverges."""
     return [
-        rec(0, 0, None, "init", lr=0.1), rec(0, 1, None, "init", lr=0.01, opt="adam"),
+        rec(0, 0, None, "init", lr=0.1),
+        rec(0, 1, None, "init", lr=0.01, opt="adam"),
         rec(0, 2, None, "init", lr=0.001),
-        rec(10, 0, 0.9, lr=0.1), rec(10, 1, 0.8, lr=0.01, opt="adam"),
+        rec(10, 0, 0.9, lr=0.1),
+        rec(10, 1, 0.8, lr=0.01, opt="adam"),
         rec(10, 2, 0.5, "exploit", parent=0, lr=0.12),
-        rec(20, 0, 0.91, lr=0.1), rec(20, 1, 0.7, "exploit", parent=2, lr=0.1, opt="adam"),
+        rec(20, 0, 0.91, lr=0.1),
+        rec(20, 1, 0.7, "exploit", parent=2, lr=0.1, opt="adam"),
         rec(20, 2, 0.95, lr=0.12),
-        rec(30, 0, None, lr=0.1), rec(30, 1, 0.96, lr=0.1, opt="adam"), rec(30, 2, 0.97, lr=0.12),
+        rec(30, 0, None, lr=0.1),
+        rec(30, 1, 0.96, lr=0.1, opt="adam"),
+        rec(30, 2, 0.97, lr=0.12),
     ]
 
 
@@ -56,9 +68,11 @@ def test_report_writes_non_empty_pngs_schedule_and_summary(run_dir):
         assert data.startswith(PNG) and len(data) > 5000
     schedule = json.loads((run_dir / "pbt" / "schedule.json").read_text())
     assert schedule["member"] == 2 and schedule["score"] == 0.97 and schedule["mode"] == "max"
-    assert [(e["step"], e["hyperparameters"]) for e in schedule["schedule"]] == [
-        (step, values) for step, values in member_schedule(records(), 2)
-    ] == [(0, {"lr": 0.1, "opt": "sgd"}), (10, {"lr": 0.12, "opt": "sgd"})]
+    assert (
+        [(e["step"], e["hyperparameters"]) for e in schedule["schedule"]]
+        == [(step, values) for step, values in member_schedule(records(), 2)]
+        == [(0, {"lr": 0.1, "opt": "sgd"}), (10, {"lr": 0.12, "opt": "sgd"})]
+    )
     assert (run_dir / "pbt" / "summary.md").read_text() == report.markdown
 
 
@@ -121,7 +135,12 @@ def test_cli_prints_markdown_and_reports_errors(run_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("# Population Based Training report") and "## Best member: 2" in printed
     assert sorted(p.name for p in out.iterdir()) == [
-        "hyperparameters.png", "lineage_tree.png", "schedule.json", "scores.png", "summary.md"]
+        "hyperparameters.png",
+        "lineage_tree.png",
+        "schedule.json",
+        "scores.png",
+        "summary.md",
+    ]
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -134,10 +153,15 @@ def test_summary_markdown_without_files():
 def test_asynchronous_lineage_with_steps_that_do_not_line_up(tmp_path):
     """Member 1 (slow) copies member 0's snapshot of step 24 at its own step 8 (``donor_step``)."""
     lines = [
-        rec(0, 0, None, "init", lr=0.1), rec(0, 1, None, "init", lr=0.5),
-        rec(8, 0, 0.6, lr=0.1), rec(4, 1, 0.2, lr=0.5), rec(16, 0, 0.7, lr=0.2), rec(24, 0, 0.8, lr=0.2),
+        rec(0, 0, None, "init", lr=0.1),
+        rec(0, 1, None, "init", lr=0.5),
+        rec(8, 0, 0.6, lr=0.1),
+        rec(4, 1, 0.2, lr=0.5),
+        rec(16, 0, 0.7, lr=0.2),
+        rec(24, 0, 0.8, lr=0.2),
         LineageRecord(8, 0, 1, 0.3, "exploit", 0, {"lr": 0.3, "opt": "sgd"}, donor_step=24),
-        rec(12, 1, 0.9, lr=0.3), rec(32, 0, 0.85, lr=0.2),
+        rec(12, 1, 0.9, lr=0.3),
+        rec(32, 0, 0.85, lr=0.2),
     ]
     # The exploit compares the copier's score with the donor's at the donor's step (0.3 -> 0.8): max.
     assert infer_mode(lines) == ("max", "the direction of the recorded exploits")

@@ -46,9 +46,7 @@ def domains(draw: st.DrawFn) -> Domain:
         b = draw(st.integers(a + 1, bound + 1))
         return IntUniform(a, b)
     values = draw(
-        st.lists(
-            st.one_of(st.text(max_size=5), st.integers(-1000, 1000)), min_size=1, max_size=6, unique=True
-        )
+        st.lists(st.one_of(st.text(max_size=5), st.integers(-1000, 1000)), min_size=1, max_size=6, unique=True)
     )
     return Choice(tuple(values))
 

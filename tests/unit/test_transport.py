@@ -7,7 +7,13 @@ in threads, one per rank, over
 - ``NcclStandIn``, a backend that reproduces what NCCL does differently from gloo: tags are ignored
   and messages between two ranks match in issue order, each rank processing its operations with one
   peer in issue order (so mismatched orders deadlock, as on a GPU), a receive must be as large as the
-  send, and the coalescing block (whose per-op works NCCL returns as ``None``) is not to be used.
+  send, only the dtypes of torch's ``getNcclDataType`` are accepted (no complex, int16 or unsigned
+  wider than 8 bits), and the coalescing block (whose per-op works NCCL returns as ``None``) is not to
+  be used. It also counts the communicators plain ``send``/``recv`` would make NCCL create: one per
+  pair of ranks that exchange (``ProcessGroupNCCL::pointToPoint`` keys them by ``getKeySendRecv``).
+
+Each test that runs gloo threads is guarded (:func:`survives_abort`): a gloo error that terminates the
+process (a size mismatch does, from gloo's own thread) fails that test by name and the run goes on.
 
 A transport that passes both moves state the same way on a GPU node as in CI; the GPU tier
 (``tests/gpu``) runs it on real NCCL where a machine has two GPUs.
@@ -15,11 +21,16 @@ A transport that passes both moves state the same way on a GPU node as in CI; th
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +38,70 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_pbt import transfer
+from lightning_pbt.callback import _TrainerMember
 from lightning_pbt.distributed import PopulationGroup
+
+# torch's getNcclDataType (torch/csrc/distributed/c10d/NCCLUtils.hpp): every other dtype is a TypeError.
+NCCL_DTYPES = frozenset(
+    {
+        torch.int8,
+        torch.uint8,
+        torch.float32,
+        torch.float64,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bool,
+        torch.bfloat16,
+        torch.float8_e5m2,
+        torch.float8_e4m3fn,
+        torch.float8_e4m3fnuz,
+        torch.float8_e5m2fnuz,
+    }
+)
+GLOO_TIMEOUT = timedelta(seconds=10)  # a rank left waiting by a failed peer fails soon, not after minutes
+
+
+def survives_abort(test: Callable) -> Callable:
+    """Run ``test`` in a forked child process, so that a gloo error that aborts the process fails this
+    test, by name, instead of ending the whole pytest run."""
+
+    @functools.wraps(test)
+    def guarded(*args: object, **kwargs: object) -> None:
+        _warm_up()
+        context = multiprocessing.get_context("fork")
+        reader, writer = context.Pipe(duplex=False)
+        child = context.Process(target=_run_guarded, args=(test, args, kwargs, writer), daemon=True)
+        child.start()
+        writer.close()
+        outcome = reader.recv() if reader.poll(100) else None
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        if outcome is None:
+            pytest.fail(f"{test.__name__}: its process died or hung (exit code {child.exitcode})", pytrace=False)
+        if outcome != "ok":
+            pytest.fail(f"{test.__name__} failed in its guarded process:\n{outcome}", pytrace=False)
+
+    return guarded
+
+
+@functools.cache
+def _warm_up() -> None:
+    """Pay torch's one-off first-use costs (about a second: the optimizer's first step) once, in the parent,
+    rather than in every forked child."""
+    member(0)
+
+
+def _run_guarded(test: Callable, args: tuple, kwargs: dict, writer: object) -> None:
+    try:
+        test(*args, **kwargs)
+        writer.send("ok")  # type: ignore[attr-defined]
+    except BaseException:
+        writer.send(traceback.format_exc())  # type: ignore[attr-defined]
+    finally:
+        os._exit(0)  # no interpreter teardown: gloo threads of a failed test may still be blocked
 
 
 # -- a stand-in with NCCL's point-to-point semantics -------------------------------------------------
@@ -46,9 +120,13 @@ class _Hub:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queues: dict[tuple[int, int], deque[_Op]] = {}
+        self.communicators: set[frozenset[int]] = set()  # what NCCL's lazy per-pair keys would create
 
     def issue(self, rank: int, peer: int, op: _Op) -> _Op:
+        if op.tensor.dtype not in NCCL_DTYPES:
+            raise TypeError(f"Input tensor data type is not supported for NCCL process group: {op.tensor.dtype}")
         with self.lock:
+            self.communicators.add(frozenset((rank, peer)))
             self.queues.setdefault((rank, peer), deque()).append(op)
             self._progress()
         return op
@@ -93,6 +171,10 @@ class _Work:
 class NcclStandIn:
     def __init__(self, hub: _Hub, rank: int) -> None:
         self.hub, self.rank = hub, rank
+        self.shut_down = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> _Work:
         return _Work(self.hub.issue(self.rank, dst, _Op("send", tensors[0])))
@@ -107,34 +189,49 @@ class NcclStandIn:
 
 
 # -- groups of threads -------------------------------------------------------------------------------
-def run_ranks(size: int, backend: str, body: Callable[[PopulationGroup], object]) -> list[object]:
-    """``body(group)`` on ``size`` threads, one per rank, over ``backend``; re-raises the first failure."""
-    store, hub = dist.HashStore(), _Hub()
+def run_ranks(
+    size: int, backend: str, body: Callable[[PopulationGroup], object], hub: _Hub | None = None
+) -> list[object]:
+    """``body(group)`` on ``size`` threads, one per rank, over ``backend``; re-raises the first failure.
+
+    The groups are built as the strategy builds them (``PopulationGroup.create`` for gloo), with a store
+    client factory, so that ``host_group()`` and the background threads' clients work as in a run.
+    """
+    store, hub = dist.HashStore(), hub or _Hub()
+    store.set_timeout(GLOO_TIMEOUT)
     results: list[object] = [None] * size
     errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         try:
             if backend == "gloo":
-                raw = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=30))
+                group = PopulationGroup.create(
+                    store, rank, size, "gloo", torch.device("cpu"), GLOO_TIMEOUT, connect_store=lambda: store
+                )
             else:
-                raw = NcclStandIn(hub, rank)
-            group = PopulationGroup(raw, rank, size, torch.device("cpu"), store, backend)
+                group = PopulationGroup(
+                    NcclStandIn(hub, rank), rank, size, torch.device("cpu"), store, "nccl", lambda: store
+                )
+                group._timeout = GLOO_TIMEOUT  # what PopulationGroup.create records (its host group needs it)
             results[rank] = body(group)
         except BaseException as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(size)]
+    threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in range(size)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     if errors:
         raise errors[0]
+    if any(thread.is_alive() for thread in threads):
+        raise TimeoutError("a rank did not finish within 60 s")
     return results
 
 
-def member(seed: int, width: int = 40) -> tuple[nn.Module, torch.optim.Optimizer]:
+def member(seed: int, width: int = 1000) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A trained model at real sizes: its first weight and Adam moments are 1.2 MB (direct messages), the
+    rest (biases, BatchNorm buffers, the head) a few KB (bucketed)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(300, width), nn.BatchNorm1d(width), nn.Linear(width, 3))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -152,9 +249,17 @@ def digest(state: dict) -> list[bytes]:
     return [flat.skeleton, *(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in flat.tensors)]
 
 
+def test_the_test_states_take_both_message_paths():
+    sizes = [t.numel() * t.element_size() for t in transfer.flatten_state(state_of(*member(0))).tensors]
+    assert max(sizes) >= 1 << 20 and min(sizes) < transfer.DIRECT_BYTES
+    layout = transfer.message_layout([(torch.float32, size // 4) for size in sizes])
+    assert any(len(message) == 1 for message in layout) and any(len(message) > 1 for message in layout)
+
+
 # -- the contract -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
-@pytest.mark.parametrize("loser_width", [40, 24], ids=["same-specs", "other-specs"])
+@pytest.mark.parametrize("loser_width", [1000, 900], ids=["same-specs", "other-specs"])
+@survives_abort
 def test_one_donor_moves_its_state_bit_exactly_to_two_losers(backend, loser_width):
     """Rank 0 sends to ranks 1 and 2 at once; each loser ends with the donor's exact state, received
     into its own parameters when the specs match."""
@@ -168,7 +273,7 @@ def test_one_donor_moves_its_state_bit_exactly_to_two_losers(backend, loser_widt
         model, optimizer = member(group.rank, loser_width)
         weight = model[0].weight
         own = transfer.flatten_state(state_of(model, optimizer)).tensors
-        if loser_width == 40:  # every tensor but the step counters differs: weights, BN buffers, Adam moments
+        if loser_width == 1000:  # every tensor but the step counters differs: weights, BN buffers, Adam moments
             theirs = transfer.flatten_state(donor_state).tensors
             assert all(not torch.equal(a, b) for a, b in zip(own, theirs, strict=True) if a.numel() > 1)
         received = transfer.receive_state(group, 0, own, torch.device("cpu"))
@@ -184,11 +289,125 @@ def test_one_donor_moves_its_state_bit_exactly_to_two_losers(backend, loser_widt
     results = run_ranks(3, backend.split("-")[0], body)
     for in_place, state, same_parameter, weight_arrived in results[1:]:
         assert digest(state) == digest(donor_state)
-        assert in_place is (loser_width == 40)
-        assert same_parameter and weight_arrived is (loser_width == 40)  # in place: the module's own tensor
+        assert in_place is (loser_width == 1000)
+        assert same_parameter and weight_arrived is (loser_width == 1000)  # in place: the module's own tensor
+
+
+class CopyingStateDict(nn.Module):
+    """A module whose ``state_dict`` hands out copies (a state-dict hook), as some wrappers do."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(600, 500)  # 1.2 MB: a direct message
+        self.norm = nn.BatchNorm1d(500)
+        self._register_state_dict_hook(lambda module, state, prefix, local: _copied(state))
+
+
+def _copied(state: dict) -> dict:
+    for key, value in state.items():
+        state[key] = value.clone()
+    return state
+
+
+@survives_abort
+def test_an_in_place_receive_still_loads_state_that_is_not_the_modules_own_memory():
+    """Same specs, so the loser receives into the tensors ``state_dict()`` gave it; here those are copies,
+    and the member must still end with the donor's weights (``load_training_state``)."""
+    donor = CopyingStateDict(0)
+
+    def training_state(module: nn.Module) -> dict:
+        return {"model": module.state_dict(), "optimizers": [], "lr_schedulers": [], "precision": {}}
+
+    def body(group: PopulationGroup) -> object:
+        if group.rank == 0:
+            flat = transfer.flatten_state(training_state(donor))
+            transfer.send_state(group, transfer.pack_state(flat, group.device), [1])
+            return None
+        loser = CopyingStateDict(1)
+        trainer = SimpleNamespace(lightning_module=loser, optimizers=[], lr_scheduler_configs=[])
+        own = transfer.flatten_state(training_state(loser)).tensors
+        received = transfer.receive_state(group, 0, own, torch.device("cpu"))
+        assert received is not None and received.in_place
+        _TrainerMember(trainer, loser, None).load_training_state(
+            transfer.unflatten_state(received.nest, received.tensors), model_in_place=True
+        )
+        return loser
+
+    loser = run_ranks(2, "gloo", body)[1]
+    assert digest(loser.state_dict()) == digest(donor.state_dict())
 
 
 @pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
+@pytest.mark.parametrize("copy", [True, False], ids=["snapshot", "live"])
+@survives_abort
+def test_a_snapshot_keeps_its_step_while_a_live_packing_sends_the_tensors_as_they_are(backend, copy):
+    """``copy=True`` (the asynchronous snapshot): no message shares memory with a live tensor, and training
+    after the packing does not reach the loser. ``copy=False``: large tensors go without a copy."""
+    model, optimizer = member(0)
+    at_packing = digest(state_of(model, optimizer))
+
+    def body(group: PopulationGroup) -> object:
+        if group.rank == 0:
+            flat = transfer.flatten_state(state_of(model, optimizer))
+            packed = transfer.pack_state(flat, group.device, copy=copy)
+            live = {t.untyped_storage().data_ptr() for t in flat.tensors}
+            shared = [m for m in packed.messages if m.untyped_storage().data_ptr() in live]
+            model(torch.randn(8, 300)).pow(2).sum().backward()  # training goes on before the send
+            optimizer.step()
+            transfer.send_state(group, packed, [1])
+            return shared
+        received = transfer.receive_state(group, 0, None, torch.device("cpu"))
+        assert received is not None
+        return transfer.unflatten_state(received.nest, received.tensors)
+
+    shared, state = run_ranks(2, backend.split("-")[0], body)
+    if copy:
+        assert shared == [] and digest(state) == at_packing
+    else:  # the 1.2 MB weight and its two Adam moments travel from their own memory: they changed
+        assert sum(m.numel() == 300_000 for m in shared) == 3 and digest(state) != at_packing
+        assert torch.equal(state["model"]["0.weight"], model[0].weight)
+
+
+class OddDtypes(nn.Module):
+    """Buffers NCCL has no dtype for, large (direct) and small (bucketed)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("spectrum", torch.randn(40_000, dtype=torch.complex64, generator=generator))
+        self.register_buffer("phase", torch.randn(7, dtype=torch.complex128, generator=generator))
+        self.register_buffer("codes", torch.randint(-30_000, 30_000, (50_000,), dtype=torch.int16, generator=generator))
+        self.register_buffer("counts", torch.randint(0, 60_000, (9,), generator=generator).to(torch.uint16))
+        self.linear = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "fresh"])
+@survives_abort
+def test_complex_and_int16_state_travels_bit_exactly_as_bytes(backend, in_place):
+    donor = OddDtypes(0)
+
+    def body(group: PopulationGroup) -> object:
+        if group.rank == 0:
+            transfer.send_state(
+                group, transfer.pack_state(transfer.flatten_state(donor.state_dict()), group.device), [1]
+            )
+            return None
+        loser = OddDtypes(1)
+        own = transfer.flatten_state(loser.state_dict()).tensors if in_place else None
+        received = transfer.receive_state(group, 0, own, torch.device("cpu"))
+        assert received is not None and received.in_place is in_place
+        return loser, transfer.unflatten_state(received.nest, received.tensors)
+
+    loser, state = run_ranks(2, backend.split("-")[0], body)[1]
+    assert digest(state) == digest(donor.state_dict())
+    if in_place:
+        assert torch.equal(loser.spectrum, donor.spectrum) and torch.equal(loser.codes, donor.codes)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
+@survives_abort
 def test_a_refusal_carries_no_payload_and_the_next_transfer_still_lines_up(backend):
     """The asynchronous server refuses a replaced snapshot with a header alone; the pair stays in step."""
     donor_state = state_of(*member(0))
@@ -210,7 +429,8 @@ def test_a_refusal_carries_no_payload_and_the_next_transfer_still_lines_up(backe
 
 
 def test_the_stand_in_catches_what_nccl_would_not_forgive():
-    """Guards the guard: receives posted in another order than the sends deadlock or mismatch."""
+    """Guards the guard: receives posted in another order than the sends deadlock or mismatch; dtypes
+    outside getNcclDataType's table are refused; the coalescing block is refused."""
 
     def body(group: PopulationGroup) -> object:
         small, large = torch.zeros(4), torch.zeros(16)
@@ -222,22 +442,36 @@ def test_the_stand_in_catches_what_nccl_would_not_forgive():
 
     with pytest.raises((RuntimeError, TimeoutError), match=r"size mismatch|deadlock"):
         run_ranks(2, "nccl", body)
+    stand_in = NcclStandIn(_Hub(), 0)
+    for dtype in (torch.complex64, torch.int16, torch.uint16, torch.uint32, torch.uint64):
+        with pytest.raises(TypeError, match="not supported for NCCL"):
+            stand_in.send([torch.zeros(2, dtype=dtype)], 1, 0)
     with pytest.raises(AssertionError, match="coalescing"):
-        NcclStandIn(_Hub(), 0)._start_coalescing()
+        stand_in._start_coalescing()
 
 
-def test_nccl_group_options_carry_a_timeout():
-    """``PopulationGroup.create`` sets ``ProcessGroupNCCL.Options._timeout`` (private): the field lives on
-    the base ``Backend.Options`` that NCCL's options extend (torch/csrc/distributed/c10d/init.cpp)."""
-    options = torch._C._distributed_c10d.Backend.Options("nccl")
-    options._timeout = timedelta(seconds=7)
-    assert options._timeout == timedelta(seconds=7)
-    if hasattr(dist, "ProcessGroupNCCL"):  # CUDA builds only
-        nccl = dist.ProcessGroupNCCL.Options()
+def test_nccl_group_is_created_with_the_timeout(monkeypatch):
+    """``PopulationGroup.create`` puts the timeout into NCCL's options. On a CPU build the options are the
+    base ``Backend.Options`` NCCL's extend (torch/csrc/distributed/c10d/init.cpp), so this also pins the
+    private ``_timeout`` field it sets."""
+    created: list[object] = []
+
+    class RecordingNccl:
+        Options = staticmethod(lambda: torch._C._distributed_c10d.Backend.Options("nccl"))
+
+        def __init__(self, store: object, rank: int, size: int, options: object) -> None:
+            created.append(options)
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", RecordingNccl, raising=False)
+    group = PopulationGroup.create(dist.HashStore(), 0, 1, "nccl", torch.device("cpu"), timedelta(seconds=7))
+    assert group.backend_name == "nccl" and created[0]._timeout == timedelta(seconds=7)
+    if hasattr(torch._C._distributed_c10d, "ProcessGroupNCCL"):  # CUDA builds: the real options too
+        nccl = torch._C._distributed_c10d.ProcessGroupNCCL.Options()
         nccl._timeout = timedelta(seconds=7)
         assert nccl._timeout == timedelta(seconds=7)
 
 
+@survives_abort
 def test_json_broadcast_takes_one_collective_unless_the_payload_outgrows_the_buffer():
     calls: list[int] = []
 
