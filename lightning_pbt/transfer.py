@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "STAGING",
     "FlatState",
     "PackedState",
     "Received",
+    "StagingPool",
     "bytes_tensor",
     "fits",
     "flatten_state",
@@ -47,6 +49,7 @@ __all__ = [
     "receive_state",
     "send_state",
     "spec_hash",
+    "stages",
     "unflatten_state",
     "unpack_messages",
 ]
@@ -187,25 +190,87 @@ def pack_messages(
     out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """The buffers to send on ``device``: a large tensor already there as a flat view (no copy), anything
-    else copied into one buffer per message (pinned when it comes from a GPU and goes to host memory).
+    else copied into one buffer per message.
 
-    ``out``: buffers of an earlier packing of the same layout (:func:`fits`), written again instead of
-    allocating new ones.
+    GPU tensors bound for host memory (a gloo population) are staged in this process's page-locked send
+    pool (:class:`StagingPool`) with non-blocking copies and one synchronisation; ``copy=True`` (a snapshot
+    that must outlive the round) gets buffers of its own instead. ``out``: buffers of an earlier packing of
+    the same layout (:func:`fits`), written again instead of allocating new ones.
     """
-    messages = []
-    for k, indices in enumerate(layout):
+    buffers: list[Tensor | None] = []
+    for indices in layout:
         first = tensors[indices[0]]
-        if not copy and len(indices) == 1 and first.device == device and first.is_contiguous():
-            messages.append(first.detach().reshape(-1))
-            continue
-        numel = sum(tensors[i].numel() for i in indices)
-        buffer = out[k] if out is not None else _staging_buffer(numel, first.dtype, device, first.device.type == "cuda")
-        offset = 0
-        for i in indices:
-            buffer[offset : offset + tensors[i].numel()].copy_(tensors[i].detach().reshape(-1))
-            offset += tensors[i].numel()
-        messages.append(buffer)
-    return messages
+        direct = not copy and len(indices) == 1 and first.device == device and first.is_contiguous()
+        buffers.append(first.detach().reshape(-1) if direct else None)
+    pending = [k for k, buffer in enumerate(buffers) if buffer is None]
+    specs = {k: (sum(tensors[i].numel() for i in layout[k]), tensors[layout[k][0]].dtype) for k in pending}
+    if out is not None:
+        for k in pending:
+            buffers[k] = out[k]
+    else:
+        staged = [k for k in pending if not copy and stages(tensors[layout[k][0]].device, device)]
+        for k, buffer in zip(staged, STAGING["send"].take([specs[k] for k in staged]), strict=True):
+            buffers[k] = buffer
+        for k in pending:
+            if buffers[k] is None:
+                buffers[k] = _staging_buffer(*specs[k], device, pinned=tensors[layout[k][0]].device.type == "cuda")
+    from_gpu = False
+    for k in pending:
+        offset, buffer = 0, buffers[k]
+        assert buffer is not None
+        for i in layout[k]:
+            source = tensors[i].detach().reshape(-1)
+            buffer[offset : offset + source.numel()].copy_(source, non_blocking=source.is_cuda)
+            from_gpu |= source.is_cuda
+            offset += source.numel()
+    if from_gpu:  # one synchronisation for every device-to-host copy of the round
+        torch.cuda.synchronize()
+    return buffers  # type: ignore[return-value]
+
+
+def stages(source: torch.device, transport: torch.device) -> bool:
+    """Whether a tensor on ``source`` goes through host staging buffers for a transport on ``transport``
+    (GPU tensors over a gloo population): the one backend-dependent choice of the transfer code."""
+    return source.type == "cuda" and transport.type == "cpu"
+
+
+class StagingPool:
+    """Page-locked host memory for staging GPU tensors through a host transport; one per role and process.
+
+    :meth:`take` hands out views into one byte buffer, valid until the next :meth:`take`: a round's
+    staging is over by then (its sends and receives were waited for, its copies synchronised). The buffer
+    grows to the largest round and is then reused, so staging memory is bounded by the largest transfer
+    instead of growing with every message (torch's pinned allocator keeps what it once allocated).
+    Used from the training thread only.
+    """
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def take(self, specs: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        """One buffer per ``(numel, dtype)``, carved out of the pool (grown first when it is too small)."""
+        offsets, total = [], 0
+        for numel, dtype in specs:
+            offsets.append(total)
+            total += -(-numel * dtype.itemsize // self.ALIGN) * self.ALIGN
+        if total > self.capacity:
+            self._buffer = None  # released before the larger one is allocated
+            self._buffer = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        buffer = self._buffer
+        assert buffer is not None or not specs
+        return [
+            buffer[offset : offset + numel * dtype.itemsize].view(dtype)  # type: ignore[index]
+            for offset, (numel, dtype) in zip(offsets, specs, strict=True)
+        ]
+
+
+STAGING = {"send": StagingPool(), "receive": StagingPool()}
 
 
 def fits(buffers: Sequence[Tensor], tensors: Sequence[Tensor], layout: Sequence[Sequence[int]]) -> bool:
@@ -219,27 +284,43 @@ def fits(buffers: Sequence[Tensor], tensors: Sequence[Tensor], layout: Sequence[
 def allocate_messages(
     markers: Sequence[dict], layout: Sequence[Sequence[int]], device: torch.device, pinned: bool = False
 ) -> list[Tensor]:
-    """Receive buffers for ``layout``; ``pinned``: page-locked, when they stage tensors bound for a GPU."""
-    buffers = []
-    for indices in layout:
-        dtype = _dtype(markers[indices[0]]["dtype"])
-        numel = sum(_numel(markers[i]["shape"]) for i in indices)
-        buffers.append(_staging_buffer(numel, dtype, device, pinned))
-    return buffers
+    """Receive buffers for ``layout``; ``pinned``: staging for tensors bound for a GPU, from this process's
+    receive pool (valid until its next use: :func:`unpack_messages` copies everything out of it)."""
+    specs = [
+        (sum(_numel(markers[i]["shape"]) for i in indices), _dtype(markers[indices[0]]["dtype"])) for indices in layout
+    ]
+    if pinned and device.type == "cpu":
+        return STAGING["receive"].take(specs)
+    return [_staging_buffer(numel, dtype, device, pinned=False) for numel, dtype in specs]
 
 
 def unpack_messages(
-    buffers: Sequence[Tensor], markers: Sequence[dict], layout: Sequence[Sequence[int]], target: torch.device
+    buffers: Sequence[Tensor],
+    markers: Sequence[dict],
+    layout: Sequence[Sequence[int]],
+    target: torch.device,
+    pooled: bool = False,
 ) -> list[Tensor]:
-    """Received buffers back to tensors (views into the buffers), on ``target`` or the CPU as sent."""
+    """Received buffers back to tensors, on ``target`` or the CPU as sent: views into the buffers, or, when
+    they are ``pooled`` staging buffers, copies (non-blocking to the GPU, one synchronisation)."""
     tensors: list[Tensor | None] = [None] * len(markers)
+    to_gpu = False
     for buffer, indices in zip(buffers, layout, strict=True):
         offset = 0
         for i in indices:
             numel = _numel(markers[i]["shape"])
             device = torch.device("cpu") if markers[i]["device"] == "cpu" else target
-            tensors[i] = buffer[offset : offset + numel].view(markers[i]["shape"]).to(device)
+            view = buffer[offset : offset + numel].view(markers[i]["shape"])
+            if not pooled:
+                tensors[i] = view.to(device)
+            elif device.type == "cpu":
+                tensors[i] = view.clone()  # the pool is reused by the next transfer
+            else:
+                tensors[i] = view.to(device, non_blocking=True)
+                to_gpu |= device.type == "cuda"
             offset += numel
+    if to_gpu:
+        torch.cuda.synchronize()
     return tensors  # type: ignore[return-value]
 
 
@@ -368,9 +449,10 @@ def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, targ
     population.exchange([], [(peer, [skeleton])])
     nest, markers = read_skeleton(bytes(skeleton.cpu().numpy()))
     layout = message_layout(specs_of(markers))
-    inbox = allocate_messages(markers, layout, device, pinned=target.type == "cuda")
+    pooled = stages(target, device)
+    inbox = allocate_messages(markers, layout, device, pinned=pooled)
     population.exchange([], [(peer, inbox)], first_tag=1)  # the messages follow the skeleton (tag 0)
-    return Received(nest, unpack_messages(inbox, markers, layout, target), in_place=False)
+    return Received(nest, unpack_messages(inbox, markers, layout, target, pooled), in_place=False)
 
 
 @dataclass
@@ -388,29 +470,40 @@ def _specs(tensors: Sequence[Tensor]) -> list[tuple[torch.dtype, int]]:
 
 
 def _receive_targets(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
-    """A large tensor is received into itself when it can be; buckets into fresh buffers."""
-    targets = []
+    """A large tensor is received into itself when it can be; buckets into fresh buffers, or into the
+    receive pool when they stage GPU tensors."""
+    targets: list[Tensor | None] = []
     for indices in layout:
         own = tensors[indices[0]]
-        if len(indices) == 1 and own.is_contiguous() and own.device == device:
-            targets.append(own.view(-1))
-        else:
-            numel = sum(tensors[i].numel() for i in indices)
-            targets.append(_staging_buffer(numel, own.dtype, device, pinned=own.device.type == "cuda"))
-    return targets
+        direct = len(indices) == 1 and own.is_contiguous() and own.device == device
+        targets.append(own.view(-1) if direct else None)
+    pending = [k for k, target in enumerate(targets) if target is None]
+    specs = {k: (sum(tensors[i].numel() for i in layout[k]), tensors[layout[k][0]].dtype) for k in pending}
+    staged = [k for k in pending if stages(tensors[layout[k][0]].device, device)]
+    for k, buffer in zip(staged, STAGING["receive"].take([specs[k] for k in staged]), strict=True):
+        targets[k] = buffer
+    for k in pending:
+        if targets[k] is None:
+            targets[k] = _staging_buffer(*specs[k], device, pinned=False)
+    return targets  # type: ignore[return-value]
 
 
 def _settle_in_place(
     tensors: Sequence[Tensor], inbox: Sequence[Tensor], layout: Sequence[Sequence[int]]
 ) -> list[Tensor]:
-    """Copy what arrived in buffers into the loser's own tensors; return them (now the donor's values)."""
+    """Copy what arrived in buffers into the loser's own tensors (non-blocking to a GPU, one
+    synchronisation); return them (now the donor's values)."""
+    to_gpu = False
     for buffer, indices in zip(inbox, layout, strict=True):
         if len(indices) == 1 and buffer.data_ptr() == tensors[indices[0]].data_ptr():
             continue
         offset = 0
         for i in indices:
-            tensors[i].copy_(buffer[offset : offset + tensors[i].numel()].view_as(tensors[i]))
+            tensors[i].copy_(buffer[offset : offset + tensors[i].numel()].view_as(tensors[i]), non_blocking=True)
+            to_gpu |= tensors[i].is_cuda
             offset += tensors[i].numel()
+    if to_gpu:
+        torch.cuda.synchronize()
     return list(tensors)
 
 

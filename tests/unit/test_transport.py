@@ -493,3 +493,49 @@ def test_json_broadcast_takes_one_collective_unless_the_payload_outgrows_the_buf
     assert all(r == ({"x": 1}, {"y": "z" * 40_000}, {"y": "z" * 40_000}) for r in results)
     # small: 1 call; big: 2 (the buffer then grows, the same on every rank); the same size again: 1.
     assert len(calls) == 4
+
+
+def test_the_staging_pool_reuses_one_buffer_and_grows_only_to_the_largest_round():
+    pool = transfer.StagingPool()
+    first = pool.take([(1000, torch.float32), (3, torch.int64), (5, torch.uint8)])
+    base = first[0].data_ptr()
+    assert [t.dtype for t in first] == [torch.float32, torch.int64, torch.uint8]
+    assert len({t.data_ptr() for t in first}) == 3 and all(t.data_ptr() % 8 == 0 for t in first)
+    again = pool.take([(500, torch.float64)])
+    assert again[0].data_ptr() == base and pool.capacity == 4032 + 64 + 64  # reused, not grown (64-byte aligned)
+    bigger = pool.take([(10_000, torch.float32)])
+    assert pool.capacity == 40_000 and bigger[0].numel() == 10_000
+    pool.take([(10, torch.float32)])
+    assert pool.capacity == 40_000
+
+
+@survives_abort
+def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwrites(monkeypatch):
+    """GPU tensors over gloo go through the process's staging pools; forced here on CPU tensors (the
+    same code, minus the page-locking). A state received earlier must not change when the pools are
+    reused by the next transfer, received in place or not; the pools stay as large as one state."""
+    monkeypatch.setattr(transfer, "stages", lambda source, transport: True)
+    for pool in transfer.STAGING.values():
+        monkeypatch.setattr(pool, "_buffer", None)
+    states = [state_of(*member(seed)) for seed in (0, 1)]
+    expected = [digest(state) for state in states]
+
+    def body(group: PopulationGroup) -> object:
+        if group.rank == 0:
+            for state in states * 2:
+                transfer.send_state(group, transfer.pack_state(transfer.flatten_state(state), group.device), [1])
+            return None
+        received = []
+        for in_place in (False, False, True, True):
+            model, optimizer = member(5)
+            own = transfer.flatten_state(state_of(model, optimizer)).tensors if in_place else None
+            got = transfer.receive_state(group, 0, own, torch.device("cpu"))
+            assert got is not None and got.in_place is in_place
+            received.append(transfer.unflatten_state(got.nest, got.tensors))
+        return received
+
+    received = run_ranks(2, "gloo", body)[1]
+    assert [digest(state) for state in received] == expected * 2
+    state_bytes = sum(t.numel() * t.element_size() for t in transfer.flatten_state(states[0]).tensors)
+    for pool in transfer.STAGING.values():  # a fresh receive stages everything; a send only the buckets
+        assert 0 < pool.capacity <= state_bytes + 64 * 20
