@@ -525,17 +525,23 @@ def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwr
             for state in states * 2:
                 transfer.send_state(group, transfer.pack_state(transfer.flatten_state(state), group.device), [1])
             return None
-        received = []
-        for in_place in (False, False, True, True):
+        received, capacities = [], []
+        for in_place in (True, True, False, False):
             model, optimizer = member(5)
             own = transfer.flatten_state(state_of(model, optimizer)).tensors if in_place else None
             got = transfer.receive_state(group, 0, own, torch.device("cpu"))
             assert got is not None and got.in_place is in_place
             received.append(transfer.unflatten_state(got.nest, got.tensors))
-        return received
+            capacities.append(transfer.STAGING["receive"].capacity)
+        return received, capacities
 
-    received = run_ranks(2, "gloo", body)[1]
+    received, capacities = run_ranks(2, "gloo", body)[1]
     assert [digest(state) for state in received] == expected * 2
+    # in place, only the buckets are staged (the large tensors arrive in the loser's own); fresh, everything
+    bucketed = sum(
+        t.numel() * t.element_size() for t in transfer.flatten_state(states[0]).tensors if t.numel() < 300_000
+    )
+    assert 0 < capacities[0] == capacities[1] <= bucketed + 64 * 20 < capacities[2] == capacities[3]
     state_bytes = sum(t.numel() * t.element_size() for t in transfer.flatten_state(states[0]).tensors)
     for pool in transfer.STAGING.values():  # a fresh receive stages everything; a send only the buckets
         assert 0 < pool.capacity <= state_bytes + 64 * 20
