@@ -9,7 +9,7 @@ from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
 from lightning_pbt.scheduler import PBTScheduler
 from lightning_pbt.space import LogUniform
 from lightning_pbt.topology import PopulationTopology
-from tests.unit.test_transport import run_ranks
+from tests.unit.test_transport import run_ranks, survives_abort
 
 
 def start(tmp_path, layouts: dict[int, list], lineage: str = "lineage.jsonl") -> list[object]:
@@ -59,6 +59,7 @@ def layout(*group_sizes: int) -> list:
     return optimizer_layout([torch.optim.SGD(groups, lr=0.1)])
 
 
+@survives_abort
 def test_members_with_different_optimizers_stop_every_rank_with_the_same_message(tmp_path):
     errors = start(tmp_path, {0: layout(2, 1), 1: layout(3)})
     assert errors[0] == errors[1]
@@ -67,11 +68,13 @@ def test_members_with_different_optimizers_stop_every_rank_with_the_same_message
     assert not (tmp_path / "lineage.jsonl").exists()  # refused before the lineage was opened
 
 
+@survives_abort
 def test_equal_optimizers_start_and_rank_0_writes_the_init_lines(tmp_path):
     assert start(tmp_path, {0: layout(2, 1), 1: layout(2, 1)}) == [None, None]
     assert len((tmp_path / "lineage.jsonl").read_text().splitlines()) == 2
 
 
+@survives_abort
 def test_a_lineage_problem_on_rank_0_is_every_ranks_error(tmp_path):
     (tmp_path / "blocker").write_text("")  # a file where the lineage's folder should be
     errors = start(tmp_path, {0: layout(1), 1: layout(1)}, lineage="blocker/lineage.jsonl")
