@@ -75,6 +75,7 @@ def test_requests_lineage_and_aborts_share_one_key_space_on_every_backend(tmp_pa
     assert abort is not None and "rank 0 stops the test" in abort
 
 
+@survives_abort
 def test_shutdown_reaches_every_backend_the_population_created():
     store = dist.HashStore()
     group = PopulationGroup(NcclStandIn(_Hub(), 0), 0, 1, CPU, store, "nccl", lambda: store)
