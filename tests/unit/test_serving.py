@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pbt import transfer
-from lightning_pbt.distributed import PopulationGroup
+from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog
 from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage
 from lightning_pbt.ready_steps import AsynchronousReadySteps, PopulationBook, SynchronousReadySteps
 from lightning_pbt.scheduler import MemberPlan, PBTScheduler
@@ -73,6 +73,42 @@ def test_requests_lineage_and_aborts_share_one_key_space_on_every_backend(tmp_pa
     )
     assert [line.step for line in read_lineage(tmp_path / "lineage.jsonl")] == [7]
     assert abort is not None and "rank 0 stops the test" in abort
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("failing", ["server", "drain"])
+@survives_abort
+def test_a_failing_server_or_drain_ends_every_rank_through_the_watchdog(tmp_path, backend, failing, monkeypatch):
+    """A background thread that fails raises the abort flag through the host group; every rank's watchdog
+    (a client of the launch's store, as the strategy starts it) sees it and would end its rank."""
+    ended: dict[int, str] = {}
+    monkeypatch.setattr(PopulationWatchdog, "_die", lambda self, message: ended.setdefault(self._rank, message))
+
+    def body(group: PopulationGroup) -> object:
+        watchdog = PopulationWatchdog(group.new_store_client(), group.rank, interval=0.02)
+        watchdog.start()
+        host = group.host_group()
+        if group.rank == 0:
+            if failing == "server":  # a request it cannot serve: its population cannot send
+                worker = SnapshotServer(SimpleNamespace(), host.new_store_client(), NAMESPACE, 0, host.signal_abort)
+                worker.publish(Snapshot(0, packed(0)[0]))
+                request_snapshot(host.store, NAMESPACE, 0, 1, 0)
+            else:  # a lineage push that is not a list of lines
+                worker = LineageDrain(
+                    host.new_store_client(), NAMESPACE, LineageWriter(tmp_path / "lineage.jsonl"), host.signal_abort
+                )
+                host.store.set(f"{NAMESPACE}/lineage/0", '"not lines"')
+            worker.start()
+            worker.join(10)
+        deadline = time.monotonic() + 10
+        while group.rank not in ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watchdog.stop()
+        return ended.get(group.rank)
+
+    messages = run_ranks(2, backend.split("-")[0], body)
+    thread = "snapshot-server" if failing == "server" else "lineage"
+    assert all(message is not None and f"lightning-pbt-{thread}" in message for message in messages), messages
 
 
 @survives_abort
