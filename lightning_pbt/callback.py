@@ -60,8 +60,10 @@ class PopulationBasedTraining(Callback):
             at its own pace and never waits for another (members may differ in speed and step counts).
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
-        every_n_epochs: a ready step at the first validation end at least this many epochs after the
-            previous one. With neither interval, a ready step happens at every validation end.
+        every_n_epochs: a ready step at the first validation end at least this many completed epochs
+            after the previous one; an epoch completes at its last validation (with
+            ``val_check_interval=0.5``, the second of the epoch's two). With neither interval, a ready step
+            happens at every validation end.
         burn_in: no exploit before this global step.
         exploit: ``"truncation"``, ``"tournament"`` or ``"ttest"`` (or an ``ExploitRule``).
         quantile_fraction: for truncation: the bottom fraction copies the top fraction, in (0, 0.5].
@@ -452,8 +454,31 @@ class PopulationBasedTraining(Callback):
 
 
 def _epochs_done(trainer: pl.Trainer) -> int:
-    """Completed epochs, counting the current one once its last batch ran (validation at epoch end)."""
-    return trainer.current_epoch + int(bool(trainer.is_last_batch))
+    """Completed epochs at this validation end, as :func:`epochs_completed` counts them."""
+    return epochs_completed(
+        trainer.current_epoch,
+        bool(trainer.is_last_batch),
+        trainer.fit_loop.epoch_loop.batch_idx + 1,
+        trainer.num_training_batches,
+        trainer.val_check_batch,
+    )
+
+
+def epochs_completed(
+    epoch: int, last_batch: bool, batches_done: int, batches_per_epoch: Any, validate_every: Any
+) -> int:
+    """Completed epochs at a validation end, after ``batches_done`` batches of epoch ``epoch``.
+
+    The current epoch counts once no later batch of it will validate: its last batch ran, or the next
+    validation (``validate_every`` batches on, whether Lightning counts batches per epoch or per run)
+    falls beyond its ``batches_per_epoch``. So ``every_n_epochs=1`` with ``val_check_interval=0.5`` is
+    ready at each epoch's last validation, never at a mid-epoch one. Where the next validation cannot be
+    known (an epoch of unknown length, time-based validation), only the last batch ends an epoch.
+    """
+    if last_batch:
+        return epoch + 1
+    known = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (batches_per_epoch, validate_every))
+    return epoch + 1 if known and batches_done + validate_every > batches_per_epoch else epoch
 
 
 class _TrainerMember:
