@@ -37,7 +37,7 @@ from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResu
 from lightning_pbt.scheduler import EXPLORE_METHODS, PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
 
-from ._lightning import Callback, TrainerFn, pl
+from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
 from .strategy import PopulationStrategy
 
 __all__ = ["PopulationBasedTraining"]
@@ -500,6 +500,7 @@ class _TrainerMember:
             "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
             "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
             "precision": trainer.precision_plugin.state_dict(),
+            "callbacks": {key: averaging_state(callback) for key, callback in weight_averages(trainer.callbacks)},
         }
 
     def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
@@ -512,9 +513,50 @@ class _TrainerMember:
             config.scheduler.load_state_dict(scheduler_state)
         if state["precision"]:
             trainer.precision_plugin.load_state_dict(state["precision"])
+        mine = dict(weight_averages(trainer.callbacks))
+        if sorted(mine) != sorted(state["callbacks"]):
+            raise RuntimeError(
+                f"PopulationBasedTraining: the donor's weight-averaging callbacks {sorted(state['callbacks'])} differ "
+                f"from this member's {sorted(mine)}; every member must use the same callbacks"
+            )
+        for key, callback_state in state["callbacks"].items():
+            load_averaging_state(mine[key], callback_state)
 
     def apply(self, hyperparameters: Mapping[str, Any]) -> None:
         self.callback._apply(self.trainer, self.module, hyperparameters)
 
     def rejuvenate(self, seed: int) -> None:
         reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.callback.rejuvenate_modules)
+
+
+# -- callbacks whose state moves with the weights ------------------------------------------------------
+def weight_averages(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
+    """The callbacks that hold model state, by ``state_key``: Lightning's weight averages
+    (``WeightAveraging``, hence ``EMAWeightAveraging``, and ``StochasticWeightAveraging``). Their running
+    average describes the weights a member holds, so it moves on an exploit with them; every other
+    callback is per-member bookkeeping (checkpoint paths, loggers, early stopping) and stays."""
+    return [
+        (callback.state_key, callback)
+        for callback in callbacks
+        if isinstance(callback, WeightAveraging | StochasticWeightAveraging)
+    ]
+
+
+def averaging_state(callback: Callback) -> dict[str, Any]:
+    """What a weight average needs to go on averaging the donor's weights: its checkpoint state and, for
+    ``WeightAveraging``, the ``AveragedModel`` (its checkpoint state holds only the last update step;
+    ``StochasticWeightAveraging``'s holds its average model and count)."""
+    state: dict[str, Any] = {"callback": callback.state_dict()}
+    if isinstance(callback, WeightAveraging):
+        average = callback._average_model
+        state["average"] = None if average is None else average.state_dict()
+    return state
+
+
+def load_averaging_state(callback: Callback, state: Mapping[str, Any]) -> None:
+    callback.load_state_dict(dict(state["callback"]))
+    if isinstance(callback, WeightAveraging):
+        if callback._average_model is not None and state["average"] is not None:
+            callback._average_model.load_state_dict(state["average"])
+    elif callback.n_averaged is not None:  # SWA loads its count only when it starts averaging: set the live one
+        callback.n_averaged.fill_(int(state["callback"]["n_averaged"]))
