@@ -543,20 +543,23 @@ def weight_averages(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]
 
 
 def averaging_state(callback: Callback) -> dict[str, Any]:
-    """What a weight average needs to go on averaging the donor's weights: its checkpoint state and, for
-    ``WeightAveraging``, the ``AveragedModel`` (its checkpoint state holds only the last update step;
-    ``StochasticWeightAveraging``'s holds its average model and count)."""
-    state: dict[str, Any] = {"callback": callback.state_dict()}
+    """The running average a weight-averaging callback holds: its averaged weights and how many updates
+    they count (``WeightAveraging``: its ``AveragedModel``, whose state has both; SWA: its checkpoint
+    state's average model and count). Its clock (the step or epoch of its last update) is not part of
+    it: it follows the member's own steps, which an asynchronous exploit does not change."""
     if isinstance(callback, WeightAveraging):
         average = callback._average_model
-        state["average"] = None if average is None else average.state_dict()
-    return state
+        return {"average": None if average is None else average.state_dict()}
+    state = callback.state_dict()
+    return {"average": state["average_model_state"], "count": state["n_averaged"]}
 
 
 def load_averaging_state(callback: Callback, state: Mapping[str, Any]) -> None:
-    callback.load_state_dict(dict(state["callback"]))
     if isinstance(callback, WeightAveraging):
         if callback._average_model is not None and state["average"] is not None:
             callback._average_model.load_state_dict(state["average"])
-    elif callback.n_averaged is not None:  # SWA loads its count only when it starts averaging: set the live one
-        callback.n_averaged.fill_(int(state["callback"]["n_averaged"]))
+        return
+    own = callback.state_dict()  # keeps this member's last update epoch and SWALR start state
+    callback.load_state_dict({**own, "average_model_state": state["average"], "n_averaged": state["count"]})
+    if callback.n_averaged is not None:  # SWA reads the count back only when it starts averaging
+        callback.n_averaged.fill_(int(state["count"]))
