@@ -499,12 +499,15 @@ class _TrainerMember:
             "model": trainer.lightning_module.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
             "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "lr_scheduler_types": [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs],
             "precision": trainer.precision_plugin.state_dict(),
             "callbacks": {key: averaging_state(callback) for key, callback in weight_averages(trainer.callbacks)},
         }
 
     def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
         trainer = self.trainer
+        averages = dict(weight_averages(trainer.callbacks))
+        self._check_same_kind(state, averages)
         if not model_in_place:  # else the weights already arrived in the module's own tensors
             trainer.lightning_module.load_state_dict(state["model"])
         for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
@@ -513,14 +516,23 @@ class _TrainerMember:
             config.scheduler.load_state_dict(scheduler_state)
         if state["precision"]:
             trainer.precision_plugin.load_state_dict(state["precision"])
-        mine = dict(weight_averages(trainer.callbacks))
-        if sorted(mine) != sorted(state["callbacks"]):
+        for key, callback_state in state["callbacks"].items():
+            load_averaging_state(averages[key], callback_state)
+
+    def _check_same_kind(self, state: Mapping[str, Any], averages: Mapping[str, Callback]) -> None:
+        """Before anything loads: the donor's LR schedulers and weight averages are this member's kinds."""
+        schedulers = [type(config.scheduler).__name__ for config in self.trainer.lr_scheduler_configs]
+        if state["lr_scheduler_types"] != schedulers:
+            raise RuntimeError(
+                f"PopulationBasedTraining: the donor's LR schedulers {state['lr_scheduler_types']} differ from this "
+                f"member's {schedulers}, so their state cannot be copied (StochasticWeightAveraging swaps in its SWALR "
+                "when it starts: with synchronous=False start it from the first epoch, swa_epoch_start=1)"
+            )
+        if sorted(averages) != sorted(state["callbacks"]):
             raise RuntimeError(
                 f"PopulationBasedTraining: the donor's weight-averaging callbacks {sorted(state['callbacks'])} differ "
-                f"from this member's {sorted(mine)}; every member must use the same callbacks"
+                f"from this member's {sorted(averages)}; every member must use the same callbacks"
             )
-        for key, callback_state in state["callbacks"].items():
-            load_averaging_state(mine[key], callback_state)
 
     def apply(self, hyperparameters: Mapping[str, Any]) -> None:
         self.callback._apply(self.trainer, self.module, hyperparameters)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.callback import averaging_state, load_averaging_state, weight_averages
+from lightning_pbt.callback import _TrainerMember, averaging_state, load_averaging_state, weight_averages
 
 
 class Tiny(pl.LightningModule):
@@ -91,3 +92,43 @@ def test_only_weight_averages_move_other_callbacks_stay():
     callbacks = [ModelCheckpoint(), EarlyStopping(monitor="val_loss"), ema, swa]
     assert [callback for _, callback in weight_averages(callbacks)] == [ema, swa]
     assert [key for key, _ in weight_averages(callbacks)] == [ema.state_key, swa.state_key]
+
+
+def member(schedulers: list, callbacks: list) -> _TrainerMember:
+    """A rank's training state as the callback composes it, over a trainer reduced to what it reads."""
+    module = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    trainer = SimpleNamespace(
+        lightning_module=module,
+        optimizers=[optimizer],
+        lr_scheduler_configs=[SimpleNamespace(scheduler=make(optimizer)) for make in schedulers],
+        precision_plugin=SimpleNamespace(state_dict=dict),
+        callbacks=callbacks,
+    )
+    return _TrainerMember(trainer, module, None)
+
+
+def warmup(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def swalr(optimizer):
+    return torch.optim.swa_utils.SWALR(optimizer, swa_lr=0.05)
+
+
+@pytest.mark.parametrize(
+    ("donor", "loser", "message"),
+    [
+        (member([swalr], []), member([warmup], []), r"\['SWALR'\] differ from this member's \['LambdaLR'\]"),
+        (member([warmup], []), member([], []), r"LR schedulers \['LambdaLR'\] differ from this member's \[\]"),
+        (member([], [CALLBACKS["ema"]()]), member([], []), r"weight-averaging callbacks \['EMAWeightAveraging'\]"),
+    ],
+    ids=["swa-started-in-the-donor-only", "scheduler-in-the-donor-only", "average-in-the-donor-only"],
+)
+def test_a_donor_of_another_kind_is_refused_before_anything_loads(donor, loser, message):
+    """E.g. asynchronous members on either side of the epoch where SWA swaps in its SWALR: a clear error
+    instead of a KeyError deep in a scheduler, and the loser's weights left as they were."""
+    weights = [p.detach().clone() for p in loser.module.parameters()]
+    with pytest.raises(RuntimeError, match=message):
+        loser.load_training_state(through_the_wire(donor.training_state()), model_in_place=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, loser.module.parameters(), strict=True))
