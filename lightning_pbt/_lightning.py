@@ -9,7 +9,14 @@ called ``_lightning`` *relative to their package*. Here that is this file; in
 import pytorch_lightning as pl
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning_fabric.utilities.seed import seed_everything
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    ProgressBar,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -23,7 +30,9 @@ __all__ = [
     "ModelCheckpoint",
     "OnExceptionCheckpoint",
     "ProgressBar",
+    "StochasticWeightAveraging",
     "TrainerFn",
+    "WeightAveraging",
     "fabric_rank_zero_only",
     "pl",
     "rank_zero_only",

@@ -38,7 +38,7 @@ from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResu
 from lightning_pbt.scheduler import EXPLORE_METHODS, PBTScheduler
 from lightning_pbt.space import Domain, space_from_config
 
-from ._lightning import Callback, TrainerFn, pl
+from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
 from .strategy import PopulationStrategy
 
 __all__ = ["PopulationBasedTraining"]
@@ -61,8 +61,10 @@ class PopulationBasedTraining(Callback):
             at its own pace and never waits for another (members may differ in speed and step counts).
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
-        every_n_epochs: a ready step at the first validation end at least this many epochs after the
-            previous one. With neither interval, a ready step happens at every validation end.
+        every_n_epochs: a ready step at the first validation end at least this many completed epochs
+            after the previous one; an epoch completes at its last validation (with
+            ``val_check_interval=0.5``, the second of the epoch's two). With neither interval, a ready step
+            happens at every validation end.
         burn_in: no exploit before this global step.
         exploit: ``"truncation"``, ``"tournament"`` or ``"ttest"`` (or an ``ExploitRule``).
         quantile_fraction: for truncation: the bottom fraction copies the top fraction, in (0, 0.5].
@@ -453,8 +455,31 @@ class PopulationBasedTraining(Callback):
 
 
 def _epochs_done(trainer: pl.Trainer) -> int:
-    """Completed epochs, counting the current one once its last batch ran (validation at epoch end)."""
-    return trainer.current_epoch + int(bool(trainer.is_last_batch))
+    """Completed epochs at this validation end, as :func:`epochs_completed` counts them."""
+    return epochs_completed(
+        trainer.current_epoch,
+        bool(trainer.is_last_batch),
+        trainer.fit_loop.epoch_loop.batch_idx + 1,
+        trainer.num_training_batches,
+        trainer.val_check_batch,
+    )
+
+
+def epochs_completed(
+    epoch: int, last_batch: bool, batches_done: int, batches_per_epoch: Any, validate_every: Any
+) -> int:
+    """Completed epochs at a validation end, after ``batches_done`` batches of epoch ``epoch``.
+
+    The current epoch counts once no later batch of it will validate: its last batch ran, or the next
+    validation (``validate_every`` batches on, whether Lightning counts batches per epoch or per run)
+    falls beyond its ``batches_per_epoch``. So ``every_n_epochs=1`` with ``val_check_interval=0.5`` is
+    ready at each epoch's last validation, never at a mid-epoch one. Where the next validation cannot be
+    known (an epoch of unknown length, time-based validation), only the last batch ends an epoch.
+    """
+    if last_batch:
+        return epoch + 1
+    known = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (batches_per_epoch, validate_every))
+    return epoch + 1 if known and batches_done + validate_every > batches_per_epoch else epoch
 
 
 class _TrainerMember:
@@ -475,12 +500,16 @@ class _TrainerMember:
             "model": trainer.lightning_module.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
             "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "lr_scheduler_types": [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs],
             "precision": trainer.precision_plugin.state_dict(),
+            "callbacks": {key: averaging_state(callback) for key, callback in weight_averages(trainer.callbacks)},
         }
 
     def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
         trainer = self.trainer
         module = trainer.lightning_module
+        averages = dict(weight_averages(trainer.callbacks))
+        self._check_same_kind(state, averages)
         if not model_in_place:
             module.load_state_dict(state["model"])
         else:  # what arrived in the module's own parameters and buffers is there; the rest still needs loading
@@ -493,9 +522,62 @@ class _TrainerMember:
             config.scheduler.load_state_dict(scheduler_state)
         if state["precision"]:
             trainer.precision_plugin.load_state_dict(state["precision"])
+        for key, callback_state in state["callbacks"].items():
+            load_averaging_state(averages[key], callback_state)
+
+    def _check_same_kind(self, state: Mapping[str, Any], averages: Mapping[str, Callback]) -> None:
+        """Before anything loads: the donor's LR schedulers and weight averages are this member's kinds."""
+        schedulers = [type(config.scheduler).__name__ for config in self.trainer.lr_scheduler_configs]
+        if state["lr_scheduler_types"] != schedulers:
+            raise RuntimeError(
+                f"PopulationBasedTraining: the donor's LR schedulers {state['lr_scheduler_types']} differ from this "
+                f"member's {schedulers}, so their state cannot be copied (StochasticWeightAveraging swaps in its SWALR "
+                "when it starts: with synchronous=False start it from the first epoch, swa_epoch_start=1)"
+            )
+        if sorted(averages) != sorted(state["callbacks"]):
+            raise RuntimeError(
+                f"PopulationBasedTraining: the donor's weight-averaging callbacks {sorted(state['callbacks'])} differ "
+                f"from this member's {sorted(averages)}; every member must use the same callbacks"
+            )
 
     def apply(self, hyperparameters: Mapping[str, Any]) -> None:
         self.callback._apply(self.trainer, self.module, hyperparameters)
 
     def rejuvenate(self, seed: int) -> None:
         reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.callback.rejuvenate_modules)
+
+
+# -- callbacks whose state moves with the weights ------------------------------------------------------
+def weight_averages(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
+    """The callbacks that hold model state, by ``state_key``: Lightning's weight averages
+    (``WeightAveraging``, hence ``EMAWeightAveraging``, and ``StochasticWeightAveraging``). Their running
+    average describes the weights a member holds, so it moves on an exploit with them; every other
+    callback is per-member bookkeeping (checkpoint paths, loggers, early stopping) and stays."""
+    return [
+        (callback.state_key, callback)
+        for callback in callbacks
+        if isinstance(callback, WeightAveraging | StochasticWeightAveraging)
+    ]
+
+
+def averaging_state(callback: Callback) -> dict[str, Any]:
+    """The running average a weight-averaging callback holds: its averaged weights and how many updates
+    they count (``WeightAveraging``: its ``AveragedModel``, whose state has both; SWA: its checkpoint
+    state's average model and count). Its clock (the step or epoch of its last update) is not part of
+    it: it follows the member's own steps, which an asynchronous exploit does not change."""
+    if isinstance(callback, WeightAveraging):
+        average = callback._average_model
+        return {"average": None if average is None else average.state_dict()}
+    state = callback.state_dict()
+    return {"average": state["average_model_state"], "count": state["n_averaged"]}
+
+
+def load_averaging_state(callback: Callback, state: Mapping[str, Any]) -> None:
+    if isinstance(callback, WeightAveraging):
+        if callback._average_model is not None and state["average"] is not None:
+            callback._average_model.load_state_dict(state["average"])
+        return
+    own = callback.state_dict()  # keeps this member's last update epoch and SWALR start state
+    callback.load_state_dict({**own, "average_model_state": state["average"], "n_averaged": state["count"]})
+    if callback.n_averaged is not None:  # SWA reads the count back only when it starts averaging
+        callback.n_averaged.fill_(int(state["count"]))

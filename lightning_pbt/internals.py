@@ -118,6 +118,13 @@ def _probe_load_checkpoint_weights_only(package: str) -> bool:
     return "weights_only" in _parameters(strategy.load_checkpoint)
 
 
+
+def _probe_weight_averaging_model(package: str) -> bool:
+    averaging = _module(package, "callbacks").WeightAveraging
+    return _source_has(averaging.setup, "self._average_model = AveragedModel(") and _source_has(
+        averaging.state_dict, "latest_update_step"
+    )
+
 INTERNALS: tuple[Internal, ...] = (
     Internal(
         "Trainer._fit_impl (its name and the positions of ckpt_path and weights_only)",
@@ -199,6 +206,15 @@ INTERNALS: tuple[Internal, ...] = (
         "checkpoints load with weights_only=True unless the user asks otherwise",
         (),
         _probe_load_checkpoint_weights_only,
+    ),
+    Internal(
+        "WeightAveraging._average_model (the AveragedModel it builds at setup('fit'))",
+        "lightning",
+        "callback.averaging_state / load_averaging_state",
+        "an exploit moves the donor's running average: WeightAveraging.state_dict() holds only the last update "
+        "step, the average itself is this AveragedModel's state",
+        ("_average_model",),
+        _probe_weight_averaging_model,
     ),
     Internal(
         "ProcessGroupNCCL.Options._timeout",

@@ -6,7 +6,14 @@ Mirrors :mod:`lightning_pbt._lightning` name for name (a test compares the two).
 import lightning.pytorch as pl
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.fabric.utilities.seed import seed_everything
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    ProgressBar,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -20,7 +27,9 @@ __all__ = [
     "ModelCheckpoint",
     "OnExceptionCheckpoint",
     "ProgressBar",
+    "StochasticWeightAveraging",
     "TrainerFn",
+    "WeightAveraging",
     "fabric_rank_zero_only",
     "pl",
     "rank_zero_only",

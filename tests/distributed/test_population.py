@@ -252,7 +252,10 @@ def test_start_hyperparameters_are_every_members_first_values(run_2x2):
 def test_member_stopping_early_ends_without_hang(tmp_path):
     """Member 1 stops at step 8; member 0 goes on to max_steps; nothing hangs. Both members share one
     device: Lightning's launcher starts Trainer(devices=1) x processes_per_device=2 processes. No ready
-    interval is given: a ready step at every validation end (every EVERY steps)."""
+    interval is given: a ready step at every validation end (every EVERY steps).
+
+    The same run trains in 16-mixed on CPU with a GradScaler of each member's own (initial scale
+    2**(10 + member)): an exploit must leave the loser with the donor's scaler state."""
     proc = run_population(
         tmp_path,
         devices=2,
@@ -264,6 +267,7 @@ def test_member_stopping_early_ends_without_hang(tmp_path):
         early_stop_member=1,
         early_stop_at=8,
         quantile=0.25,
+        scaler_per_member=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     ranks = {r["member"]: r for r in load_ranks(tmp_path)}
@@ -276,6 +280,16 @@ def test_member_stopping_early_ends_without_hang(tmp_path):
             assert rec["event"] == "keep" and rec["extra"]["done"]
     steps = sorted({r["step"] for r in lineage if r["event"] != "init"})
     assert steps == list(range(EVERY, STEPS + 1, EVERY))
+    exploits = [r for r in lineage if r["event"] == "exploit"]
+    assert exploits, "member 0 should copy member 1 before member 1 stops"
+    scalers_differed = False
+    for rec in exploits:
+        loser = {r["step"]: r for r in ranks[rec["member"]]["before"]}[rec["step"]]
+        donor = {r["step"]: r for r in ranks[rec["parent"]]["before"]}[rec["step"]]
+        after = {r["step"]: r for r in ranks[rec["member"]]["after"]}[rec["step"]]
+        assert '"scale"' in donor["precision"] and after["precision"] == donor["precision"]
+        scalers_differed |= loser["precision"] != donor["precision"]
+    assert scalers_differed  # else a scaler that did not move could not show
 
 
 def test_an_exception_in_one_rank_ends_the_whole_run(tmp_path):

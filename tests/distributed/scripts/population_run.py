@@ -170,7 +170,21 @@ y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
 train = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=16, shuffle=True)
 val = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
 
-before, after = Recorder("before"), Recorder("after")
+class Gather(pl.Callback):
+    """Member-scoped collectives at the end of training, before Lightning's teardown moves the module to
+    the CPU (an NCCL member group could not gather CPU tensors after it)."""
+
+    def __init__(self):
+        self.results: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        self.results = {
+            "gathered": len(pl_module.all_gather(torch.tensor([1.0], device=pl_module.device))),
+            "torchmetric_mean": float(pl_module.rank_mean.compute()),
+        }
+
+
+before, after, gather = Recorder("before"), Recorder("after"), Gather()
 space = {"lr": LogUniform(1e-3, 0.5), "dropout": Uniform(0.0, 0.5)}
 space.update(space_from_config(cfg.get("extra_space", {})))
 pbt = PopulationBasedTraining(
@@ -189,7 +203,7 @@ pbt = PopulationBasedTraining(
     exploit=cfg.get("exploit", "truncation"),
     synchronous=cfg.get("synchronous", True),
 )
-callbacks = [before, pbt, after] if cfg.get("pbt", True) else [before, after]
+callbacks = [before, pbt, after, gather] if cfg.get("pbt", True) else [before, after, gather]
 if cfg.get("early_stop_member") is not None:
 
     class StopOne(pl.Callback):
@@ -241,9 +255,16 @@ if cfg.get("kill_before_save") is not None:
             os.kill(os.getpid(), 9)
 
     callbacks.append(KillBetweenSaves())
+precision: dict = {"precision": cfg.get("precision", "32-true")}
+if cfg.get("scaler_per_member"):
+    # 16-mixed with a GradScaler of each member's own (initial scale 2**(10 + member), growing every 2
+    # steps): the donor's and the loser's scaler states differ before an exploit, so the copy shows.
+    device = "cuda" if cfg.get("accelerator") == "gpu" else "cpu"
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** (10 + MEMBER), growth_interval=2)
+    precision = {"plugins": [pl.plugins.MixedPrecision("16-mixed", device, scaler=scaler)]}
 trainer = pl.Trainer(
     accelerator=cfg.get("accelerator", "cpu"),
-    precision=cfg.get("precision", "32-true"),
+    **precision,
     devices=cfg["devices"] // cfg.get("processes_per_device", 1),
     strategy=PopulationStrategy(
         member_size=cfg["member_size"], processes_per_device=cfg.get("processes_per_device", 1), timeout=60
@@ -307,8 +328,7 @@ result = {
     "first_epoch_indices": model.first_epoch_indices,
     "log_dir": trainer.log_dir,
     "rank_value": float(trainer.callback_metrics.get("rank_value", float("nan"))),
-    "gathered": len(model.all_gather(torch.tensor([1.0]))),
-    "torchmetric_mean": float(model.rank_mean.compute()),
+    **gather.results,
     "population": {str(k): v for k, v in pbt.population.items()} if cfg.get("pbt", True) else None,
     "hyperparameters": pbt.hyperparameters,
 }
