@@ -32,6 +32,7 @@ import torch
 
 from lightning_pbt import transfer
 from lightning_pbt.apply import describe_layout_mismatch
+from lightning_pbt.comparable import Published, decide_alone
 from lightning_pbt.distributed import PopulationGroup
 from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
@@ -494,6 +495,7 @@ class AsynchronousReadySteps(ReadySteps):
             "score": score,
             "hyperparameters": dict(self.book.hyperparameters),
             "history": list(self.book.population[self.me].get("history", [])),
+            "history_steps": _history_steps(self.book.population[self.me], step),
             "version": version,
             "done": done,
         }
@@ -515,14 +517,16 @@ class AsynchronousReadySteps(ReadySteps):
             raise RuntimeError(self._missing_monitor_error([self.me]))
         score = observation.score if math.isfinite(observation.score) else None
         own = self.book.population[self.me]
+        fresh = [score] if score is not None else []
+        steps = _history_steps(own, self.book.last_ready_step) + [observation.step] * len(fresh)
         own.update(
-            score=score, history=(list(own.get("history", [])) + ([score] if score is not None else []))[-_HISTORY:]
+            score=score, history=(list(own.get("history", [])) + fresh)[-_HISTORY:], history_steps=steps[-_HISTORY:]
         )
         if self._leader:
             self._publish(observation.step, observation.epoch, score, version, done=False)
         snapshotted = time.perf_counter()
 
-        plan, donor_step, decided, view = None, None, snapshotted, {}
+        plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
             message = self._shared_decision(observation, attempt)
             decided = time.perf_counter()
@@ -535,7 +539,11 @@ class AsynchronousReadySteps(ReadySteps):
                 self.member.load_training_state(
                     transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
                 )
+                # The copy's history is the donor's, on this member's own step clock: the donor's latest
+                # score (its snapshot's) now stands at this member's step.
                 own["history"] = list(donor["history"])
+                shift = observation.step - int(donor["step"])
+                own["history_steps"] = [at + shift for at in donor["history_steps"]]
                 donor_step = int(donor["step"])
                 break
             plan = None
@@ -544,7 +552,7 @@ class AsynchronousReadySteps(ReadySteps):
         transferred = time.perf_counter()
 
         if plan.event == "rejuvenate":
-            own["history"] = []
+            own["history"], own["history_steps"] = [], []
         self._carry_out(plan, observation.step)
         own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
         for member, status in view.items():
@@ -564,7 +572,7 @@ class AsynchronousReadySteps(ReadySteps):
                 hyperparameters=dict(plan.hyperparameters),
                 mutations=list(plan.mutations),
                 timing=timing,
-                extra={"done": False},
+                extra={"done": False, "compared": message["compared"]},
                 donor_step=donor_step,
             )
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
@@ -597,27 +605,32 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _decide(self, observation: Observation) -> dict[str, Any]:
+        """This member's plan from the population's published records (see :mod:`lightning_pbt.comparable`)."""
         records = self._records()
-        score = self.book.population[self.me]["score"]
-        snapshots = []
-        for member, record in records.items():
-            mine = member == self.me
-            servable = record["version"] >= 0 and not mine
-            snapshots.append(
-                MemberSnapshot(
-                    member=member,
-                    score=score if mine else (record["score"] if servable else None),
-                    hyperparameters=self.book.hyperparameters if mine else record["hyperparameters"],
-                    history=tuple(self.book.population[self.me]["history"] if mine else record["history"]),
-                    can_exploit=mine,
-                    training=mine or not record["done"],
-                    step=observation.step if mine else record["step"],
-                )
+        status = self.book.population[self.me]
+        own = Published(
+            step=observation.step,
+            score=status["score"],
+            hyperparameters=self.book.hyperparameters,
+            history=tuple(zip(_history_steps(status, observation.step), status["history"], strict=True)),
+        )
+        others = {
+            member: Published(
+                step=record["step"],
+                score=record["score"],
+                hyperparameters=record["hyperparameters"],
+                history=tuple(zip(_history_steps(record, record["step"]), record["history"], strict=True)),
+                servable=record["version"] >= 0,
+                done=record["done"],
             )
+            for member, record in records.items()
+            if member != self.me
+        }
         everyone_scored = all(record["version"] >= 0 for record in records.values())
-        if score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
+        if own.score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
             raise RuntimeError(self._all_diverged_error())
-        plan = self.scheduler.plan(observation.step, snapshots)[self.me]
+        decision = decide_alone(self.scheduler, self.me, observation.step, own, others)
+        plan = decision.plan
         view = {
             str(member): {
                 "score": record["score"],
@@ -627,10 +640,20 @@ class AsynchronousReadySteps(ReadySteps):
             for member, record in records.items()
             if member != self.me
         }
-        message: dict[str, Any] = {"plan": plan.to_dict(), "view": view}
+        message: dict[str, Any] = {
+            "plan": plan.to_dict(),
+            "view": view,
+            # which step of each member's score was compared (and the value ranked): the lineage's extra
+            "compared": {str(member): seen.to_dict() for member, seen in sorted(decision.compared.items())},
+        }
         if plan.event == "exploit":
             donor = records[plan.parent]
-            message["donor"] = {"version": donor["version"], "step": donor["step"], "history": donor["history"]}
+            message["donor"] = {
+                "version": donor["version"],
+                "step": donor["step"],
+                "history": donor["history"],
+                "history_steps": _history_steps(donor, donor["step"]),
+            }
         return message
 
     def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
@@ -681,6 +704,15 @@ class AsynchronousReadySteps(ReadySteps):
                     "could leave the lineage short of this member's last ready step",
                     self.me,
                 )
+
+
+def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:
+    """The steps of ``status["history"]``; a history saved without them (an older checkpoint) gets
+    ``step`` for every score."""
+    history, steps = list(status.get("history", [])), status.get("history_steps")
+    if steps is None or len(steps) != len(history):
+        return [int(step)] * len(history)
+    return [int(at) for at in steps]
 
 
 def protocol_class(synchronous: bool) -> type[ReadySteps]:
