@@ -1,25 +1,28 @@
 """An asynchronous member's decision, alone, comparing the population like with like.
 
 In asynchronous mode a member decides at its own ready step from the others' latest *published*
-records, which are older than its own fresh score when they lag behind it. On a curve that rises with
-training an older score looks worse, so ranking fresh against stale makes the decider rarely a loser
-and picks donors by their age. The rule here ranks every member at comparable progress:
+records. Two things made those records compare badly with the decider's fresh score: a member that
+has just copied a donor still shows the score of the weights it threw away until its next ready step
+(it sits at the bottom of everyone's ranking, so nobody else exploits), and a member ahead shows a
+score from further in training. The rule here:
 
-- For another member ``m``, take its latest published score at a step not beyond the decider's step
-  ``s`` (published histories carry their steps); call that step ``c``. A member whose history holds no
-  step ``<= s`` (far ahead, history bounded) gives its oldest kept score.
-- If ``c < s``, add the decider's own change in score since ``c`` (its fresh score minus its own latest
-  score at a step ``<= c``): ``m`` is assumed to progress from ``c`` to ``s`` as the decider did. So the
-  decider and ``m`` are compared at the same step ``c``, exactly; the others among themselves with the
-  same shift. Without an own score at a step ``<= c`` no shift is added.
+- *Progress* is the number of steps the weights a member holds have trained: its own step while it
+  has never copied; a copy takes over the donor snapshot's progress (a member that copied a snapshot
+  of step 300 at its own step 100 is 200 steps further along than its step count says). Published
+  histories are stamped with progress.
+- A member that exploited since its last record is left out of the ranking (neither loser nor donor)
+  until it publishes again: its record no longer describes what it holds.
+- Every other member is ranked by its latest published score at a progress not beyond the decider's
+  (a member whose kept history holds nothing that early, being far ahead, by its oldest kept score),
+  and the exploit rule (truncation, tournament, t-test) picks the loser and the donor from that table.
+  The copy is the donor's latest snapshot.
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
-- A donor's snapshot is its latest, which may lag the decider: a plan to copy a snapshot whose own score
-  is worse than the decider's fresh score becomes ``keep`` (copying would throw progress away).
 
-The exploit rule (truncation, tournament, t-test) runs on these comparable scores; PB2 still observes
-each member's latest raw (step, score). :func:`decide_alone` is what ``AsynchronousReadySteps`` runs,
-and what the benchmarks' simulated asynchronous populations run, so both measure the same rule.
+PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
+``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
+measure the same rule. (A variant that also shifted lagging members by the decider's own progress since
+their score, to compare at exactly the same progress, chose worse in the benchmarks: see the README.)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_pbt.exploit import is_finite_score, ranking_key
+from lightning_pbt.exploit import is_finite_score
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 
 __all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "score_at"]
@@ -36,9 +39,10 @@ __all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alo
 
 @dataclass(frozen=True)
 class Published:
-    """What a member's latest record says: the ``step`` and ``score`` of its latest snapshot, the
-    hyperparameters that trained it, its recent finite scores with their steps (oldest first),
-    whether it has a snapshot to serve and whether it stopped training."""
+    """What a member's latest record says: the own ``step`` and ``score`` of its latest snapshot, the
+    hyperparameters that trained it, its recent finite scores with their progress (oldest first),
+    whether it has a snapshot to serve, whether it stopped training, the snapshot's ``progress``
+    (``None``: ``step``, a member that never copied), and whether it copied a donor since."""
 
     step: int
     score: float | None
@@ -46,19 +50,24 @@ class Published:
     history: tuple[tuple[int, float], ...] = ()
     servable: bool = True
     done: bool = False
+    progress: int | None = None
+    copied: bool = False
+
+    @property
+    def at(self) -> int:
+        """The snapshot's progress."""
+        return self.step if self.progress is None else self.progress
 
 
 @dataclass(frozen=True)
 class Compared:
-    """One member as the decision saw it: the ``step`` of the score compared, that ``score``, and
-    ``ranked``, the value the exploit rule ranked (``score`` plus the decider's progress since)."""
+    """One member as the decision saw it: the ``progress`` of the score compared, and that ``score``."""
 
-    step: int
+    progress: int
     score: float | None
-    ranked: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "score": self.score, "ranked": self.ranked}
+        return {"progress": self.progress, "score": self.score}
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class Decision:
 
 
 def score_at(history: Sequence[tuple[int, float]], step: int) -> tuple[int, float] | None:
-    """The latest ``(step, score)`` of ``history`` at a step ``<= step``; ``None`` if there is none."""
+    """The latest ``(progress, score)`` of ``history`` at ``<= step``; ``None`` if there is none."""
     found = None
     for entry in history:
         if entry[0] <= step and (found is None or entry[0] >= found[0]):
@@ -76,24 +85,21 @@ def score_at(history: Sequence[tuple[int, float]], step: int) -> tuple[int, floa
     return found
 
 
-def comparable_scores(me: int, step: int, own: Published, others: Mapping[int, Published]) -> dict[int, Compared]:
-    """Each member's score at comparable progress to the decider ``me`` at ``step`` (module docstring)."""
-    own_score = own.score if is_finite_score(own.score) else None
-    compared = {me: Compared(step, own_score, own_score)}
+def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) -> dict[int, Compared]:
+    """The score of each member the decider ``me`` ranks, at progress not beyond its own (module
+    docstring); members that copied since their last record are left out."""
+    progress = own.at
+    compared = {me: Compared(progress, own.score if is_finite_score(own.score) else None)}
     for member, record in others.items():
-        if not record.servable or not is_finite_score(record.score):
-            compared[member] = Compared(record.step, None, None)
+        if record.copied:
             continue
-        entry = score_at(record.history, step)
+        if not record.servable or not is_finite_score(record.score):
+            compared[member] = Compared(record.at, None)
+            continue
+        entry = score_at(record.history, progress)
         if entry is None:  # ahead beyond its kept history, or no history: the nearest score it has
-            entry = min(record.history, default=(record.step, float(record.score)))  # type: ignore[arg-type]
-        at, score = int(entry[0]), float(entry[1])
-        shift = 0.0
-        if own_score is not None and at < step:
-            mine = score_at(own.history, at)
-            if mine is not None:
-                shift = own_score - float(mine[1])
-        compared[member] = Compared(at, score, score + shift)
+            entry = min(record.history, default=(record.at, float(record.score)))  # type: ignore[arg-type]
+        compared[member] = Compared(int(entry[0]), float(entry[1]))
     return compared
 
 
@@ -105,18 +111,16 @@ def decide_alone(
     others: Mapping[int, Published],
     like_with_like: bool = True,
 ) -> Decision:
-    """Member ``me``'s plan at its ready ``step``; only ``me`` may exploit, the others may donate.
+    """Member ``me``'s plan at its own ready ``step``; only ``me`` may exploit, the others may donate.
 
-    ``like_with_like=False`` is the earlier rule (the fresh own score against the others' latest
-    records, no donor check), kept so that the benchmarks measure both in the same code.
+    ``like_with_like=False`` is the earlier rule (the fresh own score against every other member's
+    latest record), kept so that the benchmarks measure both in the same code.
     """
     if like_with_like:
-        compared = comparable_scores(me, step, own, others)
+        compared = comparable_scores(me, own, others)
     else:
-        compared = {me: Compared(step, own.score, own.score)}
-        for member, record in others.items():
-            score = record.score if record.servable else None
-            compared[member] = Compared(record.step, score, score)
+        compared = {me: Compared(step, own.score)}
+        compared.update({m: Compared(r.at, r.score if r.servable else None) for m, r in others.items()})
     records = {me: own, **others}
     snapshots = [
         MemberSnapshot(
@@ -127,19 +131,9 @@ def decide_alone(
             can_exploit=member == me,
             training=member == me or not record.done,
             step=step if member == me else record.step,
-            ranked_score=compared[member].ranked,
+            ranked_score=compared[member].score,
         )
         for member, record in sorted(records.items())
+        if member in compared
     ]
-    plan = scheduler.plan(step, snapshots)[me]
-    if like_with_like and plan.event == "exploit" and is_finite_score(own.score):
-        donor = others[plan.parent].score
-        if ranking_key(donor, scheduler.mode) > ranking_key(own.score, scheduler.mode):
-            plan = MemberPlan(
-                me,
-                "keep",
-                me,
-                dict(own.hyperparameters),
-                (f"member {plan.parent}'s latest snapshot scores below this member's; kept",),
-            )
-    return Decision(plan, compared)
+    return Decision(scheduler.plan(step, snapshots)[me], compared)

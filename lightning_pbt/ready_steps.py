@@ -465,6 +465,11 @@ class AsynchronousReadySteps(ReadySteps):
     def _leader(self) -> bool:
         return self.topology.member_rank == 0
 
+    @property
+    def _offset(self) -> int:
+        """This member's progress minus its step: what its copies' donors had trained beyond it."""
+        return int(self.book.population[self.me].get("progress_offset", 0))
+
     def _record_key(self, member: int) -> str:
         return f"{self.namespace}/member/{member}"
 
@@ -496,6 +501,7 @@ class AsynchronousReadySteps(ReadySteps):
             "hyperparameters": dict(self.book.hyperparameters),
             "history": list(self.book.population[self.me].get("history", [])),
             "history_steps": _history_steps(self.book.population[self.me], step),
+            "progress": step + self._offset,
             "version": version,
             "done": done,
         }
@@ -518,7 +524,7 @@ class AsynchronousReadySteps(ReadySteps):
         score = observation.score if math.isfinite(observation.score) else None
         own = self.book.population[self.me]
         fresh = [score] if score is not None else []
-        steps = _history_steps(own, self.book.last_ready_step) + [observation.step] * len(fresh)
+        steps = _history_steps(own, self.book.last_ready_step) + [observation.step + self._offset] * len(fresh)
         own.update(
             score=score, history=(list(own.get("history", [])) + fresh)[-_HISTORY:], history_steps=steps[-_HISTORY:]
         )
@@ -539,20 +545,23 @@ class AsynchronousReadySteps(ReadySteps):
                 self.member.load_training_state(
                     transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
                 )
-                # The copy's history is the donor's, on this member's own step clock: the donor's latest
-                # score (its snapshot's) now stands at this member's step.
-                own["history"] = list(donor["history"])
-                shift = observation.step - int(donor["step"])
-                own["history_steps"] = [at + shift for at in donor["history_steps"]]
+                # The copy's history and progress are the donor's snapshot's (see lightning_pbt.comparable).
+                own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
+                own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["step"])
+                if self._leader and self._record is not None:
+                    # Its record describes the weights just thrown away: the others leave this member out
+                    # of their rankings until its next ready step publishes again.
+                    self._record["copied"] = True
+                    self.population.store.set(self._record_key(self.me), json.dumps(self._record))
                 break
             plan = None
         if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
             plan = MemberPlan(self.me, "keep", self.me, dict(self.book.hyperparameters), ("donor moved on; kept",))
         transferred = time.perf_counter()
 
-        if plan.event == "rejuvenate":
-            own["history"], own["history_steps"] = [], []
+        if plan.event == "rejuvenate":  # fresh weights: no scores, no progress yet
+            own["history"], own["history_steps"], own["progress_offset"] = [], [], -observation.step
         self._carry_out(plan, observation.step)
         own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
         for member, status in view.items():
@@ -613,6 +622,7 @@ class AsynchronousReadySteps(ReadySteps):
             score=status["score"],
             hyperparameters=self.book.hyperparameters,
             history=tuple(zip(_history_steps(status, observation.step), status["history"], strict=True)),
+            progress=observation.step + self._offset,
         )
         others = {
             member: Published(
@@ -622,6 +632,8 @@ class AsynchronousReadySteps(ReadySteps):
                 history=tuple(zip(_history_steps(record, record["step"]), record["history"], strict=True)),
                 servable=record["version"] >= 0,
                 done=record["done"],
+                progress=record.get("progress"),
+                copied=bool(record.get("copied", False)),
             )
             for member, record in records.items()
             if member != self.me
@@ -653,6 +665,7 @@ class AsynchronousReadySteps(ReadySteps):
                 "step": donor["step"],
                 "history": donor["history"],
                 "history_steps": _history_steps(donor, donor["step"]),
+                "progress": donor.get("progress", donor["step"]),
             }
         return message
 
@@ -707,8 +720,8 @@ class AsynchronousReadySteps(ReadySteps):
 
 
 def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:
-    """The steps of ``status["history"]``; a history saved without them (an older checkpoint) gets
-    ``step`` for every score."""
+    """The progress of each score of ``status["history"]`` (see :mod:`lightning_pbt.comparable`); a
+    history saved without it (an older checkpoint) gets ``step`` for every score."""
     history, steps = list(status.get("history", [])), status.get("history_steps")
     if steps is None or len(steps) != len(history):
         return [int(step)] * len(history)

@@ -1,13 +1,12 @@
 """The asynchronous decision compares members like with like (:mod:`lightning_pbt.comparable`).
 
-Hand-built populations where ranking the decider's fresh score against the others' latest (older or
-newer) records picks the wrong loser or the wrong donor; the rule compares each member at a step not
-beyond the decider's, shifted by the decider's own progress since.
+Hand-built populations where ranking the decider's fresh score against the others' latest records
+picks the wrong loser and the wrong donor: a member that has just copied still shows the score of the
+weights it threw away, and a member ahead shows a score from further in training. The rule leaves the
+first out and compares the second at a progress not beyond the decider's.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
@@ -32,67 +31,67 @@ def member(step: int, *history: tuple[int, float], lr: float = 0.01, **kwargs) -
 ME = member(20, (10, 0.60), (20, 0.70))
 
 
-def test_a_decider_ahead_of_a_stale_member_is_the_loser_at_comparable_progress() -> None:
-    """Member 1 lags at step 10 with 0.69: below the decider's fresh 0.70 (so the old rule makes member 1
-    the loser and the decider keeps), but at step 10 it led the decider by 0.09."""
+def test_stale_records_pick_the_wrong_loser_and_donor() -> None:
+    """Member 1 copied a donor at its last ready step: its record still shows the 0.30 it threw away.
+    Member 2 is ahead: 0.95 at step 30, but 0.72 at the decider's step 20. Ranked on the latest records,
+    member 1 is the loser (the decider keeps) and member 2 the donor; at comparable progress, with member 1
+    left out, the decider is last of three and member 3 (0.80 at step 20) is the donor."""
     others = {
-        1: member(10, (10, 0.69)),
-        2: member(30, (20, 0.80), (30, 0.85), lr=0.1),  # at step 20: 0.80
-        3: member(20, (10, 0.50), (20, 0.75)),
+        1: member(20, (20, 0.30), copied=True),
+        2: member(30, (20, 0.72), (30, 0.95)),
+        3: member(20, (10, 0.50), (20, 0.80)),
     }
     old = decide_alone(scheduler(), 0, 20, ME, others, like_with_like=False)
     assert old.plan.event == "keep"
+    assert old.compared[1].score == 0.30 and old.compared[2].score == 0.95
     new = decide_alone(scheduler(), 0, 20, ME, others)
-    assert (new.plan.event, new.plan.parent) == ("exploit", 2)
-    assert new.compared[1].step == 10 and new.compared[1].ranked == pytest.approx(0.79)
-    assert new.compared[2].step == 20 and new.compared[2].score == 0.80  # not its step-30 score
+    assert (new.plan.event, new.plan.parent) == ("exploit", 3)
+    assert new.compared == {0: Compared(20, 0.70), 2: Compared(20, 0.72), 3: Compared(20, 0.80)}
 
 
 def test_the_donor_is_the_best_at_comparable_progress_not_the_member_furthest_ahead() -> None:
-    """Member 2 is ahead (0.80 at step 30) but scored 0.60 at the decider's step 20; member 1 lags at step
-    10 with 0.70, 0.25 above the decider then. Both rules make the decider the loser; the donor differs."""
     me = member(20, (10, 0.45), (20, 0.50))
-    others = {1: member(10, (10, 0.70)), 2: member(30, (20, 0.60), (30, 0.80)), 3: member(20, (20, 0.55))}
+    others = {1: member(20, (20, 0.70)), 2: member(30, (20, 0.60), (30, 0.80)), 3: member(20, (20, 0.55))}
     assert decide_alone(scheduler(), 0, 20, me, others, like_with_like=False).plan.parent == 2
     new = decide_alone(scheduler(), 0, 20, me, others)
     assert (new.plan.event, new.plan.parent) == ("exploit", 1)
-    assert {m: c.step for m, c in new.compared.items()} == {0: 20, 1: 10, 2: 20, 3: 20}
-    assert {m: c.ranked for m, c in new.compared.items()} == pytest.approx({0: 0.50, 1: 0.75, 2: 0.60, 3: 0.55})
 
 
-def test_a_donor_whose_latest_snapshot_scores_below_the_decider_is_not_copied() -> None:
-    """Member 1 led at step 10 but its snapshot (0.62, step 10) is worse than what the decider holds (0.70):
-    copying it would throw away the decider's progress."""
-    others = {1: member(10, (10, 0.62)), 2: member(10, (10, 0.58)), 3: member(10, (10, 0.60))}
-    me = member(20, (10, 0.50), (20, 0.70))
-    decision = decide_alone(scheduler(), 0, 20, me, others)
-    assert decision.compared[1].ranked == pytest.approx(0.82)  # the decider is last at comparable progress
-    assert decision.plan.event == "keep"
-    assert decision.plan.mutations == ("member 1's latest snapshot scores below this member's; kept",)
+def test_progress_counts_the_steps_a_copied_snapshot_had_trained() -> None:
+    """Member 1 copied a step-30 snapshot at its own step 10: its history is on the donor's progress, so
+    the decider (progress 20) compares its 0.60 at progress 20, not its step-30 0.80."""
+    copied_ahead = Published(10, 0.80, {"lr": 0.01}, ((20, 0.60), (30, 0.80)), progress=30)
+    assert comparable_scores(0, ME, {1: copied_ahead})[1] == Compared(20, 0.60)
+    # The decider's own progress counts too: at progress 30 it sees member 1's latest.
+    ahead_me = Published(20, 0.70, {"lr": 0.01}, ((30, 0.70),), progress=30)
+    assert comparable_scores(0, ahead_me, {1: copied_ahead}) == {0: Compared(30, 0.70), 1: Compared(30, 0.80)}
+
+
+def test_a_member_that_copied_is_neither_loser_nor_donor_until_it_publishes_again() -> None:
+    others = {1: member(20, (20, 0.99), copied=True), 2: member(20, (20, 0.50))}
+    decision = decide_alone(scheduler(0.5), 0, 20, ME, others)
+    assert set(decision.compared) == {0, 2} and decision.plan.event == "keep"
 
 
 def test_a_member_whose_latest_score_is_nan_ranks_last_and_is_never_a_donor() -> None:
     nan_now = Published(20, None, {"lr": 0.9}, ((10, 0.99),))  # finite before, diverged since
     others = {1: nan_now, 2: member(20, (20, 0.80)), 3: member(20, (20, 0.75))}
     decision = decide_alone(scheduler(0.5), 0, 20, member(20, (20, 0.10)), others)
-    assert decision.compared[1] == Compared(20, None, None)
+    assert decision.compared[1] == Compared(20, None)
     assert (decision.plan.event, decision.plan.parent) in {("exploit", 2), ("exploit", 3)}
-    # A diverged decider copies whatever its history said: no shift, no donor check.
+    # A diverged decider is replaced by the best member.
     diverged = decide_alone(scheduler(), 0, 20, Published(20, None, {"lr": 0.5}, ((10, 0.9),)), others)
     assert (diverged.plan.event, diverged.plan.parent) == ("exploit", 2)
 
 
 def test_a_member_without_a_snapshot_yet_is_compared_as_no_score() -> None:
     others = {1: member(0, servable=False), 2: member(20, (20, 0.8))}
-    assert comparable_scores(0, 20, ME, others)[1].ranked is None
+    assert comparable_scores(0, ME, others)[1].score is None
 
 
-def test_steps_beyond_the_kept_history_fall_back_to_the_nearest_score_without_shift() -> None:
-    far_ahead = member(500, (400, 0.9), (500, 0.95))  # nothing kept at or before step 20
-    no_own_past = member(20, (20, 0.7))  # the decider knows nothing of itself at step 10
-    seen = comparable_scores(0, 20, no_own_past, {1: far_ahead, 2: member(10, (10, 0.6))})
-    assert (seen[1].step, seen[1].ranked) == (400, 0.9)
-    assert (seen[2].step, seen[2].ranked) == (10, 0.6)
+def test_a_member_ahead_beyond_its_kept_history_gives_its_oldest_kept_score() -> None:
+    far_ahead = member(500, (400, 0.9), (500, 0.95))  # nothing kept at or before progress 20
+    assert comparable_scores(0, ME, {1: far_ahead})[1] == Compared(400, 0.9)
 
 
 def test_score_at_takes_the_latest_entry_not_beyond_the_step() -> None:
@@ -103,7 +102,10 @@ def test_score_at_takes_the_latest_entry_not_beyond_the_step() -> None:
     assert score_at(history, 100) == (30, 0.3)
 
 
-def test_min_mode_shifts_by_the_deciders_own_change() -> None:
-    me = Published(20, 1.0, {"lr": 0.01}, ((10, 2.0), (20, 1.0)))  # a loss, falling
-    seen = comparable_scores(0, 20, me, {1: Published(10, 1.5, {"lr": 0.01}, ((10, 1.5),))})
-    assert seen[1].ranked == pytest.approx(0.5) and math.isclose(seen[0].ranked, 1.0)
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_both_modes_rank_the_comparable_scores(mode: str) -> None:
+    sign = 1 if mode == "max" else -1
+    me = Published(20, sign * 0.5, {"lr": 0.01}, ((20, sign * 0.5),))
+    others = {1: Published(30, sign * 0.9, {"lr": 0.01}, ((20, sign * 0.4), (30, sign * 0.9)))}
+    plan = decide_alone(PBTScheduler(SPACE, mode=mode, seed=0), 0, 20, me, others).plan
+    assert plan.event == "keep"  # at step 20 member 1 was worse; its 0.9 at step 30 does not count
