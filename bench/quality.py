@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, SCRATCH, clean_floats, launch, spread, worker_config
-from bench.pbt_function import ITERATIONS, run_pbt_function_benchmark
 
 NAME = "quality"
 SEEDS = tuple(range(10))
@@ -152,6 +151,8 @@ def run_toy_benchmark(seeds: tuple[int, ...], budgets: tuple[int, ...]) -> list[
 
 # -- digits: the launcher side ----------------------------------------------------------------------
 def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
+    from bench.pbt_function import ITERATIONS, run_pbt_function_benchmark
+
     seeds = SMOKE["seeds"] if smoke else SEEDS
     members = SMOKE["members"] if smoke else MEMBERS
     epochs = SMOKE["epochs"] if smoke else EPOCHS
