@@ -3,7 +3,12 @@
 Toy (Jaderberg et al. 2017, Fig. 2; pure code, ``run_toy`` of tests/unit/test_paper_toy.py): two
 members, best true Q over members and training after a fixed number of steps. Arms: PBT; the paper's
 grid search (h = [1, 0] and [0, 1], deterministic); and, as an extra honest baseline, random search
-(two members with h drawn uniformly from [0, 1]^2, seeded, same dynamics, no exploit).
+(two members with h drawn uniformly from [0, 1]^2, seeded, same dynamics, no exploit). Asynchronous PBT
+(:mod:`bench.simulate`, the callback's ``synchronous=False`` decision), paired by seed with PBT: at equal
+speeds, and with member 1 ``TOY_SLOW_FACTOR``x slower at the wall time lockstep needs with it (member 0
+trains that many times the steps); ``*_old_rule``: the earlier decision rule.
+
+Ray Tune's ``pbt_function`` toy (:mod:`bench.pbt_function`): lockstep and asynchronous PBT, paired.
 
 Digits (sklearn ``load_digits``, fixed stratified split 60/20/20 train/val/test; the test split is
 never seen by PBT): MLP 64-64-10, plain SGD with a constant learning rate, no momentum, batch 32,
@@ -11,7 +16,8 @@ never seen by PBT): MLP 64-64-10, plain SGD with a constant learning rate, no mo
 equal compute (``MEMBERS`` members x ``EPOCHS`` epochs each):
 
 - PBT: the callback with its defaults (truncation 25 %, perturb x0.8 / x1.2, resample 25 %), a ready
-  step at the end of every epoch, scored on the validation accuracy;
+  step at the end of every epoch, scored on the validation accuracy; ``pbt_async``: the same with
+  ``synchronous=False`` (equal speeds; for stragglers at equal wall time see ``bench/asynchronous.py``);
 - random search: the same population (the same initial learning rates, weights and data order per
   member) under ``PopulationStrategy`` without the callback;
 - default: ``MEMBERS`` members with lr = 0.01 (Keras' SGD default; torch has none), differing only in
@@ -37,10 +43,13 @@ SEEDS = tuple(range(10))
 MEMBERS = 4
 EPOCHS = 10
 DEFAULT_LR = 0.01
+DIGITS_ARMS = ("pbt", "pbt_async", "random_search", "default")
+PBT_FUNCTION_SEEDS = tuple(range(20))
 TOY_SEEDS = tuple(range(20))
 TOY_BUDGETS = (25, 100)
 PRELOAD = ("sklearn.datasets", "sklearn.model_selection")
-SMOKE = {"seeds": (0,), "members": 2, "epochs": 1, "toy_seeds": (0, 1), "toy_budgets": (25,)}
+SMOKE = {"seeds": (0,), "members": 2, "epochs": 1, "toy_seeds": (0, 1), "toy_budgets": (25,),
+         "pbt_function_seeds": (0,), "pbt_function_iterations": 20}
 
 
 # -- the toy --------------------------------------------------------------------------------------
@@ -66,6 +75,57 @@ def toy_fixed_h(hs: list[list[float]], steps: int, lr: float) -> float:
     return best
 
 
+class ToyTask:
+    """The toy for :mod:`bench.simulate`: a member's state is its theta; ``best`` tracks the best true Q
+    over members and steps (the paper's y axis), as ``run_toy`` does."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.best = 1.2 - 2 * 0.81
+
+    def start(self, member: int) -> Any:
+        import numpy as np
+
+        return np.array([0.9, 0.9])
+
+    def train(self, member: int, state: Any, hyperparameters: dict[str, float], steps: int) -> Any:
+        import numpy as np
+
+        h = np.array([hyperparameters["h0"], hyperparameters["h1"]])
+        for _ in range(steps):
+            state = state + self.lr * (-2.0 * h * state)
+            self.best = max(self.best, 1.2 - float(np.sum(state**2)))
+        return state
+
+    def score(self, state: Any) -> float:
+        return 1.2 - float((state**2).sum())
+
+    def copy(self, state: Any) -> Any:
+        return state.copy()
+
+
+TOY_ARMS = ("async", "async_old_rule", "async_straggler", "async_straggler_old_rule")
+TOY_SLOW_FACTOR = 3  # member 1 of 2 is this much slower in the straggler arms (equal wall time)
+
+
+def run_toy_async(toy: Any, seed: int, steps: int, arm: str) -> float:
+    """The toy under asynchronous PBT (:func:`bench.simulate.run_asynchronous`); best true Q."""
+    from bench.simulate import run_asynchronous
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.space import Uniform
+
+    def make() -> PBTScheduler:
+        return PBTScheduler({"h0": Uniform(0.0, 1.0), "h1": Uniform(0.0, 1.0)}, mode="max", seed=seed)
+
+    task = ToyTask(toy.LR)
+    straggler = arm.startswith("async_straggler")
+    run_asynchronous(task, make, [{"h0": 1.0, "h1": 0.0}, {"h0": 0.0, "h1": 1.0}], toy.READY,
+                     [steps * TOY_SLOW_FACTOR, steps] if straggler else [steps, steps],
+                     [1.0, float(TOY_SLOW_FACTOR)] if straggler else [1.0, 1.0], seed,
+                     like_with_like=not arm.endswith("old_rule"))
+    return task.best
+
+
 def run_toy_benchmark(seeds: tuple[int, ...], budgets: tuple[int, ...]) -> list[dict[str, Any]]:
     import numpy as np
 
@@ -79,20 +139,27 @@ def run_toy_benchmark(seeds: tuple[int, ...], budgets: tuple[int, ...]) -> list[
             raise RuntimeError("bench/quality.py: the toy's dynamics changed; update toy_fixed_h")
         pbt = [toy.run_toy(pbt=True, steps=steps, lr=lr, ready=ready, seed=s) for s in seeds]
         random = [toy_fixed_h(np.random.default_rng(s).uniform(0, 1, size=(2, 2)).tolist(), steps, lr) for s in seeds]
+        arms = {arm: [run_toy_async(toy, s, steps, arm) for s in seeds] for arm in TOY_ARMS}
         rows.append({"steps": steps, "lr": lr, "ready": ready, "seeds": len(seeds), "optimum": 1.2,
                      "pbt": spread(pbt), "grid": spread([grid]), "random_search": spread(random),
                      "pbt_beats_grid_seeds": sum(p > grid for p in pbt),
-                     "pbt_beats_random_seeds": sum(p > r for p, r in zip(pbt, random, strict=True))})
+                     "pbt_beats_random_seeds": sum(p > r for p, r in zip(pbt, random, strict=True)),
+                     **{f"pbt_{arm}": spread(values) for arm, values in arms.items()},
+                     "vs_lockstep": {f"pbt_{arm}": _wins(values, pbt) for arm, values in arms.items()}})
     return rows
 
 
 # -- digits: the launcher side ----------------------------------------------------------------------
 def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
+    from bench.pbt_function import ITERATIONS, run_pbt_function_benchmark
+
     seeds = SMOKE["seeds"] if smoke else SEEDS
     members = SMOKE["members"] if smoke else MEMBERS
     epochs = SMOKE["epochs"] if smoke else EPOCHS
     toy_rows = run_toy_benchmark(SMOKE["toy_seeds"] if smoke else TOY_SEEDS,
                                  SMOKE["toy_budgets"] if smoke else TOY_BUDGETS)
+    pbt_function = run_pbt_function_benchmark(SMOKE["pbt_function_seeds"] if smoke else PBT_FUNCTION_SEEDS,
+                                              SMOKE["pbt_function_iterations"] if smoke else ITERATIONS)
     root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
     shutil.rmtree(root, ignore_errors=True)
     per_seed = []
@@ -101,6 +168,9 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
         pbt_out = root / f"seed{seed}_pbt"
         launch("bench.quality", members, {**common, "out": str(pbt_out), "pbt": True, "default_members": 0},
                  timeout, root / f"seed{seed}_pbt.log")
+        async_out = root / f"seed{seed}_pbt_async"
+        launch("bench.quality", members, {**common, "out": str(async_out), "pbt": True, "default_members": 0,
+                                          "synchronous": False}, timeout, root / f"seed{seed}_pbt_async.log")
         # In smoke mode one random-search member and one default member keep the launch at 2 ranks.
         base_random, base_default = (1, 1) if smoke else (members, members)
         base_out = root / f"seed{seed}_baseline"
@@ -108,9 +178,10 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                  {**common, "out": str(base_out), "pbt": False, "random_members": base_random,
                   "default_members": base_default}, timeout, root / f"seed{seed}_baseline.log")
         ranks = [json.loads(p.read_text()) for p in sorted(pbt_out.glob("rank_*.json"))]
+        ranks += [{**json.loads(p.read_text()), "arm": "pbt_async"} for p in sorted(async_out.glob("rank_*.json"))]
         ranks += [json.loads(p.read_text()) for p in sorted(base_out.glob("rank_*.json"))]
         entry: dict[str, Any] = {"seed": seed}
-        for arm in ("pbt", "random_search", "default"):
+        for arm in DIGITS_ARMS:
             arm_ranks = [r for r in ranks if r["arm"] == arm]
             best = max(arm_ranks, key=lambda r: (r["val_acc"], -r["member"]))
             # final_lr: the value after the last ready step (a copy's explored value; it never trained with it)
@@ -118,20 +189,29 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                           "member": best["member"], "start_lrs": sorted(r["start_lr"] for r in arm_ranks),
                           "members": len(arm_ranks), "mean_test_acc": sum(r["test_acc"] for r in arm_ranks)
                           / len(arm_ranks)}
-        if (pbt_out / "pbt" / "lineage.jsonl").exists():
-            lines = [json.loads(x) for x in (pbt_out / "pbt" / "lineage.jsonl").read_text().splitlines() if x]
-            entry["pbt"]["exploits"] = sum(1 for x in lines if x["event"] == "exploit")
+        for arm, out in (("pbt", pbt_out), ("pbt_async", async_out)):
+            if (out / "pbt" / "lineage.jsonl").exists():
+                lines = [json.loads(x) for x in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if x]
+                entry[arm]["exploits"] = sum(1 for x in lines if x["event"] == "exploit")
         per_seed.append(entry)
     summary = {arm: {"test_acc": spread([e[arm]["test_acc"] for e in per_seed]),
+                     "val_acc": spread([e[arm]["val_acc"] for e in per_seed]),
                      "mean_member_test_acc": spread([e[arm]["mean_test_acc"] for e in per_seed])}
-               for arm in ("pbt", "random_search", "default")}
+               for arm in DIGITS_ARMS}
+    for arm in ("pbt", "pbt_async"):
+        summary[arm]["exploits_per_run"] = spread([e[arm].get("exploits", 0) for e in per_seed])
     wins = {
         "pbt_vs_random_search": _wins([e["pbt"]["test_acc"] for e in per_seed],
                                       [e["random_search"]["test_acc"] for e in per_seed]),
         "pbt_vs_default": _wins([e["pbt"]["test_acc"] for e in per_seed], [e["default"]["test_acc"] for e in per_seed]),
+        "pbt_async_vs_pbt": _wins([e["pbt_async"]["test_acc"] for e in per_seed],
+                                  [e["pbt"]["test_acc"] for e in per_seed]),
+        "pbt_async_vs_pbt_val_acc": _wins([e["pbt_async"]["val_acc"] for e in per_seed],
+                                          [e["pbt"]["val_acc"] for e in per_seed]),
     }
     return clean_floats({
-        "description": "search quality at equal compute: the paper's toy (best Q) and digits (held-out test "
+        "description": "search quality at equal compute: the paper's toy (best Q), Ray's pbt_function toy and "
+                       "digits (held-out test "
                        "accuracy of the member with the best validation accuracy)",
         "config": {"toy": {"seeds": len(SMOKE["toy_seeds"] if smoke else TOY_SEEDS),
                            "budgets": list(SMOKE["toy_budgets"] if smoke else TOY_BUDGETS),
@@ -143,6 +223,7 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                               "pbt": "every_n_epochs=1, monitor val_acc, truncation 0.25, resample 0.25, "
                                      "perturb (0.8, 1.2)"}},
         "toy": toy_rows,
+        "pbt_function": pbt_function,
         "digits": {"per_seed": per_seed, "summary": summary, "wins": wins},
     })
 
@@ -221,7 +302,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     pbt = None
     if cfg["pbt"]:
         pbt = PopulationBasedTraining(space, monitor="val_acc", mode="max", every_n_epochs=1, seed=seed,
-                                      dirpath=str(out / "pbt"))
+                                      dirpath=str(out / "pbt"), synchronous=cfg.get("synchronous", True))
         callbacks.append(pbt)
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),

@@ -199,6 +199,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         out += _table(["arm", "best member's test accuracy", "mean member's test accuracy", "paired by seed"], rows)
     if "schedule" in results:
         out += render_schedule(results["schedule"])
+    out += render_asynchronous_quality(results)
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
     return "\n".join(out) + "\n"
@@ -279,6 +280,51 @@ def render_schedule(r: dict[str, Any]) -> list[str]:
             ]
         )
     out += _table(["members x ready steps", "PBT", "PB2", "grid's best constant", "PB2 ms per ready step"], rows)
+    return out
+
+
+def _wlt(w: dict[str, int]) -> str:
+    return "{wins}/{ties}/{losses}".format(**w)
+
+
+def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Asynchronous PBT against lockstep, paired by seed, on the quality tasks (absent from older results)."""
+    quality, schedule = results.get("quality", {}), results.get("schedule", {})
+    if "pbt_function" not in quality and not any("pbt_async" in row["summary"] for row in schedule.get("rows", [])):
+        return []
+    out = ["", "## Asynchronous PBT vs lockstep: search quality, paired by seed", "",
+           "Equal speeds (`async`), and with stragglers (3x slower) at the wall time lockstep needs with them, "
+           "which is lockstep's own result (it waits); `old rule`: the decision before the like-with-like rule. "
+           "Wins/ties/losses of the first arm against lockstep.", ""]
+    rows = []
+    for row in quality.get("toy", []):
+        if "vs_lockstep" not in row:
+            continue
+        for arm in ("async", "async_old_rule", "async_straggler", "async_straggler_old_rule"):
+            rows.append([f"paper toy, {row['steps']} steps, best Q (higher is better)", arm.replace("_", " "),
+                         _f(row["pbt"]["median"], 4), _f(row[f"pbt_{arm}"]["median"], 4),
+                         _wlt(row["vs_lockstep"][f"pbt_{arm}"])])
+    if "pbt_function" in quality:
+        pf = quality["pbt_function"]
+        s, w, target = pf["summary"], pf["wins"], pf["config"]["target"]
+        for arm in ("async", "async_old_rule", "async_stragglers", "async_stragglers_old_rule"):
+            rows.append([f"Ray pbt_function, best final accuracy; seeds > {target:g}", arm.replace("_", " "),
+                         f"{_f(s['lockstep']['final_best']['median'], 1)}; {s['lockstep']['reached_target_seeds']}",
+                         f"{_f(s[arm]['final_best']['median'], 1)}; {s[arm]['reached_target_seeds']}",
+                         _wlt(w[f"{arm}_vs_lockstep"])])
+    digits = quality.get("digits", {})
+    if "pbt_async" in digits.get("summary", {}):
+        s, w = digits["summary"], digits["wins"]
+        rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
+                     _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
+    for row in schedule.get("rows", []):
+        s = row["summary"]
+        for arm in ("pbt_async", "pbt_async_old_rule", "pbt_async_stragglers", "pbt_async_stragglers_old_rule"):
+            if arm in s:
+                rows.append([f"schedule {row['members']} x every {row['ready']}, excess risk (lower is better)",
+                             arm.removeprefix("pbt_").replace("_", " "), _f(s["pbt"]["excess_risk"]["median"], 4),
+                             _f(s[arm]["excess_risk"]["median"], 4), _wlt(row["wins"][f"{arm}_vs_pbt"])])
+    out += _table(["task, measure", "arm", "lockstep (median)", "arm (median)", "arm vs lockstep"], rows)
     return out
 
 

@@ -22,7 +22,12 @@ Arms, per seed (paired: the same task, validation set, initial rates and minibat
 - random search: the same population and initial rates, no exploit;
 - cosine: every member with a cosine decay from the grid's best rate to 0 (uses the grid's result);
 - grid: ``len(GRID)`` constant rates log-spaced over the range, one run each, the best by final
-  validation loss: an oracle that costs ``len(GRID) / members`` times the others' compute.
+  validation loss: an oracle that costs ``len(GRID) / members`` times the others' compute;
+- asynchronous PBT (:mod:`bench.simulate`, the callback's ``synchronous=False`` decision): ``pbt_async``
+  at equal speeds, ``pbt_async_stragglers`` with the upper half of the members ``SLOW_FACTOR``x slower at
+  the wall time lockstep needs with them (lockstep waits for the stragglers, so its result is ``pbt``'s;
+  the fast members train ``SLOW_FACTOR``x the steps); ``*_old_rule``: the same with the earlier decision
+  rule (``like_with_like=False``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import clean_floats, spread
+from bench.simulate import JITTER
 
 NAME = "schedule"
 SEEDS = tuple(range(20))
@@ -42,8 +48,16 @@ STEPS = 2000
 DIM, BATCH, VAL, NOISE = 32, 4, 1024, 1.0
 LOW, HIGH = 1e-3, 1.0
 GRID = tuple(float(v) for v in np.logspace(math.log10(LOW), math.log10(HIGH), 16))
-ARMS = ("pbt", "pb2", "random_search", "cosine", "grid")
+ARMS = ("pbt", "pb2", "random_search", "cosine", "grid", "pbt_async", "pbt_async_old_rule", "pbt_async_stragglers",
+        "pbt_async_stragglers_old_rule")
 SMOKE = {"seeds": (0, 1), "settings": ((4, 50),), "steps": 300}
+SLOW_FACTOR = 3
+ASYNC_ARMS = {  # name: (stragglers, like_with_like)
+    "pbt_async": (False, True),
+    "pbt_async_old_rule": (False, False),
+    "pbt_async_stragglers": (True, True),
+    "pbt_async_stragglers_old_rule": (True, False),
+}
 
 
 class Task:
@@ -145,6 +159,71 @@ def run_population(task: Task, members: int, steps: int, ready: int, explore: st
     return result
 
 
+class MemberTask:
+    """The task for :mod:`bench.simulate`, one member at a time: its state is its weight vector; member
+    ``m`` draws its minibatches from the same stream as row ``m`` of :class:`Population`."""
+
+    def __init__(self, task: Task, members: int) -> None:
+        self.task = task
+        self._data = [np.random.default_rng([task.seed, 1, m]) for m in range(members)]
+
+    def start(self, member: int) -> np.ndarray:
+        return np.zeros(DIM)
+
+    def train(self, member: int, w: np.ndarray, hyperparameters: dict[str, float], steps: int) -> np.ndarray:
+        task, g, lr = self.task, self._data[member], float(hyperparameters["lr"])
+        with np.errstate(all="ignore"):
+            for _ in range(steps):
+                z = g.standard_normal((BATCH, DIM + 1))
+                x = z[:, :DIM] * task.scales
+                y = x @ task.w_star + NOISE * z[:, DIM]
+                w = w - lr * (x.T @ (x @ w - y)) / BATCH
+        return w
+
+    def score(self, w: np.ndarray) -> float | None:
+        loss = float(self.task.val_loss(w[None, :])[0])
+        return loss if math.isfinite(loss) else None
+
+    def copy(self, w: np.ndarray) -> np.ndarray:
+        return w.copy()
+
+
+def run_asynchronous_population(
+    task: Task, members: int, steps: int, ready: int, stragglers: bool, like_with_like: bool
+) -> dict[str, Any]:
+    """PBT (perturb) with asynchronous ready steps; ``stragglers``: the upper half of the members are
+    ``SLOW_FACTOR``x slower and the others train ``SLOW_FACTOR``x the steps (equal wall time with lockstep,
+    which waits for them)."""
+    from bench.simulate import run_asynchronous
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.space import LogUniform
+
+    def make() -> PBTScheduler:
+        return PBTScheduler({"lr": LogUniform(LOW, HIGH)}, mode="min", seed=task.seed)
+
+    slow = set(range(members // 2, members)) if stragglers else set()
+    result = run_asynchronous(
+        MemberTask(task, members),
+        make,
+        [make().initial_hyperparameters(m) for m in range(members)],
+        ready,
+        [steps if m in slow or not stragglers else steps * SLOW_FACTOR for m in range(members)],
+        [float(SLOW_FACTOR) if m in slow else 1.0 for m in range(members)],
+        task.seed,
+        like_with_like=like_with_like,
+    )
+    w = np.stack(result["states"])
+    val, risk = task.val_loss(w), task.excess_risk(w)
+    finite = np.isfinite(val) & np.isfinite(risk)
+    if not finite.any():
+        return {"member": None, "val_loss": None, "excess_risk": None, "mean_excess_risk": None,
+                "exploits": result["exploits"]}
+    best = int(np.argmin(np.where(finite, val, np.inf)))
+    return {"member": best, "val_loss": float(val[best]), "excess_risk": float(risk[best]),
+            "mean_excess_risk": float(np.mean(risk[finite])), "exploits": result["exploits"],
+            "steps": result["steps"]}
+
+
 def lr_at(schedule: list[tuple[int, float]], step: int) -> float:
     return [lr for s, lr in schedule if s <= step][-1]
 
@@ -173,6 +252,10 @@ def run_seed(seed: int, members: int, steps: int, ready: int) -> dict[str, Any]:
         "random_search": run_population(task, members, steps, ready, None),
         "pbt": run_population(task, members, steps, ready, "perturb"),
         "pb2": run_population(task, members, steps, ready, "pb2"),
+        **{
+            arm: run_asynchronous_population(task, members, steps, ready, stragglers, like_with_like)
+            for arm, (stragglers, like_with_like) in ASYNC_ARMS.items()
+        },
     }
     for arm in ("pbt", "pb2"):
         schedule = entry[arm].get("schedule")
@@ -220,6 +303,8 @@ def summarise(per_seed: list[dict[str, Any]], steps: int, ready: int) -> dict[st
             [1000 * e[arm]["decide_s"] / max(1, len(range(ready, steps, ready))) for e in per_seed]
         )
     summary["grid"]["lr"] = spread([e["grid"]["lr"] for e in per_seed])
+    for arm in ("pbt", *ASYNC_ARMS):
+        summary[arm]["exploits_per_run"] = spread([e[arm]["exploits"] for e in per_seed])
     pairs = [
         ("pb2", "pbt"),
         ("pb2", "random_search"),
@@ -229,6 +314,8 @@ def summarise(per_seed: list[dict[str, Any]], steps: int, ready: int) -> dict[st
         ("pb2", "cosine"),
         ("pbt", "cosine"),
         ("cosine", "grid"),
+        *((arm, "pbt") for arm in ASYNC_ARMS),
+        ("pbt_async", "pbt_async_old_rule"),
     ]
     wins = {f"{a}_vs_{b}": _wins(risk[a], risk[b]) for a, b in pairs}
     return {"summary": summary, "wins": wins}
@@ -267,7 +354,10 @@ def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
                 "pbt": "truncation 0.25, perturb (0.8, 1.2), resample 0.25, mode min",
                 "pb2": "the same with explore='pb2'",
                 "cosine": "lr(t) = grid's best lr * (1 + cos(pi t / steps)) / 2, every member",
-                "compute": f"members x {steps} steps for every arm but the grid ({len(GRID)} x {steps})",
+                "compute": f"members x {steps} steps for every arm but the grid ({len(GRID)} x {steps}) and the "
+                "asynchronous stragglers (equal wall time)",
+                "asynchronous": f"bench/simulate.py, jitter exp({JITTER} N(0,1)) per interval; stragglers: the upper "
+                f"half of the members {SLOW_FACTOR}x slower, the others {SLOW_FACTOR}x the steps",
             },
             "rows": rows,
         }

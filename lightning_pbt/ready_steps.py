@@ -32,6 +32,7 @@ import torch
 
 from lightning_pbt import transfer
 from lightning_pbt.apply import describe_layout_mismatch
+from lightning_pbt.comparable import Published, decide_alone
 from lightning_pbt.distributed import PopulationGroup
 from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
@@ -463,6 +464,11 @@ class AsynchronousReadySteps(ReadySteps):
     def _leader(self) -> bool:
         return self.topology.member_rank == 0
 
+    @property
+    def _offset(self) -> int:
+        """This member's progress minus its step: what its copies' donors had trained beyond it."""
+        return int(self.book.population[self.me].get("progress_offset", 0))
+
     def _record_key(self, member: int) -> str:
         return f"{self.namespace}/member/{member}"
 
@@ -493,6 +499,8 @@ class AsynchronousReadySteps(ReadySteps):
             "score": score,
             "hyperparameters": dict(self.book.hyperparameters),
             "history": list(self.book.population[self.me].get("history", [])),
+            "history_steps": _history_steps(self.book.population[self.me], step),
+            "progress": step + self._offset,
             "version": version,
             "done": done,
         }
@@ -514,14 +522,16 @@ class AsynchronousReadySteps(ReadySteps):
             raise RuntimeError(self._missing_monitor_error([self.me]))
         score = observation.score if math.isfinite(observation.score) else None
         own = self.book.population[self.me]
+        fresh = [score] if score is not None else []
+        steps = _history_steps(own, self.book.last_ready_step) + [observation.step + self._offset] * len(fresh)
         own.update(
-            score=score, history=(list(own.get("history", [])) + ([score] if score is not None else []))[-_HISTORY:]
+            score=score, history=(list(own.get("history", [])) + fresh)[-_HISTORY:], history_steps=steps[-_HISTORY:]
         )
         if self._leader:
             self._publish(observation.step, observation.epoch, score, version, done=False)
         snapshotted = time.perf_counter()
 
-        plan, donor_step, decided, view = None, None, snapshotted, {}
+        plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
             message = self._shared_decision(observation, attempt)
             decided = time.perf_counter()
@@ -534,16 +544,23 @@ class AsynchronousReadySteps(ReadySteps):
                 self.member.load_training_state(
                     transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
                 )
-                own["history"] = list(donor["history"])
+                # The copy's history and progress are the donor's snapshot's (see lightning_pbt.comparable).
+                own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
+                own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["step"])
+                if self._leader and self._record is not None:
+                    # Its record describes the weights just thrown away: the others leave this member out
+                    # of their rankings until its next ready step publishes again.
+                    self._record["copied"] = True
+                    self.population.store.set(self._record_key(self.me), json.dumps(self._record))
                 break
             plan = None
         if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
             plan = MemberPlan(self.me, "keep", self.me, dict(self.book.hyperparameters), ("donor moved on; kept",))
         transferred = time.perf_counter()
 
-        if plan.event == "rejuvenate":
-            own["history"] = []
+        if plan.event == "rejuvenate":  # fresh weights: no scores, no progress yet
+            own["history"], own["history_steps"], own["progress_offset"] = [], [], -observation.step
         self._carry_out(plan, observation.step)
         own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
         for member, status in view.items():
@@ -563,7 +580,7 @@ class AsynchronousReadySteps(ReadySteps):
                 hyperparameters=dict(plan.hyperparameters),
                 mutations=list(plan.mutations),
                 timing=timing,
-                extra={"done": False},
+                extra={"done": False, "compared": message["compared"]},
                 donor_step=donor_step,
             )
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
@@ -596,27 +613,35 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _decide(self, observation: Observation) -> dict[str, Any]:
+        """This member's plan from the population's published records (see :mod:`lightning_pbt.comparable`)."""
         records = self._records()
-        score = self.book.population[self.me]["score"]
-        snapshots = []
-        for member, record in records.items():
-            mine = member == self.me
-            servable = record["version"] >= 0 and not mine
-            snapshots.append(
-                MemberSnapshot(
-                    member=member,
-                    score=score if mine else (record["score"] if servable else None),
-                    hyperparameters=self.book.hyperparameters if mine else record["hyperparameters"],
-                    history=tuple(self.book.population[self.me]["history"] if mine else record["history"]),
-                    can_exploit=mine,
-                    training=mine or not record["done"],
-                    step=observation.step if mine else record["step"],
-                )
+        status = self.book.population[self.me]
+        own = Published(
+            step=observation.step,
+            score=status["score"],
+            hyperparameters=self.book.hyperparameters,
+            history=tuple(zip(_history_steps(status, observation.step), status["history"], strict=True)),
+            progress=observation.step + self._offset,
+        )
+        others = {
+            member: Published(
+                step=record["step"],
+                score=record["score"],
+                hyperparameters=record["hyperparameters"],
+                history=tuple(zip(_history_steps(record, record["step"]), record["history"], strict=True)),
+                servable=record["version"] >= 0,
+                done=record["done"],
+                progress=record.get("progress"),
+                copied=bool(record.get("copied", False)),
             )
+            for member, record in records.items()
+            if member != self.me
+        }
         everyone_scored = all(record["version"] >= 0 for record in records.values())
-        if score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
+        if own.score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
             raise RuntimeError(self._all_diverged_error())
-        plan = self.scheduler.plan(observation.step, snapshots)[self.me]
+        decision = decide_alone(self.scheduler, self.me, observation.step, own, others)
+        plan = decision.plan
         view = {
             str(member): {
                 "score": record["score"],
@@ -626,10 +651,21 @@ class AsynchronousReadySteps(ReadySteps):
             for member, record in records.items()
             if member != self.me
         }
-        message: dict[str, Any] = {"plan": plan.to_dict(), "view": view}
+        message: dict[str, Any] = {
+            "plan": plan.to_dict(),
+            "view": view,
+            # which step of each member's score was compared (and the value ranked): the lineage's extra
+            "compared": {str(member): seen.to_dict() for member, seen in sorted(decision.compared.items())},
+        }
         if plan.event == "exploit":
             donor = records[plan.parent]
-            message["donor"] = {"version": donor["version"], "step": donor["step"], "history": donor["history"]}
+            message["donor"] = {
+                "version": donor["version"],
+                "step": donor["step"],
+                "history": donor["history"],
+                "history_steps": _history_steps(donor, donor["step"]),
+                "progress": donor.get("progress", donor["step"]),
+            }
         return message
 
     def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
@@ -680,6 +716,15 @@ class AsynchronousReadySteps(ReadySteps):
                     "could leave the lineage short of this member's last ready step",
                     self.me,
                 )
+
+
+def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:
+    """The progress of each score of ``status["history"]`` (see :mod:`lightning_pbt.comparable`); a
+    history saved without it (an older checkpoint) gets ``step`` for every score."""
+    history, steps = list(status.get("history", [])), status.get("history_steps")
+    if steps is None or len(steps) != len(history):
+        return [int(step)] * len(history)
+    return [int(at) for at in steps]
 
 
 def protocol_class(synchronous: bool) -> type[ReadySteps]:

@@ -42,6 +42,9 @@ class MemberSnapshot:
     ``training``: whether the member still trains (PB2 learns only from those); ``None`` means
     ``can_exploit`` (in synchronous mode only stopped members may not be replaced, while an asynchronous
     member deciding alone marks every other member ``can_exploit=False`` although they train on).
+    ``ranked_score``: what the exploit rule ranks, when it differs from ``score`` (asynchronous mode ranks
+    members at comparable progress, see :mod:`lightning_pbt.comparable`); ``None`` means ``score``. PB2
+    always learns from ``score`` at ``step``.
     """
 
     member: int
@@ -51,6 +54,7 @@ class MemberSnapshot:
     can_exploit: bool = True
     step: int | None = None
     training: bool | None = None
+    ranked_score: float | None = None
 
     @property
     def is_training(self) -> bool:
@@ -206,7 +210,9 @@ class PBTScheduler:
         keep = {m: MemberPlan(m, "keep", m, dict(by_member[m].hyperparameters)) for m in members}
         if step < self.burn_in or not members:
             return keep
-        scores = {m: by_member[m].score for m in members}
+        scores = {
+            m: by_member[m].score if by_member[m].ranked_score is None else by_member[m].ranked_score for m in members
+        }
         histories = {m: tuple(by_member[m].history) for m in members}
         eligible = {m for m in members if by_member[m].can_exploit}
         losers = self.exploit.select(members, scores, histories, self.mode, self._rng, eligible)

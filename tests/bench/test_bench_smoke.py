@@ -108,6 +108,13 @@ def test_quality(smoke: Path) -> None:
         assert 0.0 <= digits["summary"][arm]["test_acc"]["median"] <= 1.0
     for entry in digits["per_seed"]:
         assert entry["pbt"]["exploits"] >= 1
+        assert 0.0 <= entry["pbt_async"]["test_acc"] <= 1.0 and entry["pbt_async"]["members"] == 2
+    for row in result["toy"]:  # asynchronous arms, paired with lockstep by seed
+        assert sum(row["vs_lockstep"]["pbt_async"].values()) == row["seeds"]
+    pbt_function = result["pbt_function"]
+    seeds = len(pbt_function["config"]["seeds"])
+    for arm, summary in pbt_function["summary"].items():
+        assert 0 <= summary["reached_target_seeds"] <= seeds and summary["final_best"]["n"] == seeds, arm
 
 
 def test_schedule(smoke: Path) -> None:
@@ -119,6 +126,10 @@ def test_schedule(smoke: Path) -> None:
         for entry in row["per_seed"]:
             assert entry["pbt"]["exploits"] >= 1 and entry["random_search"]["exploits"] == 0
             assert entry["pb2"]["pb2_proposals"] >= 1 and entry["pbt"]["pb2_proposals"] == 0  # PB2 is what ran
+            # Stragglers at equal wall time: the slow half trains the budget, the fast half 3x it.
+            steps = result["config"]["steps"]
+            assert entry["pbt_async"]["steps"] == [steps] * 4
+            assert entry["pbt_async_stragglers"]["steps"] == [3 * steps, 3 * steps, steps, steps]
 def test_asynchronous(smoke: Path) -> None:
     result = load(smoke, "asynchronous")
     assert set(result["arms"]) == {"sync_mixed", "async_mixed", "async_equal", "none_equal"}

@@ -125,6 +125,22 @@ def test_members_run_their_own_steps_and_the_lineage_has_each_ready_step_once(ru
     exploits = [r for r in lineage if r["event"] == "exploit"]
     assert exploits and all(r["member"] == 0 and r["parent"] == 1 for r in exploits)
     assert all(r["donor_step"] in steps[1] for r in exploits)
+    # Each decision records the progress at which it compared each member (lightning_pbt.comparable): never
+    # beyond the decider's own. Member 1 never copies, so its progress is its step; member 0's is the step
+    # of the member-1 snapshot it copied plus what it trained since. A member that copied since its last
+    # record is left out; member 1 is never left out of member 0's decisions.
+    for rec in (r for r in lineage if r["event"] != "init"):
+        compared = rec["extra"]["compared"]
+        me, other = compared[str(rec["member"])], compared.get(str(1 - rec["member"]))
+        if rec["member"] == 1:
+            assert me["progress"] == rec["step"]
+        else:
+            assert other is not None
+        if other is not None and other["score"] is not None:
+            assert other["progress"] <= me["progress"] and other["progress"] in steps[1]
+    # Member 0 copies at almost every ready step (and at its last): member 1 finds its record marked as
+    # copied, so leaves it out, in some of its decisions.
+    assert any("0" not in r["extra"]["compared"] for r in lineage if r["member"] == 1 and r["event"] != "init")
 
 
 def test_ranks_of_a_member_agree_after_every_ready_step(run_2x2):

@@ -1,0 +1,144 @@
+"""Populations simulated in one process: lockstep PBT, and asynchronous PBT with members of any speed.
+
+No process group, no Lightning: a task trains one member for some steps, scores it and copies it, and
+the decisions are the library's own (``PBTScheduler.plan`` in lockstep; in asynchronous mode
+:func:`lightning_pbt.comparable.decide_alone`, which ``AsynchronousReadySteps`` runs). This measures
+search quality, not transport.
+
+Asynchronous mode is event driven: member ``m`` needs ``speed[m]`` time units per step, each interval
+stretched by a random factor ``exp(JITTER * N(0, 1))`` (machines never run in perfect step); when it
+reaches a ready step it publishes its score and a snapshot of its state, decides alone from the others'
+latest records and, to exploit, copies the donor's latest *snapshot* (not its current state) and marks
+its record as copied, as the callback does. A member stops at its own step budget and stays a donor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lightning_pbt.comparable import Published, decide_alone
+from lightning_pbt.exploit import is_finite_score
+from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
+
+__all__ = ["JITTER", "SimTask", "run_asynchronous", "run_lockstep"]
+
+JITTER = 0.1
+HISTORY = 32  # as AsynchronousReadySteps keeps
+
+
+class SimTask(Protocol):
+    """One member's training, as the simulations need it; states are the task's own objects."""
+
+    def start(self, member: int) -> Any: ...
+
+    def train(self, member: int, state: Any, hyperparameters: Mapping[str, Any], steps: int) -> Any: ...
+
+    def score(self, state: Any) -> float | None: ...
+
+    def copy(self, state: Any) -> Any: ...
+
+
+def _finite(value: float | None) -> float | None:
+    return value if is_finite_score(value) else None
+
+
+def run_lockstep(
+    task: SimTask,
+    make_scheduler: Callable[[], PBTScheduler],
+    start_values: Sequence[Mapping[str, Any]],
+    ready: int,
+    steps: int,
+    on_ready: Callable[[int, list[Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every member reaches each ready step together; one decision for all (the synchronous callback)."""
+    scheduler = make_scheduler()
+    members = len(start_values)
+    hps = [dict(v) for v in start_values]
+    states = [task.start(m) for m in range(members)]
+    exploits, done = 0, 0
+    while done < steps:
+        n = min(ready, steps - done)
+        states = [task.train(m, states[m], hps[m], n) for m in range(members)]
+        done += n
+        if on_ready is not None:
+            on_ready(done, states)
+        if done % ready or done >= steps:
+            continue
+        snaps = [MemberSnapshot(m, _finite(task.score(states[m])), hps[m]) for m in range(members)]
+        plans = scheduler.plan(done, snaps)
+        states = [
+            task.copy(states[plans[m].parent]) if plans[m].event == "exploit" else states[m] for m in range(members)
+        ]
+        exploits += sum(plans[m].event == "exploit" for m in range(members))
+        hps = [dict(plans[m].hyperparameters) for m in range(members)]
+    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": [steps] * members}
+
+
+def run_asynchronous(
+    task: SimTask,
+    make_scheduler: Callable[[], PBTScheduler],
+    start_values: Sequence[Mapping[str, Any]],
+    ready: int,
+    steps: Sequence[int],
+    speeds: Sequence[float],
+    seed: int,
+    like_with_like: bool = True,
+    on_ready: Callable[[int, int, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Each member at its own pace (module docstring); ``steps[m]`` is member ``m``'s own budget."""
+    members = len(start_values)
+    jitter = np.random.default_rng([seed, 7919])
+    schedulers = []
+    for m in range(members):
+        scheduler = make_scheduler()
+        scheduler.use_member_stream(m)
+        schedulers.append(scheduler)
+    hps = [dict(v) for v in start_values]
+    states = [task.start(m) for m in range(members)]
+    at = [0] * members
+    offset = [0] * members  # progress minus own step (see lightning_pbt.comparable)
+    histories: list[list[tuple[int, float]]] = [[] for _ in range(members)]
+    records = {m: Published(0, None, dict(hps[m]), (), servable=False) for m in range(members)}
+    snapshots: dict[int, Any] = {}
+    exploits = 0
+    events: list[tuple[float, int]] = []
+
+    def schedule(m: int, now: float) -> None:
+        n = min(ready, steps[m] - at[m])
+        heapq.heappush(events, (now + n * speeds[m] * math.exp(JITTER * jitter.standard_normal()), m))
+
+    for m in range(members):
+        schedule(m, 0.0)
+    while events:
+        now, m = heapq.heappop(events)
+        n = min(ready, steps[m] - at[m])
+        states[m] = task.train(m, states[m], hps[m], n)
+        at[m] += n
+        if on_ready is not None:
+            on_ready(m, at[m], states[m])
+        if at[m] >= steps[m]:  # stopped: its last snapshot stays served
+            records[m] = dataclasses.replace(records[m], done=True)
+            continue
+        step, score = at[m], _finite(task.score(states[m]))
+        if score is not None:
+            histories[m] = (histories[m] + [(step + offset[m], score)])[-HISTORY:]
+        snapshots[m] = task.copy(states[m])
+        records[m] = own = Published(step, score, dict(hps[m]), tuple(histories[m]), progress=step + offset[m])
+        others = {o: r for o, r in records.items() if o != m}
+        plan = decide_alone(schedulers[m], m, step, own, others, like_with_like=like_with_like).plan
+        if plan.event == "exploit":
+            donor = records[plan.parent]
+            states[m] = task.copy(snapshots[plan.parent])
+            histories[m] = list(donor.history)
+            offset[m] = donor.at - step
+            exploits += 1
+            records[m] = dataclasses.replace(own, copied=True)  # as the callback marks its record
+        hps[m] = dict(plan.hyperparameters)
+        schedule(m, now)
+    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at)}

@@ -1,0 +1,139 @@
+"""An asynchronous member's decision, alone, comparing the population like with like.
+
+In asynchronous mode a member decides at its own ready step from the others' latest *published*
+records. Two things made those records compare badly with the decider's fresh score: a member that
+has just copied a donor still shows the score of the weights it threw away until its next ready step
+(it sits at the bottom of everyone's ranking, so nobody else exploits), and a member ahead shows a
+score from further in training. The rule here:
+
+- *Progress* is the number of steps the weights a member holds have trained: its own step while it
+  has never copied; a copy takes over the donor snapshot's progress (a member that copied a snapshot
+  of step 300 at its own step 100 is 200 steps further along than its step count says). Published
+  histories are stamped with progress.
+- A member that exploited since its last record is left out of the ranking (neither loser nor donor)
+  until it publishes again: its record no longer describes what it holds.
+- Every other member is ranked by its latest published score at a progress not beyond the decider's
+  (a member whose kept history holds nothing that early, being far ahead, by its oldest kept score),
+  and the exploit rule (truncation, tournament, t-test) picks the loser and the donor from that table.
+  The copy is the donor's latest snapshot.
+- A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
+  before (its snapshot holds what produced the NaN).
+
+PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
+``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
+measure the same rule. (A variant that also shifted lagging members by the decider's own progress since
+their score, to compare at exactly the same progress, chose worse in the benchmarks: see the README.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_pbt.exploit import is_finite_score
+from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+
+__all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "score_at"]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a member's latest record says: the own ``step`` and ``score`` of its latest snapshot, the
+    hyperparameters that trained it, its recent finite scores with their progress (oldest first),
+    whether it has a snapshot to serve, whether it stopped training, the snapshot's ``progress``
+    (``None``: ``step``, a member that never copied), and whether it copied a donor since."""
+
+    step: int
+    score: float | None
+    hyperparameters: Mapping[str, Any]
+    history: tuple[tuple[int, float], ...] = ()
+    servable: bool = True
+    done: bool = False
+    progress: int | None = None
+    copied: bool = False
+
+    @property
+    def at(self) -> int:
+        """The snapshot's progress."""
+        return self.step if self.progress is None else self.progress
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One member as the decision saw it: the ``progress`` of the score compared, and that ``score``."""
+
+    progress: int
+    score: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"progress": self.progress, "score": self.score}
+
+
+@dataclass(frozen=True)
+class Decision:
+    plan: MemberPlan
+    compared: dict[int, Compared] = field(default_factory=dict)
+
+
+def score_at(history: Sequence[tuple[int, float]], step: int) -> tuple[int, float] | None:
+    """The latest ``(progress, score)`` of ``history`` at ``<= step``; ``None`` if there is none."""
+    found = None
+    for entry in history:
+        if entry[0] <= step and (found is None or entry[0] >= found[0]):
+            found = entry
+    return found
+
+
+def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) -> dict[int, Compared]:
+    """The score of each member the decider ``me`` ranks, at progress not beyond its own (module
+    docstring); members that copied since their last record are left out."""
+    progress = own.at
+    compared = {me: Compared(progress, own.score if is_finite_score(own.score) else None)}
+    for member, record in others.items():
+        if record.copied:
+            continue
+        if not record.servable or not is_finite_score(record.score):
+            compared[member] = Compared(record.at, None)
+            continue
+        entry = score_at(record.history, progress)
+        if entry is None:  # ahead beyond its kept history, or no history: the nearest score it has
+            entry = min(record.history, default=(record.at, float(record.score)))  # type: ignore[arg-type]
+        compared[member] = Compared(int(entry[0]), float(entry[1]))
+    return compared
+
+
+def decide_alone(
+    scheduler: PBTScheduler,
+    me: int,
+    step: int,
+    own: Published,
+    others: Mapping[int, Published],
+    like_with_like: bool = True,
+) -> Decision:
+    """Member ``me``'s plan at its own ready ``step``; only ``me`` may exploit, the others may donate.
+
+    ``like_with_like=False`` is the earlier rule (the fresh own score against every other member's
+    latest record), kept so that the benchmarks measure both in the same code.
+    """
+    if like_with_like:
+        compared = comparable_scores(me, own, others)
+    else:
+        compared = {me: Compared(step, own.score)}
+        compared.update({m: Compared(r.at, r.score if r.servable else None) for m, r in others.items()})
+    records = {me: own, **others}
+    snapshots = [
+        MemberSnapshot(
+            member=member,
+            score=record.score if member == me or record.servable else None,
+            hyperparameters=record.hyperparameters,
+            history=tuple(score for _, score in record.history),
+            can_exploit=member == me,
+            training=member == me or not record.done,
+            step=step if member == me else record.step,
+            ranked_score=compared[member].score,
+        )
+        for member, record in sorted(records.items())
+        if member in compared
+    ]
+    return Decision(scheduler.plan(step, snapshots)[me], compared)
