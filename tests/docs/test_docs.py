@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 MARKDOWN = [*PAGES, REPO / "README.md"]
-FENCE = re.compile(r"(?:<!-- docs-test: (?P<mode>[\w-]+)(?: (?P<arg>\S+))? -->\n)?```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)```", re.S)
+FENCE = re.compile(
+    r"(?:<!-- docs-test: (?P<mode>[\w-]+)(?: (?P<arg>\S+))? -->\n)?```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)```", re.S
+)
 # Modules that are not part of the reference: private ones, and the flavour package, which re-exports
 # the glue modules' names (its page documents it as a whole).
 NOT_IN_REFERENCE = {"lightning"}
