@@ -26,7 +26,7 @@ from typing import Any
 __all__ = ["CHECKED_LIGHTNING", "CHECKED_TORCH", "INTERNALS", "Internal", "check"]
 
 # The Lightning releases (pytorch-lightning and lightning alike) the core tests passed with, oldest and
-# newest; see the README's "Versions" section for the releases that failed and why.
+# newest; see docs/versions.md for the releases that failed and why.
 CHECKED_LIGHTNING = ("2.6.0", "2.6.6")
 CHECKED_TORCH = ("2.13.0",)
 

@@ -173,3 +173,16 @@ def test_documented_hydra_commands_compose_and_validate():
                 assert expected == str(error), f"{where}: {overrides}: {error}"
             else:
                 assert expected is None, f"{where}: {overrides} should fail with {expected!r}"
+
+
+def test_readme_is_a_quick_start_whose_links_reach_the_site_pages():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    assert "make demo" in readme and "make test" in readme
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert len(links) >= 15
+    for link in links:
+        assert (REPO / link).is_file(), f"README links to {link}, which does not exist"
+    linked = {REPO / link for link in links}
+    guides = set((DOCS / "guides").glob("*.md")) | set((DOCS / "concepts").glob("*.md"))
+    assert guides <= linked, f"README does not link {sorted(str(p.relative_to(REPO)) for p in guides - linked)}"
