@@ -214,7 +214,10 @@ def documented_parameters(obj: object) -> set[str]:
 
 # Modules whose every public function and class documents every argument (the others document their
 # purpose; see the report of the docs change for which remain).
-FULLY_DOCUMENTED = ["callback", "hydra_configs", "lineage", "replay", "report", "space", "strategy", "topology"]
+FULLY_DOCUMENTED = [
+    "callback", "exploit", "explore", "hydra_configs", "lineage", "replay", "report", "scheduler", "space", "strategy",
+    "topology",
+]
 
 
 def public_callables() -> list[tuple[str, object]]:
