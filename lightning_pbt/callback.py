@@ -91,7 +91,7 @@ class PopulationBasedTraining(Callback):
             name.
         TypeError: at setup, a trainer whose strategy is not a ``PopulationStrategy``.
 
-    Example:
+    Examples:
         ```python
         from lightning_pbt import PopulationBasedTraining, PopulationStrategy
         from lightning_pbt.space import LogUniform

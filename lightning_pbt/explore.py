@@ -26,7 +26,7 @@ def format_value(value: Any) -> str:
     Args:
         value: a hyperparameter value.
 
-    Example:
+    Examples:
         >>> format_value(0.0123456), format_value(3), format_value("adam")
         ('0.01235', '3', "'adam'")
     """
@@ -48,7 +48,7 @@ def resolve_callable(path: str) -> Callable[..., Any]:
     Raises:
         ValueError: a path that does not import, names nothing, or names something not callable.
 
-    Example:
+    Examples:
         >>> resolve_callable("math.floor")(2.5)
         2
     """
@@ -103,7 +103,7 @@ class Explorer:
             ``custom_explore`` that is neither callable nor a resolvable path. :meth:`explore` raises it
             too when a custom function returns a missing, unknown or out-of-domain value.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from lightning_pbt.space import LogUniform
         >>> explorer = Explorer({"lr": LogUniform(1e-4, 1e-1)}, perturbation_factors=(0.5,), resample_probability=0)

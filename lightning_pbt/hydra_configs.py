@@ -178,7 +178,7 @@ def launch_devices(default: Any, processes_per_device: Any = 1, env: Mapping[str
         processes_per_device: ranks per device; torchrun's processes per node are divided by it.
         env: the environment to read (default ``os.environ``).
 
-    Example:
+    Examples:
         >>> launch_devices(4, env={})
         4
         >>> launch_devices(4, 2, env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "16"})
@@ -219,7 +219,7 @@ def run_id(env: Mapping[str, str] | None = None, now: datetime | None = None) ->
         env: the environment to read (default ``os.environ``).
         now: the time to use in the last case (default: now).
 
-    Example:
+    Examples:
         >>> run_id({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16"})
         'slurm-812.0'
         >>> run_id({"TORCHELASTIC_RUN_ID": "job 7"})
@@ -268,7 +268,7 @@ def search_space(cfg: Any, prefix: str = HYPERPARAMETERS_KEY + ".") -> dict[str,
         ValueError: a malformed or empty space, or an interpolation that does not resolve; the message
             starts with the full key, e.g. ``pbt.hyperparameters.lr: LogUniform: low (-1.0) must be > 0``.
 
-    Example:
+    Examples:
         >>> search_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
         {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
     """
@@ -385,7 +385,7 @@ def check_population(trainer_cfg: Any, member_size: int, processes_per_device: i
     Raises:
         ValueError: the ranks are not a multiple of ``member_size``.
 
-    Example:
+    Examples:
         >>> check_population({"devices": 8, "num_nodes": 2}, member_size=2)
         8
     """

@@ -81,7 +81,7 @@ class LineageRecord:
         extra: any other keys of the line (e.g. ``done``).
         donor_step: asynchronous exploits only: the step of the snapshot copied.
 
-    Example:
+    Examples:
         >>> record = LineageRecord(step=100, epoch=2, member=3, score=0.91, event="exploit", parent=0,
         ...                        hyperparameters={"lr": 0.012})
         >>> line = record.to_json()  # one line of lineage.jsonl
@@ -173,7 +173,7 @@ class LineageWriter:
     Args:
         path: the JSONL file; its folder is created when missing.
 
-    Example:
+    Examples:
         ```python
         with LineageWriter("outputs/run/pbt/lineage.jsonl") as writer:
             writer.write(record)
@@ -348,7 +348,7 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
     Raises:
         ValueError: ``member`` is not in the lineage.
 
-    Example:
+    Examples:
         Member 1 copied member 0 at step 10 and explored to ``lr=0.02``:
 
         >>> records = [

@@ -134,7 +134,7 @@ class PBTReplay(Callback):
         ValueError: see :func:`load_schedule`; at fit start, a hyperparameter that nothing in the model
             or its optimizers applies.
 
-    Example:
+    Examples:
         ```python
         trainer = pl.Trainer(max_epochs=20, callbacks=[PBTReplay("outputs/.../pbt/schedule.json")])
         trainer.fit(model, datamodule)

@@ -549,7 +549,7 @@ def make_report(
         FileNotFoundError: no lineage under ``path``.
         ValueError: an empty or corrupt lineage, or a ``member`` the lineage does not have.
 
-    Example:
+    Examples:
         ```python
         report = make_report("outputs/2026-11-26/12-34-10")
         print(report.markdown)

@@ -142,7 +142,7 @@ class PBTScheduler:
         ValueError: any argument out of its range, an unknown rule or explore method, or an explorer
             over another space.
 
-    Example:
+    Examples:
         >>> from lightning_pbt.space import LogUniform
         >>> scheduler = PBTScheduler({"lr": LogUniform(1e-4, 1e-1)}, mode="max", seed=0)
         >>> values = {m: scheduler.initial_hyperparameters(m) for m in range(4)}

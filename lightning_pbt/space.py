@@ -71,7 +71,7 @@ class Domain(ABC):
     call). A custom domain subclasses this and implements every abstract method; whatever it returns must
     satisfy its own :meth:`contains`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> lr = LogUniform(1e-4, 1e-1)
@@ -155,7 +155,7 @@ class Uniform(_Interval):
     Raises:
         ValueError: a bound that is not a finite number, or ``low >= high``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> dropout = Uniform(0.0, 0.5)
         >>> dropout.perturb(0.45, 1.2, np.random.default_rng(0))  # 0.54, clipped
@@ -185,7 +185,7 @@ class LogUniform(_Interval):
     Raises:
         ValueError: a bound that is not a finite number, ``low <= 0``, or ``low >= high``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> lr = LogUniform(1e-4, 1e-1)
         >>> round(lr.perturb(0.01, 0.8, np.random.default_rng(0)), 6)
@@ -223,7 +223,7 @@ class IntUniform(Domain):
     Raises:
         ValueError: a bound that is not an integral number, outside int64, or ``low >= high``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> layers = IntUniform(1, 8)
         >>> layers.perturb(2, 1.2, np.random.default_rng(0))  # round(2.4) == 2, so one step up
@@ -303,7 +303,7 @@ class Choice(Domain):
         ValueError: ``values`` empty, not a sequence (a string is refused), holding a duplicate, a
             non-scalar or a non-finite float.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> batch = Choice([32, 64, 128])
         >>> batch.perturb(64, 1.2, np.random.default_rng(0)), batch.perturb(128, 1.2, np.random.default_rng(0))
@@ -400,7 +400,7 @@ def domain_from_config(name: str, cfg: Any, prefix: str = "") -> Domain:
     Raises:
         ValueError: a malformed form; the message starts with ``prefix + name``.
 
-    Example:
+    Examples:
         >>> domain_from_config("lr", {"type": "loguniform", "low": 1e-4, "high": 0.1})
         LogUniform(low=0.0001, high=0.1)
         >>> domain_from_config("lr", {"low": 1e-4}, prefix="pbt.hyperparameters.")
@@ -480,7 +480,7 @@ def space_from_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Dom
     Raises:
         ValueError: ``cfg`` is not a mapping, a name is not a non-empty string, or a form is malformed.
 
-    Example:
+    Examples:
         >>> space_from_config({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
         {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
     """
@@ -503,7 +503,7 @@ def space_to_config(space: Mapping[str, Domain]) -> dict[str, dict[str, Any]]:
     Returns:
         ``{name: config form}``, each accepted back by :func:`domain_from_config`.
 
-    Example:
+    Examples:
         >>> space_to_config({"layers": IntUniform(1, 4)})
         {'layers': {'type': 'int', 'low': 1, 'high': 4}}
     """
@@ -522,7 +522,7 @@ def validate_hyperparameters(values: Mapping[str, Any], space: Mapping[str, Doma
         ValueError: a name of ``space`` missing from ``values``, a name of ``values`` not in ``space``, or
             a value outside its domain.
 
-    Example:
+    Examples:
         >>> validate_hyperparameters({"lr": 0.5}, {"lr": LogUniform(1e-4, 1e-1)})
         Traceback (most recent call last):
         ...

@@ -92,7 +92,7 @@ def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None
     Raises:
         ValueError: ``NODE_RANK`` is set without ``RANK`` and ``devices_per_node`` was not given.
 
-    Example:
+    Examples:
         ```python
         pl.seed_everything(seed + member_id_from_env(member_size=2))
         model = Net()  # different initial weights in every member
@@ -262,7 +262,7 @@ class PopulationStrategy(DDPStrategy):
             are refused at setup, on every rank, before any process group exists
             (:class:`~lightning_pbt.topology.PopulationTopology`, :func:`check_supported`).
 
-    Example:
+    Examples:
         ```python
         trainer = pl.Trainer(
             accelerator="gpu", devices=8,

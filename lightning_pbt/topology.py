@@ -42,7 +42,7 @@ def expand_devices(devices: Sequence[T], processes_per_device: int) -> list[T]:
     Raises:
         ValueError: ``processes_per_device`` is not an integer ``>= 1``.
 
-    Example:
+    Examples:
         >>> expand_devices(["cuda:0", "cuda:1"], 2)
         ['cuda:0', 'cuda:1', 'cuda:0', 'cuda:1']
     """
@@ -74,7 +74,7 @@ class PopulationTopology:
         ValueError: any of the conditions above, with a message that says what to change. Every rank
             raises the same one, before any process group exists.
 
-    Example:
+    Examples:
         Two nodes of 8 GPUs with 2 ranks per GPU, members of 2 ranks:
 
         >>> t = PopulationTopology(world_size=32, world_rank=21, member_size=2, processes_per_node=16,
