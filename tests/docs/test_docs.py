@@ -215,8 +215,8 @@ def documented_parameters(obj: object) -> set[str]:
 # Modules whose every public function and class documents every argument (the others document their
 # purpose; see the report of the docs change for which remain).
 FULLY_DOCUMENTED = [
-    "callback", "exploit", "explore", "hydra_configs", "lineage", "replay", "report", "scheduler", "space", "strategy",
-    "topology",
+    *("apply", "callback", "exploit", "explore", "hydra_configs", "internals", "lineage", "pb2", "replay", "report"),
+    *("scheduler", "space", "strategy", "topology"),
 ]
 
 
