@@ -52,7 +52,8 @@ def _is_rendered(obj: Any) -> bool:
         parent = node.parent
         if node.name.startswith("_"):
             return False
-        if parent is not None and parent.is_module and parent.exports is not None and node.name not in parent.exports:
+        exported = parent is None or parent.exports is None or node.name in parent.exports
+        if not node.is_module and parent is not None and parent.is_module and not exported:
             return False
         if node.is_module and node.path.startswith("lightning_pbt.lightning."):
             return False
