@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# `make docs` builds the documentation site strictly.
 # `make test-versions` (slow, not part of `make test`) runs the core tests against the oldest and the
 # newest Lightning release that pyproject.toml promises.
 # Each creates .venv when missing, installs torch first (CPU wheel pinned, override with TORCH=...),
@@ -9,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu test-versions lint bench clean
+.PHONY: demo test test-gpu test-versions lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,8 +56,12 @@ test-versions:
 	if [ -n "$$failed" ]; then echo "== FAILED with Lightning:$$failed"; exit 1; fi; \
 	echo "== passed with Lightning $(LIGHTNING_VERSIONS)"
 
+# The documentation site (mkdocs.yml, docs/) into site/, strictly: a broken link or reference fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VERSIONS_DIR) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VERSIONS_DIR) build site *.egg-info .pytest_cache

@@ -65,7 +65,16 @@ def _optimizer_keys(optimizers: Iterable[Optimizer]) -> set[str]:
 
 
 def check_applicable(names: Iterable[str], optimizers: Sequence[Optimizer], module: Any) -> None:
-    """Raise a ValueError naming every hyperparameter that nothing would apply."""
+    """Raise a ValueError naming every hyperparameter that nothing would apply.
+
+    Args:
+        names: the search space's hyperparameter names.
+        optimizers: the Trainer's optimizers (their param-group keys apply).
+        module: the LightningModule (its ``hparams`` keys apply).
+
+    Raises:
+        ValueError: naming the names that are neither a param-group key nor in ``module.hparams``.
+    """
     optimizer_keys = _optimizer_keys(optimizers)
     hparams = set(getattr(module, "hparams", {}) or {})
     unknown = [name for name in names if name not in optimizer_keys and name not in hparams]
@@ -103,6 +112,11 @@ class GroupRatios:
     ``ratios[key][i][j]`` belongs to group ``j`` of optimizer ``i``: None where that group had no such key
     or no number there; ``initial`` holds the values themselves (for ``lr``, the base rates).
     ``groups`` is the number of param groups per optimizer when they were taken.
+
+    Attributes:
+        groups: param groups per optimizer when the ratios were taken.
+        initial: ``{key: per optimizer, per group, the initial value}`` (``None``: no number there).
+        ratios: ``{key: per optimizer, per group, the ratio to the reference group}``.
     """
 
     groups: tuple[int, ...]
@@ -127,7 +141,19 @@ class GroupRatios:
 
 
 def capture_group_ratios(optimizers: Sequence[Optimizer]) -> GroupRatios:
-    """Take every numeric key's ratios between the param groups (see the module docstring)."""
+    """Take every numeric key's ratios between the param groups (see the module docstring).
+
+    Args:
+        optimizers: the optimizers as ``configure_optimizers`` built them.
+
+    Examples:
+        >>> import torch
+        >>> backbone, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        >>> groups = [{"params": backbone.parameters(), "lr": 1e-4}, {"params": head.parameters()}]
+        >>> sgd = torch.optim.SGD(groups, lr=1e-3)
+        >>> capture_group_ratios([sgd]).ratios["lr"]
+        ((1.0, 10.0),)
+    """
     initial: dict[str, tuple[tuple[float | None, ...], ...]] = {}
     ratios: dict[str, tuple[tuple[float | None, ...], ...]] = {}
     for key in sorted(_optimizer_keys(optimizers)):
@@ -149,8 +175,26 @@ def apply_hyperparameters(
 ) -> None:
     """Make ``values`` the hyperparameters in effect.
 
-    ``ratios``: the param groups' ratios taken at fit start (:func:`capture_group_ratios`); without
-    them, the ratios the groups have now are kept.
+    Args:
+        values: ``{name: value}``: param-group keys go to the optimizers (and their LR schedulers), the
+            other names to ``module.hparams`` and the module's ``on_pbt_hyperparameters`` hook.
+        optimizers: the Trainer's optimizers.
+        schedulers: the Trainer's LR schedulers (any that drive these optimizers).
+        module: the LightningModule.
+        ratios: the param groups' ratios taken at fit start (:func:`capture_group_ratios`); without
+            them, the ratios the groups have now are kept.
+
+    Raises:
+        ValueError: the optimizers' param groups changed since ``ratios`` were taken.
+
+    Examples:
+        >>> import torch
+        >>> backbone, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+        >>> groups = [{"params": backbone.parameters(), "lr": 1e-4}, {"params": head.parameters()}]
+        >>> sgd = torch.optim.SGD(groups, lr=1e-3)
+        >>> apply_hyperparameters({"lr": 0.01}, [sgd], [], module=None)
+        >>> [group["lr"] for group in sgd.param_groups]
+        [0.01, 0.1]
     """
     ratios = capture_group_ratios(optimizers) if ratios is None else ratios
     ratios.check(optimizers)
@@ -265,7 +309,11 @@ def _set_base_lrs(
 # -- donor / loser compatibility ------------------------------------------------------------------
 def optimizer_layout(optimizers: Sequence[Optimizer]) -> list[dict[str, Any]]:
     """A JSON-able description of the optimizers: type, and per param group its parameter count, their
-    total size and its keys. Two members can exchange optimizer state only if theirs are equal."""
+    total size and its keys. Two members can exchange optimizer state only if theirs are equal.
+
+    Args:
+        optimizers: the Trainer's optimizers.
+    """
     return [
         {
             "type": type(optimizer).__name__,
@@ -283,7 +331,12 @@ def optimizer_layout(optimizers: Sequence[Optimizer]) -> list[dict[str, Any]]:
 
 
 def describe_layout_mismatch(donor: Sequence[Mapping[str, Any]], loser: Sequence[Mapping[str, Any]]) -> str | None:
-    """None when two :func:`optimizer_layout` results match, else the first difference, in words."""
+    """None when two :func:`optimizer_layout` results match, else the first difference, in words.
+
+    Args:
+        donor: the donor's :func:`optimizer_layout`.
+        loser: the loser's :func:`optimizer_layout`.
+    """
     if len(donor) != len(loser):
         return f"the donor has {len(donor)} optimizer(s), the loser {len(loser)}"
     for i, (d, lo) in enumerate(zip(donor, loser, strict=True)):
@@ -310,7 +363,15 @@ def describe_layout_mismatch(donor: Sequence[Mapping[str, Any]], loser: Sequence
 
 # -- rejuvenation ---------------------------------------------------------------------------------
 def check_module_names(module: torch.nn.Module, names: Sequence[str]) -> None:
-    """Raise a ValueError naming every entry of ``names`` that is not a submodule of ``module``."""
+    """Raise a ValueError naming every entry of ``names`` that is not a submodule of ``module``.
+
+    Args:
+        module: the model.
+        names: submodule names as in ``module.named_modules()``.
+
+    Raises:
+        ValueError: naming the unknown names and listing the available ones.
+    """
     available = [name for name, _ in module.named_modules() if name]
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -353,6 +414,12 @@ def reset_weights(
     weights; the caller's CPU and CUDA generators are left as they were. LR schedulers are not touched:
     the member keeps its hyperparameters, its step count and its place in the schedule. Returns how
     many submodules were reset.
+
+    Args:
+        module: the model.
+        optimizers: the optimizers whose state for the reset parameters is cleared.
+        seed: the seed of the fresh weights (the same on every rank of a member).
+        modules: the submodules to reset (``None``: all).
     """
     if modules is None:
         targets = [sub for sub in module.modules() if sub is not module]

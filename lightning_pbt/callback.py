@@ -84,6 +84,27 @@ class PopulationBasedTraining(Callback):
             optimizer state (``None``: every submodule, and all optimizer state).
         seed: the run's seed; with the same seed and inputs, the same decisions (synchronous mode).
         dirpath: where ``lineage.jsonl`` goes (default ``<default_root_dir>/pbt``).
+
+    Raises:
+        ValueError: at construction, on every rank: a malformed search space (naming the key), an empty
+            one, a bad ``mode``, interval, ``burn_in``, ``quantile_fraction``, explore or exploit
+            setting, both intervals at once, ``explore="pb2"`` with ``custom_explore``, or
+            ``rejuvenate_modules`` without ``rejuvenate_patience``. At fit start, on every rank and before
+            any collective: a hyperparameter that nothing applies, or an unknown ``rejuvenate_modules``
+            name.
+        TypeError: at setup, a trainer whose strategy is not a ``PopulationStrategy``.
+
+    Examples:
+        ```python
+        from lightning_pbt import PopulationBasedTraining, PopulationStrategy
+        from lightning_pbt.space import LogUniform
+
+        pbt = PopulationBasedTraining(
+            hyperparameters={"lr": LogUniform(1e-4, 1e-1), "weight_decay": LogUniform(1e-6, 1e-2)},
+            monitor="val_loss", mode="min", every_n_epochs=2, exploit="tournament",
+        )
+        trainer = pl.Trainer(devices=8, strategy=PopulationStrategy(), callbacks=[pbt])
+        ```
     """
 
     def __init__(

@@ -47,6 +47,15 @@ class PopulationGroup:
     """Collectives over the whole population (every rank of every member), named explicitly.
 
     Ranks here are world ranks: member ``m``'s rank ``j`` is ``m * member_size + j``.
+
+    Args:
+        backend: the process group over every rank of the launch.
+        rank: this rank's world rank.
+        size: the world size.
+        device: where collectives' tensors live (the rank's GPU with NCCL, the CPU with gloo).
+        store: the launch's store (abort flag, asynchronous publications).
+        backend_name: ``"nccl"`` or ``"gloo"``.
+        connect_store: opens a new client of the same store, for threads that need their own.
     """
 
     def __init__(
@@ -251,6 +260,12 @@ class PopulationWatchdog(threading.Thread):
     Without it, a rank blocked in a population collective would wait for the whole collective
     timeout after a peer died. It polls a separate store client, so it never contends with the
     training thread's store traffic.
+
+    Args:
+        store: a store client of its own.
+        rank: this rank's world rank, for messages.
+        interval: seconds between polls.
+        misses_allowed: consecutive failed polls (a vanished store) before this rank ends.
     """
 
     def __init__(self, store: dist.Store, rank: int, interval: float = 0.5, misses_allowed: int = 6) -> None:
@@ -286,7 +301,16 @@ class PopulationWatchdog(threading.Thread):
 
 
 def wire_bytes(tensor: Tensor) -> Tensor:
-    """``tensor``'s memory as a flat uint8 view (no copy): what a transfer message sends or receives into."""
+    """``tensor``'s memory as a flat uint8 view (no copy): what a transfer message sends or receives into.
+
+    Bytes travel on every backend, so NCCL's dtype table (no complex, int16, uint16/32/64) never applies.
+
+    Args:
+        tensor: a contiguous tensor of any dtype.
+
+    Raises:
+        ValueError: ``tensor`` is not contiguous.
+    """
     if not tensor.is_contiguous():
         raise ValueError("lightning_pbt: a transfer message must be contiguous to travel as bytes")
     flat = tensor.detach().reshape(-1)

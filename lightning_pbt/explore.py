@@ -21,7 +21,15 @@ ExploreFn = Callable[[dict[str, Any], Mapping[str, Domain], np.random.Generator]
 
 
 def format_value(value: Any) -> str:
-    """Compact text for a hyperparameter value in mutation strings (floats with 4 significant digits)."""
+    """Compact text for a hyperparameter value in mutation strings (floats with 4 significant digits).
+
+    Args:
+        value: a hyperparameter value.
+
+    Examples:
+        >>> format_value(0.0123456), format_value(3), format_value("adam")
+        ('0.01235', '3', "'adam'")
+    """
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -33,6 +41,16 @@ def resolve_callable(path: str) -> Callable[..., Any]:
     """The callable named by ``"package.module:function"`` or ``"package.module.function"``.
 
     Resolved with importlib (never ``eval``) so that a Hydra config can name a function by string.
+
+    Args:
+        path: ``"package.module:function"`` or ``"package.module.function"`` (nested attributes work).
+
+    Raises:
+        ValueError: a path that does not import, names nothing, or names something not callable.
+
+    Examples:
+        >>> resolve_callable("math.floor")(2.5)
+        2
     """
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"expected a dotted path 'package.module:function', got {path!r}")
@@ -71,6 +89,26 @@ class Explorer:
     ``custom_explore`` (a callable or its dotted path) replaces that policy: it is called as
     ``fn(dict(hyperparameters), space, rng)`` and must return a value for every hyperparameter, each
     inside its domain.
+
+    Args:
+        space: ``{name: Domain}``.
+        perturbation_factors: the factors a perturbed value is multiplied by, one drawn uniformly per
+            hyperparameter (positive, finite, at least one).
+        resample_probability: the chance, per hyperparameter, of a resample instead, in [0, 1].
+        custom_explore: a function ``fn(hyperparameters, space, rng) -> {name: value}`` or its import
+            path, replacing perturb/resample.
+
+    Raises:
+        ValueError: a space entry that is not a Domain, bad factors or probability, or a
+            ``custom_explore`` that is neither callable nor a resolvable path. :meth:`explore` raises it
+            too when a custom function returns a missing, unknown or out-of-domain value.
+
+    Examples:
+        >>> import numpy as np
+        >>> from lightning_pbt.space import LogUniform
+        >>> explorer = Explorer({"lr": LogUniform(1e-4, 1e-1)}, perturbation_factors=(0.5,), resample_probability=0)
+        >>> explorer.explore({"lr": 0.01}, np.random.default_rng(0))
+        ({'lr': 0.005}, ['lr: 0.01 -> 0.005 (x0.5)'])
     """
 
     def __init__(
@@ -109,7 +147,12 @@ class Explorer:
         )
 
     def explore(self, hyperparameters: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], list[str]]:
-        """New values and human-readable mutations such as ``"lr: 0.01 -> 0.012 (x1.2)"``."""
+        """New values and human-readable mutations such as ``"lr: 0.01 -> 0.012 (x1.2)"``.
+
+        Args:
+            hyperparameters: the values to explore from (one per hyperparameter of the space).
+            rng: the only source of randomness.
+        """
         validate_hyperparameters(hyperparameters, self.space)
         if self.custom_explore is not None:
             return self._explore_custom(hyperparameters, rng)

@@ -74,7 +74,33 @@ NODES_RESOLVER = "pbt_launch_nodes"
 
 @dataclass
 class PopulationBasedTrainingConf:
-    """:class:`lightning_pbt.PopulationBasedTraining`'s arguments (see its docstring)."""
+    """:class:`lightning_pbt.PopulationBasedTraining`'s arguments, as a Hydra schema (``pbt/base_pbt``).
+
+    Each field is the callback's argument of the same name, with the same default; see
+    :class:`lightning_pbt.PopulationBasedTraining` for their meaning. The differences are of form only:
+    ``hyperparameters`` holds config forms (``{type: loguniform, low: .., high: ..}``, see
+    :mod:`lightning_pbt.space`), ``exploit`` is a rule name and ``custom_explore`` an import path.
+
+    Attributes:
+        hyperparameters: the search space, ``{name: config form}``.
+        monitor: the logged metric that scores a member (required).
+        mode: ``"max"`` or ``"min"``.
+        every_n_train_steps: the ready interval in optimizer steps.
+        every_n_epochs: the ready interval in epochs.
+        burn_in: no exploit before this global step.
+        exploit: ``"truncation"``, ``"tournament"`` or ``"ttest"``.
+        quantile_fraction: for truncation, in (0, 0.5].
+        resample_probability: chance that explore resamples instead of perturbing.
+        perturbation_factors: factors a perturbed value is multiplied by.
+        custom_explore: the import path of an explore function, ``"package.module.function"``.
+        explore: ``"perturb"`` or ``"pb2"``.
+        start_hyperparameters: values every member starts with.
+        rejuvenate_patience: ready steps without improvement before fresh weights.
+        rejuvenate_modules: the submodules a rejuvenation re-initialises.
+        seed: the run's seed.
+        dirpath: where ``lineage.jsonl`` goes.
+        synchronous: ``False`` for asynchronous PBT.
+    """
 
     _target_: str = "lightning_pbt.PopulationBasedTraining"
     _convert_: str = "all"
@@ -100,7 +126,15 @@ class PopulationBasedTrainingConf:
 
 @dataclass
 class PopulationStrategyConf:
-    """:class:`lightning_pbt.PopulationStrategy`'s arguments; ``timeout`` in seconds."""
+    """:class:`lightning_pbt.PopulationStrategy`'s arguments, as a Hydra schema (``strategy/base_population``).
+
+    Attributes:
+        member_size: ranks per member.
+        processes_per_device: ranks that share each device.
+        timeout: the collective timeout, in seconds.
+        process_group_backend: ``DDPStrategy``'s backend override (``None``: chosen per device).
+        find_unused_parameters: passed to DDP.
+    """
 
     _target_: str = "lightning_pbt.PopulationStrategy"
     member_size: int = 1
@@ -138,13 +172,29 @@ def launch_devices(default: Any, processes_per_device: Any = 1, env: Mapping[str
 
     So ``torchrun --nproc_per_node=N app.py`` needs no matching ``trainer.devices``; an explicit
     ``trainer.devices=...`` on the command line still wins.
+
+    Args:
+        default: the value outside torchrun.
+        processes_per_device: ranks per device; torchrun's processes per node are divided by it.
+        env: the environment to read (default ``os.environ``).
+
+    Examples:
+        >>> launch_devices(4, env={})
+        4
+        >>> launch_devices(4, 2, env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "16"})
+        8
     """
     env = os.environ if env is None else env
     return int(env["LOCAL_WORLD_SIZE"]) // max(1, int(processes_per_device)) if _torchrun(env) else default
 
 
 def launch_nodes(default: Any, env: Mapping[str, str] | None = None) -> Any:
-    """``${pbt_launch_nodes:1}``: under torchrun the number of nodes (``--nnodes``), else ``default``."""
+    """``${pbt_launch_nodes:1}``: under torchrun the number of nodes (``--nnodes``), else ``default``.
+
+    Args:
+        default: the value outside torchrun.
+        env: the environment to read (default ``os.environ``).
+    """
     env = os.environ if env is None else env
     if _torchrun(env) and env.get("GROUP_WORLD_SIZE", "").isdigit():
         return int(env["GROUP_WORLD_SIZE"])
@@ -164,6 +214,16 @@ def run_id(env: Mapping[str, str] | None = None, now: datetime | None = None) ->
       ``--rdzv-id`` otherwise) unless that id is the default ``none``;
     - otherwise the local time, ``YYYY-MM-DD/HH-MM-SS`` (Hydra's usual layout). Lightning's own
       launcher passes the parent's directory to its children, so they agree too.
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+        now: the time to use in the last case (default: now).
+
+    Examples:
+        >>> run_id({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16"})
+        'slurm-812.0'
+        >>> run_id({"TORCHELASTIC_RUN_ID": "job 7"})
+        'torchrun-job_7'
     """
     env = os.environ if env is None else env
     explicit = env.get("LIGHTNING_PBT_RUN_ID", "").strip()
@@ -197,8 +257,20 @@ def _drop_nulls(value: Any) -> Any:
 def search_space(cfg: Any, prefix: str = HYPERPARAMETERS_KEY + ".") -> dict[str, Any]:
     """``{name: Domain}`` from the (OmegaConf or plain) ``hyperparameters`` mapping.
 
-    Raises ``ValueError`` whose message starts with the full key, e.g.
-    ``pbt.hyperparameters.lr: LogUniform: low (-1.0) must be > 0``.
+    Args:
+        cfg: the ``hyperparameters`` node (a key set to ``null`` counts as absent).
+        prefix: the node's full key plus a dot, for the messages.
+
+    Returns:
+        The search space ``{name: Domain}``.
+
+    Raises:
+        ValueError: a malformed or empty space, or an interpolation that does not resolve; the message
+            starts with the full key, e.g. ``pbt.hyperparameters.lr: LogUniform: low (-1.0) must be > 0``.
+
+    Examples:
+        >>> search_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
+        {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
     """
     from lightning_pbt.space import space_from_config
 
@@ -233,7 +305,17 @@ def _name_key(err: Exception, own_prefix: str, prefix: str, cfg: Mapping[str, An
 def build_callback(cfg: Any, prefix: str = "pbt") -> Any:
     """Validate ``cfg`` (the ``pbt`` node) and instantiate the callback.
 
-    Every error is a ``ValueError`` naming the key (``pbt.hyperparameters.lr``, ``pbt.mode``, ...).
+    Args:
+        cfg: the ``pbt`` node (OmegaConf or a plain mapping); without ``_target_`` it builds
+            ``lightning_pbt.PopulationBasedTraining``.
+        prefix: the node's key, for the messages.
+
+    Returns:
+        The ``PopulationBasedTraining`` callback (or whatever ``_target_`` names).
+
+    Raises:
+        ValueError: anything the callback refuses, or a required key left ``???``, naming the key
+            (``pbt.hyperparameters.lr``, ``pbt.mode``, ...).
     """
     from hydra.utils import instantiate
 
@@ -262,7 +344,18 @@ def _check_required(cfg: Any, prefix: str) -> None:
 
 
 def build_strategy(cfg: Any, prefix: str = "strategy") -> Any:
-    """Instantiate the strategy from the ``strategy`` node (errors name ``strategy.<key>``)."""
+    """Instantiate the strategy from the ``strategy`` node (errors name ``strategy.<key>``).
+
+    Args:
+        cfg: the ``strategy`` node; without ``_target_`` it builds ``lightning_pbt.PopulationStrategy``.
+        prefix: the node's key, for the messages.
+
+    Returns:
+        The ``PopulationStrategy`` (or whatever ``_target_`` names).
+
+    Raises:
+        ValueError: anything the strategy refuses, naming the key (``strategy.member_size``, ...).
+    """
     from hydra.utils import instantiate
 
     _check_required(cfg, prefix)
@@ -279,6 +372,22 @@ def check_population(trainer_cfg: Any, member_size: int, processes_per_device: i
 
     ``trainer.devices`` x ``trainer.num_nodes`` x ``strategy.processes_per_device`` ranks must be a
     multiple of ``strategy.member_size``.
+
+    Args:
+        trainer_cfg: the ``trainer`` node (``devices``, ``num_nodes``).
+        member_size: ``strategy.member_size``.
+        processes_per_device: ``strategy.processes_per_device``.
+
+    Returns:
+        The population size, or ``None`` when ``devices`` is not a count (``"auto"``, a device list
+        string): Lightning resolves it and the strategy checks again.
+
+    Raises:
+        ValueError: the ranks are not a multiple of ``member_size``.
+
+    Examples:
+        >>> check_population({"devices": 8, "num_nodes": 2}, member_size=2)
+        8
     """
     trainer = _plain(trainer_cfg) or {}
     devices = trainer.get("devices", "auto")

@@ -26,14 +26,24 @@ from typing import Any
 __all__ = ["CHECKED_LIGHTNING", "CHECKED_TORCH", "INTERNALS", "Internal", "check"]
 
 # The Lightning releases (pytorch-lightning and lightning alike) the core tests passed with, oldest and
-# newest; see the README's "Versions" section for the releases that failed and why.
+# newest; see docs/versions.md for the releases that failed and why.
 CHECKED_LIGHTNING = ("2.6.0", "2.6.6")
 CHECKED_TORCH = ("2.13.0",)
 
 
 @dataclass(frozen=True)
 class Internal:
-    """One private name: ``tokens`` are the private identifiers our source uses for it."""
+    """One private name: ``tokens`` are the private identifiers our source uses for it.
+
+    Attributes:
+        name: the internal, as a dotted path.
+        package: ``"lightning"`` (either flavour) or ``"torch"``.
+        used_in: where lightning_pbt uses it.
+        relied_on: what we rely on it doing.
+        tokens: the private identifiers our source uses for it (the unit test looks for them).
+        probe: given ``"pytorch_lightning"`` or ``"lightning.pytorch"``, whether the installed release
+            still has it (``None``: not checkable).
+    """
 
     name: str
     package: str  # "lightning" (either flavour) or "torch"
@@ -242,7 +252,14 @@ INTERNALS: tuple[Internal, ...] = (
 
 
 def check(package: str = "pytorch_lightning") -> list[str]:
-    """What the installed ``package`` (``pytorch_lightning`` or ``lightning.pytorch``) no longer provides."""
+    """What the installed ``package`` (``pytorch_lightning`` or ``lightning.pytorch``) no longer provides.
+
+    Args:
+        package: the Lightning flavour to probe.
+
+    Returns:
+        One line per missing internal (empty: everything is there).
+    """
     problems = []
     for internal in INTERNALS:
         if internal.probe is None:

@@ -67,6 +67,28 @@ class LineageRecord:
     the ready step's phases (e.g. gather/decide/transfer). In asynchronous mode ``step`` is the member's
     own step and an exploit records ``donor_step``, the step of the parent's snapshot it copied (the line
     has the key only then).
+
+    Attributes:
+        step: the global step of the event (asynchronous: the member's own step).
+        epoch: the epoch at the event.
+        member: the member's id.
+        score: the member's score at the ready step (``None`` when unknown or not finite).
+        event: ``"init"``, ``"keep"``, ``"exploit"``, ``"rejuvenate"``, ...
+        parent: the member whose weights this member holds after the event.
+        hyperparameters: the values in effect after the event.
+        mutations: what explore changed, as text (``"lr: 0.01 -> 0.012 (x1.2)"``).
+        timing: seconds per phase of the ready step, when recorded.
+        extra: any other keys of the line (e.g. ``done``).
+        donor_step: asynchronous exploits only: the step of the snapshot copied.
+
+    Examples:
+        >>> record = LineageRecord(step=100, epoch=2, member=3, score=0.91, event="exploit", parent=0,
+        ...                        hyperparameters={"lr": 0.012})
+        >>> line = record.to_json()  # one line of lineage.jsonl
+        >>> line[:40]
+        '{"epoch": 2, "event": "exploit", "extra"'
+        >>> LineageRecord.from_dict(json.loads(line)) == record
+        True
     """
 
     step: int
@@ -147,6 +169,15 @@ class LineageWriter:
     :meth:`write_in_background` moves the fsync off the caller's thread: at most one write is in
     flight, and it is durable before the next one starts, before :meth:`wait` returns and at
     :meth:`close`.
+
+    Args:
+        path: the JSONL file; its folder is created when missing.
+
+    Examples:
+        ```python
+        with LineageWriter("outputs/run/pbt/lineage.jsonl") as writer:
+            writer.write(record)
+        ```
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -225,13 +256,28 @@ def _parse(path: Path) -> list[tuple[str, LineageRecord]]:
 
 
 def read_lineage(path: str | os.PathLike[str]) -> list[LineageRecord]:
-    """All records in file order; raises ``ValueError`` naming file and line for a corrupt line."""
+    """All records in file order; raises ``ValueError`` naming file and line for a corrupt line.
+
+    Args:
+        path: a ``lineage.jsonl`` file. A last line cut short by a crash is ignored.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        ValueError: a line that is not a lineage record, naming the file and the line.
+    """
     return [record for _, record in _parse(Path(path))]
 
 
 def truncate_after(path: str | os.PathLike[str], step: int) -> int:
     """Atomically keep only the ``init`` records and those with ``step <= step`` (used on resume so the
-    replayed steps are not written twice). Returns the number of records kept; a missing file is 0."""
+    replayed steps are not written twice). Returns the number of records kept; a missing file is 0.
+
+    Args:
+        path: the lineage file, rewritten through a temporary file and ``os.replace``.
+        step: the last global step to keep.
+    """
     return _keep_records(Path(path), lambda record: record.step <= step)
 
 
@@ -240,6 +286,10 @@ def truncate_members_after(path: str | os.PathLike[str], steps: Mapping[int, int
 
     For an asynchronous run, whose members resume from their own, different steps. Members not in
     ``steps`` keep everything.
+
+    Args:
+        path: the lineage file, rewritten atomically.
+        steps: ``{member: last step to keep}``.
     """
     return _keep_records(Path(path), lambda record: record.step <= steps.get(record.member, record.step))
 
@@ -286,6 +336,29 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
     the training the final weights received: in an asynchronous run a member that copied p's snapshot
     of step d at its own step s continues at d, not s (``donor_step``). Consecutive identical
     hyperparameters collapse into their first step.
+
+    Args:
+        records: a run's lineage (:func:`read_lineage`).
+        member: whose final weights to follow.
+
+    Returns:
+        ``[(step, {name: value}), ...]``, sorted by step; what :class:`~lightning_pbt.replay.PBTReplay`
+        applies.
+
+    Raises:
+        ValueError: ``member`` is not in the lineage.
+
+    Examples:
+        Member 1 copied member 0 at step 10 and explored to ``lr=0.02``:
+
+        >>> records = [
+        ...     LineageRecord(0, 0, 0, None, "init", 0, {"lr": 0.1}),
+        ...     LineageRecord(0, 0, 1, None, "init", 1, {"lr": 0.001}),
+        ...     LineageRecord(10, 1, 0, 0.9, "keep", 0, {"lr": 0.1}),
+        ...     LineageRecord(10, 1, 1, 0.2, "exploit", 0, {"lr": 0.02}),
+        ... ]
+        >>> member_schedule(records, 1)
+        [(0, {'lr': 0.1}), (10, {'lr': 0.02})]
     """
     by_member = _by_member(records)
     if member not in by_member:
@@ -322,12 +395,27 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
 
 
 def final_records(records: Iterable[LineageRecord]) -> dict[int, LineageRecord]:
-    """The last record of every member (by step, then file order)."""
+    """The last record of every member (by step, then file order).
+
+    Args:
+        records: a run's lineage.
+
+    Returns:
+        ``{member: its last record}``, by member id.
+    """
     return {member: recs[-1] for member, recs in sorted(_by_member(records).items())}
 
 
 def best_member(records: Iterable[LineageRecord], mode: str) -> int:
-    """The member whose last record has the best finite score (ties: lower id)."""
+    """The member whose last record has the best finite score (ties: lower id).
+
+    Args:
+        records: a run's lineage.
+        mode: ``"max"`` or ``"min"``.
+
+    Raises:
+        ValueError: no member's last record has a finite score, or a bad ``mode``.
+    """
     final = final_records(records)
     if not any(is_finite_score(r.score) for r in final.values()):
         raise ValueError("no member has a finite score in the lineage")

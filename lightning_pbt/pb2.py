@@ -61,7 +61,16 @@ _THETA_STARTS = ((0.0, math.log(0.3), 0.1, math.log(0.1)), (0.0, math.log(1.0), 
 
 
 def continuous_names(space: Mapping[str, Domain]) -> list[str]:
-    """The hyperparameters PB2 models (every domain but ``Choice``), sorted."""
+    """The hyperparameters PB2 models (every domain but ``Choice``), sorted.
+
+    Args:
+        space: ``{name: Domain}``.
+
+    Examples:
+        >>> from lightning_pbt.space import Choice, IntUniform, LogUniform
+        >>> continuous_names({"lr": LogUniform(1e-4, 0.1), "act": Choice(["relu", "gelu"]), "layers": IntUniform(1, 4)})
+        ['layers', 'lr']
+    """
     return sorted(name for name, domain in space.items() if not isinstance(domain, Choice))
 
 
@@ -88,7 +97,15 @@ def _from_unit(domain: Domain, u: float) -> Any:
 
 @dataclass(frozen=True)
 class Observation:
-    """One member's training interval: ``improvement`` is the oriented score change per step."""
+    """One member's training interval: ``improvement`` is the oriented score change per step.
+
+    Attributes:
+        member: the member that trained.
+        start: the member's step when the interval began (the time the GP sees).
+        end: its step when the interval ended.
+        values: the continuous hyperparameters it trained with, in :func:`continuous_names` order.
+        improvement: the score change per step, oriented so that larger is better.
+    """
 
     member: int
     start: int
@@ -98,7 +115,16 @@ class Observation:
 
 
 class ObservationLog:
-    """Turns successive member snapshots into :class:`Observation` s (see the module docstring)."""
+    """Turns successive member snapshots into :class:`Observation` s (see the module docstring).
+
+    Args:
+        space: ``{name: Domain}``; only its continuous hyperparameters are recorded.
+        mode: ``"max"`` or ``"min"`` (``"min"`` negates score changes).
+        max_observations: how many of the most recent observations are kept.
+
+    Raises:
+        ValueError: a bad ``mode`` or ``max_observations`` below 1.
+    """
 
     def __init__(
         self, space: Mapping[str, Domain], mode: str = "max", max_observations: int = DEFAULT_MAX_OBSERVATIONS
@@ -165,7 +191,15 @@ class ObservationLog:
 
 
 class TimeVaryingGP:
-    """GP regression with the time-varying kernel, fitted by maximum marginal likelihood (scipy)."""
+    """GP regression with the time-varying kernel, fitted by maximum marginal likelihood (scipy).
+
+    Args:
+        x: inputs, shape ``(n, d)``, in [0, 1].
+        t: times, shape ``(n,)``.
+        y: targets, shape ``(n,)`` (standardised inside).
+        start: a previous fit's :attr:`theta` to start the likelihood search from (else two fixed
+            starting points).
+    """
 
     def __init__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, start: Sequence[float] | None = None) -> None:
         """Fit on inputs ``x`` (n, d) in [0, 1], times ``t`` (n,) and targets ``y`` (n,); ``start``: a previous
@@ -262,7 +296,20 @@ class TimeVaryingGP:
 
 class PB2:
     """Proposes losers' continuous values with GP-UCB; ``fallback`` explores the rest (and everything
-    until there is enough data). Holds the :class:`ObservationLog` the scheduler feeds."""
+    until there is enough data). Holds the :class:`ObservationLog` the scheduler feeds.
+
+    Args:
+        space: ``{name: Domain}`` with at least one continuous hyperparameter.
+        mode: ``"max"`` or ``"min"``.
+        fallback: explores the choices, and everything until the model has data (default:
+            ``Explorer(space)``); it must not have a ``custom_explore``.
+        max_observations: the window of most recent observations the GP is fitted on.
+        min_observations: observations needed before the GP proposes (default
+            ``max(4, 2 * (continuous hyperparameters + 1))``), at least 2.
+
+    Raises:
+        ValueError: a space of choices only, a fallback with ``custom_explore``, or a bad count.
+    """
 
     def __init__(
         self,

@@ -65,7 +65,15 @@ _SCORE, _STEP, _EPOCH, _MISSING, _DONE = range(5)
 
 @dataclass(frozen=True)
 class Observation:
-    """What this rank brings to a ready step."""
+    """What this rank brings to a ready step.
+
+    Attributes:
+        score: the monitored metric as logged (NaN when missing).
+        missing: whether validation did not log the monitored metric.
+        step: the member's global step.
+        epoch: the member's epoch.
+        done: whether the member has stopped training (it still takes part, as a possible donor).
+    """
 
     score: float
     missing: bool
@@ -95,6 +103,13 @@ class PopulationBook:
 
     Synchronous: identical on every rank after each ready step. Asynchronous: this member's latest
     view (its own entry is exact, the others' as last published).
+
+    Attributes:
+        population: ``{member: {"hyperparameters", "score", "history", "parent", "done"}}``.
+        hyperparameters: the values in effect on this member.
+        ready_count: this member's ready steps so far.
+        last_ready_step: the global step of the last one (-1: none yet).
+        last_ready_epochs: the completed epochs at the last one.
     """
 
     population: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -106,7 +121,14 @@ class PopulationBook:
 
 @dataclass(frozen=True)
 class ReadyStepResult:
-    """What the callback reports to the loggers after a ready step."""
+    """What the callback reports to the loggers after a ready step.
+
+    Attributes:
+        step: the ready step's global step.
+        scores: ``{member: score}`` as the decision saw them.
+        plan: this member's plan.
+        timing: seconds per phase (``gather``, ``decide``, ``transfer``, ...).
+    """
 
     step: int
     scores: dict[int, float | None]
@@ -120,7 +142,19 @@ def _finite(score: float | None) -> bool:
 
 class ReadySteps(ABC):
     """One ready-step protocol for this rank. ``start`` once per fit, ``step`` at every ready step of
-    this member, ``finish`` when this member stops training, ``close`` in every case at the end."""
+    this member, ``finish`` when this member stops training, ``close`` in every case at the end.
+
+    Args:
+        population: the population group.
+        topology: this rank's place in the population.
+        namespace: this run's key prefix in the launch's store.
+        scheduler: the PBT decision (synchronous: run on population rank 0 only).
+        book: what this rank knows of the population (checkpointed by the callback).
+        member: the trainer's state, as the callback exposes it.
+        mode: ``"max"`` or ``"min"``.
+        monitor: the metric's name, for messages.
+        seed: the run's seed (rejuvenation seeds derive from it).
+    """
 
     synchronous: ClassVar[bool]
 
@@ -728,4 +762,9 @@ def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:
 
 
 def protocol_class(synchronous: bool) -> type[ReadySteps]:
+    """The protocol for ``PopulationBasedTraining(synchronous=...)``.
+
+    Args:
+        synchronous: ``True``: :class:`SynchronousReadySteps`; ``False``: :class:`AsynchronousReadySteps`.
+    """
     return SynchronousReadySteps if synchronous else AsynchronousReadySteps

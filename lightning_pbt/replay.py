@@ -74,7 +74,23 @@ def _entries(raw: Any, where: str) -> Schedule:
 
 
 def load_schedule(source: Any, member: int | None = None, mode: str | None = None) -> Schedule:
-    """``[(step, hyperparameters), ...]`` sorted by step, from any form :class:`PBTReplay` accepts."""
+    """``[(step, hyperparameters), ...]`` sorted by step, from any form :class:`PBTReplay` accepts.
+
+    Args:
+        source: a ``schedule.json`` path (written by ``python -m lightning_pbt.report``), a lineage file
+            or run directory, or the schedule itself (a list of ``(step, {name: value})``, or a mapping
+            with a ``"schedule"`` key).
+        member: with a lineage: whose schedule (default: the best member).
+        mode: with a lineage and no ``member``: ``"max"`` or ``"min"`` to pick the best member
+            (default: inferred from the run's configuration).
+
+    Returns:
+        The schedule, sorted by step.
+
+    Raises:
+        ValueError: ``member`` given with a schedule rather than a lineage, a member the lineage does not
+            have, a file that is not valid JSON, or a malformed schedule.
+    """
     if not isinstance(source, (str, os.PathLike)):
         if member is not None:
             raise ValueError("PBTReplay: member= only goes with a lineage file")
@@ -113,6 +129,16 @@ class PBTReplay(Callback):
         mode: with a lineage and no ``member``: ``"max"`` or ``"min"`` (default: inferred, see
             :func:`lightning_pbt.report.infer_mode`).
         log: log the numeric values in effect as ``replay/<name>`` to the Trainer's loggers.
+
+    Raises:
+        ValueError: see :func:`load_schedule`; at fit start, a hyperparameter that nothing in the model
+            or its optimizers applies.
+
+    Examples:
+        ```python
+        trainer = pl.Trainer(max_epochs=20, callbacks=[PBTReplay("outputs/.../pbt/schedule.json")])
+        trainer.fit(model, datamodule)
+        ```
     """
 
     def __init__(self, schedule: Any, member: int | None = None, mode: str | None = None, log: bool = True) -> None:

@@ -54,7 +54,14 @@ PLOTS = ("hyperparameters.png", "scores.png", "lineage_tree.png")
 
 
 def find_lineage(path: str | os.PathLike[str]) -> Path:
-    """The lineage file for a run directory, its ``pbt/`` folder, or the file itself."""
+    """The lineage file for a run directory, its ``pbt/`` folder, or the file itself.
+
+    Args:
+        path: a run directory (with ``pbt/lineage.jsonl``), a ``pbt/`` folder, or a lineage file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no ``lineage.jsonl``.
+    """
     path = Path(path)
     if path.is_file():
         return path
@@ -93,7 +100,15 @@ def _hydra_value(run_dir: str | os.PathLike[str] | None, key: str) -> tuple[Any,
 
 
 def infer_mode(records: Sequence[LineageRecord], run_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """``(mode, where it came from)``; see the module docstring for the order."""
+    """``(mode, where it came from)``; see the module docstring for the order.
+
+    Args:
+        records: the run's lineage.
+        run_dir: the run directory, whose ``.hydra/config.yaml`` may say ``pbt.mode``.
+
+    Returns:
+        ``("max" or "min", a phrase saying where it came from)``.
+    """
     mode, config = _hydra_value(run_dir, "pbt.mode")
     if mode in ("min", "max"):
         return mode, f"pbt.mode in {config}"
@@ -157,7 +172,12 @@ def _exploit_counts(records: Iterable[LineageRecord]) -> tuple[dict[int, int], d
 
 
 def population_table(records: Sequence[LineageRecord], mode: str = "max") -> str:
-    """Markdown: one row per member (its last record), best first: score, hyperparameters, parent."""
+    """Markdown: one row per member (its last record), best first: score, hyperparameters, parent.
+
+    Args:
+        records: the run's lineage.
+        mode: ``"max"`` or ``"min"``: which scores are best.
+    """
     final = final_records(records)
     copied, donated = _exploit_counts(records)
     names = _names(final.values())
@@ -180,7 +200,19 @@ def population_table(records: Sequence[LineageRecord], mode: str = "max") -> str
 
 @dataclass
 class Report:
-    """What :func:`make_report` found and wrote."""
+    """What :func:`make_report` found and wrote.
+
+    Attributes:
+        lineage: the lineage file read.
+        mode: ``"max"`` or ``"min"``.
+        mode_source: where ``mode`` came from (see :func:`infer_mode`).
+        records: the lineage's records.
+        best: the member whose schedule was exported (the best one unless one was asked for; ``None``
+            when no member has a finite score, and then no schedule is written).
+        schedule: that member's schedule, ``[(step, {name: value}), ...]``.
+        markdown: the printed summary.
+        files: what was written, ``{"summary": path, "schedule": path, "hyperparameters": path, ...}``.
+    """
 
     lineage: Path
     mode: str
@@ -200,7 +232,15 @@ def summary_markdown(
     mode_source: str | None = None,
     member: int | None = None,
 ) -> str:
-    """The report's markdown text (best member or ``member``, schedule, population, exploits)."""
+    """The report's markdown text (best member or ``member``, schedule, population, exploits).
+
+    Args:
+        records: the run's lineage.
+        mode: ``"max"`` or ``"min"``.
+        lineage: the lineage file, named in the text.
+        mode_source: where ``mode`` came from, named in the text.
+        member: describe this member's schedule instead of the best member's.
+    """
     by_member = _by_member(records)
     steps = sorted({r.step for r in records if r.event != "init"})
     counts = sorted({sum(r.event != "init" for r in recs) for recs in by_member.values()})
@@ -252,7 +292,19 @@ def export_schedule(
     mode: str | None = None,
     lineage: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write ``member``'s schedule as JSON (``{"member", "score", "schedule": [{"step", "hyperparameters"}]}``)."""
+    """Write ``member``'s schedule as JSON (``{"member", "score", "schedule": [{"step", "hyperparameters"}]}``).
+
+    Args:
+        records: the run's lineage.
+        member: whose schedule (see :func:`lightning_pbt.lineage.member_schedule`).
+        path: the JSON file to write (folders are created); :class:`~lightning_pbt.replay.PBTReplay`
+            reads it back.
+        mode: recorded in the file.
+        lineage: the lineage file, recorded in the file.
+
+    Returns:
+        ``path``.
+    """
     last = final_records(records)[member]
     data = {
         "member": member,
@@ -302,7 +354,12 @@ def _last_step(records: Sequence[LineageRecord]) -> int:
 
 
 def plot_hyperparameters(records: Sequence[LineageRecord], path: str | os.PathLike[str]) -> Path:
-    """One panel per hyperparameter: its value per member (a step line), exploits marked."""
+    """One panel per hyperparameter: its value per member (a step line), exploits marked.
+
+    Args:
+        records: the run's lineage.
+        path: the PNG to write.
+    """
     by_member = _by_member(records)
     names = _names(records) or ["(none)"]
     colors = _colors(by_member)
@@ -339,7 +396,13 @@ def plot_hyperparameters(records: Sequence[LineageRecord], path: str | os.PathLi
 
 
 def plot_scores(records: Sequence[LineageRecord], path: str | os.PathLike[str], monitor: str = "score") -> Path:
-    """Each member's score at every ready step; x marks a step where the member exploited."""
+    """Each member's score at every ready step; x marks a step where the member exploited.
+
+    Args:
+        records: the run's lineage.
+        path: the PNG to write.
+        monitor: the score's name on the y axis.
+    """
     by_member = _by_member(records)
     colors = _colors(by_member)
     figure = _figure(1, height=3.6)
@@ -394,6 +457,11 @@ def plot_lineage_tree(
 
     A member's line is coloured by the member its weights originally came from, so a lineage that
     takes over the population shows as one colour spreading; ``highlight``'s ancestry is drawn in black.
+
+    Args:
+        records: the run's lineage.
+        path: the PNG to write.
+        highlight: the member whose ancestry is drawn in black (``None``: none).
     """
     by_member = _by_member(records)
     colors = _colors(by_member)
@@ -465,7 +533,28 @@ def make_report(
     """Read the lineage under ``path``, write plots, ``schedule.json`` and ``summary.md`` into ``out_dir``
     (default: the lineage file's folder) and return what was found and written.
 
-    ``monitor`` only names the score on the plots (default: ``pbt.monitor`` of a Hydra run, else "score").
+    Args:
+        path: a run directory, its ``pbt/`` folder or a lineage file.
+        mode: ``"max"`` or ``"min"`` (default: inferred, see :func:`infer_mode`).
+        out_dir: where the files go (default: next to the lineage file).
+        plots: whether to draw the three PNGs (matplotlib).
+        member: export this member's schedule instead of the best member's.
+        monitor: only names the score on the plots (default: ``pbt.monitor`` of a Hydra run, else
+            ``"score"``).
+
+    Returns:
+        What was found and written.
+
+    Raises:
+        FileNotFoundError: no lineage under ``path``.
+        ValueError: an empty or corrupt lineage, or a ``member`` the lineage does not have.
+
+    Examples:
+        ```python
+        report = make_report("outputs/2026-11-26/12-34-10")
+        print(report.markdown)
+        trainer = pl.Trainer(callbacks=[PBTReplay(report.files["schedule"])])
+        ```
     """
     lineage = find_lineage(path)
     records = read_lineage(lineage)
@@ -518,6 +607,12 @@ def make_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lightning_pbt.report``: print the summary and write the files; the exit status.
+
+    Args:
+        argv: the command line without the program name (default: ``sys.argv[1:]``); ``--help`` lists
+            the options (``--mode``, ``--out``, ``--member``, ``--monitor``, ``--no-plots``).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m lightning_pbt.report",
         description="Summarise a PBT run: markdown summary, plots and the best member's schedule.json.",

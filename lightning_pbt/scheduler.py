@@ -45,6 +45,16 @@ class MemberSnapshot:
     ``ranked_score``: what the exploit rule ranks, when it differs from ``score`` (asynchronous mode ranks
     members at comparable progress, see :mod:`lightning_pbt.comparable`); ``None`` means ``score``. PB2
     always learns from ``score`` at ``step``.
+
+    Attributes:
+        member: the member's id.
+        score: its score at this ready step (``None`` or non-finite: unknown or diverged).
+        hyperparameters: the values it trained with.
+        history: its recent scores, oldest first.
+        can_exploit: whether it may be replaced.
+        step: its own step (``None``: the plan's step).
+        training: whether it still trains (``None``: ``can_exploit``).
+        ranked_score: what the exploit rule ranks (``None``: ``score``).
     """
 
     member: int
@@ -63,7 +73,18 @@ class MemberSnapshot:
 
 @dataclass(frozen=True)
 class MemberPlan:
-    """What one member does at a ready step; ``hyperparameters`` are the values in effect afterwards."""
+    """What one member does at a ready step; ``hyperparameters`` are the values in effect afterwards.
+
+    Attributes:
+        member: the member's id.
+        event: ``"keep"``, ``"exploit"`` or ``"rejuvenate"``.
+        parent: the donor for an exploit; the member itself otherwise.
+        hyperparameters: the values in effect after the step.
+        mutations: what explore (or a rejuvenation) changed, as text.
+
+    Raises:
+        ValueError: an unknown event, or a ``parent`` other than ``member`` for a keep or rejuvenation.
+    """
 
     member: int
     event: str
@@ -106,6 +127,33 @@ class PBTScheduler:
     ``rejuvenate_patience`` (see :meth:`should_rejuvenate`) re-initialises stagnant members' weights.
     ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"`` (:class:`~lightning_pbt.pb2.PB2`
     proposes the continuous values, the ``explorer`` the choices and everything until PB2 has enough data).
+
+    Pure: it knows nothing of torch or Lightning; the callback runs it on population rank 0 (synchronous
+    mode) and broadcasts its plans and state. The schedule benchmark drives it directly.
+
+    Args:
+        space: ``{name: Domain}`` or config forms (see :func:`lightning_pbt.space.space_from_config`).
+        mode: ``"max"`` or ``"min"``.
+        exploit: a rule name (``"truncation"``, ``"tournament"``, ``"ttest"``) or an
+            :class:`~lightning_pbt.exploit.ExploitRule`.
+        explorer: the perturb/resample policy (default: ``Explorer(space)``); its space must be this one.
+        burn_in: every member keeps before this step.
+        rejuvenate_patience: ready steps without improvement before fresh weights (``None``: never).
+        seed: seeds the plan stream and, per member, the initial values.
+        quantile_fraction: truncation's quantile, when ``exploit`` is the name ``"truncation"``.
+        explore: ``"perturb"`` or ``"pb2"``.
+
+    Raises:
+        ValueError: any argument out of its range, an unknown rule or explore method, or an explorer
+            over another space.
+
+    Examples:
+        >>> from lightning_pbt.space import LogUniform
+        >>> scheduler = PBTScheduler({"lr": LogUniform(1e-4, 1e-1)}, mode="max", seed=0)
+        >>> values = {m: scheduler.initial_hyperparameters(m) for m in range(4)}
+        >>> plans = scheduler.plan(100, [MemberSnapshot(m, s, values[m]) for m, s in enumerate([0.9, 0.2, 0.8, 0.7])])
+        >>> [(m, p.event, p.parent) for m, p in plans.items()]
+        [(0, 'keep', 0), (1, 'exploit', 0), (2, 'keep', 2), (3, 'keep', 3)]
     """
 
     def __init__(
@@ -192,6 +240,16 @@ class PBTScheduler:
         records observations). A member is rejuvenated only if it is eligible, neither a loser nor a donor
         in this step's exploit plan, not the best-ranked member, and :meth:`should_rejuvenate` holds for
         its history.
+
+        Args:
+            step: the ready step's global step.
+            snapshots: one per member.
+
+        Returns:
+            ``{member: MemberPlan}`` for every member of ``snapshots``.
+
+        Raises:
+            ValueError: a member id twice in ``snapshots``.
         """
         by_member: dict[int, MemberSnapshot] = {}
         for snap in snapshots:

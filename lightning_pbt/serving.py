@@ -48,7 +48,12 @@ _PENDING_POLL = 0.002  # while a request waits for a snapshot version this rank 
 
 @dataclass
 class Snapshot:
-    """One member's training state at one of its ready steps, ready to send."""
+    """One member's training state at one of its ready steps, ready to send.
+
+    Attributes:
+        version: the member's ready-step count when it was taken (requests name it).
+        packed: the state, flattened and packed in host memory (:func:`~lightning_pbt.transfer.pack_state`).
+    """
 
     version: int
     packed: transfer.PackedState
@@ -64,7 +69,15 @@ def _post_request(store: Any, namespace: str, server_rank: int, message: dict[st
 
 
 def request_snapshot(store: Any, namespace: str, server_rank: int, my_rank: int, version: int) -> None:
-    """Ask ``server_rank`` for its snapshot ``version``; receive it with :func:`transfer.receive_state`."""
+    """Ask ``server_rank`` for its snapshot ``version``; receive it with :func:`transfer.receive_state`.
+
+    Args:
+        store: the launch's store.
+        namespace: the run's key prefix in the store.
+        server_rank: the donor's population rank (rank ``j`` of the donor for rank ``j`` of the loser).
+        my_rank: this rank's population rank, where the snapshot is sent.
+        version: the snapshot version the loser decided on.
+    """
     _post_request(store, namespace, server_rank, {"peer": my_rank, "version": version})
 
 
@@ -79,12 +92,25 @@ def _push(store: Any, namespace: str, payload: Any) -> int:
 
 
 def push_lineage(store: Any, namespace: str, records: list[LineageRecord]) -> int:
-    """Hand one member's lines of one ready step to population rank 0's drain; returns the push's index."""
+    """Hand one member's lines of one ready step to population rank 0's drain; returns the push's index.
+
+    Args:
+        store: the launch's store.
+        namespace: the run's key prefix in the store.
+        records: the member's lineage lines of this ready step.
+    """
     return _push(store, namespace, [record.to_dict() for record in records])
 
 
 def wait_until_written(store: Any, namespace: str, index: int, timeout: float) -> bool:
-    """Whether the drain has written push ``index`` (and all before it) within ``timeout`` seconds."""
+    """Whether the drain has written push ``index`` (and all before it) within ``timeout`` seconds.
+
+    Args:
+        store: the launch's store.
+        namespace: the run's key prefix in the store.
+        index: a push's index, as :func:`push_lineage` returned it.
+        timeout: seconds to wait at most.
+    """
     deadline = time.monotonic() + timeout
     while int(store.add(f"{namespace}/lineage_written", 0)) <= index:
         if time.monotonic() > deadline:
@@ -94,6 +120,12 @@ def wait_until_written(store: Any, namespace: str, index: int, timeout: float) -
 
 
 def push_count(store: Any, namespace: str) -> int:
+    """How many lineage pushes the members have made so far.
+
+    Args:
+        store: the launch's store.
+        namespace: the run's key prefix in the store.
+    """
     return store.add(f"{namespace}/lineage_count", 0)
 
 
@@ -151,6 +183,13 @@ class SnapshotServer(_Worker):
     A request names the snapshot version the loser decided on. A version not taken yet (this rank is a
     moment behind the member rank that published it) is served when it arrives; a replaced one is
     refused, and the loser's member decides again.
+
+    Args:
+        population: the population group the snapshots travel over (its gloo host group on GPUs).
+        store: a store client of the thread's own.
+        namespace: the run's key prefix in the store.
+        rank: this rank's population rank (whose requests it serves).
+        on_failure: called with a message when the thread fails (raises the population's abort flag).
     """
 
     def __init__(
@@ -234,7 +273,14 @@ class SnapshotServer(_Worker):
 
 
 class LineageDrain(_Worker):
-    """Population rank 0: appends the lineage lines members push into the store, in push order."""
+    """Population rank 0: appends the lineage lines members push into the store, in push order.
+
+    Args:
+        store: a store client of the thread's own.
+        namespace: the run's key prefix in the store.
+        writer: the lineage file's writer.
+        on_failure: called with a message when the thread fails (raises the population's abort flag).
+    """
 
     def __init__(self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]) -> None:
         super().__init__("lightning-pbt-lineage", on_failure)

@@ -64,7 +64,21 @@ def _plain(value: Any) -> Any:
 
 
 class Domain(ABC):
-    """The set of values one hyperparameter may take, and how PBT moves inside it."""
+    """The set of values one hyperparameter may take, and how PBT moves inside it.
+
+    The four concrete domains are :class:`Uniform`, :class:`LogUniform`, :class:`IntUniform` and
+    :class:`Choice`; they are frozen dataclasses (hashable, comparable, printable as their constructor
+    call). A custom domain subclasses this and implements every abstract method; whatever it returns must
+    satisfy its own :meth:`contains`.
+
+    Examples:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> lr = LogUniform(1e-4, 1e-1)
+        >>> value = lr.sample(rng)
+        >>> lr.contains(value) and lr.contains(lr.perturb(value, 1.2, rng))
+        True
+    """
 
     @abstractmethod
     def sample(self, rng: np.random.Generator) -> Any:
@@ -133,6 +147,21 @@ class Uniform(_Interval):
 
     A value of exactly 0 stays 0 under multiplication: only a resample moves it away (keep
     ``resample_probability > 0`` when 0 is inside the range).
+
+    Args:
+        low: the smallest value, a finite number.
+        high: the largest value, a finite number greater than ``low``.
+
+    Raises:
+        ValueError: a bound that is not a finite number, or ``low >= high``.
+
+    Examples:
+        >>> import numpy as np
+        >>> dropout = Uniform(0.0, 0.5)
+        >>> dropout.perturb(0.45, 1.2, np.random.default_rng(0))  # 0.54, clipped
+        0.5
+        >>> dropout.to_config()
+        {'type': 'uniform', 'low': 0.0, 'high': 0.5}
     """
 
     def sample(self, rng: np.random.Generator) -> float:
@@ -145,7 +174,27 @@ class Uniform(_Interval):
 
 @dataclass(frozen=True)
 class LogUniform(_Interval):
-    """Positive floats, log-uniform in ``[low, high]`` (learning rates, weight decay)."""
+    """Positive floats, log-uniform in ``[low, high]`` (learning rates, weight decay).
+
+    Perturbation multiplies and clips, as for :class:`Uniform`; sampling is uniform in ``log``.
+
+    Args:
+        low: the smallest value, a finite number ``> 0``.
+        high: the largest value, a finite number greater than ``low``.
+
+    Raises:
+        ValueError: a bound that is not a finite number, ``low <= 0``, or ``low >= high``.
+
+    Examples:
+        >>> import numpy as np
+        >>> lr = LogUniform(1e-4, 1e-1)
+        >>> round(lr.perturb(0.01, 0.8, np.random.default_rng(0)), 6)
+        0.008
+        >>> LogUniform(0.0, 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: LogUniform: low (0.0) must be > 0
+    """
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +215,21 @@ class IntUniform(Domain):
     Perturbation rounds ``value * factor`` to the nearest integer; when rounding would give back the
     same value (small values) and ``factor != 1``, it moves one step instead: away from zero for
     ``factor > 1`` (upwards from 0), towards zero for ``factor < 1`` (downwards from 0). Then it clips.
+
+    Args:
+        low: the smallest value, an integer (a float with an integral value is accepted).
+        high: the largest value, an integer greater than ``low``; both ends can be sampled.
+
+    Raises:
+        ValueError: a bound that is not an integral number, outside int64, or ``low >= high``.
+
+    Examples:
+        >>> import numpy as np
+        >>> layers = IntUniform(1, 8)
+        >>> layers.perturb(2, 1.2, np.random.default_rng(0))  # round(2.4) == 2, so one step up
+        3
+        >>> layers.perturb(8, 1.2, np.random.default_rng(0))  # clipped
+        8
     """
 
     low: int
@@ -230,6 +294,20 @@ class Choice(Domain):
     Perturbation moves to a neighbouring index: the next one for ``factor > 1``, the previous one for
     ``factor < 1``. At an end it bounces to the only neighbour, so with two or more values a
     perturbation (``factor != 1``) always changes the value; the order of ``values`` therefore matters.
+
+    Args:
+        values: the options, in order (a list or tuple of distinct JSON scalars; numpy scalars are
+            converted to Python ones).
+
+    Raises:
+        ValueError: ``values`` empty, not a sequence (a string is refused), holding a duplicate, a
+            non-scalar or a non-finite float.
+
+    Examples:
+        >>> import numpy as np
+        >>> batch = Choice([32, 64, 128])
+        >>> batch.perturb(64, 1.2, np.random.default_rng(0)), batch.perturb(128, 1.2, np.random.default_rng(0))
+        (128, 64)
     """
 
     values: tuple[Any, ...]
@@ -308,7 +386,28 @@ def _number(value: Any, where: str, key: str) -> Any:
 
 
 def domain_from_config(name: str, cfg: Any, prefix: str = "") -> Domain:
-    """One domain from its config form (see the module docstring); errors name ``prefix + name``."""
+    """One domain from its config form (see the module docstring); errors name ``prefix + name``.
+
+    Args:
+        name: the hyperparameter's name, used in error messages.
+        cfg: a mapping (``{type: loguniform, low: 1e-4, high: 0.1}``, ``{values: [a, b]}``, ...), a list
+            (a :class:`Choice`) or a :class:`Domain`, returned as it is.
+        prefix: prepended to ``name`` in error messages (e.g. ``"pbt.hyperparameters."``).
+
+    Returns:
+        The domain.
+
+    Raises:
+        ValueError: a malformed form; the message starts with ``prefix + name``.
+
+    Examples:
+        >>> domain_from_config("lr", {"type": "loguniform", "low": 1e-4, "high": 0.1})
+        LogUniform(low=0.0001, high=0.1)
+        >>> domain_from_config("lr", {"low": 1e-4}, prefix="pbt.hyperparameters.")
+        Traceback (most recent call last):
+        ...
+        ValueError: pbt.hyperparameters.lr: type 'uniform' needs 'low' and 'high' (missing ['high'])
+    """
     where = f"{prefix}{name}"
     if isinstance(cfg, Domain):
         return cfg
@@ -368,7 +467,23 @@ def _domain_from_mapping(cfg: Mapping[Any, Any], where: str) -> Domain:
 
 
 def space_from_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Domain]:
-    """A search space ``{name: Domain}`` from a mapping of config forms, in the mapping's order."""
+    """A search space ``{name: Domain}`` from a mapping of config forms, in the mapping's order.
+
+    Args:
+        cfg: ``{name: config form or Domain}`` (see :func:`domain_from_config`); an OmegaConf
+            ``DictConfig`` works too.
+        prefix: prepended to each name in error messages.
+
+    Returns:
+        ``{name: Domain}``, in ``cfg``'s order.
+
+    Raises:
+        ValueError: ``cfg`` is not a mapping, a name is not a non-empty string, or a form is malformed.
+
+    Examples:
+        >>> space_from_config({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
+        {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
+    """
     if not isinstance(cfg, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'hyperparameters'}: expected a mapping, got {cfg!r}")
     space: dict[str, Domain] = {}
@@ -380,12 +495,39 @@ def space_from_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Dom
 
 
 def space_to_config(space: Mapping[str, Domain]) -> dict[str, dict[str, Any]]:
-    """The inverse of :func:`space_from_config` (plain dicts, JSON/YAML-able)."""
+    """The inverse of :func:`space_from_config` (plain dicts, JSON/YAML-able).
+
+    Args:
+        space: ``{name: Domain}``.
+
+    Returns:
+        ``{name: config form}``, each accepted back by :func:`domain_from_config`.
+
+    Examples:
+        >>> space_to_config({"layers": IntUniform(1, 4)})
+        {'layers': {'type': 'int', 'low': 1, 'high': 4}}
+    """
     return {name: domain.to_config() for name, domain in space.items()}
 
 
 def validate_hyperparameters(values: Mapping[str, Any], space: Mapping[str, Domain], prefix: str = "") -> None:
-    """Raise ``ValueError`` naming the key if ``values`` misses, adds or mis-sets a hyperparameter."""
+    """Raise ``ValueError`` naming the key if ``values`` misses, adds or mis-sets a hyperparameter.
+
+    Args:
+        values: ``{name: value}``, one value per hyperparameter of ``space``.
+        space: ``{name: Domain}``.
+        prefix: prepended to the messages.
+
+    Raises:
+        ValueError: a name of ``space`` missing from ``values``, a name of ``values`` not in ``space``, or
+            a value outside its domain.
+
+    Examples:
+        >>> validate_hyperparameters({"lr": 0.5}, {"lr": LogUniform(1e-4, 1e-1)})
+        Traceback (most recent call last):
+        ...
+        ValueError: lr: value 0.5 is outside LogUniform(low=0.0001, high=0.1)
+    """
     missing = sorted(set(space) - set(values))
     if missing:
         raise ValueError(f"{prefix}missing hyperparameter(s) {missing} (the space has {sorted(space)})")

@@ -81,6 +81,22 @@ def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None
     Works under torchrun and SLURM (``RANK`` / ``SLURM_PROCID``) and Lightning's own launcher
     (``NODE_RANK`` and ``LOCAL_RANK``; pass ``devices_per_node`` for several nodes). Use it to seed
     weight initialisation per member when the model is built before ``Trainer.fit``.
+
+    Args:
+        member_size: ranks per member, as given to :class:`PopulationStrategy`.
+        devices_per_node: ranks per node, needed only under Lightning's launcher on several nodes.
+
+    Returns:
+        The member id (0 in a process that was not launched as part of a population).
+
+    Raises:
+        ValueError: ``NODE_RANK`` is set without ``RANK`` and ``devices_per_node`` was not given.
+
+    Examples:
+        ```python
+        pl.seed_everything(seed + member_id_from_env(member_size=2))
+        model = Net()  # different initial weights in every member
+        ```
     """
     for name in ("RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").isdigit():
@@ -102,7 +118,15 @@ _UNSUPPORTED_PRECISION = (
 
 
 def check_supported(accelerator: Any, precision_plugin: Any) -> None:
-    """Refuse, before any process group exists, what the population cannot move or run on."""
+    """Refuse, before any process group exists, what the population cannot move or run on.
+
+    Args:
+        accelerator: the Trainer's accelerator (CPU and CUDA are supported; ``None`` is not checked).
+        precision_plugin: the Trainer's precision plugin; sharded and quantised ones are refused.
+
+    Raises:
+        ValueError: an unsupported accelerator or precision plugin, naming the supported ones.
+    """
     kind = type(accelerator).__name__ if accelerator is not None else None
     if kind not in (None, "CPUAccelerator", "CUDAAccelerator"):
         raise ValueError(f"PopulationStrategy supports accelerator='cpu' (gloo) and 'gpu'/'cuda' (NCCL), not {kind}")
@@ -229,6 +253,22 @@ class PopulationStrategy(DDPStrategy):
         timeout: collective timeout for the member and population groups. A dead peer normally ends
             the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
         **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
+
+    Raises:
+        ValueError: ``member_size`` or ``processes_per_device`` not an integer ``>= 1``, or a timeout
+            that is not positive. Layouts that cannot work (a world size that is not a multiple of
+            ``member_size``, two ranks of one member on one GPU, an unsupported accelerator or precision)
+            are refused at setup, on every rank, before any process group exists
+            (:class:`~lightning_pbt.topology.PopulationTopology`, :func:`check_supported`).
+
+    Examples:
+        ```python
+        trainer = pl.Trainer(
+            accelerator="gpu", devices=8,
+            strategy=PopulationStrategy(member_size=2),        # 4 members of 2 GPUs each
+            callbacks=[PopulationBasedTraining(...)],
+        )
+        ```
     """
 
     strategy_name = "population"

@@ -31,6 +31,20 @@ def expand_devices(devices: Sequence[T], processes_per_device: int) -> list[T]:
 
     Round-robin (local rank ``i`` -> ``devices[i % len(devices)]``), the same rule as
     :attr:`PopulationTopology.device_index`.
+
+    Args:
+        devices: the devices Lightning chose for this node, one per GPU.
+        processes_per_device: ranks per device (``PopulationStrategy(processes_per_device=...)``).
+
+    Returns:
+        ``len(devices) * processes_per_device`` entries, the device of local rank ``i`` at index ``i``.
+
+    Raises:
+        ValueError: ``processes_per_device`` is not an integer ``>= 1``.
+
+    Examples:
+        >>> expand_devices(["cuda:0", "cuda:1"], 2)
+        ['cuda:0', 'cuda:1', 'cuda:0', 'cuda:1']
     """
     if not _positive_int(processes_per_device):
         raise ValueError(
@@ -46,6 +60,29 @@ class PopulationTopology:
     ``processes_per_node`` is the number of ranks per node; a member either fits inside one node or
     spans whole nodes, so that a member's DDP traffic stays on fast links and no node is shared
     unevenly. ``devices_per_node`` is the number of GPUs those ranks use (``None``: CPU ranks).
+
+    Args:
+        world_size: ranks in the launch, all nodes together.
+        world_rank: this rank, in ``[0, world_size)``.
+        member_size: ranks per member; must divide ``world_size``.
+        processes_per_node: ranks per node (``None``: unknown, no node checks); ``member_size`` must
+            divide it or be a multiple of it.
+        devices_per_node: GPUs per node (``None``: CPU ranks); needs ``processes_per_node``, which must
+            be a multiple of it, and a member's ranks on one node must not outnumber it.
+
+    Raises:
+        ValueError: any of the conditions above, with a message that says what to change. Every rank
+            raises the same one, before any process group exists.
+
+    Examples:
+        Two nodes of 8 GPUs with 2 ranks per GPU, members of 2 ranks:
+
+        >>> t = PopulationTopology(world_size=32, world_rank=21, member_size=2, processes_per_node=16,
+        ...                        devices_per_node=8)
+        >>> t.num_members, t.member_id, t.member_rank, t.local_rank, t.device_index
+        (16, 10, 1, 5, 5)
+        >>> t.member_backend, t.population_backend
+        ('nccl', 'gloo')
     """
 
     world_size: int

@@ -63,7 +63,12 @@ _HEADER = 3
 
 @dataclass
 class FlatState:
-    """A state split into its tensors and a serialised skeleton that describes everything else."""
+    """A state split into its tensors and a serialised skeleton that describes everything else.
+
+    Attributes:
+        tensors: the state's tensors, in flatten order (detached, not copied).
+        skeleton: tagged JSON of the nest with a marker (index, dtype, shape) for each tensor.
+    """
 
     tensors: list[Tensor]
     skeleton: bytes
@@ -359,6 +364,11 @@ class PackedState:
 
     Packed once per transfer and sent to every loser of that donor; in asynchronous mode the snapshot a
     member serves is a ``PackedState`` in host memory.
+
+    Attributes:
+        skeleton: the state's skeleton (see :class:`FlatState`).
+        spec_hash: the tensors' fingerprint (:func:`spec_hash`).
+        messages: the buffers to send, in order (:func:`message_layout`).
     """
 
     skeleton: bytes
@@ -458,7 +468,13 @@ def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, targ
 @dataclass
 class Received:
     """What a loser got: the donor's skeleton, the tensors in its order, and whether they were
-    written straight into the loser's own tensors (then the model needs no further copy)."""
+    written straight into the loser's own tensors (then the model needs no further copy).
+
+    Attributes:
+        nest: the parsed skeleton.
+        tensors: the received tensors, in the donor's flatten order.
+        in_place: whether they are the loser's own tensors, overwritten.
+    """
 
     nest: Any
     tensors: list[Tensor]

@@ -424,7 +424,7 @@ def test_elastic_restart_rolls_members_back_to_a_common_ready_step(run_2x2, tmp_
     After the restart member 0's newest checkpoint is of step 12 and member 1's of step 8, so member 0
     rolls back to its checkpoint of step 8 and every member resumes from there. The finished lineage has
     every ready step exactly once and, up to step 8, is the one of the same run never interrupted
-    (``run_2x2``); after it, training is not bit-identical (see the README).
+    (``run_2x2``); after it, training is not bit-identical (see docs/guides/faults.md).
     """
     proc = run_population(
         tmp_path,

@@ -130,7 +130,7 @@ def test_report_command_on_a_finished_run(default_run, tmp_path):
 
 
 def test_replay_of_the_best_schedule_in_one_process(default_run, tmp_path):
-    """The README's replay command: the app, one process, no population, PBTReplay."""
+    """The replay command of docs/guides/reading-a-run.md: the app, one process, no population, PBTReplay."""
     _, run_dir = default_run
     schedule = json.loads((run_dir / "pbt" / "schedule.json").read_text())["schedule"]
     steps = [entry["step"] for entry in schedule]  # within the 2 epochs of the PBT run

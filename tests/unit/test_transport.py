@@ -317,7 +317,14 @@ def test_an_in_place_receive_still_loads_state_that_is_not_the_modules_own_memor
     donor = CopyingStateDict(0)
 
     def training_state(module: nn.Module) -> dict:
-        return {"model": module.state_dict(), "optimizers": [], "lr_schedulers": [], "precision": {}}
+        return {
+            "model": module.state_dict(),
+            "optimizers": [],
+            "lr_schedulers": [],
+            "lr_scheduler_types": [],
+            "precision": {},
+            "callbacks": {},
+        }
 
     def body(group: PopulationGroup) -> object:
         if group.rank == 0:
@@ -325,7 +332,7 @@ def test_an_in_place_receive_still_loads_state_that_is_not_the_modules_own_memor
             transfer.send_state(group, transfer.pack_state(flat, group.device), [1])
             return None
         loser = CopyingStateDict(1)
-        trainer = SimpleNamespace(lightning_module=loser, optimizers=[], lr_scheduler_configs=[])
+        trainer = SimpleNamespace(lightning_module=loser, optimizers=[], lr_scheduler_configs=[], callbacks=[])
         own = transfer.flatten_state(training_state(loser)).tensors
         received = transfer.receive_state(group, 0, own, torch.device("cpu"))
         assert received is not None and received.in_place
