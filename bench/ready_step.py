@@ -134,8 +134,10 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
                                root_device=torch.device("cpu"), fit_generation=0)
     trainer = SimpleNamespace(
         lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], precision_plugin=_NoPrecision(),
-        strategy=strategy, callback_metrics={}, global_step=0, current_epoch=0, sanity_checking=False,
+        strategy=strategy, callbacks=[], callback_metrics={}, global_step=0, current_epoch=0, sanity_checking=False,
         state=SimpleNamespace(fn=TrainerFn.FITTING), loggers=[], is_last_batch=False,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=0)), num_training_batches=10**9,
+        val_check_batch=1,
     )
     pbt = PopulationBasedTraining({"lr": LogUniform(1e-4, 1e-1)}, monitor="val_acc", mode="max",
                                   every_n_train_steps=1, burn_in=10**9, seed=0,

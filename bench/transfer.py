@@ -128,7 +128,7 @@ def trainer_member(model: Any, optimizer: Any) -> Any:
     from lightning_pbt.callback import _TrainerMember
 
     strategy = SimpleNamespace(root_device=torch.device("cpu"))
-    trainer = SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[],
+    trainer = SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], callbacks=[],
                               precision_plugin=_NoPrecision(), strategy=strategy)
     return _TrainerMember(trainer, model, callback=None)  # type: ignore[arg-type]  # apply/rejuvenate unused
 
