@@ -102,6 +102,7 @@ class CharTransformer(pl.LightningModule):
             return
         h = self.hparams
         self.embed = nn.Embedding(256, h.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's init: tied output logits start near uniform
         self.position = nn.Parameter(torch.zeros(1, h.block_size, h.d_model))
         nn.init.normal_(self.position, std=0.02)
         self.drop = nn.Dropout(h.dropout)
