@@ -173,6 +173,52 @@ def lineage_summary(path: Path, member: int) -> dict[str, Any]:
             "schedule": [{"step": step, **values} for step, values in member_schedule(records, member)]}
 
 
+# -- the report section ----------------------------------------------------------------------------
+ARM_NAMES = {"pbt": "PBT (truncation)", "pb2": "PB2", "random_search": "random search (PBT, no exploit)",
+             "grid": "best of a 2x2 grid"}
+METRICS = {"test_acc": ("test accuracy", 3), "test_perplexity": ("test perplexity", 3),
+           "test_return": ("return on 10 held-out seeds", 1)}
+
+
+def render_section(r: dict[str, Any]) -> list[str]:
+    """Section 7 of RESULTS.md (and the README's Applications table)."""
+    from bench.report import _spread, _table
+
+    cfg = r["config"]
+    out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
+           f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {cfg['members']} members x 1 rank per arm, "
+           f"seeds {cfg['seeds']} (paired: member i of every arm starts from the same weights and data/environment "
+           "seed); every arm trains every member the same number of steps, so every arm costs the same "
+           "member-steps. Result: the test metric of the arm's member with the best final validation score, "
+           "median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time of a "
+           "launch (all members), median."]
+    for failure in r.get("failures", []):
+        out += ["", f"Did not finish: {failure.splitlines()[0]}"]
+    for app, a in r["apps"].items():
+        c = cfg[app]
+        name, digits = METRICS[c["test"]]
+        out += ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
+                f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
+                f"{len(a['complete_seeds'])} complete seeds.", ""]
+        rows = []
+        for arm, s in a["summary"].items():
+            w = a["pbt_vs"].get(arm)
+            rows.append([ARM_NAMES[arm], _spread(s["test"], digits),
+                         "" if w is None else f"{w['wins']}/{w['ties']}/{w['losses']}", f"{s['wall_s']['median']:.0f}"])
+        out += _table(["arm", name, "PBT wins/ties/losses", "wall s"], rows)
+        grid = "; ".join(", ".join(f"{k}={v:g}" for k, v in point.items()) for point in c["grid"])
+        out += ["", f"Grid points: {grid}."]
+        first = next((e["pbt"] for e in a["per_seed"].values() if "schedule" in e.get("pbt", {})), None)
+        if first is not None:
+            names = sorted(first["schedule"][0]) if first["schedule"] else []
+            names = [n for n in names if n != "step"]
+            out += ["", f"Schedule of PBT's best member (member {first['member']}, first seed, "
+                    f"{first['exploits']} exploits in the population):", ""]
+            out += _table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
+                                             for e in first["schedule"]])
+    return out
+
+
 # -- the worker: one member of one arm --------------------------------------------------------------
 def worker(cfg: dict[str, Any] | None = None) -> None:
     import importlib

@@ -203,6 +203,10 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         out += render_schedule(results["schedule"])
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
+    if "applications" in results:
+        from bench.applications import render_section
+
+        out += render_section(results["applications"])
     return "\n".join(out) + "\n"
 
 
