@@ -24,7 +24,7 @@ def test_arm_reports_the_test_metric_of_the_best_validation_member():
 
 def test_paired_wins_follow_the_metric_direction():
     assert paired_wins([0.9, 0.5, 0.7], [0.8, 0.6, 0.7], "max") == {"wins": 1, "ties": 1, "losses": 1}
-    assert paired_wins([10.0, 12.0], [11.0, 11.0], "min") == {"wins": 1, "ties": 0, "losses": 1}
+    assert paired_wins([10.0, 12.0, 5.0], [11.0, 11.0, 6.0], "min") == {"wins": 2, "ties": 0, "losses": 1}
 
 
 def write_arm(root: Path, app: str, seed: int, arm: str, tests: list[float]) -> None:

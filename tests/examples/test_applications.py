@@ -134,5 +134,7 @@ def test_language_model_corpus_is_split_by_file():
     assert (len(names["train"]), len(names["val"]), len(names["test"])) == (40, 5, 5)
     assert not set(names["train"]) & set(names["val"]) and not set(names["val"]) & set(names["test"])
     assert not set(names["train"]) & set(names["test"])
+    in_name_order = sorted(names["train"] + names["val"] + names["test"])  # the documented split
+    assert names["test"] == in_name_order[0::10] and names["val"] == in_name_order[1::10]
     assert names == {k: [f.name for f in v] for k, v in stdlib_split(50).items()}
     assert all(f.suffix == ".py" and f.stat().st_size > 0 for files in split.values() for f in files)
