@@ -22,14 +22,14 @@ from tests.conftest import REPO, run_job
 
 def launched(test):
     """Marks of a test that launches an app (two ranks): distributed, slow, with a timeout."""
-    return pytest.mark.distributed(pytest.mark.slow(pytest.mark.timeout(120)(test)))
+    return pytest.mark.distributed(pytest.mark.slow(pytest.mark.timeout(180)(test)))
 
 TWO_MEMBERS = ["trainer.devices=2", "report=false", "trainer.enable_checkpointing=true"]
 
 
 def launch(name: str, *overrides: str, run_dir: Path) -> tuple[str, list[dict], Path]:
     proc = run_job([sys.executable, str(REPO / "examples" / f"{name}.py"), *TWO_MEMBERS, *overrides,
-                    f"hydra.run.dir={run_dir}"], 100, cwd=run_dir.parent)
+                    f"hydra.run.dir={run_dir}"], 150, cwd=run_dir.parent)
     assert proc.returncode == 0, proc.stdout[-4000:]
     records = [json.loads(line) for line in (run_dir / "pbt" / "lineage.jsonl").read_text().splitlines() if line]
     return proc.stdout, records, run_dir
