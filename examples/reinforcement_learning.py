@@ -101,15 +101,17 @@ class PPO(pl.LightningModule):
         if self.env is None:  # seeded from the member's torch seed: every member its own episodes
             self.env = gym.make(h.env_id)
             self.obs, _ = self.env.reset(seed=int(torch.initial_seed() % 2**31))
-        obs, actions, logps, rewards, dones, values = [], [], [], [], [], []
+        steps: list[tuple[torch.Tensor, ...]] = []  # (observation, action, log-prob, value) per step
+        rewards, dones = [], []
         for _ in range(h.rollout_steps):
             o = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
             dist = self.policy(o)
             action = dist.sample()
-            obs.append(o), actions.append(action), logps.append(dist.log_prob(action))
-            values.append(self.critic(o).squeeze(-1))
+            steps.append((o, action, dist.log_prob(action), self.critic(o).squeeze(-1)))
             self.obs, reward, terminated = self._step_env(int(action))
-            rewards.append(reward), dones.append(float(terminated))
+            rewards.append(reward)
+            dones.append(float(terminated))
+        obs, actions, logps, values = (list(column) for column in zip(*steps, strict=True))
         last_value = self.critic(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)).squeeze(-1)
         values_t = torch.stack([*values, last_value])
         advantages = torch.zeros(h.rollout_steps, device=self.device)
