@@ -213,10 +213,16 @@ def render_section(r: dict[str, Any]) -> list[str]:
             names = sorted(first["schedule"][0]) if first["schedule"] else []
             names = [n for n in names if n != "step"]
             out += ["", f"Schedule of PBT's best member (member {first['member']}, first seed, "
-                    f"{first['exploits']} exploits in the population):", ""]
+                    f"{first['exploits']} exploits in the population; values set at the final step, which "
+                    "nothing trained with, left out):", ""]
             out += _table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
-                                             for e in first["schedule"]])
+                                             for e in trained_schedule(first)])
     return out
+
+
+def trained_schedule(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The schedule entries some training used: not those set at the last step (after the last ready step)."""
+    return [e for e in entry["schedule"] if e["step"] < max(entry["steps"])]
 
 
 # -- the worker: one member of one arm --------------------------------------------------------------

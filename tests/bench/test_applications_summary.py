@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.applications import APPS, arm_result, arms_for, collect, paired_wins
+from bench.applications import APPS, arm_result, arms_for, collect, paired_wins, trained_schedule
 
 
 def rank(member: int, val: float | None, test: float) -> dict:
@@ -47,3 +47,8 @@ def test_summary_of_an_interrupted_run_uses_complete_seeds_only(tmp_path):
     assert summary["pbt_vs"]["grid"] == {"wins": 1, "ties": 0, "losses": 1}
     assert set(summary["per_seed"]) == {"0", "1", "2"}
     assert set(collect(tmp_path)["apps"]) == set(APPS)
+
+
+def test_published_schedule_leaves_out_values_set_after_the_last_training_step():
+    entry = {"steps": [480], "schedule": [{"step": 0, "lr": 1.0}, {"step": 336, "lr": 2.0}, {"step": 480, "lr": 3.0}]}
+    assert [e["step"] for e in trained_schedule(entry)] == [0, 336]
