@@ -160,7 +160,8 @@ def main(cfg: DictConfig) -> float | None:
     # Every member measures itself on the test split (every rank takes part); the best one says so.
     test_acc = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     scores = {m: s["score"] for m, s in callback.population.items() if s["score"] is not None}
-    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get)  # identical on every rank
+    # The same on every rank; None when no ready step scored anyone (the callback warned why).
+    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get) if scores else None
     score = scores[best]
     if trainer.strategy.member_id == best and trainer.is_global_zero:
         print(f"\nBest member: {best} (val_acc {score:.4f}), test accuracy {test_acc:.4f}", flush=True)

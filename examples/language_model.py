@@ -191,7 +191,8 @@ def main(cfg: DictConfig) -> float | None:
     trainer.fit(model, datamodule=data)
     perplexity = trainer.test(model, datamodule=data, verbose=False)[0]["test_perplexity"]
     scores = {m: s["score"] for m, s in callback.population.items() if s["score"] is not None}
-    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get)  # identical on every rank
+    # The same on every rank; None when no ready step scored anyone (the callback warned why).
+    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get) if scores else None
     if trainer.strategy.member_id == best and trainer.is_global_zero:
         print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
               f"test perplexity {perplexity:.3f}", flush=True)

@@ -205,7 +205,8 @@ def main(cfg: DictConfig) -> float | None:
     trainer.fit(model)
     test_return = trainer.test(model, verbose=False)[0]["test_return"]
     scores = {m: s["score"] for m, s in callback.population.items() if s["score"] is not None}
-    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get)  # identical on every rank
+    # The same on every rank; None when no ready step scored anyone (the callback warned why).
+    best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get) if scores else None
     if trainer.strategy.member_id == best and trainer.is_global_zero:
         print(f"\nBest member: {best} (eval_return {scores[best]:.1f}), return on "
               f"{len(cfg.model.test_seeds)} held-out seeds {test_return:.1f}", flush=True)
