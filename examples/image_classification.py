@@ -162,9 +162,8 @@ def main(cfg: DictConfig) -> float | None:
     scores = {m: s["score"] for m, s in callback.population.items() if s["score"] is not None}
     # The same on every rank; None when no ready step scored anyone (the callback warned why).
     best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get) if scores else None
-    score = scores[best]
     if trainer.strategy.member_id == best and trainer.is_global_zero:
-        print(f"\nBest member: {best} (val_acc {score:.4f}), test accuracy {test_acc:.4f}", flush=True)
+        print(f"\nBest member: {best} (val_acc {scores[best]:.4f}), test accuracy {test_acc:.4f}", flush=True)
     if trainer.strategy.world_rank == 0 and cfg.report:
         make_report(trainer.strategy.run_dir or run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor)
         print(f"Outputs in {trainer.strategy.run_dir or run_dir}/ (pbt/lineage.jsonl, pbt/summary.md)")
