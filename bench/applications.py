@@ -204,8 +204,9 @@ def render_section(r: dict[str, Any]) -> list[str]:
         for arm, s in a["summary"].items():
             w = a["pbt_vs"].get(arm)
             rows.append([ARM_NAMES[arm], _spread(s["test"], digits),
-                         "" if w is None else f"{w['wins']}/{w['ties']}/{w['losses']}", f"{s['wall_s']['median']:.0f}"])
-        out += _table(["arm", name, "PBT wins/ties/losses", "wall s"], rows)
+                         "" if w is None else f"{w['wins']}/{w['ties']}/{w['losses']}",
+                         f"{s['wall_s']['median']:.0f}", f"{wall_ratio(a, arm):.2f}"])
+        out += _table(["arm", name, "PBT wins/ties/losses", "wall s", "PBT wall / this arm's (paired median)"], rows)
         grid = "; ".join(", ".join(f"{k}={v:g}" for k, v in point.items()) for point in c["grid"])
         out += ["", f"Grid points: {grid}."]
         first = next((e["pbt"] for e in a["per_seed"].values() if "schedule" in e.get("pbt", {})), None)
@@ -218,6 +219,14 @@ def render_section(r: dict[str, Any]) -> list[str]:
             out += _table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
                                              for e in trained_schedule(first)])
     return out
+
+
+def wall_ratio(app_result: dict[str, Any], arm: str) -> float:
+    """PBT's launch wall time over ``arm``'s, seed by seed, median: the machine's load drifts between seeds."""
+    from statistics import median
+
+    seeds = [app_result["per_seed"][str(s)] for s in app_result["complete_seeds"]]
+    return median(e["pbt"]["wall_s"] / e[arm]["wall_s"] for e in seeds)
 
 
 def trained_schedule(entry: dict[str, Any]) -> list[dict[str, Any]]:
