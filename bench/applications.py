@@ -37,7 +37,7 @@ if str(EXAMPLES) not in sys.path:  # the apps are scripts; their modules are imp
     sys.path.insert(0, str(EXAMPLES))
 PRELOAD = ("image_classification", "language_model", "reinforcement_learning")
 
-SEEDS = tuple(range(5))
+SEEDS = tuple(range(10))
 MEMBERS = 4
 APPS: dict[str, dict[str, Any]] = {
     # 256 training images instead of 1078: at full size every arm reaches 99+ % and ties.
@@ -88,37 +88,55 @@ def arms_for(app: str) -> tuple[str, ...]:
 
 # -- the launcher side ------------------------------------------------------------------------------
 def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
+    """Every app x arm x seed; an arm whose results are there from an earlier run with the same launch
+    config is kept (so more seeds can be added, and an interrupted run resumed, without redoing the rest)."""
     seeds, members = ((0,), 2) if smoke else (SEEDS, MEMBERS)
     root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
-    shutil.rmtree(root, ignore_errors=True)
-    failures = []
+    if smoke:
+        shutil.rmtree(root, ignore_errors=True)
+    failures, kept = [], 0
     for seed in seeds:  # seed-major: an interrupted run still has every app at the seeds it finished
         for app, spec in APPS.items():
             for arm in arms_for(app):
                 out = root / app / f"seed{seed}_{arm}"
                 overrides = [*spec["overrides"], *(SMOKE_OVERRIDES[app] if smoke else [])]
+                cfg = {"app": app, "arm": arm, "seed": seed, "out": str(out), "overrides": overrides}
+                record = {**cfg, "members": members, "grid": GRIDS[app]}
+                if (out / "wall.json").exists() and _read_json(out / "launch.json") == record:
+                    kept += 1
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                (out / "launch.json").write_text(json.dumps(record))
                 started = time.perf_counter()
                 try:
-                    launch("bench.applications", members, {"app": app, "arm": arm, "seed": seed, "out": str(out),
-                                                          "overrides": overrides}, timeout, out / "launch.log")
+                    launch("bench.applications", members, cfg, timeout, out / "launch.log")
                 except LaunchError as err:
                     failures.append(f"{app} seed {seed} {arm}: {str(err)[:300]}")
                     continue
                 (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}))
-    payload = collect(root)
+    payload = collect(root, seeds)
     payload["failures"] = failures
     payload["config"]["seeds"] = list(seeds)
     payload["config"]["members"] = members
+    payload["config"]["arms_kept_from_an_earlier_run"] = kept
     return payload
 
 
-def collect(root: Path) -> dict[str, Any]:
-    """Summarise whatever finished under ``root`` (also usable on an interrupted run)."""
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(root: Path, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Summarise whatever finished under ``root`` (also usable on an interrupted run), for ``seeds``
+    (default: every seed found)."""
     results: dict[str, Any] = {}
     for app, spec in APPS.items():
         per_seed: dict[int, dict[str, Any]] = {}
         for out in sorted((root / app).glob("seed*_*")):
             seed_text, arm = out.name.split("_", 1)
+            if seeds is not None and int(seed_text.removeprefix("seed")) not in seeds:
+                continue
             ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
             if not ranks or not (out / "wall.json").exists():
                 continue
