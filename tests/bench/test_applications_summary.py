@@ -52,3 +52,32 @@ def test_summary_of_an_interrupted_run_uses_complete_seeds_only(tmp_path):
 def test_published_schedule_leaves_out_values_set_after_the_last_training_step():
     entry = {"steps": [480], "schedule": [{"step": 0, "lr": 1.0}, {"step": 336, "lr": 2.0}, {"step": 480, "lr": 3.0}]}
     assert [e["step"] for e in trained_schedule(entry)] == [0, 336]
+
+
+def test_a_second_run_keeps_arms_measured_with_the_same_launch_config(tmp_path, monkeypatch):
+    import bench.applications as applications
+
+    launched: list[tuple[str, str, int]] = []
+
+    def fake_launch(module, nproc, cfg, timeout, log_path):  # stands in for the 4-rank launch
+        launched.append((cfg["app"], cfg["arm"], cfg["seed"]))
+        for member in range(nproc):
+            Path(cfg["out"], f"rank_{member}.json").write_text(json.dumps(rank(member, 0.5, 0.5)))
+
+    monkeypatch.setattr(applications, "launch", fake_launch)
+    monkeypatch.setattr(applications, "SCRATCH", tmp_path)
+    monkeypatch.setattr(applications, "SEEDS", (0,))
+    every_arm = sum(len(arms_for(app)) for app in APPS)
+    assert applications.run()["config"]["arms_kept_from_an_earlier_run"] == 0
+    assert len(launched) == every_arm
+    payload = applications.run()  # the same configs: nothing runs again
+    assert len(launched) == every_arm and payload["config"]["arms_kept_from_an_earlier_run"] == every_arm
+    assert all(a["complete_seeds"] == [0] for a in payload["apps"].values())
+    monkeypatch.setitem(APPS["language_model"], "overrides", ["trainer.max_steps=10"])
+    monkeypatch.setattr(applications, "SEEDS", (0, 1))
+    applications.run()  # a changed config runs again; a new seed runs for every app
+    assert sorted(launched[every_arm:]) == sorted(
+        [("language_model", arm, 0) for arm in arms_for("language_model")]
+        + [(app, arm, 1) for app in APPS for arm in arms_for(app)])
+    monkeypatch.setattr(applications, "SEEDS", (1,))  # a run summarises its own seeds, not every seed on disk
+    assert all(a["complete_seeds"] == [1] for a in applications.run()["apps"].values())
