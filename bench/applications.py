@@ -17,6 +17,10 @@ weights and data/environment seed, ``seed + i``):
 After training every member is validated once more (its final weights) and tested; an arm's result is
 the test metric of its member with the best final validation score: test accuracy (image), test
 perplexity (language, lower is better), mean return over the held-out test seeds (RL).
+
+Each arm's raw results stay under ``bench/results/tmp/applications/<app>/seed<S>_<arm>/`` with its
+launch config; a later run keeps every arm whose config is unchanged, so raising ``SEEDS`` runs only
+the new seeds and an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
