@@ -214,6 +214,9 @@ def render_section(r: dict[str, Any]) -> list[str]:
            "member-steps. Result: the test metric of the arm's member with the best final validation score, "
            "median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time of a "
            "launch (all members), median."]
+    if cfg.get("arms_kept_from_an_earlier_run"):
+        out += ["", f"{cfg['arms_kept_from_an_earlier_run']} arms were kept from an earlier run with the same launch "
+                "configs (the wall time above is this run's only); every launch's own wall time is in the JSON."]
     for failure in r.get("failures", []):
         out += ["", f"Did not finish: {failure.splitlines()[0]}"]
     for app, a in r["apps"].items():
