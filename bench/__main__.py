@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmarks, write ``<out>/<name>.json`` and ``<out>/RESULTS.md``.
 
-    python -m bench                      # every benchmark at its documented size (~25-30 min on 2 cores)
+    python -m bench                      # every benchmark but applications, at its documented size (~25-30 min)
     python -m bench --only transfer      # one or several of: transfer ready_step overhead quality schedule asynchronous
+    python -m bench --only applications  # the three example apps, PBT vs its alternatives (~60 min on 2 cores)
     python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
     python -m bench --report             # only re-render RESULTS.md from the JSON already there
     python -m bench --launcher torchrun  # ranks in fresh interpreters (torchrun) instead of forks
@@ -27,11 +28,13 @@ import traceback
 from pathlib import Path
 
 from bench.common import LAUNCHERS, RESULTS, SMOKE_RESULTS, machine, set_launcher
-from bench.report import ORDER, write_report
+from bench.report import DEFAULT, ORDER, write_report
 
 # per launch, seconds
-TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900, "asynchronous": 120}
-SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60}
+TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900, "asynchronous": 120,
+            "applications": 600}
+SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60,
+                  "applications": 120}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     failed = []
-    for name in args.only or ORDER:
+    for name in args.only or DEFAULT:
         started = time.perf_counter()
         print(f"[bench] {name}{' (smoke)' if args.smoke else ''} ...", flush=True)
         module = importlib.import_module(f"bench.{name}")

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous")
+ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "applications")
+# What `python -m bench` runs without --only: applications takes an hour, so it is asked for by name.
+DEFAULT = ORDER[:-1]
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -202,6 +204,10 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     out += render_asynchronous_quality(results)
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
+    if "applications" in results:
+        from bench.applications import render_section
+
+        out += render_section(results["applications"])
     return "\n".join(out) + "\n"
 
 
