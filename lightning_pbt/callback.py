@@ -32,11 +32,10 @@ from lightning_pbt.apply import (
     optimizer_layout,
     reset_weights,
 )
-from lightning_pbt.exploit import make_exploit_rule
-from lightning_pbt.explore import Explorer
 from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
-from lightning_pbt.scheduler import EXPLORE_METHODS, PBTScheduler
-from lightning_pbt.space import Domain, space_from_config
+from lightning_pbt.scheduler import PBTScheduler
+from lightning_pbt.settings import PBTSettings
+from lightning_pbt.space import Domain
 
 from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
 from .strategy import PopulationStrategy
@@ -129,74 +128,17 @@ class PopulationBasedTraining(Callback):
         dirpath: str | os.PathLike | None = None,
         synchronous: bool = True,
     ) -> None:
+        given = locals()  # the arguments, by the names PBTSettings defines (a unit test keeps them equal)
         super().__init__()
-        if not isinstance(synchronous, bool):
-            raise ValueError(f"PopulationBasedTraining: synchronous must be True or False, got {synchronous!r}")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"PopulationBasedTraining: monitor must be a metric name, got {monitor!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"PopulationBasedTraining: mode must be 'min' or 'max', got {mode!r}")
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"PopulationBasedTraining: {name} must be a positive integer, got {value!r}")
-        if every_n_train_steps is not None and every_n_epochs is not None:
-            raise ValueError("PopulationBasedTraining: set every_n_train_steps or every_n_epochs, not both")
-        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-            raise ValueError(f"PopulationBasedTraining: burn_in must be an integer >= 0, got {burn_in!r}")
-        if isinstance(rejuvenate_modules, str):
-            rejuvenate_modules = [rejuvenate_modules]
-        if rejuvenate_modules is not None:
-            rejuvenate_modules = list(rejuvenate_modules)
-            if not rejuvenate_modules or not all(isinstance(n, str) and n for n in rejuvenate_modules):
-                raise ValueError(
-                    "PopulationBasedTraining: rejuvenate_modules must be None (every submodule) or a non-empty list "
-                    f"of submodule names as in named_modules(), e.g. ['head'], got {rejuvenate_modules!r}"
-                )
-            if rejuvenate_patience is None:
-                raise ValueError(
-                    "PopulationBasedTraining: rejuvenate_modules needs rejuvenate_patience (without it no member is "
-                    "ever rejuvenated)"
-                )
-        self.rejuvenate_modules: list[str] | None = rejuvenate_modules
-        self.space = space_from_config(hyperparameters, prefix="hyperparameters.")
-        if not self.space:
-            raise ValueError("PopulationBasedTraining: the search space (hyperparameters) is empty")
-        self.monitor = monitor
-        self.mode = mode
-        self.every_n_train_steps = every_n_train_steps
-        self.every_n_epochs = every_n_epochs
-        self.synchronous = synchronous
-        self.start_hyperparameters = dict(start_hyperparameters or {})
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
-        self.seed = seed
-        if not 0 < quantile_fraction <= 0.5:
-            raise ValueError(
-                f"PopulationBasedTraining: quantile_fraction must be in (0, 0.5], got {quantile_fraction!r}"
-            )
-        rule = (
-            make_exploit_rule(exploit, quantile_fraction=quantile_fraction)
-            if exploit == "truncation"
-            else (make_exploit_rule(exploit))
-        )
-        if explore not in EXPLORE_METHODS:
-            raise ValueError(f"PopulationBasedTraining: explore must be one of {EXPLORE_METHODS}, got {explore!r}")
-        if explore != "perturb" and custom_explore is not None:
-            raise ValueError(
-                f"PopulationBasedTraining: explore={explore!r} and custom_explore exclude each other; "
-                "custom_explore replaces the perturb explore, so leave explore='perturb' to use it"
-            )
-        self.explore = explore
-        explorer = Explorer(self.space, perturbation_factors, resample_probability, custom_explore)
-        self.scheduler = PBTScheduler(
-            self.space,
-            mode=mode,
-            exploit=rule,
-            explorer=explorer,
-            burn_in=burn_in,
-            rejuvenate_patience=rejuvenate_patience,
-            seed=seed,
-            explore=explore,
-        )
+        settings = PBTSettings(**{argument.name: given[argument.name] for argument in PBTSettings.arguments()})
+        self.settings = settings
+        self.space = settings.space
+        self.rejuvenate_modules: list[str] | None = settings.rejuvenate_modules  # type: ignore[assignment]
+        self.monitor, self.mode, self.seed = settings.monitor, settings.mode, settings.seed
+        self.explore, self.synchronous, self.dirpath = settings.explore, settings.synchronous, settings.dirpath
+        self.every_n_train_steps, self.every_n_epochs = settings.every_n_train_steps, settings.every_n_epochs
+        self.start_hyperparameters = dict(settings.start_hyperparameters or {})
+        self.scheduler = settings.make_scheduler()
         self.book = PopulationBook()
         self._restored = False
         self._strategy: PopulationStrategy | None = None
@@ -270,16 +212,7 @@ class PopulationBasedTraining(Callback):
         strategy = self._require_strategy()
         assert strategy.population is not None and strategy.topology is not None
         if not self._restored:
-            self.book.population = {
-                member: {
-                    "hyperparameters": self.scheduler.initial_hyperparameters(member, self.start_hyperparameters),
-                    "score": None,
-                    "history": [],
-                    "parent": member,
-                    "done": False,
-                }
-                for member in range(strategy.num_members)
-            }
+            self.book.population = initial_population(self.scheduler, strategy.num_members, self.start_hyperparameters)
             self.book.hyperparameters = dict(self.book.population[strategy.member_id]["hyperparameters"])
             if not self.synchronous:  # each member decides alone: its own random stream
                 self.scheduler.use_member_stream(strategy.member_id)
@@ -308,23 +241,14 @@ class PopulationBasedTraining(Callback):
         )
 
     # -- ready steps -----------------------------------------------------------------------------
-    def _is_ready(self, trainer: pl.Trainer) -> bool:
-        if trainer.global_step == self.book.last_ready_step:  # e.g. several validations in one step
-            return False
-        if self.every_n_train_steps is not None:
-            return trainer.global_step - max(self.book.last_ready_step, 0) >= self.every_n_train_steps
-        if self.every_n_epochs is not None:
-            return _epochs_done(trainer) - self.book.last_ready_epochs >= self.every_n_epochs
-        return True
-
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self._validations += 1
-        score, missing = self._score(trainer)
+        score, missing = _score(trainer, self.monitor)
         self._monitor_seen |= not missing
-        if not self._is_ready(trainer):
+        if not _is_ready(trainer, self.book, self.every_n_train_steps, self.every_n_epochs):
             return
         assert self._protocol is not None
         result = self._protocol.step(Observation(score, missing, trainer.global_step, trainer.current_epoch))
@@ -357,67 +281,28 @@ class PopulationBasedTraining(Callback):
         if self._protocol is not None:
             self._protocol.close()
 
-    def _score(self, trainer: pl.Trainer) -> tuple[float, bool]:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return math.nan, True
-        return float(value.item() if isinstance(value, torch.Tensor) else value), False
-
     def _warn_if_idle(self, trainer: pl.Trainer) -> None:
         """Say so (once, on population rank 0) when this fit gave PBT nothing to work with."""
         if self._require_strategy().world_rank != 0 or self.book.ready_count > self._ready_at_start:
             return
-        if not self._validations:
-            message = (
-                "no validation ran during this fit, so PopulationBasedTraining never had a ready step (a ready step "
-                "happens at a validation end; check limit_val_batches, check_val_every_n_epoch and val_check_interval)"
-            )
-        elif not self._monitor_seen:
-            message = (
-                f"validation ran {self._validations} time(s) but never logged {self.monitor!r}, and no ready step "
-                "happened; log the monitored metric in validation_step"
-            )
-        else:
-            interval = (
-                f"every_n_train_steps={self.every_n_train_steps}"
-                if self.every_n_train_steps is not None
-                else f"every_n_epochs={self.every_n_epochs}"
-            )
-            message = (
-                f"validation ran {self._validations} time(s) but no ready step happened ({interval} was never "
-                "reached at a validation end); lower the interval or validate more often"
-            )
+        interval = (
+            f"every_n_train_steps={self.every_n_train_steps}"
+            if self.every_n_train_steps is not None
+            else f"every_n_epochs={self.every_n_epochs}"
+        )
+        message = idle_message(self._validations, self._monitor_seen, self.monitor, interval)
         warnings.warn(f"PopulationBasedTraining did nothing: {message}", UserWarning, stacklevel=2)
 
     # -- applying and reporting ------------------------------------------------------------------
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: Mapping[str, Any]) -> None:
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        apply_hyperparameters(values, trainer.optimizers, schedulers, pl_module, self._group_ratios)
-
     def _log_status(self, trainer: pl.Trainer, result: ReadyStepResult) -> None:
-        scored = {m: s for m, s in result.scores.items() if s is not None}
-        metrics: dict[str, float] = {f"pbt/time_{name}": value for name, value in result.timing.items()}
-        if scored:
-            best = max(scored, key=lambda m: (scored[m] if self.mode == "max" else -scored[m], -m))
-            metrics["pbt/best_member"] = float(best)
-            metrics["pbt/best_score"] = float(scored[best])
-            for name, value in self.book.population[best]["hyperparameters"].items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    metrics[f"pbt/best_{name}"] = float(value)
-        for name, value in self.book.hyperparameters.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                metrics[f"pbt/{name}"] = float(value)
+        metrics = status_metrics(result, self.book.population, self.book.hyperparameters, self.mode)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         plan = result.plan
         if plan.event != "keep":
+            mutations = "; ".join(plan.mutations)
             log.info(
-                "PBT step %s: member %d %s member %s; %s",
-                result.step,
-                plan.member,
-                plan.event,
-                plan.parent,
-                "; ".join(plan.mutations),
+                "PBT step %s: member %d %s member %s; %s", result.step, plan.member, plan.event, plan.parent, mutations
             )
 
     # -- checkpointing ---------------------------------------------------------------------------
@@ -441,29 +326,7 @@ class PopulationBasedTraining(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if sorted(state_dict.get("space", [])) != sorted(self.space) or state_dict.get("seed") != self.seed:
-            raise ValueError(
-                "PopulationBasedTraining: the checkpoint comes from a run with another search space or seed "
-                f"(checkpoint: space={state_dict.get('space')}, seed={state_dict.get('seed')}; this run: "
-                f"space={sorted(self.space)}, seed={self.seed})"
-            )
-        if state_dict.get("synchronous", True) != self.synchronous:
-            raise ValueError(
-                f"PopulationBasedTraining: the checkpoint comes from a run with synchronous="
-                f"{state_dict.get('synchronous', True)}, this run has synchronous={self.synchronous}"
-            )
-        strategy = self._strategy
-        if strategy is not None and strategy.topology is not None:
-            if state_dict.get("member_id") not in (None, strategy.member_id):
-                raise ValueError(
-                    f"PopulationBasedTraining: member {strategy.member_id} was given the checkpoint of member "
-                    f"{state_dict.get('member_id')}; resume each member from its own member_<id>/ checkpoint"
-                )
-            if len(state_dict["population"]) != strategy.num_members:
-                raise ValueError(
-                    f"PopulationBasedTraining: the checkpoint's population has {len(state_dict['population'])} "
-                    f"members, this run has {strategy.num_members}"
-                )
+        _check_checkpoint_state(state_dict, self.space, self.seed, self.synchronous, self._strategy)
         self.book = PopulationBook(
             population={int(member): dict(status) for member, status in state_dict["population"].items()},
             hyperparameters=dict(state_dict["hyperparameters"]),
@@ -473,6 +336,132 @@ class PopulationBasedTraining(Callback):
         )
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self._restored = True
+
+
+def _check_checkpoint_state(
+    state_dict: Mapping[str, Any],
+    space: Mapping[str, Any],
+    seed: int,
+    synchronous: bool,
+    strategy: PopulationStrategy | None,
+) -> None:
+    """Before anything loads: the checkpoint comes from a run like this one, and from this member."""
+    if sorted(state_dict.get("space", [])) != sorted(space) or state_dict.get("seed") != seed:
+        raise ValueError(
+            "PopulationBasedTraining: the checkpoint comes from a run with another search space or seed "
+            f"(checkpoint: space={state_dict.get('space')}, seed={state_dict.get('seed')}; this run: "
+            f"space={sorted(space)}, seed={seed})"
+        )
+    if state_dict.get("synchronous", True) != synchronous:
+        raise ValueError(
+            f"PopulationBasedTraining: the checkpoint comes from a run with synchronous="
+            f"{state_dict.get('synchronous', True)}, this run has synchronous={synchronous}"
+        )
+    if strategy is not None and strategy.topology is not None:
+        if state_dict.get("member_id") not in (None, strategy.member_id):
+            raise ValueError(
+                f"PopulationBasedTraining: member {strategy.member_id} was given the checkpoint of member "
+                f"{state_dict.get('member_id')}; resume each member from its own member_<id>/ checkpoint"
+            )
+        if len(state_dict["population"]) != strategy.num_members:
+            raise ValueError(
+                f"PopulationBasedTraining: the checkpoint's population has {len(state_dict['population'])} "
+                f"members, this run has {strategy.num_members}"
+            )
+
+
+def initial_population(
+    scheduler: PBTScheduler, num_members: int, start_hyperparameters: Mapping[str, Any]
+) -> dict[int, dict[str, Any]]:
+    """Every member's status before its first ready step: sampled (or given) values, no score yet.
+
+    Args:
+        scheduler: samples each member's starting values.
+        num_members: the population size.
+        start_hyperparameters: values every member starts with.
+    """
+    return {
+        member: {
+            "hyperparameters": scheduler.initial_hyperparameters(member, start_hyperparameters),
+            "score": None,
+            "history": [],
+            "parent": member,
+            "done": False,
+        }
+        for member in range(num_members)
+    }
+
+
+def idle_message(validations: int, monitor_seen: bool, monitor: str, interval: str) -> str:
+    """Why a fit had no ready step, and what to change.
+
+    Args:
+        validations: the validation ends of the fit.
+        monitor_seen: whether any of them logged the monitored metric.
+        monitor: its name.
+        interval: the ready interval, as the user set it (``"every_n_epochs=2"``).
+    """
+    if not validations:
+        return (
+            "no validation ran during this fit, so PopulationBasedTraining never had a ready step (a ready step "
+            "happens at a validation end; check limit_val_batches, check_val_every_n_epoch and val_check_interval)"
+        )
+    if not monitor_seen:
+        return (
+            f"validation ran {validations} time(s) but never logged {monitor!r}, and no ready step "
+            "happened; log the monitored metric in validation_step"
+        )
+    return (
+        f"validation ran {validations} time(s) but no ready step happened ({interval} was never "
+        "reached at a validation end); lower the interval or validate more often"
+    )
+
+
+def status_metrics(
+    result: ReadyStepResult, population: Mapping[int, Mapping[str, Any]], hyperparameters: Mapping[str, Any], mode: str
+) -> dict[str, float]:
+    """What a ready step logs: its timing, the best member, its score and values, and this member's values.
+
+    Args:
+        result: the ready step's result (scores, timing).
+        population: the population's status after it.
+        hyperparameters: this member's values in effect.
+        mode: ``"max"`` or ``"min"``.
+    """
+    scored = {m: s for m, s in result.scores.items() if s is not None}
+    metrics: dict[str, float] = {f"pbt/time_{name}": value for name, value in result.timing.items()}
+    if scored:
+        best = max(scored, key=lambda m: (scored[m] if mode == "max" else -scored[m], -m))
+        metrics["pbt/best_member"] = float(best)
+        metrics["pbt/best_score"] = float(scored[best])
+        for name, value in population[best]["hyperparameters"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"pbt/best_{name}"] = float(value)
+    for name, value in hyperparameters.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[f"pbt/{name}"] = float(value)
+    return metrics
+
+
+def _is_ready(
+    trainer: pl.Trainer, book: PopulationBook, every_n_train_steps: int | None, every_n_epochs: int | None
+) -> bool:
+    """Whether this validation end is a ready step, by the interval the user set."""
+    if trainer.global_step == book.last_ready_step:  # e.g. several validations in one step
+        return False
+    if every_n_train_steps is not None:
+        return trainer.global_step - max(book.last_ready_step, 0) >= every_n_train_steps
+    if every_n_epochs is not None:
+        return _epochs_done(trainer) - book.last_ready_epochs >= every_n_epochs
+    return True
+
+
+def _score(trainer: pl.Trainer, monitor: str) -> tuple[float, bool]:
+    """The monitored metric at this validation end, and whether it was missing (NaN then)."""
+    value = trainer.callback_metrics.get(monitor)
+    if value is None:
+        return math.nan, True
+    return float(value.item() if isinstance(value, torch.Tensor) else value), False
 
 
 def _epochs_done(trainer: pl.Trainer) -> int:
@@ -562,7 +551,9 @@ class _TrainerMember:
             )
 
     def apply(self, hyperparameters: Mapping[str, Any]) -> None:
-        self.callback._apply(self.trainer, self.module, hyperparameters)
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        optimizers = self.trainer.optimizers
+        apply_hyperparameters(hyperparameters, optimizers, schedulers, self.module, self.callback._group_ratios)
 
     def rejuvenate(self, seed: int) -> None:
         reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.callback.rejuvenate_modules)

@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ESTABLISHED", "PopulationAborted", "PopulationGroup", "PopulationWatchdog", "wire_bytes"]
+__all__ = [
+    "ESTABLISHED",
+    "PopulationAborted",
+    "PopulationGroup",
+    "PopulationWatchdog",
+    "start_watchdog",
+    "stop_watchdog",
+    "wire_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +306,36 @@ class PopulationWatchdog(threading.Thread):
         print(f"[lightning_pbt rank {self._rank}] {message}; ending this rank", flush=True)
         time.sleep(0.2)
         os._exit(_ABORT_EXIT_CODE)
+
+
+def start_watchdog(prefix: str, world_rank: int, timeout: timedelta) -> PopulationWatchdog | None:
+    """A started :class:`PopulationWatchdog` on a store client of its own (``MASTER_ADDR``/``MASTER_PORT``),
+    or ``None`` when no client can connect: the watchdog is a speed-up for failures, never a requirement.
+
+    Args:
+        prefix: the run's store prefix (where the abort flag is).
+        world_rank: this rank's world rank, for messages.
+        timeout: the store client's timeout.
+    """
+    try:
+        client = open_store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
+    except Exception:
+        log.debug("no watchdog store client", exc_info=True)
+        return None
+    watchdog = PopulationWatchdog(dist.PrefixStore(prefix, client), world_rank)
+    watchdog.start()
+    return watchdog
+
+
+def stop_watchdog(watchdog: PopulationWatchdog | None) -> None:
+    """Stop ``watchdog`` and join it, so that no thread is inside a store call when the process exits.
+
+    Args:
+        watchdog: the watchdog (``None``: nothing to do).
+    """
+    if watchdog is not None:
+        watchdog.stop()
+        watchdog.join(timeout=5)
 
 
 def wire_bytes(tensor: Tensor) -> Tensor:

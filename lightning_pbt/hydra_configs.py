@@ -43,14 +43,18 @@ low: .., high: ..}`` or ``{type: choice, values: [..]}`` (see :mod:`lightning_pb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from lightning_pbt.settings import PBTSettings
 
 __all__ = [
     "HYPERPARAMETERS_KEY",
@@ -72,56 +76,71 @@ DEVICES_RESOLVER = "pbt_launch_devices"
 NODES_RESOLVER = "pbt_launch_nodes"
 
 
-@dataclass
-class PopulationBasedTrainingConf:
-    """:class:`lightning_pbt.PopulationBasedTraining`'s arguments, as a Hydra schema (``pbt/base_pbt``).
+def _schema_from_settings(name: str, target: str, doc: str, module: str) -> type:
+    """A Hydra structured config with one field per :class:`PBTSettings` argument, same name and default.
 
-    Each field is the callback's argument of the same name, with the same default; see
-    :class:`lightning_pbt.PopulationBasedTraining` for their meaning. The differences are of form only:
-    ``hyperparameters`` holds config forms (``{type: loguniform, low: .., high: ..}``, see
-    :mod:`lightning_pbt.space`), ``exploit`` is a rule name and ``custom_explore`` an import path.
+    Args:
+        name: the class name.
+        target: its ``_target_``, the class Hydra instantiates.
+        doc: the class docstring; each field's line of :class:`PBTSettings`' Attributes is appended.
+        module: the module the class says it belongs to (where it is documented).
 
-    Attributes:
-        hyperparameters: the search space, ``{name: config form}``.
-        monitor: the logged metric that scores a member (required).
-        mode: ``"max"`` or ``"min"``.
-        every_n_train_steps: the ready interval in optimizer steps.
-        every_n_epochs: the ready interval in epochs.
-        burn_in: no exploit before this global step.
-        exploit: ``"truncation"``, ``"tournament"`` or ``"ttest"``.
-        quantile_fraction: for truncation, in (0, 0.5].
-        resample_probability: chance that explore resamples instead of perturbing.
-        perturbation_factors: factors a perturbed value is multiplied by.
-        custom_explore: the import path of an explore function, ``"package.module.function"``.
-        explore: ``"perturb"`` or ``"pb2"``.
-        start_hyperparameters: values every member starts with.
-        rejuvenate_patience: ready steps without improvement before fresh weights.
-        rejuvenate_modules: the submodules a rejuvenation re-initialises.
-        seed: the run's seed.
-        dirpath: where ``lineage.jsonl`` goes.
-        synchronous: ``False`` for asynchronous PBT.
+    Returns:
+        A dataclass whose fields are ``_target_``, ``_convert_`` and the arguments; a required argument
+        defaults to ``MISSING`` (``???``), a Python type OmegaConf does not take is replaced by the field's
+        ``metadata["hydra"]``.
     """
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, field(default=target)),
+        ("_convert_", str, field(default="all")),
+    ]
+    hints = typing.get_type_hints(PBTSettings)
+    for f in PBTSettings.arguments():
+        kind = f.metadata.get("hydra", hints[f.name])
+        if f.default_factory is not dataclasses.MISSING:  # pragma: no cover - no argument has one today
+            default = field(default_factory=f.default_factory)
+        elif f.default is dataclasses.MISSING:
+            default = field(default_factory=dict) if f.name == "hyperparameters" else field(default=MISSING)
+        elif isinstance(f.default, tuple):
+            default = field(default_factory=lambda value=f.default: list(value))
+        else:
+            default = field(default=f.default)
+        fields.append((f.name, kind, default))
+    schema = dataclasses.make_dataclass(name, fields)
+    schema.__module__ = module
+    schema.__doc__ = doc + "\n\nAttributes:\n" + _attribute_lines()
+    return schema
 
-    _target_: str = "lightning_pbt.PopulationBasedTraining"
-    _convert_: str = "all"
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    monitor: str = MISSING
-    mode: str = "max"
-    every_n_train_steps: int | None = None
-    every_n_epochs: int | None = None
-    burn_in: int = 0
-    exploit: str = "truncation"
-    quantile_fraction: float = 0.25
-    resample_probability: float = 0.25
-    perturbation_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
-    custom_explore: str | None = None
-    explore: str = "perturb"
-    start_hyperparameters: dict[str, Any] | None = None
-    rejuvenate_patience: int | None = None
-    rejuvenate_modules: list[str] | None = None
-    seed: int = 0
-    dirpath: str | None = None
-    synchronous: bool = True
+
+def _attribute_lines() -> str:
+    """The Attributes section of :class:`PBTSettings`' docstring, for the derived schema's docstring."""
+    doc = PBTSettings.__doc__ or ""
+    section = doc.split("Attributes:\n", 1)[1].split("\n\n", 1)[0]
+    names = {f.name for f in PBTSettings.arguments()}
+    lines, keep = [], False
+    for line in section.splitlines():
+        stripped = line.strip()
+        if stripped and not line.startswith(" " * 12):
+            keep = stripped.split(":", 1)[0] in names
+        if keep:
+            lines.append("    " + stripped if not line.startswith(" " * 12) else "        " + stripped)
+    return "\n".join(lines)
+
+
+PopulationBasedTrainingConf = _schema_from_settings(
+    "PopulationBasedTrainingConf",
+    "lightning_pbt.PopulationBasedTraining",
+    """[`PopulationBasedTraining`][lightning_pbt.callback.PopulationBasedTraining]'s arguments, as a Hydra
+schema (``pbt/base_pbt``).
+
+Derived from [`PBTSettings`][lightning_pbt.settings.PBTSettings]: each field is the callback's argument of the
+same name, with the same default. The differences are of form only: ``hyperparameters`` holds config
+forms (``{type: loguniform, low: .., high: ..}``, see [`space`][lightning_pbt.space]), ``exploit`` is a rule
+name and ``custom_explore`` an import path.""",
+    __name__,
+)
+"""The callback's arguments as a Hydra schema (``pbt/base_pbt``), derived from
+[`PBTSettings`][lightning_pbt.settings.PBTSettings]: the same names and defaults, in Hydra's types."""
 
 
 @dataclass

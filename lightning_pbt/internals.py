@@ -66,11 +66,11 @@ def _source_has(function: Any, text: str) -> bool:
 
 
 def _probe_fit_impl_ckpt_index(package: str) -> bool:
-    from lightning_pbt.strategy import _FIT_CKPT_INDEX, _FIT_WEIGHTS_ONLY_INDEX
+    from lightning_pbt.resume import FIT_CKPT_INDEX, FIT_WEIGHTS_ONLY_INDEX
 
     parameters = _parameters(_module(package, "").Trainer._fit_impl)
     return (
-        parameters.index("ckpt_path") == _FIT_CKPT_INDEX and parameters.index("weights_only") == _FIT_WEIGHTS_ONLY_INDEX
+        parameters.index("ckpt_path") == FIT_CKPT_INDEX and parameters.index("weights_only") == FIT_WEIGHTS_ONLY_INDEX
     )
 
 
@@ -148,7 +148,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "Trainer._checkpoint_connector._parse_ckpt_path(state_fn, ckpt_path, model_provided, model_connected)",
         "lightning",
-        "strategy._call_scoped",
+        "resume.fit_checkpoint",
         "resolves 'last' against the member's own checkpoint folder, before the process groups exist",
         ("_checkpoint_connector", "_parse_ckpt_path"),
         _probe_parse_ckpt_path,
@@ -156,7 +156,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "Trainer._default_root_dir",
         "lightning",
-        "strategy._agree_on_run_dir",
+        "outputs.agree_on_run_dir",
         "set to population rank 0's folder; Trainer.default_root_dir (and log_dir without a logger) reads it",
         ("_default_root_dir",),
         _probe_default_root_dir,
@@ -180,7 +180,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "Logger _root_dir / _save_dir / _experiment",
         "lightning",
-        "strategy.scope_outputs, strategy._agree_on_run_dir",
+        "outputs.scope_outputs, outputs.rebase_outputs",
         "a logger's folder can be moved to member_<id>/ while _experiment is still None (nothing written yet)",
         ("_root_dir", "_save_dir", "_experiment"),
         _probe_logger_folders,
@@ -196,7 +196,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "cli.SaveConfigCallback.save_to_log_dir (set after construction, known by class name)",
         "lightning",
-        "strategy.scope_outputs",
+        "outputs.scope_outputs",
         "without a logger only member 0 writes config.yaml into the shared run directory",
         (),
         _probe_save_config_callback,

@@ -521,6 +521,20 @@ def plot_lineage_tree(
 
 
 # -- the whole report --------------------------------------------------------------------------------
+def _chosen_member(records: Sequence[Any], mode: str, member: int | None, lineage: Path) -> int | None:
+    """The member whose schedule is exported: ``member`` if given (it must be in the lineage), else the best
+    one (``None`` when no member has a score)."""
+    members = {r.member for r in records}
+    if member is not None and member not in members:
+        raise ValueError(f"member {member} is not in {lineage} (members: {sorted(members)})")
+    if member is not None:
+        return member
+    try:
+        return best_member(records, mode)
+    except ValueError:
+        return None
+
+
 def make_report(
     path: str | os.PathLike[str],
     *,
@@ -569,16 +583,8 @@ def make_report(
         monitor = found if isinstance(found, str) and found else "score"
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    members = {r.member for r in records}
-    if member is not None and member not in members:
-        raise ValueError(f"member {member} is not in {lineage} (members: {sorted(members)})")
+    chosen = _chosen_member(records, mode, member, lineage)
     out = Path(out_dir) if out_dir is not None else lineage.parent
-    chosen = member
-    if chosen is None:
-        try:
-            chosen = best_member(records, mode)
-        except ValueError:
-            chosen = None
     files: dict[str, Path] = {}
     schedule: list[tuple[int, dict[str, Any]]] = []
     if chosen is not None:

@@ -20,10 +20,48 @@ from lightning_pbt.explore import Explorer
 from lightning_pbt.pb2 import PB2
 from lightning_pbt.space import Domain, space_from_config
 
-__all__ = ["EXPLORE_METHODS", "PLAN_EVENTS", "MemberPlan", "MemberSnapshot", "PBTScheduler"]
+__all__ = [
+    "EXPLORE_METHODS",
+    "PLAN_EVENTS",
+    "MemberPlan",
+    "MemberSnapshot",
+    "PBTScheduler",
+    "check_burn_in",
+    "check_explore_method",
+]
 
 PLAN_EVENTS = ("keep", "exploit", "rejuvenate")
 EXPLORE_METHODS = ("perturb", "pb2")
+
+
+def check_burn_in(burn_in: int) -> int:
+    """``burn_in`` itself if it is an integer >= 0; a ValueError naming it otherwise.
+
+    Args:
+        burn_in: the global step before which no member exploits.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+        raise ValueError(f"burn_in must be an integer >= 0, got {burn_in!r}")
+    return burn_in
+
+
+def check_explore_method(explore: str) -> str:
+    """``explore`` itself if it is one of :data:`EXPLORE_METHODS`; a ValueError naming it otherwise.
+
+    Args:
+        explore: ``"perturb"`` or ``"pb2"``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if explore not in EXPLORE_METHODS:
+        raise ValueError(f"explore must be one of {EXPLORE_METHODS}, got {explore!r}")
+    return explore
+
+
 _STATE_VERSION = 2  # 2: adds "explore" and PB2's observations; version 1 (the RNG only) still loads for perturb
 # SeedSequence spawn keys: separate streams for the plans and for each member's initial values.
 _PLAN_STREAM = 0
@@ -179,15 +217,13 @@ class PBTScheduler:
             raise ValueError(
                 f"explorer space {sorted(self.explorer.space)} differs from the scheduler's {sorted(self.space)}"
             )
-        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
-            raise ValueError(f"burn_in must be an integer >= 0, got {burn_in!r}")
+        check_burn_in(burn_in)
         p = rejuvenate_patience
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"rejuvenate_patience must be None or an integer >= 1, got {p!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if explore not in EXPLORE_METHODS:
-            raise ValueError(f"explore must be one of {EXPLORE_METHODS}, got {explore!r}")
+        check_explore_method(explore)
         self.explore_method = explore
         self.pb2 = PB2(self.space, self.mode, self.explorer) if explore == "pb2" else None
         self.burn_in = burn_in

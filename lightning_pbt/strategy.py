@@ -33,7 +33,6 @@ import atexit
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -43,36 +42,26 @@ import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
+from lightning_pbt.console import quiet_console
 from lightning_pbt.distributed import ESTABLISHED as _ESTABLISHED
-from lightning_pbt.distributed import PopulationGroup, PopulationWatchdog, open_store_client
+from lightning_pbt.distributed import (
+    PopulationGroup,
+    PopulationWatchdog,
+    open_store_client,
+    start_watchdog,
+    stop_watchdog,
+)
+from lightning_pbt.resume import agree_on_resume, fit_checkpoint
 from lightning_pbt.topology import PopulationTopology, expand_devices
 
-from ._lightning import (
-    DDPStrategy,
-    ModelCheckpoint,
-    OnExceptionCheckpoint,
-    fabric_rank_zero_only,
-    rank_zero_only,
-    seed_everything,
-)
+from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
+from .outputs import agree_on_run_dir, scope_outputs
 
 __all__ = ["PopulationStrategy", "check_supported", "member_id_from_env"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
-# Quieted on population ranks != 0: every member's rank 0 is a rank 0 for Lightning (rank_zero_only),
-# so Lightning's rank-zero messages would otherwise appear once per member instead of once per run.
-_QUIET_LOGGERS = (
-    "pytorch_lightning",
-    "lightning.pytorch",
-    "lightning_fabric",
-    "lightning.fabric",
-    "lightning_utilities",
-    "lightning_pbt",
-)
-# Warnings attributed to these packages (rank_zero_warn points at its Lightning caller).
-_QUIET_WARNING_MODULES = r"(pytorch_lightning|lightning_fabric|lightning_utilities|lightning_pbt|lightning)(\.|$)"
 
 
 def member_id_from_env(member_size: int = 1, devices_per_node: int | None = None) -> int:
@@ -153,11 +142,6 @@ class _MemberScopingLauncher:
         return self.inner.launch(_call_scoped, function, *args, trainer=trainer, **kwargs)
 
 
-# Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
-_FIT_CKPT_INDEX = 4
-_FIT_WEIGHTS_ONLY_INDEX = 5
-
-
 def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs in each launched process: ``function`` is a bound method of the Trainer (``_fit_impl``...)."""
     trainer = getattr(function, "__self__", None)
@@ -167,55 +151,49 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(function, "__name__", "") == "_fit_impl":
             # Resolve ckpt_path="last" against the member's own folders, and remember what this rank
             # will resume from so that the members can agree on it once the groups exist.
-            positional = len(args) > _FIT_CKPT_INDEX
-            ckpt_path = args[_FIT_CKPT_INDEX] if positional else kwargs.get("ckpt_path")
-            if ckpt_path == "last":
-                connector = trainer._checkpoint_connector
-                ckpt_path = connector._parse_ckpt_path(trainer.state.fn, "last", True, False)
-                if positional:
-                    args = (*args[:_FIT_CKPT_INDEX], ckpt_path, *args[_FIT_CKPT_INDEX + 1 :])
-                else:
-                    kwargs["ckpt_path"] = ckpt_path
-            strategy._resume_path = str(ckpt_path) if ckpt_path is not None else None
-            weights_only = args[_FIT_WEIGHTS_ONLY_INDEX] if len(args) > _FIT_WEIGHTS_ONLY_INDEX else None
-            strategy._resume_weights_only = kwargs.get("weights_only", weights_only)
+            args, kwargs, strategy._resume_path, strategy._resume_weights_only = fit_checkpoint(trainer, args, kwargs)
     return function(*args, **kwargs)
 
 
-def _is_save_config_callback(callback: Any) -> bool:
-    """LightningCLI's ``SaveConfigCallback`` (or a subclass), known by name: importing ``cli`` is costly."""
-    return any(cls.__name__ == "SaveConfigCallback" for cls in type(callback).__mro__)
+def _create_groups(
+    topology: PopulationTopology, backend: str, root_device: torch.device, env: Any, timeout: timedelta
+) -> tuple[PopulationGroup, str]:
+    """Create this member's process group (the default group) and the population group.
 
-
-def _pbt_state(path: str, weights_only: bool | None = None) -> dict[str, Any]:
-    """The PBT callback's state in a checkpoint (empty when it holds none); plain data only unless the
-    fit was told otherwise (``trainer.fit(..., weights_only=False)``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only is not False, mmap=True)
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if str(key).startswith("PopulationBasedTraining") and isinstance(state, dict):
-            return state
-    return {}
-
-
-def _last_ready_step(path: str) -> int:
-    """The PBT ready step a checkpoint was taken after (-1 when it holds no PBT state)."""
-    return int(_pbt_state(path).get("last_ready_step", -1))
-
-
-def _checkpoint_at_ready_step(directory: str, step: int) -> str | None:
-    """A checkpoint in ``directory`` taken after ready step ``step``, the newest one first."""
-    candidates = sorted(
-        (os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".ckpt")),
-        key=os.path.getmtime,
-        reverse=True,
+    Returns:
+        The population group and the run's store prefix.
+    """
+    os.environ["MASTER_ADDR"] = env.main_address
+    os.environ["MASTER_PORT"] = str(env.main_port)
+    url = f"env://?rank={topology.world_rank}&world_size={topology.world_size}"
+    store, _, _ = next(dist.rendezvous(url, timeout=timeout))
+    # A torchrun restart reuses the agent's store: keys of an earlier attempt must not leak in.
+    prefix = f"lightning_pbt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    run_store = dist.PrefixStore(prefix, store)
+    kwargs: dict[str, Any] = {}
+    if root_device.type == "cuda":
+        torch.cuda.set_device(root_device)
+        kwargs["device_id"] = root_device
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"member_{topology.member_id}/", run_store),
+        rank=topology.member_rank,
+        world_size=topology.member_size,
+        timeout=timeout,
+        **kwargs,
     )
-    for path in candidates:
-        try:
-            if _last_ready_step(path) == step:
-                return path
-        except Exception:  # an unreadable file is simply not a candidate
-            log.debug("skipping unreadable checkpoint %s", path, exc_info=True)
-    return None
+    # NCCL across the population only when no two of its ranks share a GPU; else gloo via host memory.
+    population_backend = topology.population_backend if backend == "nccl" else "gloo"
+    device = root_device if population_backend == "nccl" else torch.device("cpu")
+    address, port = env.main_address, env.main_port
+
+    def connect_store() -> dist.Store:
+        return dist.PrefixStore(prefix, open_store_client(address, port, timeout))
+
+    population = PopulationGroup.create(
+        run_store, topology.world_rank, topology.world_size, population_backend, device, timeout, connect_store
+    )
+    return population, prefix
 
 
 def _shutdown_population() -> None:
@@ -388,7 +366,7 @@ class PopulationStrategy(DDPStrategy):
                 _ESTABLISHED["fits"] = self.fit_generation + 1
             self._agree_on_run_dir(trainer)
             self._agree_on_resume()
-            self._quiet_console(trainer)
+            quiet_console(trainer, self.world_rank)
 
     @override
     def setup_distributed(self) -> None:
@@ -404,50 +382,14 @@ class PopulationStrategy(DDPStrategy):
         if dist.is_initialized():
             self._adopt_established(topology, backend)
             return
-        os.environ["MASTER_ADDR"] = env.main_address
-        os.environ["MASTER_PORT"] = str(env.main_port)
         timeout = self._timeout or DEFAULT_TIMEOUT
-        url = f"env://?rank={topology.world_rank}&world_size={topology.world_size}"
-        store, _, _ = next(dist.rendezvous(url, timeout=timeout))
-        # A torchrun restart reuses the agent's store: keys of an earlier attempt must not leak in.
-        prefix = f"lightning_pbt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        run_store = dist.PrefixStore(prefix, store)
-        kwargs: dict[str, Any] = {}
-        if self.root_device.type == "cuda":
-            torch.cuda.set_device(self.root_device)
-            kwargs["device_id"] = self.root_device
-        dist.init_process_group(
-            backend,
-            store=dist.PrefixStore(f"member_{topology.member_id}/", run_store),
-            rank=topology.member_rank,
-            world_size=topology.member_size,
-            timeout=timeout,
-            **kwargs,
-        )
-        # NCCL across the population only when no two of its ranks share a GPU; else gloo via host memory.
-        population_backend = topology.population_backend if backend == "nccl" else "gloo"
-        device = self.root_device if population_backend == "nccl" else torch.device("cpu")
-        address, port = env.main_address, env.main_port
-
-        def connect_store() -> dist.Store:
-            return dist.PrefixStore(prefix, open_store_client(address, port, timeout))
-
-        self.population = PopulationGroup.create(
-            run_store, topology.world_rank, topology.world_size, population_backend, device, timeout, connect_store
-        )
+        self.population, prefix = _create_groups(topology, backend, self.root_device, env, timeout)
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         atexit.register(_shutdown_population)
-        self.topology = topology
-        self._process_group_backend = backend
-        rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
-        self._seed_member()
         self._watchdog_prefix = prefix
+        self._become_member(topology, backend)
         log.debug(
-            "member %d/%d, rank %d/%d",
-            topology.member_id,
-            topology.num_members,
-            topology.member_rank,
-            topology.member_size,
+            "member %d/%d, rank %d/%d", topology.member_id, topology.num_members, topology.member_rank, self.member_size
         )
 
     def _adopt_established(self, topology: PopulationTopology, backend: str) -> None:
@@ -464,9 +406,13 @@ class PopulationStrategy(DDPStrategy):
                 )
             )
         self.population = _ESTABLISHED["population"]
+        self._watchdog_prefix = _ESTABLISHED["prefix"]
+        self._become_member(topology, backend)
+
+    def _become_member(self, topology: PopulationTopology, backend: str) -> None:
+        """Lightning's view from here on: a world of this member's ranks, seeded per member."""
         self.topology = topology
         self._process_group_backend = backend
-        self._watchdog_prefix = _ESTABLISHED["prefix"]
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
         self._seed_member()
 
@@ -479,14 +425,7 @@ class PopulationStrategy(DDPStrategy):
         seed_everything(self.member_seed, workers=os.environ.get("PL_SEED_WORKERS") == "1", verbose=False)
 
     def _start_watchdog(self) -> None:
-        timeout = self._timeout or DEFAULT_TIMEOUT
-        try:
-            client = open_store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
-        except Exception:  # the watchdog is a speed-up for failures, never a requirement
-            log.debug("no watchdog store client", exc_info=True)
-            return
-        self._watchdog = PopulationWatchdog(dist.PrefixStore(self._watchdog_prefix, client), self.world_rank)
-        self._watchdog.start()
+        self._watchdog = start_watchdog(self._watchdog_prefix, self.world_rank, self._timeout or DEFAULT_TIMEOUT)
 
     # -- per-member outputs ----------------------------------------------------------------------
     def scope_outputs(self, trainer: Any) -> None:
@@ -498,133 +437,26 @@ class PopulationStrategy(DDPStrategy):
         """
         if self._scoped_root is not None:
             return
-        topology = self._topology_from_launch()
-        self._scoped_root = os.path.abspath(trainer.default_root_dir)
-        member_dir = f"member_{topology.member_id}"
-        for logger in trainer.loggers:
-            if getattr(logger, "_experiment", None) is not None:
-                continue  # already writing somewhere; moving it now would split its files
-            for attribute in ("_root_dir", "_save_dir"):
-                value = getattr(logger, attribute, None)
-                if isinstance(value, str | os.PathLike):
-                    setattr(logger, attribute, os.path.join(os.path.abspath(value), member_dir))
-        for callback in trainer.callbacks:
-            is_checkpoint = isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint)
-            if is_checkpoint and callback.dirpath is not None:
-                callback.dirpath = os.path.join(os.path.abspath(callback.dirpath), member_dir)
-            elif isinstance(callback, ModelCheckpoint) and not trainer.loggers:
-                callback.dirpath = os.path.join(self._scoped_root, member_dir, "checkpoints")
-            elif _is_save_config_callback(callback) and not trainer.loggers and topology.member_id != 0:
-                # Without a logger LightningCLI writes config.yaml into the run directory, which every
-                # member shares; every member parsed the same command line, so member 0 writes it once.
-                callback.save_to_log_dir = False
+        self._scoped_root = scope_outputs(trainer, self._topology_from_launch().member_id)
 
     def _agree_on_run_dir(self, trainer: Any) -> None:
-        """Population rank 0's ``default_root_dir`` becomes everyone's run directory.
-
-        Ranks whose working directory differs (e.g. Hydra under torchrun) move their member folders
-        under it, so that one run never splits across directories.
-        """
+        """Population rank 0's ``default_root_dir`` becomes everyone's run directory (once)."""
         assert self.population is not None
-        if self.run_dir is not None:
-            return
-        if self._scoped_root is None:
-            self.scope_outputs(trainer)
-        local_root = self._scoped_root
-        assert local_root is not None
-        self.run_dir = str(self.population.broadcast_json(local_root if self.world_rank == 0 else None, 0))
-        trainer._default_root_dir = self.run_dir
-        if local_root == self.run_dir:
-            return
-
-        def rebase(path: str) -> str:
-            path = os.path.abspath(path)
-            inside = os.path.commonpath([path, local_root]) == local_root
-            return os.path.join(self.run_dir, os.path.relpath(path, local_root)) if inside else path
-
-        for logger in trainer.loggers:
-            for attribute in ("_root_dir", "_save_dir"):
-                value = getattr(logger, attribute, None)
-                if isinstance(value, str) and getattr(logger, "_experiment", None) is None:
-                    setattr(logger, attribute, rebase(value))
-        for callback in trainer.callbacks:
-            if isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint) and callback.dirpath is not None:
-                callback.dirpath = rebase(callback.dirpath)
+        if self.run_dir is None:
+            self.scope_outputs(trainer)  # returns at once where the launcher already did
+            assert self._scoped_root is not None
+            self.run_dir = agree_on_run_dir(trainer, self.population, self.world_rank, self._scoped_root)
 
     def _agree_on_resume(self) -> None:
-        """Make the ranks that must be in step resume from checkpoints taken after the same PBT ready step.
-
-        Those are all ranks of a synchronous run, and the ranks of each member in an asynchronous one
-        (whose members are at steps of their own). A crash can land between two saves of one ready step.
-        Each rank reports the ready step of the checkpoint it was given; ranks ahead of the slowest of
-        their set fall back to an older checkpoint of theirs (keep several, e.g.
-        ``ModelCheckpoint(save_top_k=-1)``). Every rank sees the same gathered table, so every rank raises
-        the same error when that is impossible.
-        """
+        """Resume from checkpoints of the same ready step as the ranks this one must be in step with
+        (:func:`~lightning_pbt.resume.agree_on_resume`); once per strategy."""
         assert self.population is not None and self.topology is not None
         if self._resume_agreed:
             return
         self._resume_agreed = True
-        mine, synchronous = -2, 1  # -2: no checkpoint
-        if self._resume_path:
-            try:
-                state = _pbt_state(self._resume_path, self._resume_weights_only)
-                mine, synchronous = int(state.get("last_ready_step", -1)), int(bool(state.get("synchronous", True)))
-            except Exception as error:  # reported through the gather below, so that every rank raises
-                log.error("cannot read the checkpoint %s: %s", self._resume_path, error)
-                mine = -3
-        rows = self.population.all_gather(torch.tensor([mine, synchronous], dtype=torch.int64)).cpu().tolist()
-        table = [step for step, _ in rows]
-        if all(step == -2 for step in table):
-            return
-        unreadable = [rank for rank, step in enumerate(table) if step == -3]
-        if unreadable:
-            raise RuntimeError(
-                f"PopulationStrategy: world ranks {unreadable} cannot read the checkpoint they were given to "
-                "resume from (corrupt or not a Lightning checkpoint); see their log"
-            )
-        if any(step == -2 for step in table):
-            missing = [rank for rank, step in enumerate(table) if step == -2]
-            raise RuntimeError(
-                f"PopulationStrategy: world ranks {missing} have no checkpoint to resume from while the others "
-                "do; resume every member (e.g. ckpt_path='last' with ModelCheckpoint(save_last=True)) or none"
-            )
-        topology = self.topology
-        in_step = range(len(table)) if all(flag for _, flag in rows) else topology.member_ranks(topology.member_id)
-        target = min(table[rank] for rank in in_step)
-        found = 1
-        if mine != target:
-            alternative = _checkpoint_at_ready_step(os.path.dirname(os.path.abspath(self._resume_path)), target)
-            found = int(alternative is not None)
-            self._resume_override = alternative
-            if alternative is not None:
-                log.warning(
-                    "member %d resumes from %s (ready step %d, as the others)", self.member_id, alternative, target
-                )
-        found_table = self.population.all_gather(torch.tensor([found])).flatten().tolist()
-        if not all(found_table):
-            stuck = [rank for rank, ok in enumerate(found_table) if not ok]
-            raise RuntimeError(
-                f"PopulationStrategy: ranks that must resume together resumed from different PBT ready steps (per "
-                f"world rank: {table}) and world ranks {stuck} keep no checkpoint of the step they must roll back "
-                "to; keep several checkpoints (ModelCheckpoint(save_top_k=-1)) so that a restart can roll them back"
-            )
-
-    def _quiet_console(self, trainer: Any) -> None:
-        """One console per population: the progress bar, info and warnings on population rank 0 only.
-
-        Lightning's and our own messages are the same in every member, so the other ranks drop them;
-        errors (logged at ERROR, exceptions and tracebacks) still appear from every rank. Loggers stay
-        member-scoped: ``rank_zero_only.rank`` is untouched.
-        """
-        if self.world_rank == 0:
-            return
-        progress_bar = trainer.progress_bar_callback
-        if progress_bar is not None:
-            progress_bar.disable()
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
+        self._resume_override = agree_on_resume(
+            self.population, self.topology, self._resume_path, self._resume_weights_only
+        )
 
     @override
     def _configure_launcher(self) -> None:
@@ -674,11 +506,8 @@ class PopulationStrategy(DDPStrategy):
         self._stop_watchdog()
 
     def _stop_watchdog(self) -> None:
-        # Joined, so that no thread is inside a store call when the process goes on to exit.
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog.join(timeout=5)
-            self._watchdog = None
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
 
     @override
     def teardown(self) -> None:

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # The modules loaded a second time for this flavour; every other lightning_pbt module is shared.
-GLUE_MODULES = ("_lightning", "callback", "replay", "strategy")
+GLUE_MODULES = ("_lightning", "callback", "outputs", "replay", "strategy")
 
 _LAZY = {
     "PopulationBasedTraining": "callback",

@@ -14,28 +14,24 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_pbt.strategy import _QUIET_LOGGERS, PopulationStrategy
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.console import QUIET_LOGGERS, quiet_console
 
 
 @pytest.fixture
 def restore_console():
     """The quieting changes process-wide state; put it back for the other tests."""
-    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     with warnings.catch_warnings():
         yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
 
 
-def _quieted_strategy(world_rank: int) -> PopulationStrategy:
-    strategy = PopulationStrategy(member_size=1)
-    strategy.topology = PopulationTopology(world_size=2, world_rank=world_rank, member_size=1)
+def _quieted_strategy(world_rank: int) -> SimpleNamespace:
     bar = SimpleNamespace(disabled=False)
     bar.disable = lambda: setattr(bar, "disabled", True)
-    strategy._quiet_console(SimpleNamespace(progress_bar_callback=bar))
-    strategy.bar = bar
-    return strategy
+    quiet_console(SimpleNamespace(progress_bar_callback=bar), world_rank)
+    return SimpleNamespace(bar=bar)
 
 
 WARNINGS_BY_MODULE = {

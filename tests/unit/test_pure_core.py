@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_pbt"
-CORE = ("space", "exploit", "explore", "scheduler", "lineage", "pb2", "comparable")
+CORE = ("space", "exploit", "explore", "scheduler", "lineage", "pb2", "comparable", "settings")
 ALLOWED_THIRD_PARTY = {"numpy"}
 EXTRA_THIRD_PARTY = {"pb2": {"scipy"}}  # its linear algebra and acquisition optimisation
 
