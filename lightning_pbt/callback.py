@@ -238,6 +238,7 @@ class PopulationBasedTraining(Callback):
             epoch=trainer.current_epoch,
             start_values=self.start_hyperparameters,
             init_extra={"mode": self.mode, "monitor": self.monitor, "synchronous": self.synchronous},
+            averages=[key for key, _ in weight_averages(trainer.callbacks)],
         )
 
     # -- ready steps -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -196,27 +196,36 @@ class ReadySteps(ABC):
         epoch: int,
         start_values: Mapping[str, Any],
         init_extra: Mapping[str, Any],
+        averages: Sequence[str] = (),
     ) -> None:
         """Check what every rank must agree on and open the lineage (population rank 0).
 
-        ``layout`` (:func:`lightning_pbt.apply.optimizer_layout`) describes this rank's optimizers: members
-        that differ could not copy each other's state, so every rank stops with the same message before
-        training. Problems with the lineage file (corrupt, another run's) are broadcast from rank 0 so
-        that every rank raises them.
+        ``layout`` (:func:`lightning_pbt.apply.optimizer_layout`) describes this rank's optimizers and
+        ``averages`` names its weight-averaging callbacks (their ``state_key``s): members that differ
+        could not copy each other's state, so every rank stops with the same message before training.
+        Problems with the lineage file (corrupt, another run's) are broadcast from rank 0 so that every
+        rank raises them.
         """
         population, topology = self.population, self.topology
-        fingerprint = zlib.crc32(json.dumps(layout, sort_keys=True).encode())
+        mine = {"optimizers": layout, "averages": sorted(averages)}
+        fingerprint = zlib.crc32(json.dumps(mine, sort_keys=True).encode())
         row = torch.tensor([fingerprint, self.book.last_ready_step], dtype=torch.float64, device=population.device)
         table = population.all_gather(row).cpu()
         differing = [rank for rank in range(table.shape[0]) if table[rank, 0] != table[0, 0]]
         if differing:  # every rank saw the same table: every rank takes these broadcasts and raises
-            reference = population.broadcast_json(layout if topology.world_rank == 0 else None, root=0)
-            other = population.broadcast_json(layout if topology.world_rank == differing[0] else None, differing[0])
+            reference = population.broadcast_json(mine if topology.world_rank == 0 else None, root=0)
+            other = population.broadcast_json(mine if topology.world_rank == differing[0] else None, differing[0])
+            mismatch = describe_layout_mismatch(reference["optimizers"], other["optimizers"])
+            if mismatch is not None:
+                raise RuntimeError(
+                    f"PopulationBasedTraining: the optimizers of world ranks {differing} differ from world rank 0's, "
+                    f"so members could not copy each other's state (rank 0 as donor, rank {differing[0]} as loser: "
+                    f"{mismatch}); every member must build the same optimizers and param groups"
+                )
             raise RuntimeError(
-                f"PopulationBasedTraining: the optimizers of world ranks {differing} differ from world rank 0's, so "
-                f"members could not copy each other's state (rank 0 as donor, rank {differing[0]} as loser: "
-                f"{describe_layout_mismatch(reference, other)}); every member must build the same optimizers and "
-                "param groups"
+                f"PopulationBasedTraining: the weight-averaging callbacks of world ranks {differing} "
+                f"({other['averages']} on rank {differing[0]}) differ from world rank 0's ({reference['averages']}), "
+                "so members could not copy each other's averages; every member must use the same callbacks"
             )
         error = None
         if topology.world_rank == 0:

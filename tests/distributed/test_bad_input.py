@@ -154,6 +154,18 @@ def test_unknown_hyperparameter_fails_at_start(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
+def test_members_with_different_weight_averages_fail_at_start_on_every_rank(tmp_path):
+    proc = run_population(tmp_path, timeout=90, devices=2, member_size=1, max_steps=8, ema_members=[0])
+    assert proc.returncode != 0
+    errors = rank_errors(tmp_path)
+    assert sorted(errors) == [0, 1], proc.stdout[-3000:]
+    assert len(set(errors.values())) == 1  # the same message on every rank
+    assert "the weight-averaging callbacks of world ranks [1] ([] on rank 1)" in errors[0]
+    assert not (tmp_path / "pbt" / "lineage.jsonl").exists()  # refused before anything trained or was written
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
 def test_monitor_never_logged_fails_on_every_rank_at_the_first_ready_step(tmp_path):
     proc = run_population(tmp_path, timeout=90, devices=2, member_size=1, max_steps=40, every=4, no_metric=True)
     assert proc.returncode != 0

@@ -12,7 +12,9 @@ from lightning_pbt.topology import PopulationTopology
 from tests.unit.test_transport import run_ranks, survives_abort
 
 
-def start(tmp_path, layouts: dict[int, list], lineage: str = "lineage.jsonl") -> list[object]:
+def start(
+    tmp_path, layouts: dict[int, list], lineage: str = "lineage.jsonl", averages: dict[int, list] | None = None
+) -> list[object]:
     """Every rank starts; returns each rank's error message, or None."""
     scheduler = PBTScheduler({"lr": LogUniform(1e-3, 0.1)})
 
@@ -40,6 +42,7 @@ def start(tmp_path, layouts: dict[int, list], lineage: str = "lineage.jsonl") ->
                 epoch=0,
                 start_values={},
                 init_extra={},
+                averages=(averages or {}).get(group.rank, ()),
             )
         except RuntimeError as error:
             return str(error)
@@ -65,6 +68,15 @@ def test_members_with_different_optimizers_stop_every_rank_with_the_same_message
     assert errors[0] == errors[1]
     assert "the optimizers of world ranks [1] differ from world rank 0's" in errors[0]
     assert "has 2 param group(s) in the donor, 1 in the loser" in errors[0]
+    assert not (tmp_path / "lineage.jsonl").exists()  # refused before the lineage was opened
+
+
+@survives_abort
+def test_members_with_different_weight_averages_stop_every_rank_with_the_same_message(tmp_path):
+    errors = start(tmp_path, {0: layout(2, 1), 1: layout(2, 1)}, averages={0: ["EMAWeightAveraging"], 1: []})
+    assert errors[0] == errors[1]
+    assert "the weight-averaging callbacks of world ranks [1] ([] on rank 1)" in errors[0]
+    assert "differ from world rank 0's (['EMAWeightAveraging'])" in errors[0]
     assert not (tmp_path / "lineage.jsonl").exists()  # refused before the lineage was opened
 
 

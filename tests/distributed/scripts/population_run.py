@@ -216,6 +216,8 @@ if cfg.get("ckpt_every"):
     # Saved at validation end, after the PBT ready step of that step (Lightning runs checkpoints last);
     # all of them are kept so that an elastic restart can roll members back to a common ready step.
     callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1))
+if MEMBER in cfg.get("ema_members", ()):  # members that differ in their weight-averaging callbacks
+    callbacks.append(pl.callbacks.EMAWeightAveraging())
 if cfg.get("on_exception_checkpoint"):
     callbacks.append(pl.callbacks.OnExceptionCheckpoint(dirpath=os.path.join(out, "ckpt")))
 if cfg.get("kill_world_rank") is not None:
