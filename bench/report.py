@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "applications")
+ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "applications")
 # What `python -m bench` runs without --only: applications takes an hour, so it is asked for by name.
 DEFAULT = ORDER[:-1]
 
@@ -202,6 +202,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     if "schedule" in results:
         out += render_schedule(results["schedule"])
     out += render_asynchronous_quality(results)
+    if "decisions" in results:
+        out += render_decisions(results["decisions"])
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
     if "applications" in results:
@@ -331,6 +333,31 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
                              arm.removeprefix("pbt_").replace("_", " "), _f(s["pbt"]["excess_risk"]["median"], 4),
                              _f(s[arm]["excess_risk"]["median"], 4), _wlt(row["wins"][f"{arm}_vs_pbt"])])
     out += _table(["task, measure", "arm", "lockstep (median)", "arm (median)", "arm vs lockstep"], rows)
+    return out
+
+
+def render_decisions(r: dict[str, Any]) -> list[str]:
+    """The simulated tasks at many paired seeds, each arm against lockstep, with the reseeded lockstep as
+    the noise band."""
+    from bench.decisions import verdict
+
+    config = r["config"]
+    out = ["", f"## Asynchronous vs lockstep decisions, {config['seeds']} paired seeds (simulated)", "",
+           "`lockstep reseeded`: lockstep again with the scheduler seeded differently, the noise band. "
+           "W/T/L against lockstep, the two-sided sign test's p over the decided pairs, and the target at equal "
+           "speeds (no worse in median, at least 40 % of the decided pairs won).", ""]
+    rows = []
+    for task, entry in r["tasks"].items():
+        higher = entry["higher_is_better"]
+        for arm, e in entry["arms"].items():
+            reached = f"; {e['reached_target_seeds']} reached" if "reached_target_seeds" in e else ""
+            exploits = _f(e["exploits_per_run"]["median"], 1) if "exploits_per_run" in e else ""
+            w = e.get("vs_lockstep")
+            rows.append([f"{task} ({'higher' if higher else 'lower'} is better)", arm.replace("_", " "),
+                         _f(e["value"]["median"], 4) + reached, exploits, _wlt(w) if w else "",
+                         _f(e["sign_test_p"], 3) if w else "",
+                         verdict(entry, arm) if w and not arm.endswith("stragglers") else ""])
+    out += _table(["task", "arm", "median", "exploits per run", "vs lockstep W/T/L", "sign test p", "target"], rows)
     return out
 
 

@@ -114,12 +114,16 @@ class Population:
         }
 
 
-def run_population(task: Task, members: int, steps: int, ready: int, explore: str | None) -> dict[str, Any]:
-    """PBT (``explore`` = "perturb" or "pb2") or, with ``explore=None``, random search."""
+def run_population(
+    task: Task, members: int, steps: int, ready: int, explore: str | None, scheduler_seed: int | None = None
+) -> dict[str, Any]:
+    """PBT (``explore`` = "perturb" or "pb2") or, with ``explore=None``, random search; the scheduler's
+    seed (initial rates, explore) is the task's unless ``scheduler_seed`` is given."""
     from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
     from lightning_pbt.space import LogUniform
 
-    scheduler = PBTScheduler({"lr": LogUniform(LOW, HIGH)}, mode="min", seed=task.seed, explore=explore or "perturb")
+    seed = task.seed if scheduler_seed is None else scheduler_seed
+    scheduler = PBTScheduler({"lr": LogUniform(LOW, HIGH)}, mode="min", seed=seed, explore=explore or "perturb")
     lrs = np.array([scheduler.initial_hyperparameters(m)["lr"] for m in range(members)])
     schedules = [[(0, float(lr))] for lr in lrs]  # per member: (step, lr) whenever it changes
     population = Population(task, members)

@@ -17,7 +17,7 @@ from tests.conftest import run_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
-BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous")
+BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions")
 
 
 def positive_finite(value: object) -> bool:
@@ -149,9 +149,35 @@ def test_asynchronous(smoke: Path) -> None:
     assert result["arms"]["none_equal"]["ready_step_breakdown"] is None
 
 
+def test_decisions(smoke: Path) -> None:
+    from bench.decisions import ARMS
+
+    result = load(smoke, "decisions")
+    seeds = result["config"]["seeds"]
+    assert set(result["tasks"]) == {"pbt_function", "toy_25", "schedule_4x50"}
+    for task in result["tasks"].values():
+        assert set(task["arms"]) == set(ARMS)
+        for arm, entry in task["arms"].items():
+            assert entry["value"]["n"] + entry["missing"] == seeds
+            if arm != "lockstep":
+                assert sum(entry["vs_lockstep"].values()) == seeds
+                assert 0 < entry["sign_test_p"] <= 1
+    assert 0 <= result["tasks"]["pbt_function"]["arms"]["async"]["reached_target_seeds"] <= seeds
+
+
+def test_sign_test_matches_the_binomial_distribution() -> None:
+    from bench.decisions import sign_test_p
+
+    assert sign_test_p(40, 60) == pytest.approx(0.056887933640981)  # scipy.stats.binomtest(40, 100).pvalue
+    assert sign_test_p(50, 50) == 1.0
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert sign_test_p(0, 0) == 1.0
+
+
 def test_markdown_table(smoke: Path) -> None:
     text = (smoke / "RESULTS.md").read_text()
     for heading in ("## Targets", "## 1. Exploit transfer", "## 2. Ready-step latency", "## 3. Training overhead",
-                    "## 4. Search quality", "## 5. Schedules", "## 6. Asynchronous PBT"):
+                    "## 4. Search quality", "## 5. Schedules", "## 6. Asynchronous PBT",
+                    "## Asynchronous vs lockstep decisions"):
         assert heading in text
     assert "| layout |" in text and "Machine:" in text
