@@ -14,7 +14,12 @@ targets' "within noise" needs:
   the *same* method scores against the first, i.e. the noise band;
 - ``async``: asynchronous at equal speeds (each interval jittered by ``exp(0.1 N(0, 1))``);
 - ``async_stragglers``: asynchronous with the tasks' slow members 3x slower, at the wall time lockstep
-  needs with them (lockstep's result is ``lockstep``'s: it waits).
+  needs with them (lockstep's result is ``lockstep``'s: it waits);
+- ``async_copy_current``: asynchronous at equal speeds, but a copy takes the donor's state at the moment
+  of the copy rather than its last ready step's snapshot (``copy_current`` of
+  :func:`bench.simulate.run_asynchronous`): what a snapshot taken on request would change. **Not built**
+  in the callback; measured to decide whether to build it. (On ``pbt_function`` the best accuracy then
+  also counts a donor's state at a copy.)
 
 Tasks: Ray's ``pbt_function`` (4 members, 300 iterations; seeds whose best member passed the target,
 best final accuracy), the paper's toy (2 members, 25 and 100 steps; best Q), and the schedule task (the
@@ -37,7 +42,7 @@ from bench.simulate import JITTER, run_asynchronous, run_lockstep
 NAME = "decisions"
 SEEDS = tuple(range(100))
 RESEED = 1000
-ARMS = ("lockstep", "lockstep_reseeded", "async", "async_stragglers")
+ARMS = ("lockstep", "lockstep_reseeded", "async", "async_stragglers", "async_copy_current")
 TASKS = ("pbt_function", "toy_25", "toy_100", "schedule_4x50", "schedule_8x50", "schedule_4x200", "schedule_8x200")
 SMOKE = {"seeds": (0, 1), "tasks": ("pbt_function", "toy_25", "schedule_4x50"), "schedule_steps": 300}
 
@@ -63,6 +68,7 @@ def _pbt_function(seed: int, arm: str) -> dict[str, Any]:
             [pf.ITERATIONS if m in slow or not slow else pf.ITERATIONS * pf.SLOW_FACTOR for m in range(pf.MEMBERS)],
             [float(pf.SLOW_FACTOR) if m in slow else 1.0 for m in range(pf.MEMBERS)],
             seed,
+            copy_current=arm == "async_copy_current",
         )
     return {"value": max(result["states"]), "reached": task.best > pf.TARGET, "exploits": result["exploits"]}
 
@@ -78,7 +84,13 @@ def _toy(seed: int, arm: str, steps: int) -> dict[str, Any]:
             seed=seed + RESEED if arm == "lockstep_reseeded" else seed,
         )
     else:
-        value = quality.run_toy_async(toy, seed, steps, "async_straggler" if arm == "async_stragglers" else "async")
+        value = quality.run_toy_async(
+            toy,
+            seed,
+            steps,
+            "async_straggler" if arm == "async_stragglers" else "async",
+            copy_current=arm == "async_copy_current",
+        )
     return {"value": value}
 
 
@@ -89,7 +101,9 @@ def _schedule(seed: int, arm: str, members: int, ready: int, steps: int) -> dict
             task, members, steps, ready, "perturb", scheduler_seed=seed + RESEED if arm == "lockstep_reseeded" else None
         )
     else:
-        result = schedule.run_asynchronous_population(task, members, steps, ready, arm == "async_stragglers", True)
+        result = schedule.run_asynchronous_population(
+            task, members, steps, ready, arm == "async_stragglers", True, copy_current=arm == "async_copy_current"
+        )
     return {"value": result["excess_risk"], "exploits": result["exploits"]}
 
 

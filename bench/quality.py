@@ -108,7 +108,7 @@ TOY_ARMS = ("async", "async_old_rule", "async_straggler", "async_straggler_old_r
 TOY_SLOW_FACTOR = 3  # member 1 of 2 is this much slower in the straggler arms (equal wall time)
 
 
-def run_toy_async(toy: Any, seed: int, steps: int, arm: str) -> float:
+def run_toy_async(toy: Any, seed: int, steps: int, arm: str, copy_current: bool = False) -> float:
     """The toy under asynchronous PBT (:func:`bench.simulate.run_asynchronous`); best true Q."""
     from bench.simulate import run_asynchronous
     from lightning_pbt.scheduler import PBTScheduler
@@ -122,7 +122,7 @@ def run_toy_async(toy: Any, seed: int, steps: int, arm: str) -> float:
     run_asynchronous(task, make, [{"h0": 1.0, "h1": 0.0}, {"h0": 0.0, "h1": 1.0}], toy.READY,
                      [steps * TOY_SLOW_FACTOR, steps] if straggler else [steps, steps],
                      [1.0, float(TOY_SLOW_FACTOR)] if straggler else [1.0, 1.0], seed,
-                     like_with_like=not arm.endswith("old_rule"))
+                     like_with_like=not arm.endswith("old_rule"), copy_current=copy_current)
     return task.best
 
 

@@ -90,8 +90,15 @@ def run_asynchronous(
     seed: int,
     like_with_like: bool = True,
     on_ready: Callable[[int, int, Any], None] | None = None,
+    copy_current: bool = False,
 ) -> dict[str, Any]:
-    """Each member at its own pace (module docstring); ``steps[m]`` is member ``m``'s own budget."""
+    """Each member at its own pace (module docstring); ``steps[m]`` is member ``m``'s own budget.
+
+    ``copy_current``: a copy takes the donor's state *at the moment of the copy* (its steps so far in the
+    interval it is training, which it then goes on from), as a snapshot taken on request would, instead
+    of its last ready step's snapshot. The callback does not do this (not built); the benchmarks measure
+    what it would change.
+    """
     members = len(start_values)
     jitter = np.random.default_rng([seed, 7919])
     schedulers = []
@@ -108,17 +115,33 @@ def run_asynchronous(
     snapshots: dict[int, Any] = {}
     exploits = 0
     events: list[tuple[float, int]] = []
+    interval: dict[int, tuple[float, float]] = {}  # member: (start, end) of the interval it is training
+    partial = [0] * members  # steps of that interval already trained (by a copy_current copy)
 
     def schedule(m: int, now: float) -> None:
         n = min(ready, steps[m] - at[m])
-        heapq.heappush(events, (now + n * speeds[m] * math.exp(JITTER * jitter.standard_normal()), m))
+        end = now + n * speeds[m] * math.exp(JITTER * jitter.standard_normal())
+        interval[m] = (now, end)
+        heapq.heappush(events, (end, m))
+
+    def current_state(d: int, now: float) -> tuple[Any, int]:
+        """Donor ``d``'s state at ``now``: the steps of its interval that have passed are trained (for good:
+        the donor goes on from there), then copied."""
+        start, end = interval[d]
+        n = min(ready, steps[d] - at[d])
+        due = min(n, int(n * (now - start) / (end - start))) if end > start else n
+        if due > partial[d]:
+            states[d] = task.train(d, states[d], hps[d], due - partial[d])
+            partial[d] = due
+        return task.copy(states[d]), at[d] + partial[d] + offset[d]
 
     for m in range(members):
         schedule(m, 0.0)
     while events:
         now, m = heapq.heappop(events)
         n = min(ready, steps[m] - at[m])
-        states[m] = task.train(m, states[m], hps[m], n)
+        states[m] = task.train(m, states[m], hps[m], n - partial[m])
+        partial[m] = 0
         at[m] += n
         if on_ready is not None:
             on_ready(m, at[m], states[m])
@@ -134,9 +157,12 @@ def run_asynchronous(
         plan = decide_alone(schedulers[m], m, step, own, others, like_with_like=like_with_like).plan
         if plan.event == "exploit":
             donor = records[plan.parent]
-            states[m] = task.copy(snapshots[plan.parent])
+            if copy_current and not donor.done:
+                states[m], progress = current_state(plan.parent, now)
+            else:
+                states[m], progress = task.copy(snapshots[plan.parent]), donor.at
             histories[m] = list(donor.history)
-            offset[m] = donor.at - step
+            offset[m] = progress - step
             exploits += 1
             records[m] = dataclasses.replace(own, copied=True)  # as the callback marks its record
         hps[m] = dict(plan.hyperparameters)

@@ -181,3 +181,47 @@ def test_markdown_table(smoke: Path) -> None:
                     "## Asynchronous vs lockstep decisions"):
         assert heading in text
     assert "| layout |" in text and "Machine:" in text
+
+
+class _Tagged:
+    """State = (the member whose training it started from, steps trained); member 0's line always ranks first."""
+
+    def __init__(self) -> None:
+        self.copies_received: list[int] = []
+
+    def start(self, member: int) -> tuple[int, int]:
+        return (member, 0)
+
+    def train(self, member: int, state: tuple[int, int], hyperparameters: dict, steps: int) -> tuple[int, int]:
+        if member == 1 and state[0] == 0 and not self.copies_received:
+            self.copies_received.append(state[1])  # the steps of the first copy member 1 trains from
+        return (state[0], state[1] + steps)
+
+    def score(self, state: tuple[int, int]) -> float:
+        return (1000.0 if state[0] == 0 else 0.0) + state[1]
+
+    def copy(self, state: tuple[int, int]) -> tuple[int, int]:
+        return tuple(state)
+
+
+@pytest.mark.parametrize("copy_current", [False, True])
+def test_simulated_copy_takes_the_snapshot_or_the_donors_state_now(copy_current: bool) -> None:
+    from bench.simulate import run_asynchronous
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.space import Uniform
+
+    ready, steps = 10, 200
+    copied, donor_steps = [], []
+    for seed in range(5):
+        task = _Tagged()
+        result = run_asynchronous(task, lambda s=seed: PBTScheduler({"x": Uniform(0, 1)}, mode="max", seed=s),
+                                  [{"x": 0.5}, {"x": 0.5}], ready, [steps, steps], [1.0, 1.0], seed,
+                                  copy_current=copy_current)
+        copied += task.copies_received
+        donor_steps.append(result["states"][0][1])
+    assert copied
+    assert donor_steps == [steps] * 5  # a donor copied mid-interval goes on from there: no step twice
+    if copy_current:
+        assert any(c % ready for c in copied)  # the donor's steps so far in its interval
+    else:
+        assert all(c % ready == 0 for c in copied)  # a ready step's snapshot
