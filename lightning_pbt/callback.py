@@ -58,6 +58,9 @@ class PopulationBasedTraining(Callback):
         synchronous: ``True`` (default): members meet at every ready step at the same global step, one
             decision for all, deterministic under a seed. ``False``: each member runs its ready steps
             at its own pace and never waits for another (members may differ in speed and step counts).
+        snapshot_every_n_train_steps: with ``synchronous=False``, also snapshot every this many optimizer
+            steps after a ready step: a copy is then at most that old, not up to a ready interval (``None``:
+            at ready steps only). Each costs a device-to-host copy; try a quarter of the interval.
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
         every_n_epochs: a ready step at the first validation end at least this many completed epochs
@@ -87,10 +90,10 @@ class PopulationBasedTraining(Callback):
     Raises:
         ValueError: at construction, on every rank: a malformed search space (naming the key), an empty
             one, a bad ``mode``, interval, ``burn_in``, ``quantile_fraction``, explore or exploit
-            setting, both intervals at once, ``explore="pb2"`` with ``custom_explore``, or
-            ``rejuvenate_modules`` without ``rejuvenate_patience``. At fit start, on every rank and before
-            any collective: a hyperparameter that nothing applies, or an unknown ``rejuvenate_modules``
-            name.
+            setting, both intervals at once, ``explore="pb2"`` with ``custom_explore``, ``rejuvenate_modules``
+            without ``rejuvenate_patience``, or ``snapshot_every_n_train_steps`` with ``synchronous=True``. At
+            fit start, on every rank and before any collective: a hyperparameter that nothing applies, or an
+            unknown ``rejuvenate_modules`` name.
         TypeError: at setup, a trainer whose strategy is not a ``PopulationStrategy``.
 
     Examples:
@@ -127,6 +130,7 @@ class PopulationBasedTraining(Callback):
         seed: int = 0,
         dirpath: str | os.PathLike | None = None,
         synchronous: bool = True,
+        snapshot_every_n_train_steps: int | None = None,
     ) -> None:
         given = locals()  # the arguments, by the names PBTSettings defines (a unit test keeps them equal)
         super().__init__()
@@ -220,16 +224,11 @@ class PopulationBasedTraining(Callback):
         member.apply(self.book.hyperparameters)
         self._validations, self._monitor_seen, self._ready_at_start = 0, False, self.book.ready_count
         self._protocol = protocol_class(self.synchronous)(
-            population=strategy.population,
-            topology=strategy.topology,
-            namespace=f"pbt/{strategy.fit_generation}",
-            scheduler=self.scheduler,
-            book=self.book,
-            member=member,
-            mode=self.mode,
-            monitor=self.monitor,
+            population=strategy.population, topology=strategy.topology, namespace=f"pbt/{strategy.fit_generation}",
+            scheduler=self.scheduler, book=self.book, member=member, mode=self.mode, monitor=self.monitor,
             seed=self.seed,
-        )
+        )  # fmt: skip
+        self._protocol.snapshot_every = self.settings.snapshot_every_n_train_steps
         self._protocol.start(
             self.lineage_path,
             restored=self._restored,
@@ -242,6 +241,11 @@ class PopulationBasedTraining(Callback):
         )
 
     # -- ready steps -----------------------------------------------------------------------------
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        if self._protocol is not None:
+            self._protocol.between_ready_steps(trainer.global_step)
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

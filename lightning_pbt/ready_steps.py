@@ -157,6 +157,7 @@ class ReadySteps(ABC):
     """
 
     synchronous: ClassVar[bool]
+    snapshot_every: int | None = None  # asynchronous: snapshots between ready steps (the callback's option)
 
     def __init__(
         self,
@@ -245,6 +246,9 @@ class ReadySteps(ABC):
     @abstractmethod
     def step(self, observation: Observation) -> ReadyStepResult:
         """This member's ready step."""
+
+    def between_ready_steps(self, step: int) -> None:  # noqa: B027 - a hook, empty unless a protocol needs it
+        """After each training batch, ``step`` being the global step; nothing by default."""
 
     @abstractmethod
     def finish(self) -> None:
@@ -502,6 +506,8 @@ class AsynchronousReadySteps(ReadySteps):
         self.drain: LineageDrain | None = None
         self._record: dict[str, Any] | None = None
         self._last_push: int | None = None
+        self._versions = 0  # snapshots taken in this fit: ready steps and between them
+        self._snapshot_step: int | None = None
 
     @property
     def _leader(self) -> bool:
@@ -544,6 +550,7 @@ class AsynchronousReadySteps(ReadySteps):
             "history": list(self.book.population[self.me].get("history", [])),
             "history_steps": _history_steps(self.book.population[self.me], step),
             "progress": step + self._offset,
+            "snapshot_step": step,
             "version": version,
             "done": done,
         }
@@ -556,11 +563,9 @@ class AsynchronousReadySteps(ReadySteps):
     def step(self, observation: Observation) -> ReadyStepResult:
         assert self.server is not None
         started = time.perf_counter()
-        version = self.book.ready_count
-        if self._leader and version > 0:
-            self._forget(version - 1)
-        flat = transfer.flatten_state(self.member.training_state())
-        self.server.take_snapshot(version, flat, self.population.device)
+        if self._leader and self.book.ready_count > 0:
+            self._forget(self.book.ready_count - 1)
+        version = self._take_snapshot(observation.step)
         if observation.missing:  # the same on every rank of this member
             raise RuntimeError(self._missing_monitor_error([self.me]))
         score = observation.score if math.isfinite(observation.score) else None
@@ -590,7 +595,7 @@ class AsynchronousReadySteps(ReadySteps):
                 # The copy's history and progress are the donor's snapshot's (see lightning_pbt.comparable).
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
                 own["progress_offset"] = int(donor["progress"]) - observation.step
-                donor_step = int(donor["step"])
+                donor_step = int(donor["snapshot_step"])
                 if self._leader and self._record is not None:
                     # Its record describes the weights just thrown away: the others leave this member out
                     # of their rankings until its next ready step publishes again.
@@ -630,6 +635,30 @@ class AsynchronousReadySteps(ReadySteps):
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
         return ReadyStepResult(observation.step, scores, plan, timing)
+
+    def _take_snapshot(self, step: int) -> int:
+        """Snapshot the training state into host memory and serve it; returns its version."""
+        assert self.server is not None
+        version, self._versions = self._versions, self._versions + 1
+        self.server.take_snapshot(version, transfer.flatten_state(self.member.training_state()), self.population.device)
+        self._snapshot_step = step
+        return version
+
+    def between_ready_steps(self, step: int) -> None:
+        """Every ``snapshot_every`` optimizer steps after the last ready step, a snapshot the others may copy.
+
+        Every rank of the member is at the same global step after the same batch (DDP), so all of them
+        take it, with the same version, without talking to each other. The record keeps the last ready
+        step's score and history: only the snapshot's step, progress and version move.
+        """
+        if self.server is None or not snapshot_due(step, self.book.last_ready_step, self.snapshot_every):
+            return
+        if step == self._snapshot_step:  # gradient accumulation: several batches end at one global step
+            return
+        version = self._take_snapshot(step)
+        if self._leader and self._record is not None:
+            self._record.update(snapshot_step=step, progress=step + self._offset, version=version)
+            self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _forget(self, ready_count: int) -> None:
         """Delete a past ready step's keys from the store. Every rank of this member has read them by now:
@@ -705,6 +734,7 @@ class AsynchronousReadySteps(ReadySteps):
             message["donor"] = {
                 "version": donor["version"],
                 "step": donor["step"],
+                "snapshot_step": donor.get("snapshot_step", donor["step"]),
                 "history": donor["history"],
                 "history_steps": _history_steps(donor, donor["step"]),
                 "progress": donor.get("progress", donor["step"]),
@@ -722,7 +752,7 @@ class AsynchronousReadySteps(ReadySteps):
         except Exception as error:
             raise RuntimeError(
                 f"PopulationBasedTraining: member {self.me} could not copy member {donor}'s snapshot of step "
-                f"{info['step']} from world rank {donor_rank}: {type(error).__name__}: {error}"
+                f"{info['snapshot_step']} from world rank {donor_rank}: {type(error).__name__}: {error}"
             ) from error
         # Ranks of one member must end with the same state: load only if every one of them got it.
         prefix = f"{self.namespace}/fetched/{self.me}/{self.book.ready_count}/{attempt}"
@@ -759,6 +789,20 @@ class AsynchronousReadySteps(ReadySteps):
                     "could leave the lineage short of this member's last ready step",
                     self.me,
                 )
+
+
+def snapshot_due(step: int, last_ready_step: int, every: int | None) -> bool:
+    """Whether an asynchronous member snapshots at global ``step`` between ready steps: every ``every``
+    steps after its last ready step (after step 0 before the first one); never with ``every=None``.
+
+    Examples:
+        >>> [s for s in range(1, 12) if snapshot_due(s, last_ready_step=4, every=3)]
+        [7, 10]
+        >>> [s for s in range(1, 6) if snapshot_due(s, last_ready_step=-1, every=2)]
+        [2, 4]
+    """
+    base = max(last_ready_step, 0)
+    return every is not None and step > base and (step - base) % every == 0
 
 
 def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:

@@ -62,6 +62,8 @@ class PBTSettings:
         seed: the run's seed.
         dirpath: where ``lineage.jsonl`` goes.
         synchronous: ``False`` for asynchronous PBT.
+        snapshot_every_n_train_steps: asynchronous only: also snapshot every this many optimizer steps
+            after a ready step, so that a copy is at most this many steps old.
         space: the parsed search space (derived).
         exploit_rule: the exploit rule (derived).
 
@@ -92,6 +94,7 @@ class PBTSettings:
     seed: int = 0
     dirpath: str | os.PathLike | None = field(default=None, metadata=_hydra(str | None))
     synchronous: bool = True
+    snapshot_every_n_train_steps: int | None = None
     space: dict[str, Domain] = field(init=False, repr=False)
     exploit_rule: ExploitRule = field(init=False, repr=False)
 
@@ -122,10 +125,15 @@ class PBTSettings:
             raise ValueError(f"{PREFIX}monitor must be a metric name, got {self.monitor!r}")
         with _prefixed():
             check_mode(self.mode)
-        for name in ("every_n_train_steps", "every_n_epochs"):
+        for name in ("every_n_train_steps", "every_n_epochs", "snapshot_every_n_train_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{PREFIX}{name} must be a positive integer, got {value!r}")
+        if self.snapshot_every_n_train_steps is not None and self.synchronous:
+            raise ValueError(
+                f"{PREFIX}snapshot_every_n_train_steps is for synchronous=False (in lockstep a copy is always "
+                "the donor's state at the ready step), got it with synchronous=True"
+            )
         if self.every_n_train_steps is not None and self.every_n_epochs is not None:
             raise ValueError(f"{PREFIX}set every_n_train_steps or every_n_epochs, not both")
         with _prefixed():

@@ -244,3 +244,42 @@ def test_a_donor_that_fails_while_serving_ends_the_run_with_its_error(tmp_path):
         assert f"[lightning_pbt rank {rank}] another rank of the population failed" in proc.stdout
     assert "snapshot-server-1 failed: RuntimeError: injected serving failure" in proc.stdout
     assert time.monotonic() - started < 45
+
+
+def test_snapshots_between_ready_steps_are_copied_bit_exactly(tmp_path):
+    """With ``snapshot_every_n_train_steps=2`` a member also snapshots 2, 4, 6 steps after each ready step
+    (every 8). Member 1, always better, runs at 2/3 of member 0's speed: it has published its first ready
+    step when member 0 decides at 16 but is behind it from then on, so member 0 copies in-between
+    snapshots. Each of member 0's ranks then holds exactly what the donor's rank held after that
+    optimizer step (both ranks of member 0 copied the same step: one lineage line per exploit)."""
+    out = tmp_path / "snapshots_between"
+    proc = run_population(
+        out,
+        flavour="lightning",
+        synchronous=False,
+        devices=4,
+        member_size=2,
+        max_steps=40,
+        every=8,
+        snapshot_every=2,
+        member_delays={"0": 0.03, "1": 0.045},
+        monitor="member_const",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ranks, lines = load_ranks(out), ready_lines(out)
+    exploits = [r for r in lines if r["event"] == "exploit"]
+    assert exploits and all(r["member"] == 0 and r["parent"] == 1 for r in exploits)
+    between = [r for r in exploits if r["donor_step"] % 8]
+    assert between, f"no copy of an in-between snapshot: donor steps {[r['donor_step'] for r in exploits]}"
+    assert all(r["donor_step"] % 2 == 0 for r in exploits)  # snapshots only every 2 steps after a ready step
+    for rank in (r for r in ranks if r["member"] == 0):
+        after = {r["step"]: r for r in rank["after"]}
+        donor = next(r for r in ranks if r["member"] == 1 and r["global_rank"] == rank["global_rank"])
+        donor_states = {r["step"]: r for r in donor["batches"]}
+        for rec in exploits:
+            mine, theirs = after[rec["step"]], donor_states[rec["donor_step"]]
+            assert (mine["model"], mine["optimizer"], mine["schedulers"]) == (
+                theirs["model"],
+                theirs["optimizer"],
+                theirs["schedulers"],
+            )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_pbt.apply import optimizer_layout
-from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps, snapshot_due
 from lightning_pbt.scheduler import PBTScheduler
 from lightning_pbt.space import LogUniform
 from lightning_pbt.topology import PopulationTopology
@@ -91,3 +91,11 @@ def test_a_lineage_problem_on_rank_0_is_every_ranks_error(tmp_path):
     (tmp_path / "blocker").write_text("")  # a file where the lineage's folder should be
     errors = start(tmp_path, {0: layout(1), 1: layout(1)}, lineage="blocker/lineage.jsonl")
     assert errors[0] == errors[1] and "cannot continue the lineage" in errors[0]
+
+
+def test_snapshots_between_ready_steps_fall_every_n_steps_after_the_last_one():
+    due = [s for s in range(1, 30) if snapshot_due(s, last_ready_step=12, every=5)]
+    assert due == [17, 22, 27]  # counted from the ready step, not from step 0
+    assert [s for s in range(1, 10) if snapshot_due(s, last_ready_step=-1, every=4)] == [4, 8]  # before the first
+    assert not any(snapshot_due(s, last_ready_step=12, every=5) for s in range(0, 13))  # never at or before it
+    assert not any(snapshot_due(s, last_ready_step=0, every=None) for s in range(50))

@@ -69,6 +69,8 @@ def test_the_callback_keeps_what_the_settings_checked_and_derived():
         ({"quantile_fraction": 0.9, "exploit": "tournament"}, r"quantile_fraction must be in \(0, 0.5\]"),
         ({"explore": "gp"}, r"explore must be one of \('perturb', 'pb2'\), got 'gp'"),
         ({"rejuvenate_modules": []}, "rejuvenate_modules must be None"),
+        ({"snapshot_every_n_train_steps": 0, "synchronous": False}, "snapshot_every_n_train_steps must be a positive"),
+        ({"snapshot_every_n_train_steps": 10}, "snapshot_every_n_train_steps is for synchronous=False"),
     ],
 )
 def test_shared_checks_speak_for_the_callback_in_order(kwargs, message):

@@ -96,6 +96,7 @@ class Net(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if MEMBER in cfg.get("slow_members", ()):  # a slower device: same work, more time per step
             time.sleep(cfg["slow_delay"])
+        time.sleep(cfg.get("member_delays", {}).get(str(MEMBER), 0.0))  # seconds per step, per member
         x, y, index = batch
         self.train_samples += len(x)
         if self.current_epoch == 0:
@@ -143,7 +144,12 @@ class Recorder(pl.Callback):
     def __init__(self, when: str):
         self.when = when
         self.records: list[dict] = []
+        self.batches: list[dict] = []  # with snapshot_every: the state after every optimizer step
         self.initial: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if cfg.get("snapshot_every") and self.when == "before":
+            self.batches.append({"step": trainer.global_step, **state_digest(trainer)})
 
     def on_train_start(self, trainer, pl_module):
         self.initial = state_digest(trainer)
@@ -202,6 +208,7 @@ pbt = PopulationBasedTraining(
     custom_explore=cfg.get("custom_explore"),
     exploit=cfg.get("exploit", "truncation"),
     synchronous=cfg.get("synchronous", True),
+    snapshot_every_n_train_steps=cfg.get("snapshot_every"),
 )
 callbacks = [before, pbt, after, gather] if cfg.get("pbt", True) else [before, after, gather]
 if cfg.get("early_stop_member") is not None:
@@ -325,6 +332,7 @@ result = {
     "initial": before.initial,
     "before": before.records,
     "after": after.records,
+    "batches": before.batches,
     "seen_dropout": model.seen_dropout,
     "train_samples": model.train_samples,
     "first_epoch_indices": model.first_epoch_indices,
