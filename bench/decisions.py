@@ -15,11 +15,12 @@ targets' "within noise" needs:
 - ``async``: asynchronous at equal speeds (each interval jittered by ``exp(0.1 N(0, 1))``);
 - ``async_stragglers``: asynchronous with the tasks' slow members 3x slower, at the wall time lockstep
   needs with them (lockstep's result is ``lockstep``'s: it waits);
-- ``async_copy_current``: asynchronous at equal speeds, but a copy takes the donor's state at the moment
-  of the copy rather than its last ready step's snapshot (``copy_current`` of
-  :func:`bench.simulate.run_asynchronous`): what a snapshot taken on request would change. **Not built**
-  in the callback; measured to decide whether to build it. (On ``pbt_function`` the best accuracy then
-  also counts a donor's state at a copy.)
+- ``async_snapshots``: asynchronous at equal speeds with the callback's ``snapshot_every_n_train_steps`` at
+  a quarter of the ready interval (``snapshot_every`` of :func:`bench.simulate.run_asynchronous`): a copy
+  takes the donor's latest snapshot, at most a quarter interval old;
+- ``async_snapshots_every_step``: the limit, a snapshot after every step (the donor's state at the moment
+  of the copy). (With snapshots between ready steps, ``pbt_function``'s best accuracy also counts a
+  donor's state when it is copied.)
 
 Tasks: Ray's ``pbt_function`` (4 members, 300 iterations; seeds whose best member passed the target,
 best final accuracy), the paper's toy (2 members, 25 and 100 steps; best Q), and the schedule task (the
@@ -42,9 +43,14 @@ from bench.simulate import JITTER, run_asynchronous, run_lockstep
 NAME = "decisions"
 SEEDS = tuple(range(100))
 RESEED = 1000
-ARMS = ("lockstep", "lockstep_reseeded", "async", "async_stragglers", "async_copy_current")
+ARMS = ("lockstep", "lockstep_reseeded", "async", "async_stragglers", "async_snapshots", "async_snapshots_every_step")
 TASKS = ("pbt_function", "toy_25", "toy_100", "schedule_4x50", "schedule_8x50", "schedule_4x200", "schedule_8x200")
 SMOKE = {"seeds": (0, 1), "tasks": ("pbt_function", "toy_25", "schedule_4x50"), "schedule_steps": 300}
+
+
+def snapshot_every(arm: str, ready: int) -> int | None:
+    """The arm's ``snapshot_every``: a quarter of the ready interval, every step, or none."""
+    return {"async_snapshots": max(1, ready // 4), "async_snapshots_every_step": 1}.get(arm)
 
 
 def _pbt_function(seed: int, arm: str) -> dict[str, Any]:
@@ -68,7 +74,7 @@ def _pbt_function(seed: int, arm: str) -> dict[str, Any]:
             [pf.ITERATIONS if m in slow or not slow else pf.ITERATIONS * pf.SLOW_FACTOR for m in range(pf.MEMBERS)],
             [float(pf.SLOW_FACTOR) if m in slow else 1.0 for m in range(pf.MEMBERS)],
             seed,
-            copy_current=arm == "async_copy_current",
+            snapshot_every=snapshot_every(arm, pf.READY),
         )
     return {"value": max(result["states"]), "reached": task.best > pf.TARGET, "exploits": result["exploits"]}
 
@@ -89,7 +95,7 @@ def _toy(seed: int, arm: str, steps: int) -> dict[str, Any]:
             seed,
             steps,
             "async_straggler" if arm == "async_stragglers" else "async",
-            copy_current=arm == "async_copy_current",
+            snapshot_every=snapshot_every(arm, toy.READY),
         )
     return {"value": value}
 
@@ -102,7 +108,7 @@ def _schedule(seed: int, arm: str, members: int, ready: int, steps: int) -> dict
         )
     else:
         result = schedule.run_asynchronous_population(
-            task, members, steps, ready, arm == "async_stragglers", True, copy_current=arm == "async_copy_current"
+            task, members, steps, ready, arm == "async_stragglers", True, snapshot_every=snapshot_every(arm, ready)
         )
     return {"value": result["excess_risk"], "exploits": result["exploits"]}
 

@@ -18,6 +18,7 @@ equal compute (``MEMBERS`` members x ``EPOCHS`` epochs each):
 - PBT: the callback with its defaults (truncation 25 %, perturb x0.8 / x1.2, resample 25 %), a ready
   step at the end of every epoch, scored on the validation accuracy; ``pbt_async``: the same with
   ``synchronous=False`` (equal speeds; for stragglers at equal wall time see ``bench/asynchronous.py``);
+- ``pbt_async_snapshots``: asynchronous with ``snapshot_every_n_train_steps=SNAPSHOT_EVERY``;
 - random search: the same population (the same initial learning rates, weights and data order per
   member) under ``PopulationStrategy`` without the callback;
 - default: ``MEMBERS`` members with lr = 0.01 (Keras' SGD default; torch has none), differing only in
@@ -39,11 +40,12 @@ from typing import Any
 from bench.common import REPO, SCRATCH, clean_floats, launch, spread, worker_config
 
 NAME = "quality"
-SEEDS = tuple(range(10))
+SEEDS = tuple(range(30))  # digits; 10 could not tell the asynchronous arms from lockstep
 MEMBERS = 4
 EPOCHS = 10
 DEFAULT_LR = 0.01
-DIGITS_ARMS = ("pbt", "pbt_async", "random_search", "default")
+DIGITS_ARMS = ("pbt", "pbt_async", "pbt_async_snapshots", "random_search", "default")
+SNAPSHOT_EVERY = 8  # pbt_async_snapshots: a quarter of an epoch (34 optimizer steps of 32 samples)
 PBT_FUNCTION_SEEDS = tuple(range(20))
 TOY_SEEDS = tuple(range(20))
 TOY_BUDGETS = (25, 100)
@@ -108,7 +110,7 @@ TOY_ARMS = ("async", "async_old_rule", "async_straggler", "async_straggler_old_r
 TOY_SLOW_FACTOR = 3  # member 1 of 2 is this much slower in the straggler arms (equal wall time)
 
 
-def run_toy_async(toy: Any, seed: int, steps: int, arm: str, copy_current: bool = False) -> float:
+def run_toy_async(toy: Any, seed: int, steps: int, arm: str, snapshot_every: int | None = None) -> float:
     """The toy under asynchronous PBT (:func:`bench.simulate.run_asynchronous`); best true Q."""
     from bench.simulate import run_asynchronous
     from lightning_pbt.scheduler import PBTScheduler
@@ -122,7 +124,7 @@ def run_toy_async(toy: Any, seed: int, steps: int, arm: str, copy_current: bool 
     run_asynchronous(task, make, [{"h0": 1.0, "h1": 0.0}, {"h0": 0.0, "h1": 1.0}], toy.READY,
                      [steps * TOY_SLOW_FACTOR, steps] if straggler else [steps, steps],
                      [1.0, float(TOY_SLOW_FACTOR)] if straggler else [1.0, 1.0], seed,
-                     like_with_like=not arm.endswith("old_rule"), copy_current=copy_current)
+                     like_with_like=not arm.endswith("old_rule"), snapshot_every=snapshot_every)
     return task.best
 
 
@@ -171,6 +173,10 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
         async_out = root / f"seed{seed}_pbt_async"
         launch("bench.quality", members, {**common, "out": str(async_out), "pbt": True, "default_members": 0,
                                           "synchronous": False}, timeout, root / f"seed{seed}_pbt_async.log")
+        snapshots_out = root / f"seed{seed}_pbt_async_snapshots"
+        launch("bench.quality", members, {**common, "out": str(snapshots_out), "pbt": True, "default_members": 0,
+                                          "synchronous": False, "snapshot_every": SNAPSHOT_EVERY}, timeout,
+               root / f"seed{seed}_pbt_async_snapshots.log")
         # In smoke mode one random-search member and one default member keep the launch at 2 ranks.
         base_random, base_default = (1, 1) if smoke else (members, members)
         base_out = root / f"seed{seed}_baseline"
@@ -179,6 +185,8 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                   "default_members": base_default}, timeout, root / f"seed{seed}_baseline.log")
         ranks = [json.loads(p.read_text()) for p in sorted(pbt_out.glob("rank_*.json"))]
         ranks += [{**json.loads(p.read_text()), "arm": "pbt_async"} for p in sorted(async_out.glob("rank_*.json"))]
+        ranks += [{**json.loads(p.read_text()), "arm": "pbt_async_snapshots"}
+                  for p in sorted(snapshots_out.glob("rank_*.json"))]
         ranks += [json.loads(p.read_text()) for p in sorted(base_out.glob("rank_*.json"))]
         entry: dict[str, Any] = {"seed": seed}
         for arm in DIGITS_ARMS:
@@ -189,7 +197,7 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                           "member": best["member"], "start_lrs": sorted(r["start_lr"] for r in arm_ranks),
                           "members": len(arm_ranks), "mean_test_acc": sum(r["test_acc"] for r in arm_ranks)
                           / len(arm_ranks)}
-        for arm, out in (("pbt", pbt_out), ("pbt_async", async_out)):
+        for arm, out in (("pbt", pbt_out), ("pbt_async", async_out), ("pbt_async_snapshots", snapshots_out)):
             if (out / "pbt" / "lineage.jsonl").exists():
                 lines = [json.loads(x) for x in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if x]
                 entry[arm]["exploits"] = sum(1 for x in lines if x["event"] == "exploit")
@@ -198,7 +206,7 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                      "val_acc": spread([e[arm]["val_acc"] for e in per_seed]),
                      "mean_member_test_acc": spread([e[arm]["mean_test_acc"] for e in per_seed])}
                for arm in DIGITS_ARMS}
-    for arm in ("pbt", "pbt_async"):
+    for arm in ("pbt", "pbt_async", "pbt_async_snapshots"):
         summary[arm]["exploits_per_run"] = spread([e[arm].get("exploits", 0) for e in per_seed])
     wins = {
         "pbt_vs_random_search": _wins([e["pbt"]["test_acc"] for e in per_seed],
@@ -208,6 +216,8 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                                   [e["pbt"]["test_acc"] for e in per_seed]),
         "pbt_async_vs_pbt_val_acc": _wins([e["pbt_async"]["val_acc"] for e in per_seed],
                                           [e["pbt"]["val_acc"] for e in per_seed]),
+        "pbt_async_snapshots_vs_pbt": _wins([e["pbt_async_snapshots"]["test_acc"] for e in per_seed],
+                                            [e["pbt"]["test_acc"] for e in per_seed]),
     }
     return clean_floats({
         "description": "search quality at equal compute: the paper's toy (best Q), Ray's pbt_function toy and "
@@ -302,7 +312,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     pbt = None
     if cfg["pbt"]:
         pbt = PopulationBasedTraining(space, monitor="val_acc", mode="max", every_n_epochs=1, seed=seed,
-                                      dirpath=str(out / "pbt"), synchronous=cfg.get("synchronous", True))
+                                      dirpath=str(out / "pbt"), synchronous=cfg.get("synchronous", True),
+                                      snapshot_every_n_train_steps=cfg.get("snapshot_every"))
         callbacks.append(pbt)
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),

@@ -325,6 +325,10 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
         s, w = digits["summary"], digits["wins"]
         rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
                      _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
+        if "pbt_async_snapshots" in s:
+            rows.append(["digits, best member's test accuracy", "async, snapshots every 8 steps",
+                         _f(s["pbt"]["test_acc"]["median"], 3), _f(s["pbt_async_snapshots"]["test_acc"]["median"], 3),
+                         _wlt(w["pbt_async_snapshots_vs_pbt"])])
     for row in schedule.get("rows", []):
         s = row["summary"]
         for arm in ("pbt_async", "pbt_async_old_rule", "pbt_async_stragglers", "pbt_async_stragglers_old_rule"):

@@ -193,7 +193,8 @@ class MemberTask:
 
 
 def run_asynchronous_population(
-    task: Task, members: int, steps: int, ready: int, stragglers: bool, like_with_like: bool, copy_current: bool = False
+    task: Task, members: int, steps: int, ready: int, stragglers: bool, like_with_like: bool,
+    snapshot_every: int | None = None,
 ) -> dict[str, Any]:
     """PBT (perturb) with asynchronous ready steps; ``stragglers``: the upper half of the members are
     ``SLOW_FACTOR``x slower and the others train ``SLOW_FACTOR``x the steps (equal wall time with lockstep,
@@ -215,7 +216,7 @@ def run_asynchronous_population(
         [float(SLOW_FACTOR) if m in slow else 1.0 for m in range(members)],
         task.seed,
         like_with_like=like_with_like,
-        copy_current=copy_current,
+        snapshot_every=snapshot_every,
     )
     w = np.stack(result["states"])
     val, risk = task.val_loss(w), task.excess_risk(w)

@@ -90,14 +90,14 @@ def run_asynchronous(
     seed: int,
     like_with_like: bool = True,
     on_ready: Callable[[int, int, Any], None] | None = None,
-    copy_current: bool = False,
+    snapshot_every: int | None = None,
 ) -> dict[str, Any]:
     """Each member at its own pace (module docstring); ``steps[m]`` is member ``m``'s own budget.
 
-    ``copy_current``: a copy takes the donor's state *at the moment of the copy* (its steps so far in the
-    interval it is training, which it then goes on from), as a snapshot taken on request would, instead
-    of its last ready step's snapshot. The callback does not do this (not built); the benchmarks measure
-    what it would change.
+    ``snapshot_every``: as the callback's ``snapshot_every_n_train_steps``, a member also snapshots every
+    that many steps after its last ready step, and a copy takes the donor's latest snapshot: its state
+    after the last multiple of ``snapshot_every`` steps of the interval it is training (which it then goes
+    on from). ``1`` is the limit: the donor's state at the moment of the copy.
     """
     members = len(start_values)
     jitter = np.random.default_rng([seed, 7919])
@@ -116,7 +116,7 @@ def run_asynchronous(
     exploits = 0
     events: list[tuple[float, int]] = []
     interval: dict[int, tuple[float, float]] = {}  # member: (start, end) of the interval it is training
-    partial = [0] * members  # steps of that interval already trained (by a copy_current copy)
+    partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
 
     def schedule(m: int, now: float) -> None:
         n = min(ready, steps[m] - at[m])
@@ -124,12 +124,17 @@ def run_asynchronous(
         interval[m] = (now, end)
         heapq.heappush(events, (end, m))
 
-    def current_state(d: int, now: float) -> tuple[Any, int]:
-        """Donor ``d``'s state at ``now``: the steps of its interval that have passed are trained (for good:
-        the donor goes on from there), then copied."""
+    def latest_snapshot(d: int, now: float) -> tuple[Any, int]:
+        """Donor ``d``'s latest snapshot at ``now`` and its progress: the steps of its interval that have
+        passed, down to a multiple of ``snapshot_every``, are trained (for good: the donor goes on from
+        there) and copied; none yet: its ready step's snapshot."""
+        assert snapshot_every is not None
         start, end = interval[d]
         n = min(ready, steps[d] - at[d])
         due = min(n, int(n * (now - start) / (end - start))) if end > start else n
+        due = due // snapshot_every * snapshot_every
+        if due == 0:
+            return task.copy(snapshots[d]), records[d].at
         if due > partial[d]:
             states[d] = task.train(d, states[d], hps[d], due - partial[d])
             partial[d] = due
@@ -157,8 +162,8 @@ def run_asynchronous(
         plan = decide_alone(schedulers[m], m, step, own, others, like_with_like=like_with_like).plan
         if plan.event == "exploit":
             donor = records[plan.parent]
-            if copy_current and not donor.done:
-                states[m], progress = current_state(plan.parent, now)
+            if snapshot_every is not None and not donor.done:
+                states[m], progress = latest_snapshot(plan.parent, now)
             else:
                 states[m], progress = task.copy(snapshots[plan.parent]), donor.at
             histories[m] = list(donor.history)

@@ -24,7 +24,8 @@ PB2 still observes each member's latest raw (step, score). :func:`decide_alone` 
 measure the same rule. (A variant that also shifted lagging members by the decider's own progress since
 their score, to compare at exactly the same progress, chose worse in the benchmarks, as did the other
 rules listed in docs/benchmarks.md. At equal speeds this rule is within noise of lockstep on the schedule
-task, better on Ray's ``pbt_function`` and worse with two members: ``python -m bench --only decisions``.)
+task (no worse in median with snapshots between ready steps, ``snapshot_every_n_train_steps``), better on
+Ray's ``pbt_function`` and worse with two members: ``python -m bench --only decisions``.)
 """
 
 from __future__ import annotations

@@ -204,8 +204,10 @@ class _Tagged:
         return tuple(state)
 
 
-@pytest.mark.parametrize("copy_current", [False, True])
-def test_simulated_copy_takes_the_snapshot_or_the_donors_state_now(copy_current: bool) -> None:
+@pytest.mark.parametrize("snapshot_every", [None, 5, 1])
+def test_simulated_copy_takes_the_donors_latest_snapshot(snapshot_every: int | None) -> None:
+    """Without snapshots between ready steps a copy is a ready step's snapshot; with them, the donor's state
+    after the last multiple of ``snapshot_every`` steps of its interval, from which the donor goes on."""
     from bench.simulate import run_asynchronous
     from lightning_pbt.scheduler import PBTScheduler
     from lightning_pbt.space import Uniform
@@ -216,12 +218,11 @@ def test_simulated_copy_takes_the_snapshot_or_the_donors_state_now(copy_current:
         task = _Tagged()
         result = run_asynchronous(task, lambda s=seed: PBTScheduler({"x": Uniform(0, 1)}, mode="max", seed=s),
                                   [{"x": 0.5}, {"x": 0.5}], ready, [steps, steps], [1.0, 1.0], seed,
-                                  copy_current=copy_current)
+                                  snapshot_every=snapshot_every)
         copied += task.copies_received
         donor_steps.append(result["states"][0][1])
     assert copied
     assert donor_steps == [steps] * 5  # a donor copied mid-interval goes on from there: no step twice
-    if copy_current:
-        assert any(c % ready for c in copied)  # the donor's steps so far in its interval
-    else:
-        assert all(c % ready == 0 for c in copied)  # a ready step's snapshot
+    assert all(c % (snapshot_every or ready) == 0 for c in copied)
+    if snapshot_every is not None:
+        assert any(c % ready for c in copied)  # a snapshot between ready steps
