@@ -552,6 +552,7 @@ class AsynchronousReadySteps(ReadySteps):
             "progress": step + self._offset,
             "snapshot_step": step,
             "version": version,
+            "ready": version >= 0,  # scored at a ready step (a snapshot between ready steps does not make it so)
             "done": done,
         }
         self.population.store.set(self._record_key(self.me), json.dumps(self._record))
@@ -709,8 +710,7 @@ class AsynchronousReadySteps(ReadySteps):
             for member, record in records.items()
             if member != self.me
         }
-        everyone_scored = all(record["version"] >= 0 for record in records.values())
-        if own.score is None and everyone_scored and not any(_finite(r["score"]) for r in records.values()):
+        if own.score is None and everyone_diverged(records):
             raise RuntimeError(self._all_diverged_error())
         decision = decide_alone(self.scheduler, self.me, observation.step, own, others)
         plan = decision.plan
@@ -789,6 +789,21 @@ class AsynchronousReadySteps(ReadySteps):
                     "could leave the lineage short of this member's last ready step",
                     self.me,
                 )
+
+
+def everyone_diverged(records: Mapping[int, Mapping[str, Any]]) -> bool:
+    """Whether every member has scored at a ready step and no member's latest score is finite: the run
+    cannot go on. A member with snapshots between ready steps only has not scored yet.
+
+    Examples:
+        >>> first = {"version": 2, "ready": False, "score": None}  # in-between snapshots, no ready step yet
+        >>> everyone_diverged({0: {"version": 3, "ready": True, "score": None}, 1: first})
+        False
+        >>> everyone_diverged({0: {"version": 3, "ready": True, "score": None}, 1: {**first, "ready": True}})
+        True
+    """
+    scored = all(record.get("ready", record["version"] >= 0) for record in records.values())
+    return scored and not any(_finite(record["score"]) for record in records.values())
 
 
 def snapshot_due(step: int, last_ready_step: int, every: int | None) -> bool:

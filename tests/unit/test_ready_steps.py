@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_pbt.apply import optimizer_layout
-from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps, snapshot_due
+from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps, everyone_diverged, snapshot_due
 from lightning_pbt.scheduler import PBTScheduler
 from lightning_pbt.space import LogUniform
 from lightning_pbt.topology import PopulationTopology
@@ -99,3 +99,14 @@ def test_snapshots_between_ready_steps_fall_every_n_steps_after_the_last_one():
     assert [s for s in range(1, 10) if snapshot_due(s, last_ready_step=-1, every=4)] == [4, 8]  # before the first
     assert not any(snapshot_due(s, last_ready_step=12, every=5) for s in range(0, 13))  # never at or before it
     assert not any(snapshot_due(s, last_ready_step=0, every=None) for s in range(50))
+
+
+def test_a_member_with_only_in_between_snapshots_has_not_scored_yet():
+    """The run ends as 'every member diverged' only once every member has scored at a ready step: a
+    member whose snapshots so far are between ready steps (servable, score None) has not."""
+    nan = {"version": 4, "ready": True, "score": None}
+    early = {"version": 1, "ready": False, "score": None}
+    assert not everyone_diverged({0: nan, 1: early})
+    assert everyone_diverged({0: nan, 1: {**early, "ready": True, "version": 2}})
+    assert not everyone_diverged({0: nan, 1: {"version": 2, "ready": True, "score": 0.5}})
+    assert not everyone_diverged({0: nan, 1: {"version": -1, "score": None}})  # a record from before ready flags
