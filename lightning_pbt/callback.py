@@ -226,9 +226,8 @@ class PopulationBasedTraining(Callback):
         self._protocol = protocol_class(self.synchronous)(
             population=strategy.population, topology=strategy.topology, namespace=f"pbt/{strategy.fit_generation}",
             scheduler=self.scheduler, book=self.book, member=member, mode=self.mode, monitor=self.monitor,
-            seed=self.seed,
+            seed=self.seed, snapshot_every=self.settings.snapshot_every_n_train_steps,
         )  # fmt: skip
-        self._protocol.snapshot_every = self.settings.snapshot_every_n_train_steps
         self._protocol.start(
             self.lineage_path,
             restored=self._restored,

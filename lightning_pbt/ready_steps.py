@@ -154,10 +154,11 @@ class ReadySteps(ABC):
         mode: ``"max"`` or ``"min"``.
         monitor: the metric's name, for messages.
         seed: the run's seed (rejuvenation seeds derive from it).
+        snapshot_every: asynchronous: snapshots between ready steps, every this many optimizer steps
+            (``snapshot_every_n_train_steps``; ``None``: none).
     """
 
     synchronous: ClassVar[bool]
-    snapshot_every: int | None = None  # asynchronous: snapshots between ready steps (the callback's option)
 
     def __init__(
         self,
@@ -171,6 +172,7 @@ class ReadySteps(ABC):
         mode: str,
         monitor: str,
         seed: int,
+        snapshot_every: int | None = None,
     ) -> None:
         self.population = population
         self.topology = topology
@@ -181,6 +183,7 @@ class ReadySteps(ABC):
         self.mode = mode
         self.monitor = monitor
         self.seed = seed
+        self.snapshot_every = snapshot_every
         self.lineage: LineageWriter | None = None
 
     @property
@@ -597,11 +600,7 @@ class AsynchronousReadySteps(ReadySteps):
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
                 own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["snapshot_step"])
-                if self._leader and self._record is not None:
-                    # Its record describes the weights just thrown away: the others leave this member out
-                    # of their rankings until its next ready step publishes again.
-                    self._record["copied"] = True
-                    self.population.store.set(self._record_key(self.me), json.dumps(self._record))
+                self._leave_rankings()
                 break
             plan = None
         if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
@@ -611,6 +610,8 @@ class AsynchronousReadySteps(ReadySteps):
         if plan.event == "rejuvenate":  # fresh weights: no scores, no progress yet
             own["history"], own["history_steps"], own["progress_offset"] = [], [], -observation.step
         self._carry_out(plan, observation.step)
+        if plan.event == "rejuvenate":
+            self._leave_rankings()
         own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
         for member, status in view.items():
             if int(member) != self.me:
@@ -636,6 +637,13 @@ class AsynchronousReadySteps(ReadySteps):
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
         return ReadyStepResult(observation.step, scores, plan, timing)
+
+    def _leave_rankings(self) -> None:
+        """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
+        until its next ready step, so no snapshot of the new weights passes for the old score."""
+        if self._leader and self._record is not None:
+            self._record["copied"] = True
+            self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _take_snapshot(self, step: int) -> int:
         """Snapshot the training state into host memory and serve it; returns its version."""

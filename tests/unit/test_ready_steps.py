@@ -1,7 +1,11 @@
-"""ReadySteps.start on real gloo groups in threads: what every rank must agree on, checked before training."""
+"""ReadySteps on real gloo groups in threads (what every rank must agree on), and asynchronous bookkeeping."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from lightning_pbt.apply import optimizer_layout
@@ -110,3 +114,66 @@ def test_a_member_with_only_in_between_snapshots_has_not_scored_yet():
     assert everyone_diverged({0: nan, 1: {**early, "ready": True, "version": 2}})
     assert not everyone_diverged({0: nan, 1: {"version": 2, "ready": True, "score": 0.5}})
     assert not everyone_diverged({0: nan, 1: {"version": -1, "score": None}})  # a record from before ready flags
+
+
+class _Store(dict):
+    def set(self, key, value):
+        self[key] = value
+
+    def add(self, key, amount):
+        self[key] = self.get(key, 0) + amount
+        return self[key]
+
+    def delete_key(self, key):
+        self.pop(key, None)
+
+
+class _Server:
+    def __init__(self):
+        self.taken = []
+
+    def take_snapshot(self, version, flat, device):
+        self.taken.append(version)
+
+
+class _Member:
+    def __init__(self):
+        self.weights = torch.full((512, 512), 3.0)  # 1 MB: fresh weights differ from these everywhere
+
+    def training_state(self):
+        return {"model": {"w": self.weights}}
+
+    def rejuvenate(self, seed):
+        self.weights = torch.randn(512, 512, generator=torch.Generator().manual_seed(seed))
+
+    def apply(self, hyperparameters):
+        pass
+
+
+@pytest.mark.parametrize("event", ["keep", "rejuvenate"])
+def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(event):
+    """After fresh weights the record's score describes weights thrown away, and the snapshots taken between
+    ready steps would serve the new ones under it: the member is left out of the others' rankings
+    (``copied``) until it publishes a score again. A member that keeps stays ranked."""
+    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+    from lightning_pbt.scheduler import MemberPlan
+
+    store = _Store()
+    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    steps = AsynchronousReadySteps(
+        population=SimpleNamespace(store=store, device=torch.device("cpu")),
+        topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
+        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
+        member=_Member(), mode="max", monitor="val", seed=0, snapshot_every=2,
+    )  # fmt: skip
+    steps.server = _Server()
+    plan = MemberPlan(0, event, 0, {"lr": 0.1}, ())
+    steps._shared_decision = lambda observation, attempt: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps._publish(0, 0, None, version=-1, done=False)
+    steps.step(Observation(0.5, False, 10, 0))
+    for step in (11, 12, 12, 13, 14):  # step 12 twice: gradient accumulation, two batches end at it
+        steps.between_ready_steps(step)
+    record = json.loads(store["ns/member/0"])
+    assert steps.server.taken == [0, 1, 2]  # the ready step's snapshot, then steps 12 and 14
+    assert (record["snapshot_step"], record["version"], record["score"], record["step"]) == (14, 2, 0.5, 10)
+    assert record.get("copied", False) is (event == "rejuvenate")
