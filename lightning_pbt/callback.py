@@ -61,6 +61,8 @@ class PopulationBasedTraining(Callback):
         snapshot_every_n_train_steps: with ``synchronous=False``, also snapshot every this many optimizer
             steps after a ready step: a copy is then at most that old, not up to a ready interval (``None``:
             at ready steps only). Each costs a device-to-host copy; try a quarter of the interval.
+        wait_for_peers: with ``synchronous=False``, at a ready step wait for the members that have not scored
+            at this progress yet, up to this fraction of the last ready interval (``None``: never; try 0.25).
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
         every_n_epochs: a ready step at the first validation end at least this many completed epochs
@@ -91,7 +93,8 @@ class PopulationBasedTraining(Callback):
         ValueError: at construction, on every rank: a malformed search space (naming the key), an empty
             one, a bad ``mode``, interval, ``burn_in``, ``quantile_fraction``, explore or exploit
             setting, both intervals at once, ``explore="pb2"`` with ``custom_explore``, ``rejuvenate_modules``
-            without ``rejuvenate_patience``, or ``snapshot_every_n_train_steps`` with ``synchronous=True``. At
+            without ``rejuvenate_patience``, ``wait_for_peers`` outside (0, 1], or
+            ``snapshot_every_n_train_steps`` or ``wait_for_peers`` with ``synchronous=True``. At
             fit start, on every rank and before any collective: a hyperparameter that nothing applies, or an
             unknown ``rejuvenate_modules`` name.
         TypeError: at setup, a trainer whose strategy is not a ``PopulationStrategy``.
@@ -131,6 +134,7 @@ class PopulationBasedTraining(Callback):
         dirpath: str | os.PathLike | None = None,
         synchronous: bool = True,
         snapshot_every_n_train_steps: int | None = None,
+        wait_for_peers: float | None = None,
     ) -> None:
         given = locals()  # the arguments, by the names PBTSettings defines (a unit test keeps them equal)
         super().__init__()
@@ -227,6 +231,7 @@ class PopulationBasedTraining(Callback):
             population=strategy.population, topology=strategy.topology, namespace=f"pbt/{strategy.fit_generation}",
             scheduler=self.scheduler, book=self.book, member=member, mode=self.mode, monitor=self.monitor,
             seed=self.seed, snapshot_every=self.settings.snapshot_every_n_train_steps,
+            wait_for_peers=self.settings.wait_for_peers,
         )  # fmt: skip
         self._protocol.start(
             self.lineage_path,

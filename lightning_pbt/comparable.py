@@ -23,9 +23,10 @@ PB2 still observes each member's latest raw (step, score). :func:`decide_alone` 
 ``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
 measure the same rule. (A variant that also shifted lagging members by the decider's own progress since
 their score, to compare at exactly the same progress, chose worse in the benchmarks, as did the other
-rules listed in docs/benchmarks.md. At equal speeds this rule is within noise of lockstep on the schedule
-task (no worse in median with snapshots between ready steps, ``snapshot_every_n_train_steps``), better on
-Ray's ``pbt_function`` and worse with two members: ``python -m bench --only decisions``.)
+rules listed in docs/benchmarks.md.) What a rule cannot do is rank a score nobody has published yet: the
+first member to reach a ready step at equal speeds ranks the others' previous scores. ``wait_for_peers``
+lets it wait (boundedly) for them, and the rule then ranks what lockstep would:
+``python -m bench --only decisions``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import os
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -156,6 +156,8 @@ class ReadySteps(ABC):
         seed: the run's seed (rejuvenation seeds derive from it).
         snapshot_every: asynchronous: snapshots between ready steps, every this many optimizer steps
             (``snapshot_every_n_train_steps``; ``None``: none).
+        wait_for_peers: asynchronous: at a ready step, wait up to this fraction of the last ready interval
+            for the members that have not scored at this member's progress (``None``: never).
     """
 
     synchronous: ClassVar[bool]
@@ -173,6 +175,7 @@ class ReadySteps(ABC):
         monitor: str,
         seed: int,
         snapshot_every: int | None = None,
+        wait_for_peers: float | None = None,
     ) -> None:
         self.population = population
         self.topology = topology
@@ -184,6 +187,7 @@ class ReadySteps(ABC):
         self.monitor = monitor
         self.seed = seed
         self.snapshot_every = snapshot_every
+        self.wait_for_peers = wait_for_peers
         self.lineage: LineageWriter | None = None
 
     @property
@@ -511,6 +515,7 @@ class AsynchronousReadySteps(ReadySteps):
         self._last_push: int | None = None
         self._versions = 0  # snapshots taken in this fit: ready steps and between them
         self._snapshot_step: int | None = None
+        self._interval_started = time.monotonic()  # when this member left its last ready step (or started)
 
     @property
     def _leader(self) -> bool:
@@ -553,6 +558,7 @@ class AsynchronousReadySteps(ReadySteps):
             "history": list(self.book.population[self.me].get("history", [])),
             "history_steps": _history_steps(self.book.population[self.me], step),
             "progress": step + self._offset,
+            "ready_progress": step + self._offset if version >= 0 else None,  # what its score is at
             "snapshot_step": step,
             "version": version,
             "ready": version >= 0,  # scored at a ready step (a snapshot between ready steps does not make it so)
@@ -582,6 +588,7 @@ class AsynchronousReadySteps(ReadySteps):
         if self._leader:
             self._publish(observation.step, observation.epoch, score, version, done=False)
         snapshotted = time.perf_counter()
+        waited = self._wait_for_peers(observation.step + self._offset, snapshotted - self._interval_started)
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
@@ -620,6 +627,7 @@ class AsynchronousReadySteps(ReadySteps):
         self.book.last_ready_step = observation.step
         timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
         if self._leader:
+            extra = {"done": False, "compared": message["compared"], **({} if waited is None else {"waited_s": waited})}
             record = LineageRecord(
                 step=observation.step,
                 epoch=observation.epoch,
@@ -630,13 +638,21 @@ class AsynchronousReadySteps(ReadySteps):
                 hyperparameters=dict(plan.hyperparameters),
                 mutations=list(plan.mutations),
                 timing=timing,
-                extra={"done": False, "compared": message["compared"]},
+                extra=extra,
                 donor_step=donor_step,
             )
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
+        self._interval_started = time.monotonic()
         return ReadyStepResult(observation.step, scores, plan, timing)
+
+    def _wait_for_peers(self, progress: int, interval_s: float) -> float | None:
+        """The leader waits until the others have scored at ``progress`` (see :func:`wait_for_peers`); the
+        member's other ranks wait for its decision anyway. Returns the seconds waited."""
+        if not self._leader or self.wait_for_peers is None:
+            return None
+        return wait_for_peers(self._records, self.me, progress, self.wait_for_peers * max(interval_s, 0.0))
 
     def _leave_rankings(self) -> None:
         """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
@@ -704,20 +720,7 @@ class AsynchronousReadySteps(ReadySteps):
             history=tuple(zip(_history_steps(status, observation.step), status["history"], strict=True)),
             progress=observation.step + self._offset,
         )
-        others = {
-            member: Published(
-                step=record["step"],
-                score=record["score"],
-                hyperparameters=record["hyperparameters"],
-                history=tuple(zip(_history_steps(record, record["step"]), record["history"], strict=True)),
-                servable=record["version"] >= 0,
-                done=record["done"],
-                progress=record.get("progress"),
-                copied=bool(record.get("copied", False)),
-            )
-            for member, record in records.items()
-            if member != self.me
-        }
+        others = {member: published(record) for member, record in records.items() if member != self.me}
         if own.score is None and everyone_diverged(records):
             raise RuntimeError(self._all_diverged_error())
         decision = decide_alone(self.scheduler, self.me, observation.step, own, others)
@@ -812,6 +815,52 @@ def everyone_diverged(records: Mapping[int, Mapping[str, Any]]) -> bool:
     """
     scored = all(record.get("ready", record["version"] >= 0) for record in records.values())
     return scored and not any(_finite(record["score"]) for record in records.values())
+
+
+def published(record: Mapping[str, Any]) -> Published:
+    """What another member's record tells a decision (:mod:`lightning_pbt.comparable`)."""
+    return Published(
+        step=record["step"],
+        score=record["score"],
+        hyperparameters=record["hyperparameters"],
+        history=tuple(zip(_history_steps(record, record["step"]), record["history"], strict=True)),
+        servable=record["version"] >= 0,
+        done=record["done"],
+        progress=record.get("progress"),
+        copied=bool(record.get("copied", False)),
+    )
+
+
+def wait_for_peers(
+    read: Callable[[], Mapping[int, Mapping[str, Any]]], me: int, progress: int, seconds: float
+) -> float:
+    """Poll the population's records until every other member has stopped or scored at ``progress`` or
+    beyond (:func:`peers_caught_up`), for ``seconds`` at most; returns the seconds waited. At near-equal
+    speeds a decision then compares fresh scores, as lockstep does (``wait_for_peers``)."""
+    started = time.monotonic()
+    deadline, pause = started + seconds, 0.005
+    while not peers_caught_up(read(), me, progress) and time.monotonic() < deadline:
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+        pause = min(pause * 2, 0.1)
+    return time.monotonic() - started
+
+
+def peers_caught_up(records: Mapping[int, Mapping[str, Any]], me: int, progress: int) -> bool:
+    """Whether every member but ``me`` has stopped or scored at a ready step at ``progress`` or beyond
+    (a member that copied since counts: its decision at that progress is made).
+
+    Examples:
+        >>> behind = {"done": False, "ready_progress": 40}
+        >>> peers_caught_up({0: {"done": False, "ready_progress": 50}, 1: behind}, me=0, progress=50)
+        False
+        >>> peers_caught_up({0: {}, 1: {**behind, "ready_progress": 60}, 2: {"done": True}}, me=0, progress=50)
+        True
+    """
+    return all(
+        record.get("done") or (record.get("ready_progress") is not None and record["ready_progress"] >= progress)
+        for member, record in records.items()
+        if member != me
+    )
 
 
 def snapshot_due(step: int, last_ready_step: int, every: int | None) -> bool:

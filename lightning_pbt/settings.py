@@ -64,6 +64,8 @@ class PBTSettings:
         synchronous: ``False`` for asynchronous PBT.
         snapshot_every_n_train_steps: asynchronous only: also snapshot every this many optimizer steps
             after a ready step, so that a copy is at most this many steps old.
+        wait_for_peers: asynchronous only: at a ready step, wait up to this fraction of the member's last
+            ready interval (wall time) for the members that have not scored at its progress yet.
         space: the parsed search space (derived).
         exploit_rule: the exploit rule (derived).
 
@@ -95,6 +97,7 @@ class PBTSettings:
     dirpath: str | os.PathLike | None = field(default=None, metadata=_hydra(str | None))
     synchronous: bool = True
     snapshot_every_n_train_steps: int | None = None
+    wait_for_peers: float | None = None
     space: dict[str, Domain] = field(init=False, repr=False)
     exploit_rule: ExploitRule = field(init=False, repr=False)
 
@@ -118,6 +121,21 @@ class PBTSettings:
         self.start_hyperparameters = dict(self.start_hyperparameters or {})
         self.dirpath = os.fspath(self.dirpath) if self.dirpath is not None else None
 
+    def _check_wait_for_peers(self) -> None:
+        value = self.wait_for_peers
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(
+                f"{PREFIX}wait_for_peers must be a fraction of the ready interval in (0, 1] (or None: never "
+                f"wait), got {value!r}"
+            )
+        if self.synchronous:
+            raise ValueError(
+                f"{PREFIX}wait_for_peers is for synchronous=False (in lockstep every member always waits for "
+                "every other), got it with synchronous=True"
+            )
+
     def _check_scalars(self) -> None:
         if not isinstance(self.synchronous, bool):
             raise ValueError(f"{PREFIX}synchronous must be True or False, got {self.synchronous!r}")
@@ -134,6 +152,7 @@ class PBTSettings:
                 f"{PREFIX}snapshot_every_n_train_steps is for synchronous=False (in lockstep a copy is always "
                 "the donor's state at the ready step), got it with synchronous=True"
             )
+        self._check_wait_for_peers()
         if self.every_n_train_steps is not None and self.every_n_epochs is not None:
             raise ValueError(f"{PREFIX}set every_n_train_steps or every_n_epochs, not both")
         with _prefixed():

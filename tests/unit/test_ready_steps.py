@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lightning_pbt.apply import optimizer_layout
-from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps, everyone_diverged, snapshot_due
+from lightning_pbt.ready_steps import (
+    PopulationBook,
+    SynchronousReadySteps,
+    everyone_diverged,
+    peers_caught_up,
+    snapshot_due,
+    wait_for_peers,
+)
 from lightning_pbt.scheduler import PBTScheduler
 from lightning_pbt.space import LogUniform
 from lightning_pbt.topology import PopulationTopology
@@ -114,6 +121,34 @@ def test_a_member_with_only_in_between_snapshots_has_not_scored_yet():
     assert everyone_diverged({0: nan, 1: {**early, "ready": True, "version": 2}})
     assert not everyone_diverged({0: nan, 1: {"version": 2, "ready": True, "score": 0.5}})
     assert not everyone_diverged({0: nan, 1: {"version": -1, "score": None}})  # a record from before ready flags
+
+
+def test_peers_have_caught_up_when_every_other_member_scored_at_this_progress_or_stopped():
+    at = {0: {"done": False, "ready_progress": 50}}
+    assert peers_caught_up({**at, 1: {"done": False, "ready_progress": 50}}, me=0, progress=50)
+    assert peers_caught_up({**at, 1: {"done": False, "ready_progress": 90}}, me=0, progress=50)  # ahead
+    assert not peers_caught_up({**at, 1: {"done": False, "ready_progress": 49}}, me=0, progress=50)
+    assert not peers_caught_up({**at, 1: {"done": False, "ready_progress": None}}, me=0, progress=50)  # not yet
+    assert peers_caught_up({**at, 1: {"done": True, "ready_progress": 10}}, me=0, progress=50)  # stopped
+    copied = {"done": False, "ready_progress": 50, "copied": True}  # decided at this progress already
+    assert peers_caught_up({**at, 1: copied}, me=0, progress=50)
+    assert not peers_caught_up({0: at[0], 1: copied, 2: {"done": False, "ready_progress": 30}}, me=0, progress=50)
+    assert peers_caught_up({0: {"done": False, "ready_progress": 10}}, me=0, progress=50)  # its own is not read
+
+
+def test_waiting_for_peers_ends_when_they_score_or_at_the_deadline():
+    calls = []
+
+    def read():
+        calls.append(1)
+        return {0: {"ready_progress": 8}, 1: {"done": False, "ready_progress": 8 if len(calls) >= 3 else 4}}
+
+    waited = wait_for_peers(read, me=0, progress=8, seconds=30.0)
+    assert len(calls) == 3 and waited < 1.0  # returns at the read that shows member 1 at step 8
+    calls.clear()
+    waited = wait_for_peers(lambda: {1: {"done": False, "ready_progress": 4}}, me=0, progress=8, seconds=0.2)
+    assert 0.2 <= waited < 0.5  # never caught up: the deadline ends it
+    assert wait_for_peers(lambda: {1: {"done": True}}, me=0, progress=8, seconds=30.0) < 0.05
 
 
 class _Store(dict):

@@ -71,6 +71,10 @@ def test_the_callback_keeps_what_the_settings_checked_and_derived():
         ({"rejuvenate_modules": []}, "rejuvenate_modules must be None"),
         ({"snapshot_every_n_train_steps": 0, "synchronous": False}, "snapshot_every_n_train_steps must be a positive"),
         ({"snapshot_every_n_train_steps": 10}, "snapshot_every_n_train_steps is for synchronous=False"),
+        ({"wait_for_peers": 0.25}, "wait_for_peers is for synchronous=False"),
+        ({"wait_for_peers": 0.0, "synchronous": False}, r"wait_for_peers must be a fraction of .* in \(0, 1\]"),
+        ({"wait_for_peers": 1.5, "synchronous": False}, "wait_for_peers must be a fraction"),
+        ({"wait_for_peers": True, "synchronous": False}, "wait_for_peers must be a fraction"),
     ],
 )
 def test_shared_checks_speak_for_the_callback_in_order(kwargs, message):

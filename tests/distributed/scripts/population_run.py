@@ -209,6 +209,7 @@ pbt = PopulationBasedTraining(
     exploit=cfg.get("exploit", "truncation"),
     synchronous=cfg.get("synchronous", True),
     snapshot_every_n_train_steps=cfg.get("snapshot_every"),
+    wait_for_peers=cfg.get("wait_for_peers"),
 )
 callbacks = [before, pbt, after, gather] if cfg.get("pbt", True) else [before, after, gather]
 if cfg.get("early_stop_member") is not None:
