@@ -38,19 +38,37 @@ from typing import Any
 from bench import pbt_function as pf
 from bench import quality, schedule
 from bench.common import clean_floats, spread
-from bench.simulate import JITTER, run_asynchronous, run_lockstep
+from bench.simulate import JITTER, fast_budget, run_asynchronous, run_lockstep
 
 NAME = "decisions"
 SEEDS = tuple(range(100))
 RESEED = 1000
-ARMS = ("lockstep", "lockstep_reseeded", "async", "async_stragglers", "async_snapshots", "async_snapshots_every_step")
+ARMS = (
+    "lockstep",
+    "lockstep_reseeded",
+    "async",
+    "async_stragglers",
+    "async_snapshots",
+    "async_snapshots_every_step",
+    "async_wait",
+    "async_wait_snapshots",
+    "async_stragglers_wait",
+)
+WAIT = 0.25  # the wait arms' wait_for_peers: a quarter of the member's interval
 TASKS = ("pbt_function", "toy_25", "toy_100", "schedule_4x50", "schedule_8x50", "schedule_4x200", "schedule_8x200")
 SMOKE = {"seeds": (0, 1), "tasks": ("pbt_function", "toy_25", "schedule_4x50"), "schedule_steps": 300}
 
 
 def snapshot_every(arm: str, ready: int) -> int | None:
     """The arm's ``snapshot_every``: a quarter of the ready interval, every step, or none."""
-    return {"async_snapshots": max(1, ready // 4), "async_snapshots_every_step": 1}.get(arm)
+    if arm == "async_snapshots_every_step":
+        return 1
+    return max(1, ready // 4) if arm.endswith("snapshots") else None
+
+
+def wait(arm: str) -> float | None:
+    """The arm's ``wait`` (the callback's ``wait_for_peers``)."""
+    return WAIT if "wait" in arm else None
 
 
 def _pbt_function(seed: int, arm: str) -> dict[str, Any]:
@@ -65,16 +83,22 @@ def _pbt_function(seed: int, arm: str) -> dict[str, Any]:
     if arm.startswith("lockstep"):
         result = run_lockstep(task, make, starts, pf.READY, pf.ITERATIONS)
     else:
-        slow = set(pf.SLOW) if arm == "async_stragglers" else set()
+        slow = set(pf.SLOW) if arm.startswith("async_stragglers") else set()
         result = run_asynchronous(
             task,
             make,
             starts,
             pf.READY,
-            [pf.ITERATIONS if m in slow or not slow else pf.ITERATIONS * pf.SLOW_FACTOR for m in range(pf.MEMBERS)],
+            [
+                pf.ITERATIONS
+                if m in slow or not slow
+                else fast_budget(pf.ITERATIONS, pf.SLOW_FACTOR, pf.READY, wait(arm))
+                for m in range(pf.MEMBERS)
+            ],
             [float(pf.SLOW_FACTOR) if m in slow else 1.0 for m in range(pf.MEMBERS)],
             seed,
             snapshot_every=snapshot_every(arm, pf.READY),
+            wait=wait(arm),
         )
     return {"value": max(result["states"]), "reached": task.best > pf.TARGET, "exploits": result["exploits"]}
 
@@ -94,8 +118,9 @@ def _toy(seed: int, arm: str, steps: int) -> dict[str, Any]:
             toy,
             seed,
             steps,
-            "async_straggler" if arm == "async_stragglers" else "async",
+            "async_straggler" if arm.startswith("async_stragglers") else "async",
             snapshot_every=snapshot_every(arm, toy.READY),
+            wait=wait(arm),
         )
     return {"value": value}
 
@@ -108,7 +133,14 @@ def _schedule(seed: int, arm: str, members: int, ready: int, steps: int) -> dict
         )
     else:
         result = schedule.run_asynchronous_population(
-            task, members, steps, ready, arm == "async_stragglers", True, snapshot_every=snapshot_every(arm, ready)
+            task,
+            members,
+            steps,
+            ready,
+            arm.startswith("async_stragglers"),
+            True,
+            snapshot_every=snapshot_every(arm, ready),
+            wait=wait(arm),
         )
     return {"value": result["excess_risk"], "exploits": result["exploits"]}
 

@@ -19,6 +19,10 @@ equal compute (``MEMBERS`` members x ``EPOCHS`` epochs each):
   step at the end of every epoch, scored on the validation accuracy; ``pbt_async``: the same with
   ``synchronous=False`` (equal speeds; for stragglers at equal wall time see ``bench/asynchronous.py``);
 - ``pbt_async_snapshots``: asynchronous with ``snapshot_every_n_train_steps=SNAPSHOT_EVERY``;
+- ``pbt_async_wait``: asynchronous with ``wait_for_peers=WAIT_FOR_PEERS``;
+- ``pbt_reseeded``: lockstep again with the plans (exploit and explore draws) from another random stream,
+  the same start values and weights: what lockstep scores against itself, the noise band the
+  asynchronous arms (each member with a plan stream of its own) are compared within;
 - random search: the same population (the same initial learning rates, weights and data order per
   member) under ``PopulationStrategy`` without the callback;
 - default: ``MEMBERS`` members with lr = 0.01 (Keras' SGD default; torch has none), differing only in
@@ -44,8 +48,16 @@ SEEDS = tuple(range(30))  # digits; 10 could not tell the asynchronous arms from
 MEMBERS = 4
 EPOCHS = 10
 DEFAULT_LR = 0.01
-DIGITS_ARMS = ("pbt", "pbt_async", "pbt_async_snapshots", "random_search", "default")
+DIGITS_ARMS = ("pbt", "pbt_reseeded", "pbt_async", "pbt_async_snapshots", "pbt_async_wait", "random_search", "default")
 SNAPSHOT_EVERY = 8  # pbt_async_snapshots: a quarter of an epoch (34 optimizer steps of 32 samples)
+WAIT_FOR_PEERS = 0.25  # pbt_async_wait: a quarter of the member's last epoch at most
+RESEED_PLANS = 1000  # pbt_reseeded: lockstep with the plans drawn from another stream (the noise band)
+PBT_VARIANTS = {  # arm: what it changes against ``pbt``
+    "pbt_reseeded": {"plan_stream": RESEED_PLANS},
+    "pbt_async": {"synchronous": False},
+    "pbt_async_snapshots": {"synchronous": False, "snapshot_every": SNAPSHOT_EVERY},
+    "pbt_async_wait": {"synchronous": False, "wait_for_peers": WAIT_FOR_PEERS},
+}
 PBT_FUNCTION_SEEDS = tuple(range(20))
 TOY_SEEDS = tuple(range(20))
 TOY_BUDGETS = (25, 100)
@@ -110,9 +122,11 @@ TOY_ARMS = ("async", "async_old_rule", "async_straggler", "async_straggler_old_r
 TOY_SLOW_FACTOR = 3  # member 1 of 2 is this much slower in the straggler arms (equal wall time)
 
 
-def run_toy_async(toy: Any, seed: int, steps: int, arm: str, snapshot_every: int | None = None) -> float:
+def run_toy_async(
+    toy: Any, seed: int, steps: int, arm: str, snapshot_every: int | None = None, wait: float | None = None
+) -> float:
     """The toy under asynchronous PBT (:func:`bench.simulate.run_asynchronous`); best true Q."""
-    from bench.simulate import run_asynchronous
+    from bench.simulate import fast_budget, run_asynchronous
     from lightning_pbt.scheduler import PBTScheduler
     from lightning_pbt.space import Uniform
 
@@ -122,9 +136,9 @@ def run_toy_async(toy: Any, seed: int, steps: int, arm: str, snapshot_every: int
     task = ToyTask(toy.LR)
     straggler = arm.startswith("async_straggler")
     run_asynchronous(task, make, [{"h0": 1.0, "h1": 0.0}, {"h0": 0.0, "h1": 1.0}], toy.READY,
-                     [steps * TOY_SLOW_FACTOR, steps] if straggler else [steps, steps],
+                     [fast_budget(steps, TOY_SLOW_FACTOR, toy.READY, wait), steps] if straggler else [steps, steps],
                      [1.0, float(TOY_SLOW_FACTOR)] if straggler else [1.0, 1.0], seed,
-                     like_with_like=not arm.endswith("old_rule"), snapshot_every=snapshot_every)
+                     like_with_like=not arm.endswith("old_rule"), snapshot_every=snapshot_every, wait=wait)
     return task.best
 
 
@@ -170,13 +184,10 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
         pbt_out = root / f"seed{seed}_pbt"
         launch("bench.quality", members, {**common, "out": str(pbt_out), "pbt": True, "default_members": 0},
                  timeout, root / f"seed{seed}_pbt.log")
-        async_out = root / f"seed{seed}_pbt_async"
-        launch("bench.quality", members, {**common, "out": str(async_out), "pbt": True, "default_members": 0,
-                                          "synchronous": False}, timeout, root / f"seed{seed}_pbt_async.log")
-        snapshots_out = root / f"seed{seed}_pbt_async_snapshots"
-        launch("bench.quality", members, {**common, "out": str(snapshots_out), "pbt": True, "default_members": 0,
-                                          "synchronous": False, "snapshot_every": SNAPSHOT_EVERY}, timeout,
-               root / f"seed{seed}_pbt_async_snapshots.log")
+        for arm, options in PBT_VARIANTS.items():
+            launch("bench.quality", members, {**common, "out": str(root / f"seed{seed}_{arm}"), "pbt": True,
+                                              "default_members": 0, **options},
+                   timeout, root / f"seed{seed}_{arm}.log")
         # In smoke mode one random-search member and one default member keep the launch at 2 ranks.
         base_random, base_default = (1, 1) if smoke else (members, members)
         base_out = root / f"seed{seed}_baseline"
@@ -184,9 +195,9 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                  {**common, "out": str(base_out), "pbt": False, "random_members": base_random,
                   "default_members": base_default}, timeout, root / f"seed{seed}_baseline.log")
         ranks = [json.loads(p.read_text()) for p in sorted(pbt_out.glob("rank_*.json"))]
-        ranks += [{**json.loads(p.read_text()), "arm": "pbt_async"} for p in sorted(async_out.glob("rank_*.json"))]
-        ranks += [{**json.loads(p.read_text()), "arm": "pbt_async_snapshots"}
-                  for p in sorted(snapshots_out.glob("rank_*.json"))]
+        for arm in PBT_VARIANTS:
+            arm_out = root / f"seed{seed}_{arm}"
+            ranks += [{**json.loads(p.read_text()), "arm": arm} for p in sorted(arm_out.glob("rank_*.json"))]
         ranks += [json.loads(p.read_text()) for p in sorted(base_out.glob("rank_*.json"))]
         entry: dict[str, Any] = {"seed": seed}
         for arm in DIGITS_ARMS:
@@ -197,7 +208,8 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                           "member": best["member"], "start_lrs": sorted(r["start_lr"] for r in arm_ranks),
                           "members": len(arm_ranks), "mean_test_acc": sum(r["test_acc"] for r in arm_ranks)
                           / len(arm_ranks)}
-        for arm, out in (("pbt", pbt_out), ("pbt_async", async_out), ("pbt_async_snapshots", snapshots_out)):
+        for arm in ("pbt", *PBT_VARIANTS):
+            out = root / f"seed{seed}_{arm}"
             if (out / "pbt" / "lineage.jsonl").exists():
                 lines = [json.loads(x) for x in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if x]
                 entry[arm]["exploits"] = sum(1 for x in lines if x["event"] == "exploit")
@@ -206,7 +218,7 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                      "val_acc": spread([e[arm]["val_acc"] for e in per_seed]),
                      "mean_member_test_acc": spread([e[arm]["mean_test_acc"] for e in per_seed])}
                for arm in DIGITS_ARMS}
-    for arm in ("pbt", "pbt_async", "pbt_async_snapshots"):
+    for arm in ("pbt", *PBT_VARIANTS):
         summary[arm]["exploits_per_run"] = spread([e[arm].get("exploits", 0) for e in per_seed])
     wins = {
         "pbt_vs_random_search": _wins([e["pbt"]["test_acc"] for e in per_seed],
@@ -218,6 +230,10 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                                           [e["pbt"]["val_acc"] for e in per_seed]),
         "pbt_async_snapshots_vs_pbt": _wins([e["pbt_async_snapshots"]["test_acc"] for e in per_seed],
                                             [e["pbt"]["test_acc"] for e in per_seed]),
+        "pbt_async_wait_vs_pbt": _wins([e["pbt_async_wait"]["test_acc"] for e in per_seed],
+                                       [e["pbt"]["test_acc"] for e in per_seed]),
+        "pbt_reseeded_vs_pbt": _wins([e["pbt_reseeded"]["test_acc"] for e in per_seed],
+                                     [e["pbt"]["test_acc"] for e in per_seed]),
     }
     return clean_floats({
         "description": "search quality at equal compute: the paper's toy (best Q), Ray's pbt_function toy and "
@@ -313,7 +329,10 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     if cfg["pbt"]:
         pbt = PopulationBasedTraining(space, monitor="val_acc", mode="max", every_n_epochs=1, seed=seed,
                                       dirpath=str(out / "pbt"), synchronous=cfg.get("synchronous", True),
-                                      snapshot_every_n_train_steps=cfg.get("snapshot_every"))
+                                      snapshot_every_n_train_steps=cfg.get("snapshot_every"),
+                                      wait_for_peers=cfg.get("wait_for_peers"))
+        if cfg.get("plan_stream") is not None:  # lockstep again with other explore draws: the noise band
+            pbt.scheduler.use_member_stream(cfg["plan_stream"])
         callbacks.append(pbt)
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),

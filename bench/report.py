@@ -325,10 +325,12 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
         s, w = digits["summary"], digits["wins"]
         rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
                      _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
-        if "pbt_async_snapshots" in s:
-            rows.append(["digits, best member's test accuracy", "async, snapshots every 8 steps",
-                         _f(s["pbt"]["test_acc"]["median"], 3), _f(s["pbt_async_snapshots"]["test_acc"]["median"], 3),
-                         _wlt(w["pbt_async_snapshots_vs_pbt"])])
+        for arm, name in (("pbt_async_snapshots", "async, snapshots every 8 steps"),
+                          ("pbt_async_wait", "async, wait_for_peers=0.25"),
+                          ("pbt_reseeded", "lockstep reseeded (the noise band)")):
+            if arm in s:
+                rows.append(["digits, best member's test accuracy", name, _f(s["pbt"]["test_acc"]["median"], 3),
+                             _f(s[arm]["test_acc"]["median"], 3), _wlt(w[f"{arm}_vs_pbt"])])
     for row in schedule.get("rows", []):
         s = row["summary"]
         for arm in ("pbt_async", "pbt_async_old_rule", "pbt_async_stragglers", "pbt_async_stragglers_old_rule"):
@@ -360,7 +362,7 @@ def render_decisions(r: dict[str, Any]) -> list[str]:
             rows.append([f"{task} ({'higher' if higher else 'lower'} is better)", arm.replace("_", " "),
                          _f(e["value"]["median"], 4) + reached, exploits, _wlt(w) if w else "",
                          _f(e["sign_test_p"], 3) if w else "",
-                         verdict(entry, arm) if w and not arm.endswith("stragglers") else ""])
+                         verdict(entry, arm) if w and "stragglers" not in arm else ""])
     out += _table(["task", "arm", "median", "exploits per run", "vs lockstep W/T/L", "sign test p", "target"], rows)
     return out
 

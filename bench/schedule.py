@@ -194,12 +194,12 @@ class MemberTask:
 
 def run_asynchronous_population(
     task: Task, members: int, steps: int, ready: int, stragglers: bool, like_with_like: bool,
-    snapshot_every: int | None = None,
+    snapshot_every: int | None = None, wait: float | None = None,
 ) -> dict[str, Any]:
     """PBT (perturb) with asynchronous ready steps; ``stragglers``: the upper half of the members are
     ``SLOW_FACTOR``x slower and the others train ``SLOW_FACTOR``x the steps (equal wall time with lockstep,
-    which waits for them)."""
-    from bench.simulate import run_asynchronous
+    which waits for them; fewer when they idle ``wait`` of each interval, see ``fast_budget``)."""
+    from bench.simulate import fast_budget, run_asynchronous
     from lightning_pbt.scheduler import PBTScheduler
     from lightning_pbt.space import LogUniform
 
@@ -212,11 +212,13 @@ def run_asynchronous_population(
         make,
         [make().initial_hyperparameters(m) for m in range(members)],
         ready,
-        [steps if m in slow or not stragglers else steps * SLOW_FACTOR for m in range(members)],
+        [steps if m in slow else fast_budget(steps, SLOW_FACTOR, ready, wait) if stragglers else steps
+         for m in range(members)],
         [float(SLOW_FACTOR) if m in slow else 1.0 for m in range(members)],
         task.seed,
         like_with_like=like_with_like,
         snapshot_every=snapshot_every,
+        wait=wait,
     )
     w = np.stack(result["states"])
     val, risk = task.val_loss(w), task.excess_risk(w)

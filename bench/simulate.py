@@ -26,7 +26,7 @@ from lightning_pbt.comparable import Published, decide_alone
 from lightning_pbt.exploit import is_finite_score
 from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
 
-__all__ = ["JITTER", "SimTask", "run_asynchronous", "run_lockstep"]
+__all__ = ["JITTER", "SimTask", "fast_budget", "run_asynchronous", "run_lockstep"]
 
 JITTER = 0.1
 HISTORY = 32  # as AsynchronousReadySteps keeps
@@ -46,6 +46,14 @@ class SimTask(Protocol):
 
 def _finite(value: float | None) -> float | None:
     return value if is_finite_score(value) else None
+
+
+def fast_budget(steps: int, slow_factor: int, ready: int, wait: float | None) -> int:
+    """A fast member's steps in the wall time of a straggler's ``steps`` (``slow_factor``x slower), when it
+    idles ``wait`` of each interval waiting for the stragglers (they never catch up): whole intervals."""
+    if not wait:
+        return steps * slow_factor
+    return int(steps * slow_factor / (1.0 + wait)) // ready * ready
 
 
 def run_lockstep(
@@ -91,6 +99,7 @@ def run_asynchronous(
     like_with_like: bool = True,
     on_ready: Callable[[int, int, Any], None] | None = None,
     snapshot_every: int | None = None,
+    wait: float | None = None,
 ) -> dict[str, Any]:
     """Each member at its own pace (module docstring); ``steps[m]`` is member ``m``'s own budget.
 
@@ -98,6 +107,11 @@ def run_asynchronous(
     that many steps after its last ready step, and a copy takes the donor's latest snapshot: its state
     after the last multiple of ``snapshot_every`` steps of the interval it is training (which it then goes
     on from). ``1`` is the limit: the donor's state at the moment of the copy.
+
+    ``wait``: as the callback's ``wait_for_peers``, a member that reaches its ready step before every
+    other member still training has published a score at its progress idles until they have (it decides
+    right after the last of them publishes) or for ``wait`` times its interval's nominal time
+    (``ready * speed``), then decides with what is published. ``"waited"`` counts the idle time.
     """
     members = len(start_values)
     jitter = np.random.default_rng([seed, 7919])
@@ -113,26 +127,34 @@ def run_asynchronous(
     histories: list[list[tuple[int, float]]] = [[] for _ in range(members)]
     records = {m: Published(0, None, dict(hps[m]), (), servable=False) for m in range(members)}
     snapshots: dict[int, Any] = {}
-    exploits = 0
-    events: list[tuple[float, int]] = []
+    exploits, waited, order = 0, 0.0, 0
+    events: list[tuple[float, int, int, str]] = []  # (time, order, member, "ready" | "timeout")
     interval: dict[int, tuple[float, float]] = {}  # member: (start, end) of the interval it is training
     partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
+    idle: dict[int, tuple[float, int]] = {}  # a waiting member: (since when, its timeout's order)
+
+    def push(time: float, m: int, kind: str) -> int:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (time, order, m, kind))
+        return order
 
     def schedule(m: int, now: float) -> None:
         n = min(ready, steps[m] - at[m])
         end = now + n * speeds[m] * math.exp(JITTER * jitter.standard_normal())
         interval[m] = (now, end)
-        heapq.heappush(events, (end, m))
+        push(end, m, "ready")
 
     def latest_snapshot(d: int, now: float) -> tuple[Any, int]:
         """Donor ``d``'s latest snapshot at ``now`` and its progress: the steps of its interval that have
         passed, down to a multiple of ``snapshot_every``, are trained (for good: the donor goes on from
-        there) and copied; none yet: its ready step's snapshot."""
+        there) and copied; none yet, or not training (at its ready step, waiting): its ready step's."""
         assert snapshot_every is not None
         start, end = interval[d]
+        if now >= end:
+            return task.copy(snapshots[d]), records[d].at
         n = min(ready, steps[d] - at[d])
-        due = min(n, int(n * (now - start) / (end - start))) if end > start else n
-        due = due // snapshot_every * snapshot_every
+        due = min(n, int(n * (now - start) / (end - start))) // snapshot_every * snapshot_every
         if due == 0:
             return task.copy(snapshots[d]), records[d].at
         if due > partial[d]:
@@ -140,24 +162,12 @@ def run_asynchronous(
             partial[d] = due
         return task.copy(states[d]), at[d] + partial[d] + offset[d]
 
-    for m in range(members):
-        schedule(m, 0.0)
-    while events:
-        now, m = heapq.heappop(events)
-        n = min(ready, steps[m] - at[m])
-        states[m] = task.train(m, states[m], hps[m], n - partial[m])
-        partial[m] = 0
-        at[m] += n
-        if on_ready is not None:
-            on_ready(m, at[m], states[m])
-        if at[m] >= steps[m]:  # stopped: its last snapshot stays served
-            records[m] = dataclasses.replace(records[m], done=True)
-            continue
-        step, score = at[m], _finite(task.score(states[m]))
-        if score is not None:
-            histories[m] = (histories[m] + [(step + offset[m], score)])[-HISTORY:]
-        snapshots[m] = task.copy(states[m])
-        records[m] = own = Published(step, score, dict(hps[m]), tuple(histories[m]), progress=step + offset[m])
+    def caught_up(m: int) -> bool:
+        return all(r.done or r.at >= records[m].at for o, r in records.items() if o != m)
+
+    def decide(m: int, now: float) -> None:
+        nonlocal exploits
+        own, step = records[m], at[m]
         others = {o: r for o, r in records.items() if o != m}
         plan = decide_alone(schedulers[m], m, step, own, others, like_with_like=like_with_like).plan
         if plan.event == "exploit":
@@ -172,4 +182,44 @@ def run_asynchronous(
             records[m] = dataclasses.replace(own, copied=True)  # as the callback marks its record
         hps[m] = dict(plan.hyperparameters)
         schedule(m, now)
-    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at)}
+
+    def stop_waiting(m: int, now: float) -> None:
+        nonlocal waited
+        waited += now - idle.pop(m)[0]
+        decide(m, now)
+
+    def release(now: float) -> None:
+        """A record changed: the waiting members whose peers have all scored at their progress decide."""
+        for w in sorted(idle):
+            if w in idle and caught_up(w):
+                stop_waiting(w, now)
+
+    for m in range(members):
+        schedule(m, 0.0)
+    while events:
+        now, token, m, kind = heapq.heappop(events)
+        if kind == "timeout":
+            if m in idle and idle[m][1] == token:
+                stop_waiting(m, now)
+            continue
+        n = min(ready, steps[m] - at[m])
+        states[m] = task.train(m, states[m], hps[m], n - partial[m])
+        partial[m] = 0
+        at[m] += n
+        if on_ready is not None:
+            on_ready(m, at[m], states[m])
+        if at[m] >= steps[m]:  # stopped: its last snapshot stays served
+            records[m] = dataclasses.replace(records[m], done=True)
+            release(now)
+            continue
+        step, score = at[m], _finite(task.score(states[m]))
+        if score is not None:
+            histories[m] = (histories[m] + [(step + offset[m], score)])[-HISTORY:]
+        snapshots[m] = task.copy(states[m])
+        records[m] = Published(step, score, dict(hps[m]), tuple(histories[m]), progress=step + offset[m])
+        release(now)
+        if wait is not None and not caught_up(m):
+            idle[m] = (now, push(now + wait * ready * speeds[m], m, "timeout"))
+        else:
+            decide(m, now)
+    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at), "waited": waited}

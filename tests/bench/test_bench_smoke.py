@@ -226,3 +226,70 @@ def test_simulated_copy_takes_the_donors_latest_snapshot(snapshot_every: int | N
     assert all(c % (snapshot_every or ready) == 0 for c in copied)
     if snapshot_every is not None:
         assert any(c % ready for c in copied)  # a snapshot between ready steps
+
+
+def _toy_in_lockstep(seed: int, steps: int) -> float:
+    """The paper's toy with every member deciding alone (its own stream) at the same ready steps, in member
+    order, each seeing the others' records of that step: what waiting for peers should reproduce."""
+    import dataclasses
+
+    import numpy as np
+
+    from bench import quality
+    from lightning_pbt.comparable import Published, decide_alone
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.space import Uniform
+
+    toy = quality._load_toy()
+    schedulers = []
+    for m in range(2):
+        schedulers.append(PBTScheduler({"h0": Uniform(0.0, 1.0), "h1": Uniform(0.0, 1.0)}, mode="max", seed=seed))
+        schedulers[m].use_member_stream(m)
+    theta, hps = [np.array([0.9, 0.9]), np.array([0.9, 0.9])], [{"h0": 1.0, "h1": 0.0}, {"h0": 0.0, "h1": 1.0}]
+    histories: list[list[tuple[int, float]]] = [[], []]
+    best = -math.inf
+    for step in range(1, steps + 1):
+        theta = [t - toy.LR * 2.0 * np.array([h["h0"], h["h1"]]) * t for t, h in zip(theta, hps, strict=True)]
+        best = max(best, *(toy.true_q(t) for t in theta))
+        if step % toy.READY or step == steps:
+            continue
+        records = {}
+        for m in range(2):
+            histories[m].append((step, toy.true_q(theta[m])))
+            records[m] = Published(step, toy.true_q(theta[m]), dict(hps[m]), tuple(histories[m]), progress=step)
+        for m in range(2):
+            plan = decide_alone(schedulers[m], m, step, records[m], {o: records[o] for o in records if o != m}).plan
+            if plan.event == "exploit":
+                theta[m], histories[m] = theta[plan.parent].copy(), list(histories[plan.parent])
+                records[m] = dataclasses.replace(records[m], copied=True)
+            hps[m] = dict(plan.hyperparameters)
+    return best
+
+
+def test_simulated_members_that_wait_for_peers_decide_as_in_lockstep() -> None:
+    """At equal speeds (each interval jittered) a member that waits for the others to score at its progress
+    decides on the same records as if all met at the ready step: the toy's result is the lockstep loop's,
+    seed for seed, where without waiting half the decisions see a stale score."""
+    from bench import quality
+
+    toy = quality._load_toy()
+    waiting = [quality.run_toy_async(toy, seed, 25, "async", snapshot_every=1, wait=1.0) for seed in range(20)]
+    lockstep = [_toy_in_lockstep(seed, 25) for seed in range(20)]
+    assert waiting == pytest.approx(lockstep, abs=1e-12)
+    assert [quality.run_toy_async(toy, seed, 25, "async") for seed in range(20)] != pytest.approx(lockstep)
+
+
+def test_simulated_waits_are_bounded_and_stragglers_keep_their_budget() -> None:
+    """With a member 3x slower the fast one never sees it catch up: it idles ``wait`` of each interval
+    (at most), and trains the fewer steps that leaves it in the same wall time (``fast_budget``)."""
+    from bench.simulate import fast_budget, run_asynchronous
+    from lightning_pbt.scheduler import PBTScheduler
+    from lightning_pbt.space import Uniform
+
+    ready, wait = 10, 0.25
+    budgets = [fast_budget(100, 3, ready, wait), 100]
+    assert budgets[0] == 240 and fast_budget(100, 3, ready, None) == 300
+    result = run_asynchronous(_Tagged(), lambda: PBTScheduler({"x": Uniform(0, 1)}, mode="max", seed=0),
+                              [{"x": 0.5}, {"x": 0.5}], ready, budgets, [1.0, 3.0], 0, wait=wait)
+    assert result["steps"] == budgets
+    assert 0 < result["waited"] <= wait * ready * (240 // ready)
