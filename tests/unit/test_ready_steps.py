@@ -212,3 +212,31 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     assert steps.server.taken == [0, 1, 2]  # the ready step's snapshot, then steps 12 and 14
     assert (record["snapshot_step"], record["version"], record["score"], record["step"]) == (14, 2, 0.5, 10)
     assert record.get("copied", False) is (event == "rejuvenate")
+
+
+def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatch):
+    """The wait's bound is ``wait_for_peers`` times the time since the member left its previous ready step
+    (or started): it follows the member's own pace and does not grow with the run."""
+    import time
+
+    from lightning_pbt import ready_steps
+    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+    from lightning_pbt.scheduler import MemberPlan
+
+    bounds = []
+    monkeypatch.setattr(ready_steps, "wait_for_peers", lambda read, me, progress, seconds: bounds.append(seconds))
+    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    steps = AsynchronousReadySteps(
+        population=SimpleNamespace(store=_Store(), device=torch.device("cpu")),
+        topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
+        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
+        member=_Member(), mode="max", monitor="val", seed=0, wait_for_peers=0.5,
+    )  # fmt: skip
+    steps.server = _Server()
+    plan = MemberPlan(0, "keep", 0, {"lr": 0.1}, ())
+    steps._shared_decision = lambda observation, attempt: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps._publish(0, 0, None, version=-1, done=False)
+    for step, interval in ((10, 0.4), (20, 0.1)):
+        time.sleep(interval)
+        steps.step(Observation(0.5, False, step, 0))
+    assert 0.2 <= bounds[0] < 0.35 and 0.05 <= bounds[1] < 0.15  # not 0.25: measured from the last ready step
