@@ -247,7 +247,8 @@ def run(smoke: bool = False, timeout: float = 400) -> dict[str, Any]:
                               "space": "lr ~ LogUniform(1e-4, 1)", "default_lr": DEFAULT_LR,
                               "split": "load_digits, stratified 60/20/20 train/val/test, random_state=0",
                               "pbt": "every_n_epochs=1, monitor val_acc, truncation 0.25, resample 0.25, "
-                                     "perturb (0.8, 1.2)"}},
+                                     "perturb (0.8, 1.2)",
+                              "pbt_variants": PBT_VARIANTS}},
         "toy": toy_rows,
         "pbt_function": pbt_function,
         "digits": {"per_seed": per_seed, "summary": summary, "wins": wins},

@@ -325,8 +325,10 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
         s, w = digits["summary"], digits["wins"]
         rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
                      _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
-        for arm, name in (("pbt_async_snapshots", "async, snapshots every 8 steps"),
-                          ("pbt_async_wait", "async, wait_for_peers=0.25"),
+        from bench.quality import SNAPSHOT_EVERY, WAIT_FOR_PEERS
+
+        for arm, name in (("pbt_async_snapshots", f"async, snapshots every {SNAPSHOT_EVERY} steps"),
+                          ("pbt_async_wait", f"async, wait_for_peers={WAIT_FOR_PEERS:g}"),
                           ("pbt_reseeded", "lockstep reseeded (the noise band)")):
             if arm in s:
                 rows.append(["digits, best member's test accuracy", name, _f(s["pbt"]["test_acc"]["median"], 3),

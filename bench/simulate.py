@@ -24,6 +24,7 @@ import numpy as np
 
 from lightning_pbt.comparable import Published, decide_alone
 from lightning_pbt.exploit import is_finite_score
+from lightning_pbt.ready_steps import peers_caught_up
 from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
 
 __all__ = ["JITTER", "SimTask", "fast_budget", "run_asynchronous", "run_lockstep"]
@@ -162,8 +163,9 @@ def run_asynchronous(
             partial[d] = due
         return task.copy(states[d]), at[d] + partial[d] + offset[d]
 
-    def caught_up(m: int) -> bool:
-        return all(r.done or r.at >= records[m].at for o, r in records.items() if o != m)
+    def caught_up(m: int) -> bool:  # the callback's own rule, on what the records say
+        seen = {o: {"done": r.done, "ready_progress": r.at if r.servable else None} for o, r in records.items()}
+        return peers_caught_up(seen, m, records[m].at)
 
     def decide(m: int, now: float) -> None:
         nonlocal exploits
