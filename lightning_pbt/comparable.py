@@ -19,13 +19,20 @@ score from further in training. The rule here:
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
 
+- *In step*: when every other member still training has scored at a ready step at the decider's very step
+  and progress (at equal speeds, with ``wait_for_peers``), the decider plans the whole population as
+  lockstep would, from the same snapshots and with the step's own random stream
+  (:meth:`PBTScheduler.population_stream`), and carries out its own part of that plan. Every member that
+  sees the population in step computes the same plan (a member that copied this step is still ranked by
+  the score it had), so the population decides exactly as in lockstep; ``extra.in_step`` says so.
+
 PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
 ``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
 measure the same rule. (A variant that also shifted lagging members by the decider's own progress since
 their score, to compare at exactly the same progress, chose worse in the benchmarks, as did the other
 rules listed in docs/benchmarks.md.) What a rule cannot do is rank a score nobody has published yet: the
 first member to reach a ready step at equal speeds ranks the others' previous scores. ``wait_for_peers``
-lets it wait (boundedly) for them, and the rule then ranks what lockstep would:
+lets it wait (boundedly) for them, and the decision is then lockstep's:
 ``python -m bench --only decisions``.
 """
 
@@ -38,7 +45,7 @@ from typing import Any
 from lightning_pbt.exploit import is_finite_score
 from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 
-__all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "score_at"]
+__all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "in_step", "score_at"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,8 @@ class Published:
     """What a member's latest record says: the own ``step`` and ``score`` of its latest snapshot, the
     hyperparameters that trained it, its recent finite scores with their progress (oldest first),
     whether it has a snapshot to serve, whether it stopped training, the snapshot's ``progress``
-    (``None``: ``step``, a member that never copied), and whether it copied a donor since."""
+    (``None``: ``step``, a member that never copied), whether it copied a donor since, and the progress
+    its ``score`` is at (``None``: the snapshot's; a snapshot between ready steps moves only ``progress``)."""
 
     step: int
     score: float | None
@@ -56,11 +64,17 @@ class Published:
     done: bool = False
     progress: int | None = None
     copied: bool = False
+    ready_progress: int | None = None
 
     @property
     def at(self) -> int:
         """The snapshot's progress."""
         return self.step if self.progress is None else self.progress
+
+    @property
+    def scored_at(self) -> int:
+        """The progress its ``score`` is at."""
+        return self.at if self.ready_progress is None else self.ready_progress
 
 
 @dataclass(frozen=True)
@@ -76,8 +90,11 @@ class Compared:
 
 @dataclass(frozen=True)
 class Decision:
+    """A member's own plan, what it compared, and whether it was lockstep's plan (:func:`in_step`)."""
+
     plan: MemberPlan
     compared: dict[int, Compared] = field(default_factory=dict)
+    in_step: bool = False
 
 
 def score_at(history: Sequence[tuple[int, float]], step: int) -> tuple[int, float] | None:
@@ -107,6 +124,42 @@ def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) 
     return compared
 
 
+def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
+    """Whether the population is as lockstep would see it at the decider's ready ``step``: every other
+    member has scored at a ready step at this very step and progress, and none has stopped.
+
+    Examples:
+        >>> own = Published(step=50, score=0.7, hyperparameters={})
+        >>> copied = Published(50, None, {}, copied=True)  # copied a donor after scoring at step 50
+        >>> on_ahead = Published(50, 0.9, {}, progress=58, ready_progress=50)  # an in-between snapshot since
+        >>> in_step(50, own, {1: copied, 2: on_ahead})
+        True
+        >>> in_step(50, own, {1: Published(50, 0.8, {}), 2: Published(55, 0.9, {})})
+        False
+    """
+    return all(r.servable and not r.done and r.step == step and r.scored_at == own.at for r in others.values())
+
+
+def _plan_in_step(scheduler: PBTScheduler, me: int, step: int, records: Mapping[int, Published]) -> Decision:
+    """The whole population's plan at ``step`` as lockstep makes it (``SynchronousReadySteps``), and ``me``'s
+    part of it: the same snapshots, the step's own random stream."""
+    snapshots = [
+        MemberSnapshot(
+            member,
+            record.score if is_finite_score(record.score) else None,
+            record.hyperparameters,
+            tuple(score for _, score in record.history),
+        )
+        for member, record in sorted(records.items())
+    ]
+    plan = scheduler.plan(step, snapshots, rng=scheduler.population_stream(step))[me]
+    compared = {
+        member: Compared(record.scored_at, record.score if is_finite_score(record.score) else None)
+        for member, record in sorted(records.items())
+    }
+    return Decision(plan, compared, in_step=True)
+
+
 def decide_alone(
     scheduler: PBTScheduler,
     me: int,
@@ -118,14 +171,16 @@ def decide_alone(
     """Member ``me``'s plan at its own ready ``step``; only ``me`` may exploit, the others may donate.
 
     ``like_with_like=False`` is the earlier rule (the fresh own score against every other member's
-    latest record), kept so that the benchmarks measure both in the same code.
+    latest record), kept so that the benchmarks measure both in the same code; it never plans in step.
     """
+    records = {me: own, **others}
+    if like_with_like and in_step(step, own, others):
+        return _plan_in_step(scheduler, me, step, records)
     if like_with_like:
         compared = comparable_scores(me, own, others)
     else:
         compared = {me: Compared(step, own.score)}
         compared.update({m: Compared(r.at, r.score if r.servable else None) for m, r in others.items()})
-    records = {me: own, **others}
     snapshots = [
         MemberSnapshot(
             member=member,

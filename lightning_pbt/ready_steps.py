@@ -627,7 +627,7 @@ class AsynchronousReadySteps(ReadySteps):
         self.book.last_ready_step = observation.step
         timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
         if self._leader:
-            extra = {"done": False, "compared": message["compared"], **({} if waited is None else {"waited_s": waited})}
+            extra = _decision_extra(message, waited)
             record = LineageRecord(
                 step=observation.step,
                 epoch=observation.epoch,
@@ -739,6 +739,7 @@ class AsynchronousReadySteps(ReadySteps):
             "view": view,
             # which step of each member's score was compared (and the value ranked): the lineage's extra
             "compared": {str(member): seen.to_dict() for member, seen in sorted(decision.compared.items())},
+            "in_step": decision.in_step,
         }
         if plan.event == "exploit":
             donor = records[plan.parent]
@@ -802,6 +803,13 @@ class AsynchronousReadySteps(ReadySteps):
                 )
 
 
+def _decision_extra(message: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
+    """The lineage's ``extra`` of an asynchronous decision: which score of each member it compared, whether
+    it was lockstep's plan (:func:`lightning_pbt.comparable.in_step`), and how long it waited for peers."""
+    extra = {"done": False, "compared": message["compared"], "in_step": bool(message.get("in_step"))}
+    return extra if waited is None else {**extra, "waited_s": waited}
+
+
 def everyone_diverged(records: Mapping[int, Mapping[str, Any]]) -> bool:
     """Whether every member has scored at a ready step and no member's latest score is finite: the run
     cannot go on. A member with snapshots between ready steps only has not scored yet.
@@ -828,6 +836,7 @@ def published(record: Mapping[str, Any]) -> Published:
         done=record["done"],
         progress=record.get("progress"),
         copied=bool(record.get("copied", False)),
+        ready_progress=record.get("ready_progress"),
     )
 
 

@@ -1,8 +1,11 @@
-"""The PBT decision as a pure function of a population snapshot and the scheduler's own RNG.
+"""The PBT decision as a pure function of a population snapshot, the seed and the ready step.
 
 No torch, no process group: the callback gathers one :class:`MemberSnapshot` per member, calls
 :meth:`PBTScheduler.plan` on population rank 0 (or on every rank: same seed, same inputs, same plan)
-and carries out the returned :class:`MemberPlan` s. The state is the RNG and, with ``explore="pb2"``,
+and carries out the returned :class:`MemberPlan` s. A population's plan at a ready step draws from that
+step's own random stream (:meth:`PBTScheduler.population_stream`), so that an asynchronous member that
+sees the whole population at its step draws what lockstep draws; an asynchronous member deciding alone
+draws from a running stream of its own. The state is that running stream and, with ``explore="pb2"``,
 PB2's observation window (:mod:`lightning_pbt.pb2`), saved by :meth:`PBTScheduler.state_dict` so that
 a resumed run continues the same random stream and model.
 """
@@ -66,6 +69,7 @@ _STATE_VERSION = 2  # 2: adds "explore" and PB2's observations; version 1 (the R
 # SeedSequence spawn keys: separate streams for the plans and for each member's initial values.
 _PLAN_STREAM = 0
 _INIT_STREAM = 1
+_STEP_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -230,11 +234,18 @@ class PBTScheduler:
         self.rejuvenate_patience = p
         self.seed = seed
         self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
+        self._running = False  # True: plans draw from self._rng, not from their step's stream
 
     def use_member_stream(self, member: int) -> None:
-        """Draw plans from a random stream of ``member``'s own (asynchronous mode: each member decides
-        alone, and members with one shared stream would make correlated decisions)."""
+        """Draw plans from a running random stream of ``member``'s own (asynchronous mode: a member deciding
+        alone at its own steps, where one shared stream would make members' decisions correlated)."""
         self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_PLAN_STREAM, 1 + int(member))))
+        self._running = True
+
+    def population_stream(self, step: int) -> np.random.Generator:
+        """The draws of the whole population's plan at ready ``step``: a function of ``(seed, step)`` alone,
+        so that every member that plans the same step from the same snapshots draws the same."""
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_STEP_STREAM, int(step))))
 
     def initial_hyperparameters(self, member: int, start_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Starting values of ``member``: a function of ``(seed, member)`` only, so they do not depend on
@@ -269,10 +280,12 @@ class PBTScheduler:
             return not any(v > max(before) for v in recent)
         return not any(v < min(before) for v in recent)
 
-    def plan(self, step: int, snapshots: Sequence[MemberSnapshot]) -> dict[int, MemberPlan]:
+    def plan(
+        self, step: int, snapshots: Sequence[MemberSnapshot], rng: np.random.Generator | None = None
+    ) -> dict[int, MemberPlan]:
         """One plan per member: ``keep``, ``exploit`` (copy ``parent`` then explore) or ``rejuvenate``.
 
-        Before ``burn_in`` (``step < burn_in``) everyone keeps and the RNG does not move (PB2 still
+        Before ``burn_in`` (``step < burn_in``) everyone keeps and no random number is drawn (PB2 still
         records observations). A member is rejuvenated only if it is eligible, neither a loser nor a donor
         in this step's exploit plan, not the best-ranked member, and :meth:`should_rejuvenate` holds for
         its history.
@@ -280,6 +293,8 @@ class PBTScheduler:
         Args:
             step: the ready step's global step.
             snapshots: one per member.
+            rng: the draws; by default :meth:`population_stream` of ``step``, or the member's running
+                stream after :meth:`use_member_stream`.
 
         Returns:
             ``{member: MemberPlan}`` for every member of ``snapshots``.
@@ -308,16 +323,18 @@ class PBTScheduler:
             m: by_member[m].score if by_member[m].ranked_score is None else by_member[m].ranked_score for m in members
         }
         histories = {m: tuple(by_member[m].history) for m in members}
+        if rng is None:
+            rng = self._rng if self._running else self.population_stream(step)
         eligible = {m for m in members if by_member[m].can_exploit}
-        losers = self.exploit.select(members, scores, histories, self.mode, self._rng, eligible)
+        losers = self.exploit.select(members, scores, histories, self.mode, rng, eligible)
         plans = dict(keep)
         order = sorted(losers)
         if self.pb2 is not None:
             running = [by_member[m].hyperparameters for m in members if m not in losers and by_member[m].is_training]
             requests = [(steps[m], by_member[losers[m]].hyperparameters) for m in order]
-            explored = self.pb2.explore_batch(requests, running, self._rng)
+            explored = self.pb2.explore_batch(requests, running, rng)
         else:
-            explored = [self.explorer.explore(by_member[losers[m]].hyperparameters, self._rng) for m in order]
+            explored = [self.explorer.explore(by_member[losers[m]].hyperparameters, rng) for m in order]
         for loser, (values, mutations) in zip(order, explored, strict=True):
             plans[loser] = MemberPlan(loser, "exploit", losers[loser], values, tuple(mutations))
         if self.rejuvenate_patience is not None:

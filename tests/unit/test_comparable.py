@@ -8,11 +8,12 @@ first out and compares the second at a progress not beyond the decider's.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from lightning_pbt.comparable import Compared, Published, comparable_scores, decide_alone, score_at
+from lightning_pbt.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
 from lightning_pbt.explore import Explorer
-from lightning_pbt.scheduler import PBTScheduler
+from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
 from lightning_pbt.space import LogUniform
 
 SPACE = {"lr": LogUniform(1e-4, 1.0)}
@@ -68,7 +69,7 @@ def test_progress_counts_the_steps_a_copied_snapshot_had_trained() -> None:
 
 
 def test_a_member_that_copied_is_neither_loser_nor_donor_until_it_publishes_again() -> None:
-    others = {1: member(20, (20, 0.99), copied=True), 2: member(20, (20, 0.50))}
+    others = {1: member(10, (10, 0.99), copied=True), 2: member(20, (20, 0.50))}
     decision = decide_alone(scheduler(0.5), 0, 20, ME, others)
     assert set(decision.compared) == {0, 2} and decision.plan.event == "keep"
 
@@ -109,3 +110,56 @@ def test_both_modes_rank_the_comparable_scores(mode: str) -> None:
     others = {1: Published(30, sign * 0.9, {"lr": 0.01}, ((20, sign * 0.4), (30, sign * 0.9)))}
     plan = decide_alone(PBTScheduler(SPACE, mode=mode, seed=0), 0, 20, me, others).plan
     assert plan.event == "keep"  # at step 20 member 1 was worse; its 0.9 at step 30 does not count
+
+
+def population_at(step: int, n: int, seed: int) -> dict[int, Published]:
+    """``n`` members that all scored at ``step``: different scores, histories and values; one diverged."""
+    g = np.random.default_rng(seed)
+    hps = [{"lr": float(v)} for v in 10 ** g.uniform(-4, 0, size=n)]
+    records = {}
+    for m in range(n):
+        history = tuple((at, float(g.uniform())) for at in range(step - 30, step + 1, 10))
+        records[m] = Published(step, history[-1][1], hps[m], history)
+    records[n - 1] = Published(step, None, hps[n - 1], records[n - 1].history[:-1])  # NaN at this step
+    return records
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_member_that_sees_the_population_in_step_carries_out_lockstep_plan(seed: int) -> None:
+    """Each member decides alone with its own stream (as AsynchronousReadySteps does), in any order: when
+    all scored at its step, each carries out its part of the plan lockstep makes for the whole population.
+    A member that already copied this step, or took a snapshot since, still counts with the score it had."""
+    step, records = 40, population_at(40, n=8, seed=seed)
+    lockstep = PBTScheduler(SPACE, seed=seed).plan(
+        step,
+        [MemberSnapshot(m, r.score, r.hyperparameters, tuple(v for _, v in r.history)) for m, r in records.items()],
+    )
+    assert any(plan.event == "exploit" for plan in lockstep.values())
+    for me in reversed(range(8)):
+        alone = PBTScheduler(SPACE, seed=seed)
+        alone.use_member_stream(me)
+        decision = decide_alone(alone, me, step, records[me], {m: r for m, r in records.items() if m != me})
+        assert decision.in_step and decision.plan == lockstep[me]
+        assert decision.compared[7] == Compared(step, None) and decision.compared[me].score == records[me].score
+        if lockstep[me].event == "exploit":  # what the others see of it from now on
+            records[me] = Published(
+                step,
+                records[me].score,
+                records[me].hyperparameters,
+                records[me].history,
+                progress=step + 5,
+                ready_progress=step,
+                copied=True,
+            )
+
+
+def test_out_of_step_the_member_decides_alone() -> None:
+    records = population_at(40, n=4, seed=0)
+    ahead = {**records, 2: Published(50, 0.9, {"lr": 0.01}, ((40, 0.5), (50, 0.9)))}
+    stopped = {**records, 2: Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True)}
+    # A copy of a snapshot 10 steps ahead: scored at the same progress, but at its own step 30.
+    shifted = {**records, 2: Published(30, 0.9, {"lr": 0.01}, ((40, 0.9),), progress=40)}
+    for population in (ahead, stopped, shifted):
+        others = {m: r for m, r in population.items() if m != 0}
+        assert not in_step(40, records[0], others)
+        assert not decide_alone(scheduler(), 0, 40, records[0], others).in_step

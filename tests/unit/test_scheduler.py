@@ -44,6 +44,21 @@ def test_same_seed_same_plans_different_seed_differs() -> None:
     assert run(PBTScheduler(SPACE, seed=1)) != run(PBTScheduler(SPACE, seed=2))
 
 
+def test_a_population_plan_draws_from_its_steps_own_stream() -> None:
+    """Lockstep's plan at a step is a function of (seed, step, snapshots): an asynchronous member that sees
+    the same population at that step computes it too, whatever it planned before."""
+    planned_before, fresh = PBTScheduler(SPACE, seed=3), PBTScheduler(SPACE, seed=3)
+    run(planned_before, steps=3)
+    snaps = population(fresh, seed=9)
+    assert planned_before.plan(40, snaps) == fresh.plan(40, snaps)
+    assert fresh.plan(40, snaps) != fresh.plan(50, snaps)  # another step, other draws
+    # A member's own running stream (asynchronous, deciding alone) moves on with every plan.
+    member = PBTScheduler(SPACE, seed=3)
+    member.use_member_stream(1)
+    assert member.plan(40, snaps) != member.plan(40, snaps)
+    assert member.plan(40, snaps, rng=member.population_stream(40)) == fresh.plan(40, snaps)
+
+
 def test_plan_covers_every_member_once_with_consistent_parents() -> None:
     scheduler = PBTScheduler(SPACE, exploit="truncation", quantile_fraction=0.25)
     snaps = population(scheduler, n=8)
