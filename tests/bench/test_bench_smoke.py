@@ -165,6 +165,17 @@ def test_decisions(smoke: Path) -> None:
     assert 0 <= result["tasks"]["pbt_function"]["arms"]["async"]["reached_target_seeds"] <= seeds
 
 
+def test_paired_seeds_tie_only_within_rounding() -> None:
+    """The same run computed two ways rounds differently in the last bits: a tie, not a win; anything
+    larger counts. Lower is better for losses; a missing (diverged) value loses."""
+    from bench.decisions import paired
+
+    lock = [0.0482932530087613, 0.5, 0.5, 0.5]
+    other = [0.04829325300876133, 0.5 * (1 - 1e-6), 0.5 * (1 + 1e-6), None]
+    assert paired(other, lock, higher_is_better=False) == {"wins": 1, "ties": 1, "losses": 2}
+    assert paired(other, lock, higher_is_better=True) == {"wins": 1, "ties": 1, "losses": 2}
+
+
 def test_sign_test_matches_the_binomial_distribution() -> None:
     from bench.decisions import sign_test_p
 
