@@ -50,7 +50,7 @@ EPOCHS = 10
 DEFAULT_LR = 0.01
 DIGITS_ARMS = ("pbt", "pbt_reseeded", "pbt_async", "pbt_async_snapshots", "pbt_async_wait", "random_search", "default")
 SNAPSHOT_EVERY = 8  # pbt_async_snapshots: a quarter of an epoch (34 optimizer steps of 32 samples)
-WAIT_FOR_PEERS = 0.25  # pbt_async_wait: a quarter of the member's last epoch at most
+WAIT_FOR_PEERS = 0.5  # pbt_async_wait: half the member's last epoch at most
 RESEED_PLANS = 1000  # pbt_reseeded: lockstep with the plans drawn from another stream (the noise band)
 PBT_VARIANTS = {  # arm: what it changes against ``pbt``
     "pbt_reseeded": {"plan_stream": RESEED_PLANS},

@@ -18,13 +18,12 @@ score from further in training. The rule here:
   The copy is the donor's latest snapshot.
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
-
-- *In step*: when every other member still training has scored at a ready step at the decider's very step
-  and progress (at equal speeds, with ``wait_for_peers``), the decider plans the whole population as
-  lockstep would, from the same snapshots and with the step's own random stream
+- *In step*: when every other member has scored at a ready step at the decider's very step and
+  progress (at equal speeds, with ``wait_for_peers``), the decider plans the whole population as lockstep
+  would, from the same snapshots and with the step's own random stream
   (:meth:`PBTScheduler.population_stream`), and carries out its own part of that plan. Every member that
-  sees the population in step computes the same plan (a member that copied this step is still ranked by
-  the score it had), so the population decides exactly as in lockstep; ``extra.in_step`` says so.
+  sees the population in step computes the same plan (a member that copied or stopped since still counts
+  with the score it had), so the population decides exactly as in lockstep; ``extra.in_step`` says so.
 
 PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
 ``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
@@ -126,7 +125,8 @@ def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) 
 
 def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     """Whether the population is as lockstep would see it at the decider's ready ``step``: every other
-    member has scored at a ready step at this very step and progress, and none has stopped.
+    member has scored at a ready step at this very step and progress (and may have stopped since: the run
+    ended at that step for it, after its own decision there, as in lockstep).
 
     Examples:
         >>> own = Published(step=50, score=0.7, hyperparameters={})
@@ -137,7 +137,7 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
         >>> in_step(50, own, {1: Published(50, 0.8, {}), 2: Published(55, 0.9, {})})
         False
     """
-    return all(r.servable and not r.done and r.step == step and r.scored_at == own.at for r in others.values())
+    return all(r.servable and r.step == step and r.scored_at == own.at for r in others.values())
 
 
 def _plan_in_step(scheduler: PBTScheduler, me: int, step: int, records: Mapping[int, Published]) -> Decision:

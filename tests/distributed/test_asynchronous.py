@@ -309,3 +309,38 @@ def test_waiting_for_peers_compares_fresh_scores(tmp_path):
         assert rec["extra"]["compared"]["1"]["progress"] == rec["step"], rec
         assert rec["extra"]["waited_s"] > 0.0
         assert rec["event"] == "exploit" and rec["parent"] == 1
+
+
+def test_members_that_wait_for_peers_at_equal_speeds_make_lockstep_decisions(tmp_path):
+    """4 members of equal speed (validation accuracy, which differs between members and moves): with
+    ``wait_for_peers`` each member sees the whole population at its ready step, carries out its part of
+    lockstep's plan, and the asynchronous run is the lockstep run, decision for decision and bit for bit."""
+    runs = {}
+    for mode, options in {
+        "lockstep": {"synchronous": True},
+        "waiting": {"synchronous": False, "wait_for_peers": 1.0},
+    }.items():
+        out = tmp_path / mode
+        proc = run_population(
+            out,
+            devices=4,
+            member_size=1,
+            max_steps=20,
+            every=EVERY,
+            member_delays={str(m): 0.03 for m in range(4)},
+            **options,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        runs[mode] = out
+    decided = {mode: [r for r in ready_lines(out) if not r["extra"]["done"]] for mode, out in runs.items()}
+
+    def decisions(lines):
+        return sorted(
+            (r["step"], r["member"], r["event"], r["parent"], r["score"], r["hyperparameters"]) for r in lines
+        )
+
+    assert len(decided["waiting"]) == 4 * 5 and all(r["extra"]["in_step"] for r in decided["waiting"])
+    assert decisions(decided["waiting"]) == decisions(decided["lockstep"])
+    assert any(r["event"] == "exploit" for r in decided["lockstep"])
+    final = {mode: {r["member"]: r["final"] for r in load_ranks(out)} for mode, out in runs.items()}
+    assert final["waiting"] == final["lockstep"]

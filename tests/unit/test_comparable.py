@@ -156,10 +156,13 @@ def test_every_member_that_sees_the_population_in_step_carries_out_lockstep_plan
 def test_out_of_step_the_member_decides_alone() -> None:
     records = population_at(40, n=4, seed=0)
     ahead = {**records, 2: Published(50, 0.9, {"lr": 0.01}, ((40, 0.5), (50, 0.9)))}
-    stopped = {**records, 2: Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True)}
+    stopped = {**records, 2: Published(30, 0.9, {"lr": 0.01}, ((30, 0.9),), done=True)}
     # A copy of a snapshot 10 steps ahead: scored at the same progress, but at its own step 30.
     shifted = {**records, 2: Published(30, 0.9, {"lr": 0.01}, ((40, 0.9),), progress=40)}
     for population in (ahead, stopped, shifted):
         others = {m: r for m, r in population.items() if m != 0}
         assert not in_step(40, records[0], others)
         assert not decide_alone(scheduler(), 0, 40, records[0], others).in_step
+    # Stopped right after scoring at step 40 (its last): lockstep saw it at step 40 too.
+    last = {m: r for m, r in records.items() if m != 0} | {2: Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True)}
+    assert in_step(40, records[0], last)
