@@ -19,7 +19,10 @@ equal compute (``MEMBERS`` members x ``EPOCHS`` epochs each):
   step at the end of every epoch, scored on the validation accuracy; ``pbt_async``: the same with
   ``synchronous=False`` (equal speeds; for stragglers at equal wall time see ``bench/asynchronous.py``);
 - ``pbt_async_snapshots``: asynchronous with ``snapshot_every_n_train_steps=SNAPSHOT_EVERY``;
-- ``pbt_async_wait``: asynchronous with ``wait_for_peers=WAIT_FOR_PEERS``;
+- ``pbt_async_wait``: asynchronous with ``wait_for_peers=WAIT_FOR_PEERS``, on emulated devices of equal
+  speed (each training step padded to ``STEP_S`` with ``time.sleep``): the wait is a fraction of an epoch,
+  and unpadded epochs on 2 shared cores are short enough for the OS scheduler to decide who is late
+  (lockstep's results do not depend on how long a step takes);
 - ``pbt_reseeded``: lockstep again with the plans (exploit and explore draws) from another random stream,
   the same start values and weights: what lockstep scores against itself, the noise band the
   asynchronous arms (each member with a plan stream of its own) are compared within;
@@ -51,12 +54,13 @@ DEFAULT_LR = 0.01
 DIGITS_ARMS = ("pbt", "pbt_reseeded", "pbt_async", "pbt_async_snapshots", "pbt_async_wait", "random_search", "default")
 SNAPSHOT_EVERY = 8  # pbt_async_snapshots: a quarter of an epoch (34 optimizer steps of 32 samples)
 WAIT_FOR_PEERS = 0.5  # pbt_async_wait: half the member's last epoch at most
+STEP_S = 0.005  # pbt_async_wait: each training step padded to this (equal-speed devices; see _padded_steps)
 RESEED_PLANS = 1000  # pbt_reseeded: lockstep with the plans drawn from another stream (the noise band)
 PBT_VARIANTS = {  # arm: what it changes against ``pbt``
     "pbt_reseeded": {"plan_stream": RESEED_PLANS},
     "pbt_async": {"synchronous": False},
     "pbt_async_snapshots": {"synchronous": False, "snapshot_every": SNAPSHOT_EVERY},
-    "pbt_async_wait": {"synchronous": False, "wait_for_peers": WAIT_FOR_PEERS},
+    "pbt_async_wait": {"synchronous": False, "wait_for_peers": WAIT_FOR_PEERS, "step_s": STEP_S},
 }
 PBT_FUNCTION_SEEDS = tuple(range(20))
 TOY_SEEDS = tuple(range(20))
@@ -335,6 +339,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         if cfg.get("plan_stream") is not None:  # lockstep again with other explore draws: the noise band
             pbt.scheduler.use_member_stream(cfg["plan_stream"])
         callbacks.append(pbt)
+    if cfg.get("step_s"):
+        callbacks.append(_padded_steps(pl.Callback, float(cfg["step_s"])))
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),
         strategy=PopulationStrategy(member_size=1, timeout=300), max_epochs=cfg["epochs"],
@@ -351,6 +357,24 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         "arm": arm, "member": member, "index": index, "start_lr": start_lr, "lr": lr, "val_acc": val_acc,
         "test_acc": test_acc,
     }))
+
+
+def _padded_steps(base: type, step_s: float) -> Any:
+    """Each training step padded with ``time.sleep`` to ``step_s``: every member on a device of its own,
+    of equal speed (as ``bench/asynchronous.py`` emulates devices). With 4 processes on 2 cores, unpadded
+    digits epochs last about 50 ms and the order members finish them in is the OS scheduler's."""
+    import time
+
+    class PaddedSteps(base):  # type: ignore[misc, valid-type]
+        started = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            time.sleep(max(0.0, step_s - (time.perf_counter() - self.started)))
+
+    return PaddedSteps()
 
 
 if __name__ == "__main__":
