@@ -50,11 +50,16 @@ def _finite(value: float | None) -> float | None:
 
 
 def fast_budget(steps: int, slow_factor: int, ready: int, wait: float | None) -> int:
-    """A fast member's steps in the wall time of a straggler's ``steps`` (``slow_factor``x slower), when it
-    idles ``wait`` of each interval waiting for the stragglers (they never catch up): whole intervals."""
+    """A fast member's steps in the wall time of a straggler's ``steps`` (``slow_factor``x slower, more than
+    ``1 + wait``), whole intervals. With ``wait`` it idles ``wait`` of each interval it finishes before the
+    stragglers have published how long an interval takes them (counted on a timeline without jitter), and
+    no longer waits for them after that."""
     if not wait:
         return steps * slow_factor
-    return int(steps * slow_factor / (1.0 + wait)) // ready * ready
+    if slow_factor <= 1 + wait:
+        raise ValueError(f"stragglers {slow_factor}x slower are waited for with wait={wait}: not a straggler budget")
+    waits = sum(1 for i in range(1, slow_factor + 1) if i * (1 + wait) - wait < slow_factor)
+    return int(steps * slow_factor - waits * wait * ready) // ready * ready
 
 
 def run_lockstep(
@@ -112,7 +117,9 @@ def run_asynchronous(
     ``wait``: as the callback's ``wait_for_peers``, a member that reaches its ready step before every
     other member still training has published a score at its progress idles until they have (it decides
     right after the last of them publishes) or for ``wait`` times its interval's nominal time
-    (``ready * speed``), then decides with what is published. ``"waited"`` counts the idle time.
+    (``ready * speed``), then decides with what is published. It does not wait for a member whose last
+    interval took longer than its own nominal interval and wait together (a straggler).
+    ``"waited"`` counts the idle time.
     """
     members = len(start_values)
     jitter = np.random.default_rng([seed, 7919])
@@ -131,6 +138,7 @@ def run_asynchronous(
     exploits, waited, order = 0, 0.0, 0
     events: list[tuple[float, int, int, str]] = []  # (time, order, member, "ready" | "timeout")
     interval: dict[int, tuple[float, float]] = {}  # member: (start, end) of the interval it is training
+    took: dict[int, float] = {}  # member: how long its last finished interval took (its record says)
     partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
     idle: dict[int, tuple[float, int]] = {}  # a waiting member: (since when, its timeout's order)
 
@@ -164,8 +172,11 @@ def run_asynchronous(
         return task.copy(states[d]), at[d] + partial[d] + offset[d]
 
     def caught_up(m: int) -> bool:  # the callback's own rule, on what the records say
-        seen = {o: {"done": r.done, "ready_progress": r.at if r.servable else None} for o, r in records.items()}
-        return peers_caught_up(seen, m, records[m].at)
+        seen = {
+            o: {"done": r.done, "ready_progress": r.at if r.servable else None, "interval_s": took.get(o)}
+            for o, r in records.items()
+        }
+        return peers_caught_up(seen, m, records[m].at, pace=(1 + (wait or 0.0)) * ready * speeds[m])
 
     def decide(m: int, now: float) -> None:
         nonlocal exploits
@@ -207,6 +218,7 @@ def run_asynchronous(
         n = min(ready, steps[m] - at[m])
         states[m] = task.train(m, states[m], hps[m], n - partial[m])
         partial[m] = 0
+        took[m] = interval[m][1] - interval[m][0]
         at[m] += n
         if on_ready is not None:
             on_ready(m, at[m], states[m])

@@ -547,23 +547,13 @@ class AsynchronousReadySteps(ReadySteps):
             )
             self.drain.start()
 
-    def _publish(self, step: int, epoch: int, score: float | None, version: int, done: bool) -> None:
-        """This member's public record: its snapshot ``version`` and what produced it (the score, the
-        hyperparameters it trained with, its history), read by the others when they decide."""
-        self._record = {
-            "step": step,
-            "epoch": epoch,
-            "score": score,
-            "hyperparameters": dict(self.book.hyperparameters),
-            "history": list(self.book.population[self.me].get("history", [])),
-            "history_steps": _history_steps(self.book.population[self.me], step),
-            "progress": step + self._offset,
-            "ready_progress": step + self._offset if version >= 0 else None,  # what its score is at
-            "snapshot_step": step,
-            "version": version,
-            "ready": version >= 0,  # scored at a ready step (a snapshot between ready steps does not make it so)
-            "done": done,
-        }
+    def _publish(
+        self, step: int, epoch: int, score: float | None, version: int, done: bool, interval_s: float | None = None
+    ) -> None:
+        """This member's public record (:func:`public_record`), read by the others when they decide."""
+        status, offset = self.book.population[self.me], self._offset
+        self._record = public_record(status, self.book.hyperparameters, step, epoch, score, version, offset)
+        self._record.update(done=done, interval_s=interval_s)
         self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _records(self) -> dict[int, dict[str, Any]]:
@@ -573,6 +563,7 @@ class AsynchronousReadySteps(ReadySteps):
     def step(self, observation: Observation) -> ReadyStepResult:
         assert self.server is not None
         started = time.perf_counter()
+        interval_s = max(time.monotonic() - self._interval_started, 0.0)
         if self._leader and self.book.ready_count > 0:
             self._forget(self.book.ready_count - 1)
         version = self._take_snapshot(observation.step)
@@ -586,9 +577,9 @@ class AsynchronousReadySteps(ReadySteps):
             score=score, history=(list(own.get("history", [])) + fresh)[-_HISTORY:], history_steps=steps[-_HISTORY:]
         )
         if self._leader:
-            self._publish(observation.step, observation.epoch, score, version, done=False)
+            self._publish(observation.step, observation.epoch, score, version, done=False, interval_s=interval_s)
         snapshotted = time.perf_counter()
-        waited = self._wait_for_peers(observation.step + self._offset, snapshotted - self._interval_started)
+        waited = self._wait_for_peers(observation.step + self._offset, interval_s)
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
@@ -648,11 +639,14 @@ class AsynchronousReadySteps(ReadySteps):
         return ReadyStepResult(observation.step, scores, plan, timing)
 
     def _wait_for_peers(self, progress: int, interval_s: float) -> float | None:
-        """The leader waits until the others have scored at ``progress`` (see :func:`wait_for_peers`); the
-        member's other ranks wait for its decision anyway. Returns the seconds waited."""
+        """The leader waits until the others have scored at ``progress`` (see :func:`wait_for_peers`), for
+        ``wait_for_peers`` of its last interval at most, and not for peers whose own last interval took
+        longer than its interval and wait together; the member's other ranks wait for its decision anyway.
+        Returns the seconds waited."""
         if not self._leader or self.wait_for_peers is None:
             return None
-        return wait_for_peers(self._records, self.me, progress, self.wait_for_peers * max(interval_s, 0.0))
+        seconds = self.wait_for_peers * interval_s
+        return wait_for_peers(self._records, self.me, progress, seconds, pace=interval_s + seconds)
 
     def _leave_rankings(self) -> None:
         """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
@@ -803,6 +797,33 @@ class AsynchronousReadySteps(ReadySteps):
                 )
 
 
+def public_record(
+    status: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    step: int,
+    epoch: int,
+    score: float | None,
+    version: int,
+    offset: int,
+) -> dict[str, Any]:
+    """An asynchronous member's record: its snapshot ``version`` and what produced it (the score, the
+    hyperparameters it trained with, its history), its progress (``step + offset``) and what its score
+    is at; the caller adds ``done`` and ``interval_s`` (how long its last ready interval took)."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "score": score,
+        "hyperparameters": dict(hyperparameters),
+        "history": list(status.get("history", [])),
+        "history_steps": _history_steps(status, step),
+        "progress": step + offset,
+        "ready_progress": step + offset if version >= 0 else None,
+        "snapshot_step": step,
+        "version": version,
+        "ready": version >= 0,  # scored at a ready step (a snapshot between ready steps does not make it so)
+    }
+
+
 def _decision_extra(message: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
     """The lineage's ``extra`` of an asynchronous decision: which score of each member it compared, whether
     it was lockstep's plan (:func:`lightning_pbt.comparable.in_step`), and how long it waited for peers."""
@@ -841,32 +862,45 @@ def published(record: Mapping[str, Any]) -> Published:
 
 
 def wait_for_peers(
-    read: Callable[[], Mapping[int, Mapping[str, Any]]], me: int, progress: int, seconds: float
+    read: Callable[[], Mapping[int, Mapping[str, Any]]],
+    me: int,
+    progress: int,
+    seconds: float,
+    pace: float | None = None,
 ) -> float:
     """Poll the population's records until every other member has stopped or scored at ``progress`` or
-    beyond (:func:`peers_caught_up`), for ``seconds`` at most; returns the seconds waited. At near-equal
-    speeds a decision then compares fresh scores, as lockstep does (``wait_for_peers``)."""
+    beyond, or is slower than ``pace`` (:func:`peers_caught_up`), for ``seconds`` at most; returns the
+    seconds waited. At near-equal speeds a decision then sees the population in step, as lockstep does
+    (``wait_for_peers``)."""
     started = time.monotonic()
     deadline, pause = started + seconds, 0.005
-    while not peers_caught_up(read(), me, progress) and time.monotonic() < deadline:
+    while not peers_caught_up(read(), me, progress, pace) and time.monotonic() < deadline:
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
         pause = min(pause * 2, 0.1)
     return time.monotonic() - started
 
 
-def peers_caught_up(records: Mapping[int, Mapping[str, Any]], me: int, progress: int) -> bool:
+def peers_caught_up(
+    records: Mapping[int, Mapping[str, Any]], me: int, progress: int, pace: float | None = None
+) -> bool:
     """Whether every member but ``me`` has stopped or scored at a ready step at ``progress`` or beyond
-    (a member that copied since counts: its decision at that progress is made).
+    (a member that copied since counts: its decision at that progress is made), or is not worth waiting
+    for: its last ready interval took longer than ``pace`` seconds (a straggler would arrive after the
+    wait ends, and waiting for it would cost the others their speed).
 
     Examples:
-        >>> behind = {"done": False, "ready_progress": 40}
+        >>> behind = {"done": False, "ready_progress": 40, "interval_s": 1.1}
         >>> peers_caught_up({0: {"done": False, "ready_progress": 50}, 1: behind}, me=0, progress=50)
         False
         >>> peers_caught_up({0: {}, 1: {**behind, "ready_progress": 60}, 2: {"done": True}}, me=0, progress=50)
         True
+        >>> peers_caught_up({1: behind}, me=0, progress=50, pace=2.0), peers_caught_up({1: behind}, 0, 50, pace=1.0)
+        (False, True)
     """
     return all(
-        record.get("done") or (record.get("ready_progress") is not None and record["ready_progress"] >= progress)
+        record.get("done")
+        or (record.get("ready_progress") is not None and record["ready_progress"] >= progress)
+        or (pace is not None and record.get("interval_s") is not None and record["interval_s"] > pace)
         for member, record in records.items()
         if member != me
     )

@@ -224,7 +224,10 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     from lightning_pbt.scheduler import MemberPlan
 
     bounds = []
-    monkeypatch.setattr(ready_steps, "wait_for_peers", lambda read, me, progress, seconds: bounds.append(seconds))
+    def spy(read, me, progress, seconds, pace=None):
+        bounds.append((seconds, pace))
+
+    monkeypatch.setattr(ready_steps, "wait_for_peers", spy)
     book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
     steps = AsynchronousReadySteps(
         population=SimpleNamespace(store=_Store(), device=torch.device("cpu")),
@@ -236,7 +239,14 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     plan = MemberPlan(0, "keep", 0, {"lr": 0.1}, ())
     steps._shared_decision = lambda observation, attempt: {"plan": plan.to_dict(), "view": {}, "compared": {}}
     steps._publish(0, 0, None, version=-1, done=False)
+    published = []
     for step, interval in ((10, 0.4), (20, 0.1)):
         time.sleep(interval)
         steps.step(Observation(0.5, False, step, 0))
-    assert 0.2 <= bounds[0] < 0.35 and 0.05 <= bounds[1] < 0.15  # not 0.25: measured from the last ready step
+        published.append(steps._record["interval_s"])
+    (first, first_pace), (second, second_pace) = bounds
+    assert 0.2 <= first < 0.35 and 0.05 <= second < 0.15  # not 0.25: measured from the last ready step
+    # Peers slower than the interval and the wait together are not waited for; the record tells the
+    # others how long this member's interval took.
+    assert first_pace == pytest.approx(3 * first) and second_pace == pytest.approx(3 * second)
+    assert published == pytest.approx([2 * first, 2 * second])
