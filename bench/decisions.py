@@ -21,6 +21,10 @@ targets' "within noise" needs:
 - ``async_snapshots_every_step``: the limit, a snapshot after every step (the donor's state at the moment
   of the copy). (With snapshots between ready steps, ``pbt_function``'s best accuracy also counts a
   donor's state when it is copied.)
+- ``async_wait``, ``async_wait_snapshots``, ``async_stragglers_wait``: the same with ``wait=WAIT`` (the
+  callback's ``wait_for_peers``): at equal speeds members then see the population in step and carry out
+  lockstep's plan (:func:`lightning_pbt.comparable.in_step`), so they tie lockstep seed for seed; with
+  stragglers the fast members wait only until the stragglers have published one interval.
 
 Tasks: Ray's ``pbt_function`` (4 members, 300 iterations; seeds whose best member passed the target,
 best final accuracy), the paper's toy (2 members, 25 and 100 steps; best Q), and the schedule task (the

@@ -325,10 +325,12 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
         s, w = digits["summary"], digits["wins"]
         rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
                      _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
-        from bench.quality import SNAPSHOT_EVERY, WAIT_FOR_PEERS
+        from bench.quality import PBT_VARIANTS
 
-        for arm, name in (("pbt_async_snapshots", f"async, snapshots every {SNAPSHOT_EVERY} steps"),
-                          ("pbt_async_wait", f"async, wait_for_peers={WAIT_FOR_PEERS:g}"),
+        variants = {**PBT_VARIANTS, **quality.get("config", {}).get("digits", {}).get("pbt_variants", {})}
+        snapshots, wait = variants["pbt_async_snapshots"], variants["pbt_async_wait"]
+        for arm, name in (("pbt_async_snapshots", f"async, snapshots every {snapshots['snapshot_every']} steps"),
+                          ("pbt_async_wait", f"async, wait_for_peers={wait['wait_for_peers']:g}"),
                           ("pbt_reseeded", "lockstep reseeded (the noise band)")):
             if arm in s:
                 rows.append(["digits, best member's test accuracy", name, _f(s["pbt"]["test_acc"]["median"], 3),

@@ -6,10 +6,12 @@ Two implementations of one small interface (:class:`ReadySteps`: ``start``, ``st
 - :class:`SynchronousReadySteps` (default, deterministic): every member reaches each ready step at the
   same global step; one all-gather of scores, population rank 0 decides for everyone, the decision is
   broadcast, donors send to losers. Every rank runs the same collectives whatever the outcome.
-- :class:`AsynchronousReadySteps`: no member ever waits for another. At its own ready step a member
-  snapshots its state into host memory (served in the background, see :mod:`lightning_pbt.serving`),
-  publishes its score in the launch's store, decides for itself from the latest published state of the
-  population, and, to copy, fetches the donor's latest snapshot while the donor trains on.
+- :class:`AsynchronousReadySteps`: no member waits for another (but for a bounded ``wait_for_peers``). At
+  its own ready step a member snapshots its state into host memory (served in the background, see
+  :mod:`lightning_pbt.serving`), publishes its score in the launch's store, decides for itself from the
+  latest published state of the population (lockstep's plan when it sees the population in step, see
+  :mod:`lightning_pbt.comparable`), and, to copy, fetches the donor's latest snapshot while the donor
+  trains on.
 
 Neither knows Lightning: the callback hands in a :class:`LocalMember` (the trainer's state, how to load
 it, apply hyperparameters, re-initialise weights) and one :class:`Observation` per ready step.
