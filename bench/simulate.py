@@ -115,7 +115,7 @@ def run_asynchronous(
     on from). ``1`` is the limit: the donor's state at the moment of the copy.
 
     ``wait``: as the callback's ``wait_for_peers``, a member that reaches its ready step before every
-    other member still training has published a score at its progress idles until they have (it decides
+    other member still training has published a score at its step idles until they have (it decides
     right after the last of them publishes) or for ``wait`` times its interval's nominal time
     (``ready * speed``), then decides with what is published. It does not wait for a member whose last
     interval took longer than its own nominal interval and wait together (a straggler).
@@ -141,6 +141,7 @@ def run_asynchronous(
     took: dict[int, float] = {}  # member: how long its last finished interval took (its record says)
     partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
     idle: dict[int, tuple[float, int]] = {}  # a waiting member: (since when, its timeout's order)
+    ended = [0.0] * members  # when each member stopped
 
     def push(time: float, m: int, kind: str) -> int:
         nonlocal order
@@ -173,10 +174,10 @@ def run_asynchronous(
 
     def caught_up(m: int) -> bool:  # the callback's own rule, on what the records say
         seen = {
-            o: {"done": r.done, "ready_progress": r.at if r.servable else None, "interval_s": took.get(o)}
+            o: {"done": r.done, "ready_step": r.step if r.servable else None, "interval_s": took.get(o)}
             for o, r in records.items()
         }
-        return peers_caught_up(seen, m, records[m].at, pace=(1 + (wait or 0.0)) * ready * speeds[m])
+        return peers_caught_up(seen, m, records[m].step, pace=(1 + (wait or 0.0)) * ready * speeds[m])
 
     def decide(m: int, now: float) -> None:
         nonlocal exploits
@@ -223,6 +224,7 @@ def run_asynchronous(
         if on_ready is not None:
             on_ready(m, at[m], states[m])
         if at[m] >= steps[m]:  # stopped: its last snapshot stays served
+            ended[m] = now
             records[m] = dataclasses.replace(records[m], done=True)
             release(now)
             continue
@@ -236,4 +238,7 @@ def run_asynchronous(
             idle[m] = (now, push(now + wait * ready * speeds[m], m, "timeout"))
         else:
             decide(m, now)
-    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at), "waited": waited}
+    return {
+        "states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at), "waited": waited,
+        "ended": ended,
+    }

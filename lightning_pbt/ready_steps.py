@@ -581,7 +581,7 @@ class AsynchronousReadySteps(ReadySteps):
         if self._leader:
             self._publish(observation.step, observation.epoch, score, version, done=False, interval_s=interval_s)
         snapshotted = time.perf_counter()
-        waited = self._wait_for_peers(observation.step + self._offset, interval_s)
+        waited = self._wait_for_peers(observation.step, interval_s)
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
@@ -640,15 +640,15 @@ class AsynchronousReadySteps(ReadySteps):
         self._interval_started = time.monotonic()
         return ReadyStepResult(observation.step, scores, plan, timing)
 
-    def _wait_for_peers(self, progress: int, interval_s: float) -> float | None:
-        """The leader waits until the others have scored at ``progress`` (see :func:`wait_for_peers`), for
+    def _wait_for_peers(self, step: int, interval_s: float) -> float | None:
+        """The leader waits until the others have scored at its ``step`` (see :func:`wait_for_peers`), for
         ``wait_for_peers`` of its last interval at most, and not for peers whose own last interval took
         longer than its interval and wait together; the member's other ranks wait for its decision anyway.
         Returns the seconds waited."""
         if not self._leader or self.wait_for_peers is None:
             return None
         seconds = self.wait_for_peers * interval_s
-        return wait_for_peers(self._records, self.me, progress, seconds, pace=interval_s + seconds)
+        return wait_for_peers(self._records, self.me, step, seconds, pace=interval_s + seconds)
 
     def _leave_rankings(self) -> None:
         """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
@@ -820,6 +820,7 @@ def public_record(
         "history_steps": _history_steps(status, step),
         "progress": step + offset,
         "ready_progress": step + offset if version >= 0 else None,
+        "ready_step": step if version >= 0 else None,
         "snapshot_step": step,
         "version": version,
         "ready": version >= 0,  # scored at a ready step (a snapshot between ready steps does not make it so)
@@ -866,42 +867,43 @@ def published(record: Mapping[str, Any]) -> Published:
 def wait_for_peers(
     read: Callable[[], Mapping[int, Mapping[str, Any]]],
     me: int,
-    progress: int,
+    step: int,
     seconds: float,
     pace: float | None = None,
 ) -> float:
-    """Poll the population's records until every other member has stopped or scored at ``progress`` or
-    beyond, or is slower than ``pace`` (:func:`peers_caught_up`), for ``seconds`` at most; returns the
-    seconds waited. At near-equal speeds a decision then sees the population in step, as lockstep does
-    (``wait_for_peers``)."""
+    """Poll the population's records until every other member has stopped or scored at a ready step at
+    its own ``step`` or beyond, or is slower than ``pace`` (:func:`peers_caught_up`), for ``seconds`` at
+    most; returns the seconds waited. At near-equal speeds a decision then sees the population in step,
+    as lockstep does (``wait_for_peers``)."""
     started = time.monotonic()
     deadline, pause = started + seconds, 0.005
-    while not peers_caught_up(read(), me, progress, pace) and time.monotonic() < deadline:
+    while not peers_caught_up(read(), me, step, pace) and time.monotonic() < deadline:
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
         pause = min(pause * 2, 0.1)
     return time.monotonic() - started
 
 
 def peers_caught_up(
-    records: Mapping[int, Mapping[str, Any]], me: int, progress: int, pace: float | None = None
+    records: Mapping[int, Mapping[str, Any]], me: int, step: int, pace: float | None = None
 ) -> bool:
-    """Whether every member but ``me`` has stopped or scored at a ready step at ``progress`` or beyond
-    (a member that copied since counts: its decision at that progress is made), or is not worth waiting
-    for: its last ready interval took longer than ``pace`` seconds (a straggler would arrive after the
-    wait ends, and waiting for it would cost the others their speed).
+    """Whether every member but ``me`` has stopped or scored at a ready step at its own ``step`` or beyond
+    (a member that copied since counts: its decision there is made), or is not worth waiting for: its
+    last ready interval took longer than ``pace`` seconds (a straggler would arrive after the wait ends,
+    and waiting for it would cost the others their speed). Steps, not progress: a member that copied a
+    snapshot ahead of its own step would otherwise wait a whole interval at every ready step after.
 
     Examples:
-        >>> behind = {"done": False, "ready_progress": 40, "interval_s": 1.1}
-        >>> peers_caught_up({0: {"done": False, "ready_progress": 50}, 1: behind}, me=0, progress=50)
+        >>> behind = {"done": False, "ready_step": 40, "interval_s": 1.1}
+        >>> peers_caught_up({0: {"done": False, "ready_step": 50}, 1: behind}, me=0, step=50)
         False
-        >>> peers_caught_up({0: {}, 1: {**behind, "ready_progress": 60}, 2: {"done": True}}, me=0, progress=50)
+        >>> peers_caught_up({0: {}, 1: {**behind, "ready_step": 60}, 2: {"done": True}}, me=0, step=50)
         True
-        >>> peers_caught_up({1: behind}, me=0, progress=50, pace=2.0), peers_caught_up({1: behind}, 0, 50, pace=1.0)
+        >>> peers_caught_up({1: behind}, me=0, step=50, pace=2.0), peers_caught_up({1: behind}, 0, 50, pace=1.0)
         (False, True)
     """
     return all(
         record.get("done")
-        or (record.get("ready_progress") is not None and record["ready_progress"] >= progress)
+        or (record.get("ready_step") is not None and record["ready_step"] >= step)
         or (pace is not None and record.get("interval_s") is not None and record["interval_s"] > pace)
         for member, record in records.items()
         if member != me

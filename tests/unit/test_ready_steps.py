@@ -123,17 +123,29 @@ def test_a_member_with_only_in_between_snapshots_has_not_scored_yet():
     assert not everyone_diverged({0: nan, 1: {"version": -1, "score": None}})  # a record from before ready flags
 
 
-def test_peers_have_caught_up_when_every_other_member_scored_at_this_progress_or_stopped():
-    at = {0: {"done": False, "ready_progress": 50}}
-    assert peers_caught_up({**at, 1: {"done": False, "ready_progress": 50}}, me=0, progress=50)
-    assert peers_caught_up({**at, 1: {"done": False, "ready_progress": 90}}, me=0, progress=50)  # ahead
-    assert not peers_caught_up({**at, 1: {"done": False, "ready_progress": 49}}, me=0, progress=50)
-    assert not peers_caught_up({**at, 1: {"done": False, "ready_progress": None}}, me=0, progress=50)  # not yet
-    assert peers_caught_up({**at, 1: {"done": True, "ready_progress": 10}}, me=0, progress=50)  # stopped
-    copied = {"done": False, "ready_progress": 50, "copied": True}  # decided at this progress already
-    assert peers_caught_up({**at, 1: copied}, me=0, progress=50)
-    assert not peers_caught_up({0: at[0], 1: copied, 2: {"done": False, "ready_progress": 30}}, me=0, progress=50)
-    assert peers_caught_up({0: {"done": False, "ready_progress": 10}}, me=0, progress=50)  # its own is not read
+def test_peers_have_caught_up_when_every_other_member_scored_at_this_step_or_stopped():
+    at = {0: {"done": False, "ready_step": 50}}
+    assert peers_caught_up({**at, 1: {"done": False, "ready_step": 50}}, me=0, step=50)
+    assert peers_caught_up({**at, 1: {"done": False, "ready_step": 90}}, me=0, step=50)  # ahead
+    assert not peers_caught_up({**at, 1: {"done": False, "ready_step": 49}}, me=0, step=50)
+    assert not peers_caught_up({**at, 1: {"done": False, "ready_step": None}}, me=0, step=50)  # not yet
+    assert peers_caught_up({**at, 1: {"done": True, "ready_step": 10}}, me=0, step=50)  # stopped
+    copied = {"done": False, "ready_step": 50, "copied": True}  # decided at this step already
+    assert peers_caught_up({**at, 1: copied}, me=0, step=50)
+    assert not peers_caught_up({0: at[0], 1: copied, 2: {"done": False, "ready_step": 30}}, me=0, step=50)
+    assert peers_caught_up({0: {"done": False, "ready_step": 10}}, me=0, step=50)  # its own is not read
+
+
+def test_a_record_before_any_ready_step_has_not_scored_at_its_step():
+    """A member's first record (start, or a resume at step 120) is no score: the others wait for its first
+    ready step. A copy's progress runs ahead of its step; the wait reads the step, the ranking the progress."""
+    from lightning_pbt.ready_steps import public_record
+
+    start = public_record({}, {"lr": 0.1}, step=120, epoch=3, score=None, version=-1, offset=0)
+    assert start["ready_step"] is None and start["ready_progress"] is None and not start["ready"]
+    scored = public_record({"history": [0.5]}, {"lr": 0.1}, step=130, epoch=3, score=0.5, version=0, offset=30)
+    assert (scored["ready_step"], scored["ready_progress"], scored["progress"]) == (130, 160, 160)
+    assert not peers_caught_up({1: start}, me=0, step=120) and peers_caught_up({1: scored}, me=0, step=130)
 
 
 def test_waiting_for_peers_ends_when_they_score_or_at_the_deadline():
@@ -141,14 +153,14 @@ def test_waiting_for_peers_ends_when_they_score_or_at_the_deadline():
 
     def read():
         calls.append(1)
-        return {0: {"ready_progress": 8}, 1: {"done": False, "ready_progress": 8 if len(calls) >= 3 else 4}}
+        return {0: {"ready_step": 8}, 1: {"done": False, "ready_step": 8 if len(calls) >= 3 else 4}}
 
-    waited = wait_for_peers(read, me=0, progress=8, seconds=30.0)
+    waited = wait_for_peers(read, me=0, step=8, seconds=30.0)
     assert len(calls) == 3 and waited < 1.0  # returns at the read that shows member 1 at step 8
     calls.clear()
-    waited = wait_for_peers(lambda: {1: {"done": False, "ready_progress": 4}}, me=0, progress=8, seconds=0.2)
+    waited = wait_for_peers(lambda: {1: {"done": False, "ready_step": 4}}, me=0, step=8, seconds=0.2)
     assert 0.2 <= waited < 0.5  # never caught up: the deadline ends it
-    assert wait_for_peers(lambda: {1: {"done": True}}, me=0, progress=8, seconds=30.0) < 0.05
+    assert wait_for_peers(lambda: {1: {"done": True}}, me=0, step=8, seconds=30.0) < 0.05
 
 
 class _Store(dict):
@@ -194,7 +206,11 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     from lightning_pbt.scheduler import MemberPlan
 
     store = _Store()
-    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    # It copied a snapshot 30 steps ahead of its own step once: it waits for the others' steps, not for
+    # them to reach its progress (a whole interval later).
+    book = PopulationBook(
+        population={0: {"hyperparameters": {"lr": 0.1}, "progress_offset": 30}}, hyperparameters={"lr": 0.1}
+    )
     steps = AsynchronousReadySteps(
         population=SimpleNamespace(store=store, device=torch.device("cpu")),
         topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
@@ -224,11 +240,18 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     from lightning_pbt.scheduler import MemberPlan
 
     bounds = []
-    def spy(read, me, progress, seconds, pace=None):
+    waited_for = []
+
+    def spy(read, me, step, seconds, pace=None):
         bounds.append((seconds, pace))
+        waited_for.append(step)
 
     monkeypatch.setattr(ready_steps, "wait_for_peers", spy)
-    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    # It copied a snapshot 30 steps ahead of its own step once: it waits for the others' steps, not for
+    # them to reach its progress (a whole interval later).
+    book = PopulationBook(
+        population={0: {"hyperparameters": {"lr": 0.1}, "progress_offset": 30}}, hyperparameters={"lr": 0.1}
+    )
     steps = AsynchronousReadySteps(
         population=SimpleNamespace(store=_Store(), device=torch.device("cpu")),
         topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
@@ -250,3 +273,4 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     # others how long this member's interval took.
     assert first_pace == pytest.approx(3 * first) and second_pace == pytest.approx(3 * second)
     assert published == pytest.approx([2 * first, 2 * second])
+    assert waited_for == [10, 20]
