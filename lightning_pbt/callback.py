@@ -62,7 +62,7 @@ class PopulationBasedTraining(Callback):
             steps after a ready step: a copy is then at most that old, not up to a ready interval (``None``:
             at ready steps only). Each costs a device-to-host copy; try a quarter of the interval.
         wait_for_peers: with ``synchronous=False``, at a ready step wait up to this fraction of the last ready
-            interval for the peers of similar speed that have not scored at this progress (``None``: never; try 1.0).
+            interval for the peers of similar speed that have not scored at this step (``None``: never; try 1.0).
         every_n_train_steps: a ready step at the first validation end at least this many optimizer
             steps after the previous one.
         every_n_epochs: a ready step at the first validation end at least this many completed epochs

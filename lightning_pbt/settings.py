@@ -65,7 +65,7 @@ class PBTSettings:
         snapshot_every_n_train_steps: asynchronous only: also snapshot every this many optimizer steps
             after a ready step, so that a copy is at most this many steps old.
         wait_for_peers: asynchronous only: at a ready step, wait up to this fraction of the member's last
-            ready interval (wall time) for the members that have not scored at its progress yet, except
+            ready interval (wall time) for the members that have not scored at its step yet, except
             those whose own last interval took longer than that interval and wait together.
         space: the parsed search space (derived).
         exploit_rule: the exploit rule (derived).
