@@ -18,12 +18,13 @@ score from further in training. The rule here:
   The copy is the donor's latest snapshot.
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
-- *In step*: when every other member has scored at a ready step at the decider's very step and
-  progress (at equal speeds, with ``wait_for_peers``), the decider plans the whole population as lockstep
-  would, from the same snapshots and with the step's own random stream
+- *In step* (:func:`in_step`): when every other member has scored at a ready step at the decider's very
+  step, or stopped before it (at equal speeds, with ``wait_for_peers``), the decider plans the whole
+  population as lockstep would, from the same snapshots and with the step's own random stream
   (:meth:`PBTScheduler.population_stream`), and carries out its own part of that plan. Every member that
-  sees the population in step computes the same plan (a member that copied or stopped since still counts
-  with the score it had), so the population decides exactly as in lockstep; ``extra.in_step`` says so.
+  sees the population in step computes the same plan, so when every member decides in step at every
+  ready step the population decides as lockstep does (with ``explore="pb2"`` each member still fits its
+  own PB2 model); ``extra.in_step`` says which decisions were made so.
 
 PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
 ``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
@@ -125,38 +126,55 @@ def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) 
 
 def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     """Whether the population is as lockstep would see it at the decider's ready ``step``: every other
-    member has scored at a ready step at this very step and progress (and may have stopped since: the run
-    ended at that step for it, after its own decision there, as in lockstep).
+    member has scored at a ready step at this very step (its own step count: lockstep's round), or
+    stopped before it. A member that copied or was re-initialised since counts with the score it had
+    while it still serves the snapshot it scored with; once it has taken a snapshot since, a loser would
+    copy other weights than those lockstep's plan copies.
 
     Examples:
         >>> own = Published(step=50, score=0.7, hyperparameters={})
         >>> copied = Published(50, None, {}, copied=True)  # copied a donor after scoring at step 50
         >>> on_ahead = Published(50, 0.9, {}, progress=58, ready_progress=50)  # an in-between snapshot since
-        >>> in_step(50, own, {1: copied, 2: on_ahead})
+        >>> stopped = Published(30, 0.8, {}, done=True)  # stopped at step 30
+        >>> in_step(50, own, {1: copied, 2: on_ahead, 3: stopped})
         True
         >>> in_step(50, own, {1: Published(50, 0.8, {}), 2: Published(55, 0.9, {})})
         False
+        >>> in_step(50, own, {1: Published(50, 0.8, {}, progress=58, ready_progress=50, copied=True)})
+        False
     """
-    return all(r.servable and r.step == step and r.scored_at == own.at for r in others.values())
+
+    def counts(record: Published) -> bool:
+        if not record.servable:
+            return False
+        if record.done and record.step < step:
+            return True
+        return record.step == step and (not record.copied or record.at == record.scored_at)
+
+    return all(counts(record) for record in others.values())
 
 
 def _plan_in_step(scheduler: PBTScheduler, me: int, step: int, records: Mapping[int, Published]) -> Decision:
     """The whole population's plan at ``step`` as lockstep makes it (``SynchronousReadySteps``), and ``me``'s
-    part of it: the same snapshots, the step's own random stream."""
+    part of it: the same snapshots (a member that stopped earlier has no score and is never replaced), the
+    step's own random stream."""
+    stopped = {member for member, record in records.items() if record.done and record.step < step}
+    scores = {
+        member: None if member in stopped or not is_finite_score(record.score) else record.score
+        for member, record in records.items()
+    }
     snapshots = [
         MemberSnapshot(
             member,
-            record.score if is_finite_score(record.score) else None,
+            scores[member],
             record.hyperparameters,
             tuple(score for _, score in record.history),
+            can_exploit=member not in stopped,
         )
         for member, record in sorted(records.items())
     ]
     plan = scheduler.plan(step, snapshots, rng=scheduler.population_stream(step))[me]
-    compared = {
-        member: Compared(record.scored_at, record.score if is_finite_score(record.score) else None)
-        for member, record in sorted(records.items())
-    }
+    compared = {member: Compared(record.scored_at, scores[member]) for member, record in sorted(records.items())}
     return Decision(plan, compared, in_step=True)
 
 

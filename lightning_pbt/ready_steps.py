@@ -28,6 +28,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -548,6 +549,7 @@ class AsynchronousReadySteps(ReadySteps):
                 population.new_store_client(), self.namespace, self.lineage, population.signal_abort
             )
             self.drain.start()
+        self._interval_started = time.monotonic()  # training starts now: the set-up is no interval's
 
     def _publish(
         self, step: int, epoch: int, score: float | None, version: int, done: bool, interval_s: float | None = None
@@ -585,7 +587,7 @@ class AsynchronousReadySteps(ReadySteps):
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
-            message = self._shared_decision(observation, attempt)
+            message = self._shared_decision(observation, attempt, (self.wait_for_peers or 0.0) * interval_s)
             decided = time.perf_counter()
             plan, view = MemberPlan.from_dict(message["plan"]), message["view"]
             if plan.event != "exploit":
@@ -690,7 +692,7 @@ class AsynchronousReadySteps(ReadySteps):
             for j in range(self.topology.member_size):
                 store.delete_key(f"{self.namespace}/fetched/{self.me}/{ready_count}/{attempt}/{j}")
 
-    def _shared_decision(self, observation: Observation, attempt: int) -> dict[str, Any]:
+    def _shared_decision(self, observation: Observation, attempt: int, leader_wait_s: float = 0.0) -> dict[str, Any]:
         """The member's leader decides; the member's other ranks read the same decision from the store."""
         key = f"{self.namespace}/plan/{self.me}/{self.book.ready_count}/{attempt}"
         if self._leader:
@@ -699,8 +701,10 @@ class AsynchronousReadySteps(ReadySteps):
             except Exception as error:  # shared, so that the member's other ranks raise it too
                 message = {"error": f"PopulationBasedTraining: member {self.me}'s decision failed: {error}"}
             self.population.store.set(key, json.dumps(message))
-        else:
-            message = json.loads(self.population.store.get(key))
+        else:  # the store's timeout, plus what the leader may spend waiting for peers first
+            store = self.population.store
+            store.wait([key], store.timeout + timedelta(seconds=leader_wait_s))
+            message = json.loads(store.get(key))
         if message.get("error"):
             raise RuntimeError(message["error"])
         return message

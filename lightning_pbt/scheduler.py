@@ -5,9 +5,9 @@ No torch, no process group: the callback gathers one :class:`MemberSnapshot` per
 and carries out the returned :class:`MemberPlan` s. A population's plan at a ready step draws from that
 step's own random stream (:meth:`PBTScheduler.population_stream`), so that an asynchronous member that
 sees the whole population at its step draws what lockstep draws; an asynchronous member deciding alone
-draws from a running stream of its own. The state is that running stream and, with ``explore="pb2"``,
-PB2's observation window (:mod:`lightning_pbt.pb2`), saved by :meth:`PBTScheduler.state_dict` so that
-a resumed run continues the same random stream and model.
+draws from a running stream of its own. The state is that running stream (which of the two a member
+uses) and, with ``explore="pb2"``, PB2's observation window (:mod:`lightning_pbt.pb2`), saved by
+:meth:`PBTScheduler.state_dict` so that a resumed run plans as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -234,13 +234,13 @@ class PBTScheduler:
         self.rejuvenate_patience = p
         self.seed = seed
         self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
-        self._running = False  # True: plans draw from self._rng, not from their step's stream
+        self._member_stream: int | None = None  # set: plans draw from self._rng, not from their step's stream
 
     def use_member_stream(self, member: int) -> None:
         """Draw plans from a running random stream of ``member``'s own (asynchronous mode: a member deciding
         alone at its own steps, where one shared stream would make members' decisions correlated)."""
         self._rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_PLAN_STREAM, 1 + int(member))))
-        self._running = True
+        self._member_stream = int(member)
 
     def population_stream(self, step: int) -> np.random.Generator:
         """The draws of the whole population's plan at ready ``step``: a function of ``(seed, step)`` alone,
@@ -324,7 +324,7 @@ class PBTScheduler:
         }
         histories = {m: tuple(by_member[m].history) for m in members}
         if rng is None:
-            rng = self._rng if self._running else self.population_stream(step)
+            rng = self._rng if self._member_stream is not None else self.population_stream(step)
         eligible = {m for m in members if by_member[m].can_exploit}
         losers = self.exploit.select(members, scores, histories, self.mode, rng, eligible)
         plans = dict(keep)
@@ -356,7 +356,10 @@ class PBTScheduler:
         """JSON-able state (dicts, lists, ints, strs): safe for ``torch.load(weights_only=True)``."""
         rng = _plain_state(self._rng.bit_generator.state)
         pb2 = self.pb2.state_dict() if self.pb2 is not None else None
-        return {"version": _STATE_VERSION, "seed": self.seed, "rng": rng, "explore": self.explore_method, "pb2": pb2}
+        return {
+            "version": _STATE_VERSION, "seed": self.seed, "rng": rng, "explore": self.explore_method, "pb2": pb2,
+            "member_stream": self._member_stream,  # None: plans draw from their step's stream (lockstep)
+        }  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the RNG (and PB2's observations) so that the next :meth:`plan` continues the saved run."""
@@ -383,6 +386,8 @@ class PBTScheduler:
         if self.pb2 is not None:
             self.pb2.load_state_dict(state["pb2"])
         self._rng.bit_generator.state = rng_state
+        if "member_stream" in state:  # an older state leaves the stream as the caller set it
+            self._member_stream = state["member_stream"]
 
 
 def _plain_state(value: Any) -> Any:

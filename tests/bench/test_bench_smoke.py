@@ -199,6 +199,7 @@ class _Tagged:
 
     def __init__(self) -> None:
         self.copies_received: list[int] = []
+        self.trained = [0, 0]  # optimizer steps each member ran, whatever state it ran them on
 
     def start(self, member: int) -> tuple[int, int]:
         return (member, 0)
@@ -206,6 +207,7 @@ class _Tagged:
     def train(self, member: int, state: tuple[int, int], hyperparameters: dict, steps: int) -> tuple[int, int]:
         if member == 1 and state[0] == 0 and not self.copies_received:
             self.copies_received.append(state[1])  # the steps of the first copy member 1 trains from
+        self.trained[member] += steps
         return (state[0], state[1] + steps)
 
     def score(self, state: tuple[int, int]) -> float:
@@ -224,16 +226,18 @@ def test_simulated_copy_takes_the_donors_latest_snapshot(snapshot_every: int | N
     from lightning_pbt.space import Uniform
 
     ready, steps = 10, 200
-    copied, donor_steps = [], []
+    copied, trained = [], []
     for seed in range(5):
         task = _Tagged()
         result = run_asynchronous(task, lambda s=seed: PBTScheduler({"x": Uniform(0, 1)}, mode="max", seed=s),
                                   [{"x": 0.5}, {"x": 0.5}], ready, [steps, steps], [1.0, 1.0], seed,
                                   snapshot_every=snapshot_every)
         copied += task.copies_received
-        donor_steps.append(result["states"][0][1])
+        trained.append(task.trained)
+        assert result["steps"] == [steps, steps]
     assert copied
-    assert donor_steps == [steps] * 5  # a donor copied mid-interval goes on from there: no step twice
+    # A donor copied mid-interval goes on from the snapshot it trained to: no step twice, none skipped.
+    assert trained == [[steps, steps]] * 5
     assert all(c % (snapshot_every or ready) == 0 for c in copied)
     if snapshot_every is not None:
         assert any(c % ready for c in copied)  # a snapshot between ready steps

@@ -3,18 +3,25 @@
 Hand-built populations where ranking the decider's fresh score against the others' latest records
 picks the wrong loser and the wrong donor: a member that has just copied still shows the score of the
 weights it threw away, and a member ahead shows a score from further in training. The rule leaves the
-first out and compares the second at a progress not beyond the decider's.
+first out and compares the second at a progress not beyond the decider's. When the whole population has
+scored at the decider's step, it carries out its part of lockstep's own plan instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from lightning_pbt.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
 from lightning_pbt.explore import Explorer
-from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
+from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.scheduler import MemberPlan, PBTScheduler
 from lightning_pbt.space import LogUniform
+from lightning_pbt.topology import PopulationTopology
 
 SPACE = {"lr": LogUniform(1e-4, 1.0)}
 
@@ -69,6 +76,7 @@ def test_progress_counts_the_steps_a_copied_snapshot_had_trained() -> None:
 
 
 def test_a_member_that_copied_is_neither_loser_nor_donor_until_it_publishes_again() -> None:
+    """Deciding alone (out of step: member 1 copied at an earlier ready step)."""
     others = {1: member(10, (10, 0.99), copied=True), 2: member(20, (20, 0.50))}
     decision = decide_alone(scheduler(0.5), 0, 20, ME, others)
     assert set(decision.compared) == {0, 2} and decision.plan.event == "keep"
@@ -113,56 +121,73 @@ def test_both_modes_rank_the_comparable_scores(mode: str) -> None:
 
 
 def population_at(step: int, n: int, seed: int) -> dict[int, Published]:
-    """``n`` members that all scored at ``step``: different scores, histories and values; one diverged."""
+    """``n`` members that scored at ``step``, with different scores, histories and values; member ``n - 2``
+    stopped at an earlier ready step, member ``n - 1`` diverged at this one."""
     g = np.random.default_rng(seed)
     hps = [{"lr": float(v)} for v in 10 ** g.uniform(-4, 0, size=n)]
     records = {}
     for m in range(n):
         history = tuple((at, float(g.uniform())) for at in range(step - 30, step + 1, 10))
         records[m] = Published(step, history[-1][1], hps[m], history)
-    records[n - 1] = Published(step, None, hps[n - 1], records[n - 1].history[:-1])  # NaN at this step
+    records[n - 2] = Published(step - 10, 0.99, hps[n - 2], records[n - 2].history[:-1], done=True)
+    records[n - 1] = Published(step, None, hps[n - 1], records[n - 1].history[:-1])
     return records
+
+
+def lockstep_plans(records: dict[int, Published], step: int, seed: int) -> dict[int, MemberPlan]:
+    """What lockstep's own decision (``SynchronousReadySteps._decide``, population rank 0) plans for the same
+    population: its book holds each member's history before this step, its all-gather this step's rows."""
+    population, rows = {}, []
+    for member, record in sorted(records.items()):
+        stopped = record.done and record.step < step
+        history = [score for _, score in record.history]
+        if record.score is not None and not stopped:
+            history = history[:-1]  # lockstep appends this step's score itself
+        population[member] = {"hyperparameters": dict(record.hyperparameters), "history": history}
+        score = math.nan if stopped or record.score is None else record.score
+        rows.append([score, record.step, 0, 0, stopped])  # a stopped member's row, as its finish() sends it
+    steps = SynchronousReadySteps(
+        population=None, topology=PopulationTopology(world_size=len(records), member_size=1, world_rank=0),
+        namespace="ns", scheduler=PBTScheduler(SPACE, seed=seed), book=PopulationBook(population, {}),
+        member=None, mode="max", monitor="val", seed=seed,
+    )  # fmt: skip
+    decision = steps._decide(torch.tensor(rows, dtype=torch.float64))
+    assert not decision.get("error"), decision
+    return {int(member): MemberPlan.from_dict(plan) for member, plan in decision["plans"].items()}
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_every_member_that_sees_the_population_in_step_carries_out_lockstep_plan(seed: int) -> None:
     """Each member decides alone with its own stream (as AsynchronousReadySteps does), in any order: when
-    all scored at its step, each carries out its part of the plan lockstep makes for the whole population.
-    A member that already copied this step, or took a snapshot since, still counts with the score it had."""
+    all scored at its step (or stopped before), each carries out its part of the plan lockstep's own
+    decision makes for the whole population. A member that copied at this step still counts with the score
+    it had while it serves the snapshot it scored with."""
     step, records = 40, population_at(40, n=8, seed=seed)
-    lockstep = PBTScheduler(SPACE, seed=seed).plan(
-        step,
-        [MemberSnapshot(m, r.score, r.hyperparameters, tuple(v for _, v in r.history)) for m, r in records.items()],
-    )
+    lockstep = lockstep_plans(records, step, seed)
     assert any(plan.event == "exploit" for plan in lockstep.values())
-    for me in reversed(range(8)):
+    for me in (7, 5, 4, 3, 2, 1, 0):  # member 6 has stopped; 7 diverged, and decides too
         alone = PBTScheduler(SPACE, seed=seed)
         alone.use_member_stream(me)
         decision = decide_alone(alone, me, step, records[me], {m: r for m, r in records.items() if m != me})
         assert decision.in_step and decision.plan == lockstep[me]
-        assert decision.compared[7] == Compared(step, None) and decision.compared[me].score == records[me].score
+        assert decision.compared[7] == Compared(step, None) and decision.compared[6].score is None
         if lockstep[me].event == "exploit":  # what the others see of it from now on
-            records[me] = Published(
-                step,
-                records[me].score,
-                records[me].hyperparameters,
-                records[me].history,
-                progress=step + 5,
-                ready_progress=step,
-                copied=True,
-            )
+            records[me] = dataclasses.replace(records[me], copied=True)
 
 
 def test_out_of_step_the_member_decides_alone() -> None:
     records = population_at(40, n=4, seed=0)
-    ahead = {**records, 2: Published(50, 0.9, {"lr": 0.01}, ((40, 0.5), (50, 0.9)))}
-    stopped = {**records, 2: Published(30, 0.9, {"lr": 0.01}, ((30, 0.9),), done=True)}
-    # A copy of a snapshot 10 steps ahead: scored at the same progress, but at its own step 30.
-    shifted = {**records, 2: Published(30, 0.9, {"lr": 0.01}, ((40, 0.9),), progress=40)}
-    for population in (ahead, stopped, shifted):
-        others = {m: r for m, r in population.items() if m != 0}
+    out_of_step = {
+        "ahead": Published(50, 0.9, {"lr": 0.01}, ((40, 0.5), (50, 0.9))),
+        "behind": Published(30, 0.9, {"lr": 0.01}, ((30, 0.9),)),
+        "no score yet": Published(0, None, {"lr": 0.01}, servable=False),
+        # copied at step 40 and snapshotted since: it no longer serves what it scored with
+        "copied, moved on": Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), progress=48, ready_progress=40, copied=True),
+    }
+    for record in out_of_step.values():
+        others = {1: records[1], 2: record, 3: records[3]}
         assert not in_step(40, records[0], others)
         assert not decide_alone(scheduler(), 0, 40, records[0], others).in_step
-    # Stopped right after scoring at step 40 (its last): lockstep saw it at step 40 too.
-    last = {m: r for m, r in records.items() if m != 0} | {2: Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True)}
-    assert in_step(40, records[0], last)
+    # Stopped right after scoring at step 40, or before it: lockstep sees it at step 40 too.
+    for stopped in (Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True), records[2]):
+        assert in_step(40, records[0], {1: records[1], 2: stopped, 3: records[3]})

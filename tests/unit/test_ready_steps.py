@@ -219,7 +219,7 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     )  # fmt: skip
     steps.server = _Server()
     plan = MemberPlan(0, event, 0, {"lr": 0.1}, ())
-    steps._shared_decision = lambda observation, attempt: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps._shared_decision = lambda observation, attempt, *wait: {"plan": plan.to_dict(), "view": {}, "compared": {}}
     steps._publish(0, 0, None, version=-1, done=False)
     steps.step(Observation(0.5, False, 10, 0))
     for step in (11, 12, 12, 13, 14):  # step 12 twice: gradient accumulation, two batches end at it
@@ -260,7 +260,7 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     )  # fmt: skip
     steps.server = _Server()
     plan = MemberPlan(0, "keep", 0, {"lr": 0.1}, ())
-    steps._shared_decision = lambda observation, attempt: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps._shared_decision = lambda observation, attempt, *wait: {"plan": plan.to_dict(), "view": {}, "compared": {}}
     steps._publish(0, 0, None, version=-1, done=False)
     published = []
     for step, interval in ((10, 0.4), (20, 0.1)):
@@ -274,3 +274,47 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     assert first_pace == pytest.approx(3 * first) and second_pace == pytest.approx(3 * second)
     assert published == pytest.approx([2 * first, 2 * second])
     assert waited_for == [10, 20]
+
+
+def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_wait_for_peers():
+    """Rank 1 of a member reads its leader's decision from the store: it waits the store's timeout plus
+    what the leader may spend waiting for peers (``wait_for_peers`` of an interval can exceed the timeout
+    on long intervals), not the store's timeout alone."""
+    from datetime import timedelta
+
+    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+
+    class Store(_Store):
+        timeout = timedelta(minutes=10)
+        waited: list[timedelta] = []
+
+        def wait(self, keys, timeout):
+            self.waited.append(timeout)
+
+        def get(self, key):
+            return json.dumps({"plan": {}, "view": {}, "compared": {}})
+
+    store = Store()
+    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    steps = AsynchronousReadySteps(
+        population=SimpleNamespace(store=store, device=torch.device("cpu")),
+        topology=PopulationTopology(world_size=2, member_size=2, world_rank=1),
+        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
+        member=_Member(), mode="max", monitor="val", seed=0, wait_for_peers=1.0,
+    )  # fmt: skip
+    steps._shared_decision(Observation(0.5, False, 10, 0), 0, leader_wait_s=1200.0)
+    assert store.waited == [timedelta(minutes=30)]
+    # At a ready step, that is wait_for_peers times the interval just ended.
+    import time
+
+    from lightning_pbt.scheduler import MemberPlan
+
+    asked = []
+    keep = MemberPlan(0, "keep", 0, {"lr": 0.1}, ()).to_dict()
+    steps._shared_decision = lambda observation, attempt, wait_s: asked.append(wait_s) or {
+        "plan": keep, "view": {}, "compared": {}
+    }
+    steps.server = _Server()
+    time.sleep(0.2)
+    steps.step(Observation(0.5, False, 10, 0))
+    assert len(asked) == 1 and 0.2 <= asked[0] < 1.0

@@ -59,6 +59,21 @@ def test_a_population_plan_draws_from_its_steps_own_stream() -> None:
     assert member.plan(40, snaps, rng=member.population_stream(40)) == fresh.plan(40, snaps)
 
 
+def test_a_resumed_member_keeps_drawing_from_its_own_stream() -> None:
+    """An asynchronous member's state says it draws from its own running stream: a resumed member goes on
+    with that stream (not its steps' shared one, which would correlate the members' decisions)."""
+    member = PBTScheduler(SPACE, seed=3)
+    member.use_member_stream(2)
+    member.plan(40, population(member, seed=1))
+    state = json.loads(json.dumps(member.state_dict()))
+    snaps = population(member, seed=9)
+    expected = [member.plan(50, snaps), member.plan(60, snaps)]
+    resumed = PBTScheduler(SPACE, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.plan(50, snaps), resumed.plan(60, snaps)] == expected
+    assert PBTScheduler(SPACE, seed=3).plan(50, snaps) != expected[0]  # the shared stream draws otherwise
+
+
 def test_plan_covers_every_member_once_with_consistent_parents() -> None:
     scheduler = PBTScheduler(SPACE, exploit="truncation", quantile_fraction=0.25)
     snaps = population(scheduler, n=8)
