@@ -19,12 +19,14 @@ score from further in training. The rule here:
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
 - *In step* (:func:`in_step`): when every other member has scored at a ready step at the decider's very
-  step, or stopped before it (at equal speeds, with ``wait_for_peers``), the decider plans the whole
+  step and progress, or stopped before it (at equal speeds, with ``wait_for_peers``), the decider plans the whole
   population as lockstep would, from the same snapshots and with the step's own random stream
   (:meth:`PBTScheduler.population_stream`), and carries out its own part of that plan. Every member that
   sees the population in step computes the same plan, so when every member decides in step at every
   ready step the population decides as lockstep does (with ``explore="pb2"`` each member still fits its
-  own PB2 model); ``extra.in_step`` says which decisions were made so.
+  own PB2 model); ``extra.in_step`` says which decisions were made so. A copy of a snapshot taken after
+  the donor's ready step (``snapshot_every_n_train_steps``, or a donor ahead) leaves the copier ahead in
+  progress: lockstep has no such member, and the decisions that see it are made alone.
 
 PB2 still observes each member's latest raw (step, score). :func:`decide_alone` is what
 ``AsynchronousReadySteps`` runs and what the benchmarks' simulated asynchronous populations run, so both
@@ -126,10 +128,10 @@ def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) 
 
 def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     """Whether the population is as lockstep would see it at the decider's ready ``step``: every other
-    member has scored at a ready step at this very step (its own step count: lockstep's round), or
-    stopped before it. A member that copied or was re-initialised since counts with the score it had
-    while it still serves the snapshot it scored with; once it has taken a snapshot since, a loser would
-    copy other weights than those lockstep's plan copies.
+    member has scored at a ready step at this very step and progress (lockstep's round, nobody ahead or
+    behind in training through a copy), or stopped before it. A member that copied or was re-initialised
+    since counts with the score it had while it still serves the snapshot it scored with; once it has
+    taken a snapshot since, a loser would copy other weights than those lockstep's plan copies.
 
     Examples:
         >>> own = Published(step=50, score=0.7, hyperparameters={})
@@ -149,7 +151,8 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
             return False
         if record.done and record.step < step:
             return True
-        return record.step == step and (not record.copied or record.at == record.scored_at)
+        same = record.step == step and record.scored_at == own.at
+        return same and (not record.copied or record.at == record.scored_at)
 
     return all(counts(record) for record in others.values())
 

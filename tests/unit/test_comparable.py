@@ -180,6 +180,8 @@ def test_out_of_step_the_member_decides_alone() -> None:
     out_of_step = {
         "ahead": Published(50, 0.9, {"lr": 0.01}, ((40, 0.5), (50, 0.9))),
         "behind": Published(30, 0.9, {"lr": 0.01}, ((30, 0.9),)),
+        # copied a snapshot 8 steps ahead of its own step once: its scores are further in training
+        "ahead in progress": Published(40, 0.9, {"lr": 0.01}, ((48, 0.9),), progress=48, ready_progress=48),
         "no score yet": Published(0, None, {"lr": 0.01}, servable=False),
         # copied at step 40 and snapshotted since: it no longer serves what it scored with
         "copied, moved on": Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), progress=48, ready_progress=40, copied=True),
