@@ -141,7 +141,6 @@ def run_asynchronous(
     took: dict[int, float] = {}  # member: how long its last finished interval took (its record says)
     partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
     idle: dict[int, tuple[float, int]] = {}  # a waiting member: (since when, its timeout's order)
-    ended = [0.0] * members  # when each member stopped
 
     def push(time: float, m: int, kind: str) -> int:
         nonlocal order
@@ -224,7 +223,6 @@ def run_asynchronous(
         if on_ready is not None:
             on_ready(m, at[m], states[m])
         if at[m] >= steps[m]:  # stopped: its last snapshot stays served
-            ended[m] = now
             records[m] = dataclasses.replace(records[m], done=True)
             release(now)
             continue
@@ -238,7 +236,4 @@ def run_asynchronous(
             idle[m] = (now, push(now + wait * ready * speeds[m], m, "timeout"))
         else:
             decide(m, now)
-    return {
-        "states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at), "waited": waited,
-        "ended": ended,
-    }
+    return {"states": states, "hyperparameters": hps, "exploits": exploits, "steps": list(at), "waited": waited}

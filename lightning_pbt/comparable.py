@@ -19,8 +19,8 @@ score from further in training. The rule here:
 - A member whose latest score is NaN/inf/missing ranks last and is never a donor, whatever it scored
   before (its snapshot holds what produced the NaN).
 - *In step* (:func:`in_step`): when every other member has scored at a ready step at the decider's very
-  step and progress, or stopped before it (at equal speeds, with ``wait_for_peers``), the decider plans the whole
-  population as lockstep would, from the same snapshots and with the step's own random stream
+  step and progress, or stopped before it (at equal speeds, with ``wait_for_peers``), the decider plans
+  the whole population as lockstep would, from the same snapshots and with the step's own random stream
   (:meth:`PBTScheduler.population_stream`), and carries out its own part of that plan. Every member that
   sees the population in step computes the same plan, so when every member decides in step at every
   ready step the population decides as lockstep does (with ``explore="pb2"`` each member still fits its
@@ -149,7 +149,7 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     def counts(record: Published) -> bool:
         if not record.servable:
             return False
-        if record.done and record.step < step:
+        if _stopped_before(record, step):
             return True
         same = record.step == step and record.scored_at == own.at
         return same and (not record.copied or record.at == record.scored_at)
@@ -157,11 +157,16 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     return all(counts(record) for record in others.values())
 
 
+def _stopped_before(record: Published, step: int) -> bool:
+    """It stopped at an earlier ready step: lockstep ranks it without a score and never replaces it."""
+    return record.done and record.step < step
+
+
 def _plan_in_step(scheduler: PBTScheduler, me: int, step: int, records: Mapping[int, Published]) -> Decision:
     """The whole population's plan at ``step`` as lockstep makes it (``SynchronousReadySteps``), and ``me``'s
     part of it: the same snapshots (a member that stopped earlier has no score and is never replaced), the
     step's own random stream."""
-    stopped = {member for member, record in records.items() if record.done and record.step < step}
+    stopped = {member for member, record in records.items() if _stopped_before(record, step)}
     scores = {
         member: None if member in stopped or not is_finite_score(record.score) else record.score
         for member, record in records.items()

@@ -692,7 +692,7 @@ class AsynchronousReadySteps(ReadySteps):
             for j in range(self.topology.member_size):
                 store.delete_key(f"{self.namespace}/fetched/{self.me}/{ready_count}/{attempt}/{j}")
 
-    def _shared_decision(self, observation: Observation, attempt: int, leader_wait_s: float = 0.0) -> dict[str, Any]:
+    def _shared_decision(self, observation: Observation, attempt: int, leader_wait_s: float) -> dict[str, Any]:
         """The member's leader decides; the member's other ranks read the same decision from the store."""
         key = f"{self.namespace}/plan/{self.me}/{self.book.ready_count}/{attempt}"
         if self._leader:

@@ -160,19 +160,22 @@ def lockstep_plans(records: dict[int, Published], step: int, seed: int) -> dict[
 def test_every_member_that_sees_the_population_in_step_carries_out_lockstep_plan(seed: int) -> None:
     """Each member decides alone with its own stream (as AsynchronousReadySteps does), in any order: when
     all scored at its step (or stopped before), each carries out its part of the plan lockstep's own
-    decision makes for the whole population. A member that copied at this step still counts with the score
-    it had while it serves the snapshot it scored with."""
+    decision makes for the whole population. A member that copied at this step, or stopped right after it,
+    still counts with the score it had while it serves the snapshot it scored with."""
     step, records = 40, population_at(40, n=8, seed=seed)
     lockstep = lockstep_plans(records, step, seed)
     assert any(plan.event == "exploit" for plan in lockstep.values())
-    for me in (7, 5, 4, 3, 2, 1, 0):  # member 6 has stopped; 7 diverged, and decides too
+    # The best member decides first and ends its run at this step (lockstep still ranks it, a donor, with
+    # this step's score); member 6 has stopped before; member 7 diverged, and decides too.
+    best = max(range(6), key=lambda m: records[m].score)
+    for me in [best, 7, *(m for m in reversed(range(6)) if m != best)]:
         alone = PBTScheduler(SPACE, seed=seed)
         alone.use_member_stream(me)
         decision = decide_alone(alone, me, step, records[me], {m: r for m, r in records.items() if m != me})
         assert decision.in_step and decision.plan == lockstep[me]
         assert decision.compared[7] == Compared(step, None) and decision.compared[6].score is None
-        if lockstep[me].event == "exploit":  # what the others see of it from now on
-            records[me] = dataclasses.replace(records[me], copied=True)
+        copied = lockstep[me].event == "exploit"  # what the others see of it from now on
+        records[me] = dataclasses.replace(records[me], copied=copied, done=me == best)
 
 
 def test_out_of_step_the_member_decides_alone() -> None:

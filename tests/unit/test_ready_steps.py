@@ -197,29 +197,43 @@ class _Member:
         pass
 
 
+def _asynchronous(store, book=None, world_rank=0, member_size=1, **options):
+    """An asynchronous protocol of member 0 on a fake store and snapshot server, without a process group."""
+    from lightning_pbt.ready_steps import AsynchronousReadySteps
+
+    book = book or PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
+    steps = AsynchronousReadySteps(
+        population=SimpleNamespace(store=store, device=torch.device("cpu")),
+        topology=PopulationTopology(world_size=member_size, member_size=member_size, world_rank=world_rank),
+        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
+        member=_Member(), mode="max", monitor="val", seed=0, **options,
+    )  # fmt: skip
+    steps.server = _Server()
+    return steps
+
+
+def _deciding(plan):
+    """A stand-in for the leader's decision: always ``plan``; records the leader's wait it was given."""
+    given = []
+
+    def decide(observation, attempt, leader_wait_s):
+        given.append(leader_wait_s)
+        return {"plan": plan.to_dict(), "view": {}, "compared": {}}
+
+    return decide, given
+
+
 @pytest.mark.parametrize("event", ["keep", "rejuvenate"])
 def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(event):
     """After fresh weights the record's score describes weights thrown away, and the snapshots taken between
     ready steps would serve the new ones under it: the member is left out of the others' rankings
     (``copied``) until it publishes a score again. A member that keeps stays ranked."""
-    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+    from lightning_pbt.ready_steps import Observation
     from lightning_pbt.scheduler import MemberPlan
 
     store = _Store()
-    # It copied a snapshot 30 steps ahead of its own step once: it waits for the others' steps, not for
-    # them to reach its progress (a whole interval later).
-    book = PopulationBook(
-        population={0: {"hyperparameters": {"lr": 0.1}, "progress_offset": 30}}, hyperparameters={"lr": 0.1}
-    )
-    steps = AsynchronousReadySteps(
-        population=SimpleNamespace(store=store, device=torch.device("cpu")),
-        topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
-        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
-        member=_Member(), mode="max", monitor="val", seed=0, snapshot_every=2,
-    )  # fmt: skip
-    steps.server = _Server()
-    plan = MemberPlan(0, event, 0, {"lr": 0.1}, ())
-    steps._shared_decision = lambda observation, attempt, *wait: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps = _asynchronous(store, snapshot_every=2)
+    steps._shared_decision, _ = _deciding(MemberPlan(0, event, 0, {"lr": 0.1}, ()))
     steps._publish(0, 0, None, version=-1, done=False)
     steps.step(Observation(0.5, False, 10, 0))
     for step in (11, 12, 12, 13, 14):  # step 12 twice: gradient accumulation, two batches end at it
@@ -236,7 +250,7 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     import time
 
     from lightning_pbt import ready_steps
-    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+    from lightning_pbt.ready_steps import Observation
     from lightning_pbt.scheduler import MemberPlan
 
     bounds = []
@@ -252,15 +266,8 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     book = PopulationBook(
         population={0: {"hyperparameters": {"lr": 0.1}, "progress_offset": 30}}, hyperparameters={"lr": 0.1}
     )
-    steps = AsynchronousReadySteps(
-        population=SimpleNamespace(store=_Store(), device=torch.device("cpu")),
-        topology=PopulationTopology(world_size=1, member_size=1, world_rank=0),
-        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
-        member=_Member(), mode="max", monitor="val", seed=0, wait_for_peers=0.5,
-    )  # fmt: skip
-    steps.server = _Server()
-    plan = MemberPlan(0, "keep", 0, {"lr": 0.1}, ())
-    steps._shared_decision = lambda observation, attempt, *wait: {"plan": plan.to_dict(), "view": {}, "compared": {}}
+    steps = _asynchronous(_Store(), book, wait_for_peers=0.5)
+    steps._shared_decision, _ = _deciding(MemberPlan(0, "keep", 0, {"lr": 0.1}, ()))
     steps._publish(0, 0, None, version=-1, done=False)
     published = []
     for step, interval in ((10, 0.4), (20, 0.1)):
@@ -280,13 +287,18 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
     """Rank 1 of a member reads its leader's decision from the store: it waits the store's timeout plus
     what the leader may spend waiting for peers (``wait_for_peers`` of an interval can exceed the timeout
     on long intervals), not the store's timeout alone."""
+    import time
     from datetime import timedelta
 
-    from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation
+    from lightning_pbt.ready_steps import Observation
+    from lightning_pbt.scheduler import MemberPlan
 
     class Store(_Store):
         timeout = timedelta(minutes=10)
-        waited: list[timedelta] = []
+
+        def __init__(self):
+            super().__init__()
+            self.waited = []
 
         def wait(self, keys, timeout):
             self.waited.append(timeout)
@@ -295,26 +307,11 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
             return json.dumps({"plan": {}, "view": {}, "compared": {}})
 
     store = Store()
-    book = PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
-    steps = AsynchronousReadySteps(
-        population=SimpleNamespace(store=store, device=torch.device("cpu")),
-        topology=PopulationTopology(world_size=2, member_size=2, world_rank=1),
-        namespace="ns", scheduler=PBTScheduler({"lr": LogUniform(1e-3, 1.0)}, seed=0), book=book,
-        member=_Member(), mode="max", monitor="val", seed=0, wait_for_peers=1.0,
-    )  # fmt: skip
+    steps = _asynchronous(store, world_rank=1, member_size=2, wait_for_peers=1.0)
     steps._shared_decision(Observation(0.5, False, 10, 0), 0, leader_wait_s=1200.0)
     assert store.waited == [timedelta(minutes=30)]
     # At a ready step, that is wait_for_peers times the interval just ended.
-    import time
-
-    from lightning_pbt.scheduler import MemberPlan
-
-    asked = []
-    keep = MemberPlan(0, "keep", 0, {"lr": 0.1}, ()).to_dict()
-    steps._shared_decision = lambda observation, attempt, wait_s: asked.append(wait_s) or {
-        "plan": keep, "view": {}, "compared": {}
-    }
-    steps.server = _Server()
+    steps._shared_decision, asked = _deciding(MemberPlan(0, "keep", 0, {"lr": 0.1}, ()))
     time.sleep(0.2)
     steps.step(Observation(0.5, False, 10, 0))
     assert len(asked) == 1 and 0.2 <= asked[0] < 1.0
