@@ -188,7 +188,7 @@ def paired_wins(pbt: list[float], other: list[float], mode: str) -> dict[str, in
 
 
 def lineage_summary(path: Path, member: int) -> dict[str, Any]:
-    from lightning_pbt.lineage import member_schedule, read_lineage
+    from lightning_pbt.algorithm.lineage import member_schedule, read_lineage
 
     records = read_lineage(path)
     return {"exploits": sum(r.event == "exploit" for r in records),
@@ -268,8 +268,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lightning_pbt.hydra_configs import build_callback, build_strategy
-    from lightning_pbt.strategy import member_id_from_env
+    from lightning_pbt.tools.hydra_configs import build_callback, build_strategy
+    from lightning_pbt.plugin.strategy import member_id_from_env
 
     cfg = worker_config(cfg)
     app_name, arm, seed, out = cfg["app"], cfg["arm"], int(cfg["seed"]), Path(cfg["out"])

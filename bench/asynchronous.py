@@ -180,8 +180,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from bench.breakdown import ReadyStepRecorder
     from bench.quality import digits_split
     from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.strategy import member_id_from_env
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.plugin.strategy import member_id_from_env
 
     cfg = worker_config(cfg)
     out = Path(cfg["out"])

@@ -168,8 +168,8 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 LAUNCHERS = ("fork", "torchrun")
-_PRELOAD = ("torch", "torch.distributed", "pytorch_lightning", "lightning_pbt", "lightning_pbt.callback",
-            "lightning_pbt.strategy", "lightning_pbt.lineage")
+_PRELOAD = ("torch", "torch.distributed", "pytorch_lightning", "lightning_pbt", "lightning_pbt.plugin.callback",
+            "lightning_pbt.plugin.strategy", "lightning_pbt.algorithm.lineage")
 _launcher = os.environ.get("BENCH_LAUNCHER", "fork")
 
 

@@ -4,7 +4,7 @@
 a small difference from noise: two lockstep runs of the schedule task that differ only in the
 scheduler's seed split 20 paired seeds anywhere from 7/13 to 15/5. This benchmark runs only the
 simulated populations (:mod:`bench.simulate`, no Lightning, no process group: the decisions are the
-library's own, ``PBTScheduler.plan`` in lockstep and :func:`lightning_pbt.comparable.decide_alone`
+library's own, ``PBTScheduler.plan`` in lockstep and :func:`lightning_pbt.algorithm.comparable.decide_alone`
 asynchronously), which are cheap enough for ``SEEDS`` paired seeds, and adds the yardstick that the
 targets' "within noise" needs:
 
@@ -23,7 +23,7 @@ targets' "within noise" needs:
   donor's state when it is copied.)
 - ``async_wait``, ``async_wait_snapshots``, ``async_stragglers_wait``: the same with ``wait=WAIT`` (the
   callback's ``wait_for_peers``): at equal speeds members then see the population in step and carry out
-  lockstep's plan (:func:`lightning_pbt.comparable.in_step`), so they tie lockstep seed for seed; with
+  lockstep's plan (:func:`lightning_pbt.algorithm.comparable.in_step`), so they tie lockstep seed for seed; with
   stragglers the fast members wait only until the stragglers have published one interval.
 
 Tasks: Ray's ``pbt_function`` (4 members, 300 iterations; seeds whose best member passed the target,

@@ -155,8 +155,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.strategy import member_id_from_env
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.plugin.strategy import member_id_from_env
 
     cfg = worker_config(cfg)
     spec = cfg["model"]
@@ -301,7 +301,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         "ready_ms": [], "ready_steps": 0, "exploits": 0,
     }
     if pbt is not None and rank == 0:
-        from lightning_pbt.lineage import read_lineage
+        from lightning_pbt.algorithm.lineage import read_lineage
 
         records = [r for r in read_lineage(out / "pbt" / "lineage.jsonl") if r.event != "init"]
         steps_seen = sorted({r.step for r in records})

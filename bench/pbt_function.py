@@ -26,8 +26,8 @@ import numpy as np
 
 from bench.common import spread
 from bench.simulate import run_asynchronous, run_lockstep
-from lightning_pbt.scheduler import PBTScheduler
-from lightning_pbt.space import Uniform
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.space import Uniform
 
 __all__ = ["ARMS", "PbtFunction", "run_pbt_function_benchmark"]
 

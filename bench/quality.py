@@ -131,8 +131,8 @@ def run_toy_async(
 ) -> float:
     """The toy under asynchronous PBT (:func:`bench.simulate.run_asynchronous`); best true Q."""
     from bench.simulate import fast_budget, run_asynchronous
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.space import Uniform
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.algorithm.space import Uniform
 
     def make() -> PBTScheduler:
         return PBTScheduler({"h0": Uniform(0.0, 1.0), "h1": Uniform(0.0, 1.0)}, mode="max", seed=seed)
@@ -286,8 +286,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_pbt import LogUniform, PopulationBasedTraining, PopulationStrategy
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.strategy import member_id_from_env
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.plugin.strategy import member_id_from_env
 
     cfg = worker_config(cfg)
     out = Path(cfg["out"])

@@ -120,8 +120,8 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     from torch import nn
 
     from lightning_pbt import LogUniform, PopulationBasedTraining
-    from lightning_pbt.distributed import PopulationGroup
-    from lightning_pbt.topology import PopulationTopology
+    from lightning_pbt.distributed.collectives import PopulationGroup
+    from lightning_pbt.algorithm.topology import PopulationTopology
 
     population = PopulationGroup.create(dist.PrefixStore(f"size_{size}/", store), rank, size, "gloo",
                                         torch.device("cpu"), timedelta(seconds=300))
@@ -229,7 +229,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from lightning_pbt.distributed import PopulationGroup
+    from lightning_pbt.distributed.collectives import PopulationGroup
 
     cfg = worker_config(cfg)
     torch.set_num_threads(1)

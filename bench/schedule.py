@@ -119,8 +119,8 @@ def run_population(
 ) -> dict[str, Any]:
     """PBT (``explore`` = "perturb" or "pb2") or, with ``explore=None``, random search; the scheduler's
     seed (initial rates, explore) is the task's unless ``scheduler_seed`` is given."""
-    from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
-    from lightning_pbt.space import LogUniform
+    from lightning_pbt.algorithm.scheduler import MemberSnapshot, PBTScheduler
+    from lightning_pbt.algorithm.space import LogUniform
 
     seed = task.seed if scheduler_seed is None else scheduler_seed
     scheduler = PBTScheduler({"lr": LogUniform(LOW, HIGH)}, mode="min", seed=seed, explore=explore or "perturb")
@@ -200,8 +200,8 @@ def run_asynchronous_population(
     ``SLOW_FACTOR``x slower and the others train ``SLOW_FACTOR``x the steps (equal wall time with lockstep,
     which waits for them; fewer when they idle ``wait`` of each interval, see ``fast_budget``)."""
     from bench.simulate import fast_budget, run_asynchronous
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.space import LogUniform
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.algorithm.space import LogUniform
 
     def make() -> PBTScheduler:
         return PBTScheduler({"lr": LogUniform(LOW, HIGH)}, mode="min", seed=task.seed)

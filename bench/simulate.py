@@ -2,7 +2,7 @@
 
 No process group, no Lightning: a task trains one member for some steps, scores it and copies it, and
 the decisions are the library's own (``PBTScheduler.plan`` in lockstep; in asynchronous mode
-:func:`lightning_pbt.comparable.decide_alone`, which ``AsynchronousReadySteps`` runs). This measures
+:func:`lightning_pbt.algorithm.comparable.decide_alone`, which ``AsynchronousReadySteps`` runs). This measures
 search quality, not transport.
 
 Asynchronous mode is event driven: member ``m`` needs ``speed[m]`` time units per step, each interval
@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lightning_pbt.comparable import Published, decide_alone
-from lightning_pbt.exploit import is_finite_score
-from lightning_pbt.ready_steps import peers_caught_up
-from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.comparable import Published, decide_alone
+from lightning_pbt.algorithm.exploit import is_finite_score
+from lightning_pbt.distributed.ready_steps import peers_caught_up
+from lightning_pbt.algorithm.scheduler import MemberSnapshot, PBTScheduler
 
 __all__ = ["JITTER", "SimTask", "fast_budget", "run_asynchronous", "run_lockstep"]
 
@@ -131,7 +131,7 @@ def run_asynchronous(
     hps = [dict(v) for v in start_values]
     states = [task.start(m) for m in range(members)]
     at = [0] * members
-    offset = [0] * members  # progress minus own step (see lightning_pbt.comparable)
+    offset = [0] * members  # progress minus own step (see lightning_pbt.algorithm.comparable)
     histories: list[list[tuple[int, float]]] = [[] for _ in range(members)]
     records = {m: Published(0, None, dict(hps[m]), (), servable=False) for m in range(members)}
     snapshots: dict[int, Any] = {}

@@ -43,9 +43,9 @@ def member_run(mode: str) -> dict[str, Any]:
     import torch.distributed as dist
     from torch import nn
 
-    from lightning_pbt import transfer
-    from lightning_pbt.distributed import PopulationGroup
-    from lightning_pbt.serving import Snapshot, SnapshotServer, request_snapshot
+    from lightning_pbt.distributed import transfer
+    from lightning_pbt.distributed.collectives import PopulationGroup
+    from lightning_pbt.distributed.serving import Snapshot, SnapshotServer, request_snapshot
 
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -125,7 +125,7 @@ def trainer_member(model: Any, optimizer: Any) -> Any:
     """The callback's ``_TrainerMember`` over a stand-in holding what it reads from a Trainer."""
     import torch
 
-    from lightning_pbt.callback import _TrainerMember
+    from lightning_pbt.plugin.callback import _TrainerMember
 
     strategy = SimpleNamespace(root_device=torch.device("cpu"))
     trainer = SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], callbacks=[],
@@ -166,7 +166,7 @@ def profiled_move(member: Any, population: Any, send_to: list[int], receive_from
     whether the loser received in place (``receive_state``'s in-place branch is spelled out here)."""
     import torch
 
-    from lightning_pbt import transfer
+    from lightning_pbt.distributed import transfer
 
     def tick(name: str, since: float) -> float:
         t = time.perf_counter()
@@ -219,10 +219,10 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     import torch.distributed as dist
 
     from lightning_pbt import LogUniform, transfer
-    from lightning_pbt.distributed import PopulationGroup
-    from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
-    from lightning_pbt.scheduler import MemberPlan, PBTScheduler
-    from lightning_pbt.topology import PopulationTopology
+    from lightning_pbt.distributed.collectives import PopulationGroup
+    from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
+    from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
+    from lightning_pbt.algorithm.topology import PopulationTopology
 
     cfg = worker_config(cfg)
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.hydra_configs import build_callback, build_strategy, check_population, register_configs
+from lightning_pbt.tools.hydra_configs import build_callback, build_strategy, check_population, register_configs
 
 register_configs()  # the schema configs (pbt/base_pbt, strategy/base_population) and ${pbt_run_id:}
 
@@ -111,8 +111,8 @@ class DigitsData(pl.LightningDataModule):
 
 def print_outputs(cfg: DictConfig, run_dir: Path) -> float | None:
     """Population rank 0: the population table, where everything is, and the plots; the best score."""
-    from lightning_pbt.lineage import best_member, final_records, read_lineage
-    from lightning_pbt.report import make_report, population_table
+    from lightning_pbt.algorithm.lineage import best_member, final_records, read_lineage
+    from lightning_pbt.tools.report import make_report, population_table
 
     lineage = run_dir / "pbt" / "lineage.jsonl"
     records = read_lineage(lineage)
@@ -139,7 +139,7 @@ def print_outputs(cfg: DictConfig, run_dir: Path) -> float | None:
 
 def replay(cfg: DictConfig, run_dir: Path) -> float | None:
     """Re-train one model, in one process and without the population, with a schedule PBT found."""
-    from lightning_pbt.replay import PBTReplay
+    from lightning_pbt.plugin.replay import PBTReplay
 
     try:
         callback = PBTReplay(cfg.replay, mode=cfg.pbt.mode)

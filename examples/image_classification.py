@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.hydra_configs import build_callback, build_strategy, check_population, register_configs
+from lightning_pbt.tools.hydra_configs import build_callback, build_strategy, check_population, register_configs
 
 register_configs()
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
@@ -142,7 +142,7 @@ def build(cfg: DictConfig) -> tuple[SmallCNN, DigitImages]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="image_classification", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_pbt.report import make_report
+    from lightning_pbt.tools.report import make_report
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:  # every process validates before a Trainer exists: a bad override fails at once, everywhere

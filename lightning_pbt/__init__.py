@@ -1,7 +1,7 @@
 """Population Based Training for PyTorch Lightning: a callback and a DDP strategy, no restarts.
 
 The search-space domains import nothing heavy; the callback and strategy (torch, Lightning) load on
-first use, so ``from lightning_pbt.space import Uniform`` stays cheap.
+first use, so ``from lightning_pbt.algorithm.space import Uniform`` stays cheap.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lightning_pbt.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.space import Choice, Domain, IntUniform, LogUniform, Uniform
 
 __all__ = [
     "Choice",
@@ -26,11 +26,11 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
-    "PopulationBasedTraining": "lightning_pbt.callback",
-    "PBTReplay": "lightning_pbt.replay",
-    "PopulationStrategy": "lightning_pbt.strategy",
-    "member_id_from_env": "lightning_pbt.strategy",
-    "PopulationTopology": "lightning_pbt.topology",
+    "PopulationBasedTraining": "lightning_pbt.plugin.callback",
+    "PBTReplay": "lightning_pbt.plugin.replay",
+    "PopulationStrategy": "lightning_pbt.plugin.strategy",
+    "member_id_from_env": "lightning_pbt.plugin.strategy",
+    "PopulationTopology": "lightning_pbt.algorithm.topology",
 }
 
 

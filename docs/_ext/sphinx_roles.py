@@ -1,8 +1,8 @@
 """Griffe extension for the docs build: Sphinx roles in docstrings become cross-references.
 
-The package's docstrings use Sphinx roles (``:class:`~lightning_pbt.strategy.PopulationStrategy```,
+The package's docstrings use Sphinx roles (``:class:`~lightning_pbt.plugin.strategy.PopulationStrategy```,
 ``:func:`space_from_config```); mkdocstrings renders Markdown, where they would show as raw text. This
-turns each into an autorefs link (``[`PopulationStrategy`][lightning_pbt.strategy.PopulationStrategy]``)
+turns each into an autorefs link (``[`PopulationStrategy`][lightning_pbt.plugin.strategy.PopulationStrategy]``)
 when the target is rendered in the API reference, into inline code when it exists but is not rendered
 (a private module), and logs a warning (which fails ``mkdocs build --strict``) when it names nothing,
 so a renamed function cannot leave a dangling reference in the docs.
@@ -20,11 +20,11 @@ _ROLE = re.compile(r":(?:py:)?(class|func|mod|meth|attr|data|exc|obj):`(~?)([\w.
 _log = logging.getLogger("mkdocs.plugins.griffe_sphinx_roles")
 # Names the package exports lazily (module __getattr__), which static analysis cannot follow.
 _LAZY_TOP_LEVEL = {
-    "PopulationBasedTraining": "lightning_pbt.callback.PopulationBasedTraining",
-    "PopulationStrategy": "lightning_pbt.strategy.PopulationStrategy",
-    "PBTReplay": "lightning_pbt.replay.PBTReplay",
-    "PopulationTopology": "lightning_pbt.topology.PopulationTopology",
-    "member_id_from_env": "lightning_pbt.strategy.member_id_from_env",
+    "PopulationBasedTraining": "lightning_pbt.plugin.callback.PopulationBasedTraining",
+    "PopulationStrategy": "lightning_pbt.plugin.strategy.PopulationStrategy",
+    "PBTReplay": "lightning_pbt.plugin.replay.PBTReplay",
+    "PopulationTopology": "lightning_pbt.algorithm.topology.PopulationTopology",
+    "member_id_from_env": "lightning_pbt.plugin.strategy.member_id_from_env",
 }
 
 

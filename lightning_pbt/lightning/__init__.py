@@ -4,8 +4,8 @@
 the same classes as ``from lightning_pbt import ...``, built on ``lightning.pytorch`` instead of
 ``pytorch_lightning``, so that ``L.Trainer`` accepts them.
 
-How: this package's search path also holds ``lightning_pbt/``, so ``lightning_pbt.lightning.callback``
-is ``lightning_pbt/callback.py`` loaded a second time. The glue modules import Lightning only through
+How: this package's search path also holds ``lightning_pbt/plugin/``, so ``lightning_pbt.lightning.callback``
+is ``lightning_pbt/plugin/callback.py`` loaded a second time. The glue modules import Lightning only through
 ``._lightning`` and each other through relative imports, which here resolve to this package; the pure
 modules (space, exploit, transfer, ...) are imported absolutely and shared by both flavours.
 """
@@ -16,9 +16,9 @@ import importlib
 import os
 from typing import Any
 
-from lightning_pbt.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.space import Choice, Domain, IntUniform, LogUniform, Uniform
 
-__path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+__path__.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin"))
 
 __all__ = [
     "Choice",

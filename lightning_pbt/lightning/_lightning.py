@@ -1,6 +1,6 @@
 """The Lightning package this copy of the Lightning glue is built on: ``lightning.pytorch``.
 
-Mirrors :mod:`lightning_pbt._lightning` name for name (a test compares the two).
+Mirrors :mod:`lightning_pbt.plugin._lightning` name for name (a test compares the two).
 """
 
 import lightning.pytorch as pl

@@ -222,8 +222,8 @@ def test_simulated_copy_takes_the_donors_latest_snapshot(snapshot_every: int | N
     """Without snapshots between ready steps a copy is a ready step's snapshot; with them, the donor's state
     after the last multiple of ``snapshot_every`` steps of its interval, from which the donor goes on."""
     from bench.simulate import run_asynchronous
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.space import Uniform
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.algorithm.space import Uniform
 
     ready, steps = 10, 200
     copied, trained = [], []
@@ -261,8 +261,8 @@ def test_simulated_waits_are_bounded_and_stragglers_keep_their_budget() -> None:
     has published how long its interval takes (two here); after that, it is too slow to wait for. The fast
     member trains the steps that leaves it in the same wall time (``fast_budget``)."""
     from bench.simulate import fast_budget, run_asynchronous
-    from lightning_pbt.scheduler import PBTScheduler
-    from lightning_pbt.space import Uniform
+    from lightning_pbt.algorithm.scheduler import PBTScheduler
+    from lightning_pbt.algorithm.space import Uniform
 
     ready, wait = 10, 0.25
     budgets = [fast_budget(100, 3, ready, wait), 100]

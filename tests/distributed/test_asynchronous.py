@@ -125,7 +125,7 @@ def test_members_run_their_own_steps_and_the_lineage_has_each_ready_step_once(ru
     exploits = [r for r in lineage if r["event"] == "exploit"]
     assert exploits and all(r["member"] == 0 and r["parent"] == 1 for r in exploits)
     assert all(r["donor_step"] in steps[1] for r in exploits)
-    # Each decision records the progress at which it compared each member (lightning_pbt.comparable): never
+    # Each decision records the progress at which it compared each member (lightning_pbt.algorithm.comparable): never
     # beyond the decider's own. Member 1 never copies, so its progress is its step; member 0's is the step
     # of the member-1 snapshot it copied plus what it trained since. A member that copied since its last
     # record is left out; member 1 is never left out of member 0's decisions.

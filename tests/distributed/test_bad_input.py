@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_pbt import Choice, IntUniform, LogUniform, PopulationBasedTraining, PopulationStrategy, Uniform
-from lightning_pbt.strategy import check_supported
+from lightning_pbt.plugin.strategy import check_supported
 from tests.conftest import rank_errors, run_population
 
 SPACE = {"lr": LogUniform(1e-3, 0.1)}

@@ -80,9 +80,9 @@ def test_site_builds_strictly_and_renders_no_raw_sphinx_role(site: Path):
         # Markdown turns the role's backticks into <code>, so look for both forms.
         raw = re.search(r":(class|func|mod|meth|attr|data|exc|obj):(`|<code>)", text)
         assert not raw, f"{page}: a Sphinx role was not converted: {raw and text[raw.start() : raw.start() + 80]}"
-    # The roles became links: ":func:`lightning_pbt.space.space_from_config`" in the callback's docstring.
+    # The roles became links: ":func:`lightning_pbt.algorithm.space.space_from_config`" in the callback's docstring.
     callback = (site / "reference" / "callback" / "index.html").read_text()
-    assert 'href="../space/#lightning_pbt.space.space_from_config"' in callback
+    assert 'href="../space/#lightning_pbt.algorithm.space.space_from_config"' in callback
 
 
 @pytest.mark.parametrize("module", public_modules())
@@ -162,7 +162,7 @@ def digits_commands() -> list[tuple[str, list[str], str | None]]:
 def test_documented_hydra_commands_compose_and_validate():
     from hydra import compose, initialize_config_dir
 
-    from lightning_pbt.hydra_configs import build_callback, build_strategy, check_population, register_configs
+    from lightning_pbt.tools.hydra_configs import build_callback, build_strategy, check_population, register_configs
 
     register_configs()
     commands = digits_commands()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_pbt.apply import apply_hyperparameters, reset_weights
+from lightning_pbt.plugin.apply import apply_hyperparameters, reset_weights
 from tests.conftest import load_lineage, load_ranks, run_population
 
 STEPS, EVERY = 16, 4

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
-from lightning_pbt import apply
-from lightning_pbt.apply import (
+from lightning_pbt.plugin import apply
+from lightning_pbt.plugin.apply import (
     apply_hyperparameters,
     capture_group_ratios,
     describe_layout_mismatch,

@@ -40,7 +40,7 @@ def _imports(tree: ast.Module) -> set[tuple[str, int]]:
             found.update((alias.name, 0) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             found.add((node.module or "", node.level))
-            if node.module in (None, "lightning_pbt"):  # from . import x / from lightning_pbt import transfer
+            if node.module in (None, "lightning_pbt"):  # from . import x / from lightning_pbt.distributed import transfer
                 found.update((f"lightning_pbt.{alias.name}", 0) for alias in node.names)
     return found
 

@@ -1,4 +1,4 @@
-"""The asynchronous decision compares members like with like (:mod:`lightning_pbt.comparable`).
+"""The asynchronous decision compares members like with like (:mod:`lightning_pbt.algorithm.comparable`).
 
 Hand-built populations where ranking the decider's fresh score against the others' latest records
 picks the wrong loser and the wrong donor: a member that has just copied still shows the score of the
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_pbt.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
-from lightning_pbt.explore import Explorer
-from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
-from lightning_pbt.scheduler import MemberPlan, PBTScheduler
-from lightning_pbt.space import LogUniform
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.algorithm.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
+from lightning_pbt.algorithm.explore import Explorer
+from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
+from lightning_pbt.algorithm.space import LogUniform
+from lightning_pbt.algorithm.topology import PopulationTopology
 
 SPACE = {"lr": LogUniform(1e-4, 1.0)}
 

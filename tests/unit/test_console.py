@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_pbt.console import QUIET_LOGGERS, quiet_console
+from lightning_pbt.plugin.console import QUIET_LOGGERS, quiet_console
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ WARNINGS_BY_MODULE = {
     "lightning.pytorch.loops.fit_loop": "from lightning.pytorch",
     "pytorch_lightning.trainer.connectors.data_connector": "from pytorch_lightning",
     "lightning_fabric.utilities.rank_zero": "from lightning_fabric",
-    "lightning_pbt.callback": "from lightning_pbt",
+    "lightning_pbt.plugin.callback": "from lightning_pbt",
     "__main__": "from the user's script",
     "torch.distributed": "from torch",
     "lightningfast": "from another package whose name starts with lightning",

@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from lightning_pbt.explore import Explorer, format_value, resolve_callable
-from lightning_pbt.space import Choice, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.explore import Explorer, format_value, resolve_callable
+from lightning_pbt.algorithm.space import Choice, IntUniform, LogUniform, Uniform
 
 SPACE = {
     "lr": LogUniform(1e-4, 1.0),

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import REPO, child_env
 
 PACKAGE = REPO / "lightning_pbt"
+PLUGIN = PACKAGE / "plugin"
 LIGHTNING_PACKAGES = {"pytorch_lightning", "lightning", "lightning_fabric"}
 
 
@@ -58,16 +59,16 @@ def test_the_two_lightning_shims_export_the_same_names():
         node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "__all__")
         return ast.literal_eval(node.value)
 
-    assert exported(PACKAGE / "_lightning.py") == exported(PACKAGE / "lightning" / "_lightning.py")
+    assert exported(PLUGIN / "_lightning.py") == exported(PACKAGE / "lightning" / "_lightning.py")
 
 
 @pytest.mark.parametrize("name", ["callback", "outputs", "replay", "strategy"])
 def test_glue_reaches_lightning_and_other_glue_only_through_relative_imports(name):
-    """An absolute ``import pytorch_lightning`` (or ``lightning_pbt.strategy``) in the glue would tie the
+    """An absolute ``import pytorch_lightning`` (or ``lightning_pbt.plugin.strategy``) in the glue would tie the
     ``lightning`` flavour to the other package or to the other flavour's classes."""
     from lightning_pbt.lightning import GLUE_MODULES
 
-    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+    tree = ast.parse((PLUGIN / f"{name}.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
@@ -78,5 +79,5 @@ def test_glue_reaches_lightning_and_other_glue_only_through_relative_imports(nam
         for module in modules:
             parts = module.split(".")
             assert parts[0] not in LIGHTNING_PACKAGES, f"{name}.py imports {module}; use `from ._lightning import`"
-            if parts[0] == "lightning_pbt" and len(parts) > 1:
-                assert parts[1] not in GLUE_MODULES, f"{name}.py imports {module}; use a relative import"
+            if parts[:2] == ["lightning_pbt", "plugin"] and len(parts) > 2:
+                assert parts[2] not in GLUE_MODULES, f"{name}.py imports {module}; use a relative import"

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_pbt import PopulationBasedTraining, PopulationStrategy
-from lightning_pbt.hydra_configs import (
+from lightning_pbt.tools.hydra_configs import (
     PopulationBasedTrainingConf,
     build_callback,
     build_strategy,
@@ -22,7 +22,7 @@ from lightning_pbt.hydra_configs import (
     run_id,
     search_space,
 )
-from lightning_pbt.space import Choice, LogUniform, Uniform
+from lightning_pbt.algorithm.space import Choice, LogUniform, Uniform
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

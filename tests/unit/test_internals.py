@@ -1,4 +1,4 @@
-"""The list of private Lightning/torch internals (lightning_pbt/internals.py) is complete, current, and true
+"""The list of private Lightning/torch internals (lightning_pbt/plugin/internals.py) is complete, current, and true
 for the installed Lightning: a release that moved one fails here by name (``make test-versions``)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_pbt.internals import INTERNALS, check
+from lightning_pbt.plugin.internals import INTERNALS, check
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_pbt"
 PRIVATE = re.compile(r"^_[a-z][a-z0-9_]*[a-z0-9]$")  # _name, not __dunder__
@@ -18,7 +18,9 @@ STDLIB = {"_exit"}  # os._exit
 
 def _sources() -> dict[str, ast.AST]:
     return {
-        path.name: ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py")) if path.name != "internals.py"
+        str(path.relative_to(PACKAGE)): ast.parse(path.read_text())
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PACKAGE / "plugin" / "internals.py"
     }
 
 
@@ -64,13 +66,13 @@ def test_every_private_name_used_from_lightning_or_torch_is_listed():
     listed = {token for internal in INTERNALS for token in internal.tokens}
     foreign = {name: files for name, files in _private_uses(trees).items() if name not in _ours(trees) | STDLIB}
     unlisted = {name: sorted(files) for name, files in foreign.items() if name not in listed}
-    assert not unlisted, f"list these in lightning_pbt/internals.py (with the versions checked): {unlisted}"
+    assert not unlisted, f"list these in lightning_pbt/plugin/internals.py (with the versions checked): {unlisted}"
 
 
 def test_every_listed_name_is_still_used():
     uses = _private_uses(_sources())
     stale = [(internal.name, token) for internal in INTERNALS for token in internal.tokens if token not in uses]
-    assert not stale, f"no longer used; remove from lightning_pbt/internals.py: {stale}"
+    assert not stale, f"no longer used; remove from lightning_pbt/plugin/internals.py: {stale}"
 
 
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_pbt.lineage import (
+from lightning_pbt.algorithm.lineage import (
     LineageRecord,
     LineageWriter,
     best_member,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from lightning_pbt._lightning import ModelCheckpoint, OnExceptionCheckpoint
-from lightning_pbt.outputs import agree_on_run_dir, scope_outputs
+from lightning_pbt.plugin._lightning import ModelCheckpoint, OnExceptionCheckpoint
+from lightning_pbt.plugin.outputs import agree_on_run_dir, scope_outputs
 
 
 class _Logger:

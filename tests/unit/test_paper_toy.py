@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
-from lightning_pbt.space import Uniform
+from lightning_pbt.algorithm.scheduler import MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.space import Uniform
 
 STEPS, LR, READY, SEED = 100, 0.05, 4, 0
 

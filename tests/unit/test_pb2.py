@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_pbt.explore import Explorer
-from lightning_pbt.pb2 import PB2, Observation, ObservationLog, continuous_names
-from lightning_pbt.scheduler import MemberSnapshot, PBTScheduler
-from lightning_pbt.space import Choice, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.explore import Explorer
+from lightning_pbt.algorithm.pb2 import PB2, Observation, ObservationLog, continuous_names
+from lightning_pbt.algorithm.scheduler import MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.space import Choice, IntUniform, LogUniform, Uniform
 
 SPACE = {
     "lr": LogUniform(1e-4, 1.0),
@@ -352,7 +352,7 @@ def test_callback_and_hydra_select_pb2() -> None:
     from hydra import compose, initialize_config_dir
 
     from lightning_pbt import PopulationBasedTraining
-    from lightning_pbt.hydra_configs import build_callback, register_configs
+    from lightning_pbt.tools.hydra_configs import build_callback, register_configs
 
     register_configs()
     configs = str(Path(__file__).resolve().parents[2] / "configs")

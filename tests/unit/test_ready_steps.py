@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_pbt.apply import optimizer_layout
-from lightning_pbt.ready_steps import (
+from lightning_pbt.plugin.apply import optimizer_layout
+from lightning_pbt.distributed.ready_steps import (
     PopulationBook,
     SynchronousReadySteps,
     everyone_diverged,
@@ -17,9 +17,9 @@ from lightning_pbt.ready_steps import (
     snapshot_due,
     wait_for_peers,
 )
-from lightning_pbt.scheduler import PBTScheduler
-from lightning_pbt.space import LogUniform
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.space import LogUniform
+from lightning_pbt.algorithm.topology import PopulationTopology
 from tests.unit.test_transport import run_ranks, survives_abort
 
 
@@ -139,7 +139,7 @@ def test_peers_have_caught_up_when_every_other_member_scored_at_this_step_or_sto
 def test_a_record_before_any_ready_step_has_not_scored_at_its_step():
     """A member's first record (start, or a resume at step 120) is no score: the others wait for its first
     ready step. A copy's progress runs ahead of its step; the wait reads the step, the ranking the progress."""
-    from lightning_pbt.ready_steps import public_record
+    from lightning_pbt.distributed.ready_steps import public_record
 
     start = public_record({}, {"lr": 0.1}, step=120, epoch=3, score=None, version=-1, offset=0)
     assert start["ready_step"] is None and start["ready_progress"] is None and not start["ready"]
@@ -199,7 +199,7 @@ class _Member:
 
 def _asynchronous(store, book=None, world_rank=0, member_size=1, **options):
     """An asynchronous protocol of member 0 on a fake store and snapshot server, without a process group."""
-    from lightning_pbt.ready_steps import AsynchronousReadySteps
+    from lightning_pbt.distributed.ready_steps import AsynchronousReadySteps
 
     book = book or PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
     steps = AsynchronousReadySteps(
@@ -228,8 +228,8 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     """After fresh weights the record's score describes weights thrown away, and the snapshots taken between
     ready steps would serve the new ones under it: the member is left out of the others' rankings
     (``copied``) until it publishes a score again. A member that keeps stays ranked."""
-    from lightning_pbt.ready_steps import Observation
-    from lightning_pbt.scheduler import MemberPlan
+    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.algorithm.scheduler import MemberPlan
 
     store = _Store()
     steps = _asynchronous(store, snapshot_every=2)
@@ -249,9 +249,9 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     (or started): it follows the member's own pace and does not grow with the run."""
     import time
 
-    from lightning_pbt import ready_steps
-    from lightning_pbt.ready_steps import Observation
-    from lightning_pbt.scheduler import MemberPlan
+    from lightning_pbt.distributed import ready_steps
+    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.algorithm.scheduler import MemberPlan
 
     bounds = []
     waited_for = []
@@ -290,8 +290,8 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
     import time
     from datetime import timedelta
 
-    from lightning_pbt.ready_steps import Observation
-    from lightning_pbt.scheduler import MemberPlan
+    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.algorithm.scheduler import MemberPlan
 
     class Store(_Store):
         timeout = timedelta(minutes=10)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.lineage import LineageRecord, LineageWriter
-from lightning_pbt.replay import PBTReplay, load_schedule
-from lightning_pbt.report import make_report
+from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter
+from lightning_pbt.plugin.replay import PBTReplay, load_schedule
+from lightning_pbt.tools.report import make_report
 
 SCHEDULE = [(0, {"lr": 0.1, "dropout": 0.0}), (3, {"lr": 0.01, "dropout": 0.3}), (7, {"lr": 0.05, "dropout": 0.3})]
 

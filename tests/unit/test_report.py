@@ -1,4 +1,4 @@
-"""lightning_pbt.report on a constructed lineage: summary, plots, schedule.json, mode inference, CLI."""
+"""lightning_pbt.tools.report on a constructed lineage: summary, plots, schedule.json, mode inference, CLI."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_pbt.lineage import LineageRecord, LineageWriter, member_schedule
-from lightning_pbt.report import find_lineage, infer_mode, main, make_report, population_table, summary_markdown
+from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, member_schedule
+from lightning_pbt.tools.report import find_lineage, infer_mode, main, make_report, population_table, summary_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

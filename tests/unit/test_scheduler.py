@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from lightning_pbt.exploit import BinaryTournament, TruncationSelection, WelchTTest
-from lightning_pbt.explore import Explorer
-from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
-from lightning_pbt.space import Choice, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.exploit import BinaryTournament, TruncationSelection, WelchTTest
+from lightning_pbt.algorithm.explore import Explorer
+from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.space import Choice, IntUniform, LogUniform, Uniform
 
 SPACE = {
     "lr": LogUniform(1e-4, 1.0),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_pbt.space import (
+from lightning_pbt.algorithm.space import (
     Choice,
     Domain,
     IntUniform,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_pbt.topology import PopulationTopology, expand_devices
+from lightning_pbt.algorithm.topology import PopulationTopology, expand_devices
 
 
 @pytest.mark.parametrize(("world", "member_size", "members"), [(4, 1, 4), (4, 2, 2), (8, 4, 2), (6, 3, 2), (1, 1, 1)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_pbt import transfer
-from lightning_pbt.apply import apply_hyperparameters, check_applicable
+from lightning_pbt.distributed import transfer
+from lightning_pbt.plugin.apply import apply_hyperparameters, check_applicable
 
 
 def trained_state() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_pbt import transfer
-from lightning_pbt.callback import _TrainerMember
-from lightning_pbt.distributed import PopulationGroup
+from lightning_pbt.distributed import transfer
+from lightning_pbt.plugin.callback import _TrainerMember
+from lightning_pbt.distributed.collectives import PopulationGroup
 
 # torch's getNcclDataType (torch/csrc/distributed/c10d/NCCLUtils.hpp): every other dtype is a TypeError.
 NCCL_DTYPES = frozenset(

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.callback import _TrainerMember, averaging_state, load_averaging_state, weight_averages
+from lightning_pbt.plugin.callback import _TrainerMember, averaging_state, load_averaging_state, weight_averages
 
 
 class Tiny(pl.LightningModule):

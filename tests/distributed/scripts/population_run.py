@@ -17,7 +17,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.space import LogUniform, Uniform, space_from_config
+from lightning_pbt.algorithm.space import LogUniform, Uniform, space_from_config
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
@@ -305,12 +305,12 @@ if (
 
     trainer.callbacks.append(Boom())
 if cfg.get("serve_fail_member") == MEMBER:  # this member's snapshot server breaks at its first request
-    import lightning_pbt.transfer
+    import lightning_pbt.distributed.transfer
 
     def broken_send(*args, **kwargs):
         raise RuntimeError("injected serving failure")
 
-    lightning_pbt.transfer.send_state = broken_send
+    lightning_pbt.distributed.transfer.send_state = broken_send
 ckpt_path = "last" if cfg.get("resume") else None
 try:
     trainer.fit(model, train, val, ckpt_path=ckpt_path)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lightning_pbt.distributed import PopulationGroup
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.algorithm.topology import PopulationTopology
 
 __all__ = [
     "FIT_CKPT_INDEX",

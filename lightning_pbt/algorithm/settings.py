@@ -1,7 +1,7 @@
 """The callback's arguments, defined once: names, defaults, checks and what each means.
 
 :class:`PBTSettings` is the one definition. :class:`~lightning_pbt.PopulationBasedTraining` validates its
-arguments by building one, and :mod:`lightning_pbt.hydra_configs` derives its structured config
+arguments by building one, and :mod:`lightning_pbt.tools.hydra_configs` derives its structured config
 ``PopulationBasedTrainingConf`` from its fields, so the two cannot drift. A new
 argument is a field here (with its Hydra type in ``metadata`` when the Python type is not one OmegaConf
 accepts), its line in the callback's signature (a unit test compares them) and its behaviour.
@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_pbt.exploit import ExploitRule, check_mode, check_quantile_fraction, make_exploit_rule
-from lightning_pbt.explore import Explorer
-from lightning_pbt.scheduler import PBTScheduler, check_burn_in, check_explore_method
-from lightning_pbt.space import Domain, space_from_config
+from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, check_quantile_fraction, make_exploit_rule
+from lightning_pbt.algorithm.explore import Explorer
+from lightning_pbt.algorithm.scheduler import PBTScheduler, check_burn_in, check_explore_method
+from lightning_pbt.algorithm.space import Domain, space_from_config
 
 __all__ = ["REQUIRED", "PBTSettings"]
 
@@ -44,7 +44,7 @@ class PBTSettings:
 
     Attributes:
         hyperparameters: the search space, ``{name: Domain}`` or its config forms (``{type: loguniform,
-            low: .., high: ..}``, see [`space_from_config`][lightning_pbt.space.space_from_config]).
+            low: .., high: ..}``, see [`space_from_config`][lightning_pbt.algorithm.space.space_from_config]).
         monitor: the logged metric that scores a member (required).
         mode: ``"max"`` or ``"min"``.
         every_n_train_steps: the ready interval in optimizer steps.
@@ -180,7 +180,7 @@ class PBTSettings:
         """The PBT decision these settings describe (its explorer checks the explore arguments).
 
         Returns:
-            A :class:`~lightning_pbt.scheduler.PBTScheduler` over ``space``.
+            A :class:`~lightning_pbt.algorithm.scheduler.PBTScheduler` over ``space``.
         """
         explorer = Explorer(self.space, self.perturbation_factors, self.resample_probability, self.custom_explore)
         return PBTScheduler(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ._lightning import ModelCheckpoint, OnExceptionCheckpoint
 
 if TYPE_CHECKING:
-    from lightning_pbt.distributed import PopulationGroup
+    from lightning_pbt.distributed.collectives import PopulationGroup
 
 __all__ = ["agree_on_run_dir", "member_dir", "rebase_outputs", "scope_outputs"]
 

@@ -1,11 +1,11 @@
 """Re-train with a schedule PBT found: ``PBTReplay``, a callback for an ordinary single-process run.
 
 PBT's result is a hyperparameter *schedule*: the values the best member's final weights were trained
-with, and the global steps at which they changed (:func:`lightning_pbt.lineage.member_schedule`).
+with, and the global steps at which they changed (:func:`lightning_pbt.algorithm.lineage.member_schedule`).
 ``PBTReplay`` applies that schedule to a plain run (no :class:`~lightning_pbt.PopulationStrategy`, one
 process or ordinary DDP), the way Ray Tune's ``PopulationBasedTrainingReplay`` does::
 
-    from lightning_pbt.replay import PBTReplay
+    from lightning_pbt.plugin.replay import PBTReplay
 
     trainer = pl.Trainer(max_epochs=12, callbacks=[PBTReplay("outputs/.../pbt/schedule.json")])
     trainer.fit(model, datamodule)
@@ -21,7 +21,7 @@ An entry recorded at step ``s`` was decided after ``s`` optimizer steps, so it i
 ``s + 1``-th optimizer step on: the callback applies it at the start of the first training batch with
 ``trainer.global_step >= s`` (and at the start of training, for entries at or before the current step, so
 a resumed run picks up where it was). Values go where PBT put them
-(:func:`lightning_pbt.apply.apply_hyperparameters`): optimizer param groups (``lr`` keeps an LR
+(:func:`lightning_pbt.plugin.apply.apply_hyperparameters`): optimizer param groups (``lr`` keeps an LR
 scheduler's shape around the new base), otherwise ``module.hparams`` and the module's
 ``on_pbt_hyperparameters`` hook. Only hyperparameters are replayed, not the weights PBT copied.
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from lightning_pbt.apply import GroupRatios, apply_hyperparameters, capture_group_ratios, check_applicable
+from lightning_pbt.plugin.apply import GroupRatios, apply_hyperparameters, capture_group_ratios, check_applicable
 
 from ._lightning import Callback, pl
 
@@ -104,8 +104,8 @@ def load_schedule(source: Any, member: int | None = None, mode: str | None = Non
         except json.JSONDecodeError as err:
             raise ValueError(f"PBTReplay: {path} is not valid JSON: {err}") from None
         return _entries(data, str(path))
-    from lightning_pbt.lineage import best_member, member_schedule, read_lineage
-    from lightning_pbt.report import find_lineage, infer_mode
+    from lightning_pbt.algorithm.lineage import best_member, member_schedule, read_lineage
+    from lightning_pbt.tools.report import find_lineage, infer_mode
 
     lineage = find_lineage(path)
     records = read_lineage(lineage)
@@ -127,7 +127,7 @@ class PBTReplay(Callback):
             ``(step, hyperparameters)``.
         member: with a lineage: whose schedule (default: the best member).
         mode: with a lineage and no ``member``: ``"max"`` or ``"min"`` (default: inferred, see
-            :func:`lightning_pbt.report.infer_mode`).
+            :func:`lightning_pbt.tools.report.infer_mode`).
         log: log the numeric values in effect as ``replay/<name>`` to the Trainer's loggers.
 
     Raises:

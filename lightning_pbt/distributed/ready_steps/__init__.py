@@ -8,9 +8,9 @@ Two implementations of one small interface (:class:`ReadySteps`: ``start``, ``st
   broadcast, donors send to losers. Every rank runs the same collectives whatever the outcome.
 - :class:`AsynchronousReadySteps`: no member waits for another (but for a bounded ``wait_for_peers``). At
   its own ready step a member snapshots its state into host memory (served in the background, see
-  :mod:`lightning_pbt.serving`), publishes its score in the launch's store, decides for itself from the
+  :mod:`lightning_pbt.distributed.serving`), publishes its score in the launch's store, decides for itself from the
   latest published state of the population (lockstep's plan when it sees the population in step, see
-  :mod:`lightning_pbt.comparable`), and, to copy, fetches the donor's latest snapshot while the donor
+  :mod:`lightning_pbt.algorithm.comparable`), and, to copy, fetches the donor's latest snapshot while the donor
   trains on.
 
 Neither knows Lightning: the callback hands in a :class:`LocalMember` (the trainer's state, how to load
@@ -33,20 +33,20 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from lightning_pbt import transfer
-from lightning_pbt.apply import describe_layout_mismatch
-from lightning_pbt.comparable import Published, decide_alone
-from lightning_pbt.distributed import PopulationGroup
-from lightning_pbt.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
-from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
-from lightning_pbt.serving import (
+from lightning_pbt.distributed import transfer
+from lightning_pbt.plugin.apply import describe_layout_mismatch
+from lightning_pbt.algorithm.comparable import Published, decide_alone
+from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
+from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.distributed.serving import (
     LineageDrain,
     SnapshotServer,
     push_lineage,
     request_snapshot,
     wait_until_written,
 )
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.algorithm.topology import PopulationTopology
 
 __all__ = [
     "AsynchronousReadySteps",
@@ -211,7 +211,7 @@ class ReadySteps(ABC):
     ) -> None:
         """Check what every rank must agree on and open the lineage (population rank 0).
 
-        ``layout`` (:func:`lightning_pbt.apply.optimizer_layout`) describes this rank's optimizers and
+        ``layout`` (:func:`lightning_pbt.plugin.apply.optimizer_layout`) describes this rank's optimizers and
         ``averages`` names its weight-averaging callbacks (their ``state_key``s): members that differ
         could not copy each other's state, so every rank stops with the same message before training.
         Problems with the lineage file (corrupt, another run's) are broadcast from rank 0 so that every
@@ -598,7 +598,7 @@ class AsynchronousReadySteps(ReadySteps):
                 self.member.load_training_state(
                     transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
                 )
-                # The copy's history and progress are the donor's snapshot's (see lightning_pbt.comparable).
+                # The copy's history and progress are the donor's snapshot's (see lightning_pbt.algorithm.comparable).
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
                 own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["snapshot_step"])
@@ -710,7 +710,7 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _decide(self, observation: Observation) -> dict[str, Any]:
-        """This member's plan from the population's published records (see :mod:`lightning_pbt.comparable`)."""
+        """This member's plan from the population's published records (see :mod:`lightning_pbt.algorithm.comparable`)."""
         records = self._records()
         status = self.book.population[self.me]
         own = Published(
@@ -833,7 +833,7 @@ def public_record(
 
 def _decision_extra(message: Mapping[str, Any], waited: float | None) -> dict[str, Any]:
     """The lineage's ``extra`` of an asynchronous decision: which score of each member it compared, whether
-    it was lockstep's plan (:func:`lightning_pbt.comparable.in_step`), and how long it waited for peers."""
+    it was lockstep's plan (:func:`lightning_pbt.algorithm.comparable.in_step`), and how long it waited for peers."""
     extra = {"done": False, "compared": message["compared"], "in_step": bool(message.get("in_step"))}
     return extra if waited is None else {**extra, "waited_s": waited}
 
@@ -854,7 +854,7 @@ def everyone_diverged(records: Mapping[int, Mapping[str, Any]]) -> bool:
 
 
 def published(record: Mapping[str, Any]) -> Published:
-    """What another member's record tells a decision (:mod:`lightning_pbt.comparable`)."""
+    """What another member's record tells a decision (:mod:`lightning_pbt.algorithm.comparable`)."""
     return Published(
         step=record["step"],
         score=record["score"],
@@ -929,7 +929,7 @@ def snapshot_due(step: int, last_ready_step: int, every: int | None) -> bool:
 
 
 def _history_steps(status: Mapping[str, Any], step: int) -> list[int]:
-    """The progress of each score of ``status["history"]`` (see :mod:`lightning_pbt.comparable`); a
+    """The progress of each score of ``status["history"]`` (see :mod:`lightning_pbt.algorithm.comparable`); a
     history saved without it (an older checkpoint) gets ``step`` for every score."""
     history, steps = list(status.get("history", [])), status.get("history_steps")
     if steps is None or len(steps) != len(history):

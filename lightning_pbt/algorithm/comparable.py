@@ -44,8 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_pbt.exploit import is_finite_score
-from lightning_pbt.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.exploit import is_finite_score
+from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 
 __all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "in_step", "score_at"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_pbt.exploit import is_finite_score, rank_members
+from lightning_pbt.algorithm.exploit import is_finite_score, rank_members
 
 __all__ = [
     "LineageRecord",
@@ -342,7 +342,7 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
         member: whose final weights to follow.
 
     Returns:
-        ``[(step, {name: value}), ...]``, sorted by step; what :class:`~lightning_pbt.replay.PBTReplay`
+        ``[(step, {name: value}), ...]``, sorted by step; what :class:`~lightning_pbt.plugin.replay.PBTReplay`
         applies.
 
     Raises:

@@ -37,7 +37,7 @@ everywhere instead of hanging in a collective)::
         check_population(cfg.trainer, strategy.member_size)
 
 Search-space forms (YAML or command line), per hyperparameter: ``{type: uniform|loguniform|int|choice,
-low: .., high: ..}`` or ``{type: choice, values: [..]}`` (see :mod:`lightning_pbt.space`). A key set to
+low: .., high: ..}`` or ``{type: choice, values: [..]}`` (see :mod:`lightning_pbt.algorithm.space`). A key set to
 ``null`` counts as absent. Nothing heavy (torch, Lightning) is imported until a ``build_*`` function runs.
 """
 
@@ -54,7 +54,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from lightning_pbt.settings import PBTSettings
+from lightning_pbt.algorithm.settings import PBTSettings
 
 __all__ = [
     "HYPERPARAMETERS_KEY",
@@ -130,17 +130,17 @@ def _attribute_lines() -> str:
 PopulationBasedTrainingConf = _schema_from_settings(
     "PopulationBasedTrainingConf",
     "lightning_pbt.PopulationBasedTraining",
-    """[`PopulationBasedTraining`][lightning_pbt.callback.PopulationBasedTraining]'s arguments, as a Hydra
+    """[`PopulationBasedTraining`][lightning_pbt.plugin.callback.PopulationBasedTraining]'s arguments, as a Hydra
 schema (``pbt/base_pbt``).
 
-Derived from [`PBTSettings`][lightning_pbt.settings.PBTSettings]: each field is the callback's argument of the
+Derived from [`PBTSettings`][lightning_pbt.algorithm.settings.PBTSettings]: each field is the callback's argument of the
 same name, with the same default. The differences are of form only: ``hyperparameters`` holds config
-forms (``{type: loguniform, low: .., high: ..}``, see [`space`][lightning_pbt.space]), ``exploit`` is a rule
+forms (``{type: loguniform, low: .., high: ..}``, see [`space`][lightning_pbt.algorithm.space]), ``exploit`` is a rule
 name and ``custom_explore`` an import path.""",
     __name__,
 )
 """The callback's arguments as a Hydra schema (``pbt/base_pbt``), derived from
-[`PBTSettings`][lightning_pbt.settings.PBTSettings]: the same names and defaults, in Hydra's types."""
+[`PBTSettings`][lightning_pbt.algorithm.settings.PBTSettings]: the same names and defaults, in Hydra's types."""
 
 
 @dataclass
@@ -291,7 +291,7 @@ def search_space(cfg: Any, prefix: str = HYPERPARAMETERS_KEY + ".") -> dict[str,
         >>> search_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
         {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
     """
-    from lightning_pbt.space import space_from_config
+    from lightning_pbt.algorithm.space import space_from_config
 
     try:
         plain = _plain(cfg)
@@ -338,7 +338,7 @@ def build_callback(cfg: Any, prefix: str = "pbt") -> Any:
     """
     from hydra.utils import instantiate
 
-    from lightning_pbt.space import space_to_config
+    from lightning_pbt.algorithm.space import space_to_config
 
     space = search_space(cfg.get("hyperparameters") if cfg is not None else None, prefix=f"{prefix}.hyperparameters.")
     _check_required(cfg, prefix)

@@ -12,8 +12,8 @@ to the lineage file (``RUN_DIR/pbt/`` by default):
 - ``scores.png``: each member's score at every ready step (x: an exploit);
 - ``lineage_tree.png``: who copied whom and when; a member's colour is the member its weights
   originally came from, the best member's ancestry is drawn in black;
-- ``schedule.json``: the best member's schedule (``lightning_pbt.lineage.member_schedule``), ready for
-  :class:`lightning_pbt.replay.PBTReplay`;
+- ``schedule.json``: the best member's schedule (``lightning_pbt.algorithm.lineage.member_schedule``), ready for
+  :class:`lightning_pbt.plugin.replay.PBTReplay`;
 - ``summary.md``: the printed summary.
 
 The lineage does not say whether the score is maximised: ``--mode`` wins, then ``pbt.mode`` in the
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_pbt.lineage import LineageRecord, best_member, final_records, member_schedule, read_lineage
+from lightning_pbt.algorithm.lineage import LineageRecord, best_member, final_records, member_schedule, read_lineage
 
 __all__ = [
     "Report",
@@ -181,7 +181,7 @@ def population_table(records: Sequence[LineageRecord], mode: str = "max") -> str
     final = final_records(records)
     copied, donated = _exploit_counts(records)
     names = _names(final.values())
-    from lightning_pbt.exploit import rank_members
+    from lightning_pbt.algorithm.exploit import rank_members
 
     order = rank_members(list(final), {m: r.score for m, r in final.items()}, mode)
     rows = [
@@ -296,8 +296,8 @@ def export_schedule(
 
     Args:
         records: the run's lineage.
-        member: whose schedule (see :func:`lightning_pbt.lineage.member_schedule`).
-        path: the JSON file to write (folders are created); :class:`~lightning_pbt.replay.PBTReplay`
+        member: whose schedule (see :func:`lightning_pbt.algorithm.lineage.member_schedule`).
+        path: the JSON file to write (folders are created); :class:`~lightning_pbt.plugin.replay.PBTReplay`
             reads it back.
         mode: recorded in the file.
         lineage: the lineage file, recorded in the file.
@@ -426,7 +426,7 @@ def plot_scores(records: Sequence[LineageRecord], path: str | os.PathLike[str], 
 def _ancestry(by_member: Mapping[int, list[LineageRecord]], member: int, last: int) -> list[tuple[int, int, int]]:
     """``[(member, from_step, to_step)]``: whose weights ``member``'s final model was in, when.
 
-    The same walk as :func:`lightning_pbt.lineage.member_schedule`: an exploit at step s from p means
+    The same walk as :func:`lightning_pbt.algorithm.lineage.member_schedule`: an exploit at step s from p means
     the weights were p's before s (before the donor step in an asynchronous run); steps are each
     member's own.
     """

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_pbt.space import Domain, validate_hyperparameters
+from lightning_pbt.algorithm.space import Domain, validate_hyperparameters
 
 __all__ = ["Explorer", "format_value", "resolve_callable"]
 
@@ -105,7 +105,7 @@ class Explorer:
 
     Examples:
         >>> import numpy as np
-        >>> from lightning_pbt.space import LogUniform
+        >>> from lightning_pbt.algorithm.space import LogUniform
         >>> explorer = Explorer({"lr": LogUniform(1e-4, 1e-1)}, perturbation_factors=(0.5,), resample_probability=0)
         >>> explorer.explore({"lr": 0.01}, np.random.default_rng(0))
         ({'lr': 0.005}, ['lr: 0.01 -> 0.005 (x0.5)'])

@@ -1,7 +1,7 @@
 """``PopulationBasedTraining``: the Lightning callback that runs PBT across the members of a
-:class:`~lightning_pbt.strategy.PopulationStrategy`.
+:class:`~lightning_pbt.plugin.strategy.PopulationStrategy`.
 
-Lightning glue only: hooks -> checks -> the ready-step protocol (:mod:`lightning_pbt.ready_steps`,
+Lightning glue only: hooks -> checks -> the ready-step protocol (:mod:`lightning_pbt.distributed.ready_steps`,
 synchronous or asynchronous) -> report. The protocol decides and moves state; this module knows where
 the trainer keeps that state and how to put hyperparameters into it.
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_pbt import transfer
-from lightning_pbt.apply import (
+from lightning_pbt.distributed import transfer
+from lightning_pbt.plugin.apply import (
     GroupRatios,
     apply_hyperparameters,
     capture_group_ratios,
@@ -32,10 +32,10 @@ from lightning_pbt.apply import (
     optimizer_layout,
     reset_weights,
 )
-from lightning_pbt.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
-from lightning_pbt.scheduler import PBTScheduler
-from lightning_pbt.settings import PBTSettings
-from lightning_pbt.space import Domain
+from lightning_pbt.distributed.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.settings import PBTSettings
+from lightning_pbt.algorithm.space import Domain
 
 from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
 from .strategy import PopulationStrategy
@@ -50,8 +50,8 @@ class PopulationBasedTraining(Callback):
 
     Args:
         hyperparameters: the search space, ``{name: Domain}`` (or the config forms of
-            :func:`lightning_pbt.space.space_from_config`). Names that are optimizer param-group keys
-            go to the optimizers; others must be in ``module.hparams`` (see :mod:`lightning_pbt.apply`).
+            :func:`lightning_pbt.algorithm.space.space_from_config`). Names that are optimizer param-group keys
+            go to the optimizers; others must be in ``module.hparams`` (see :mod:`lightning_pbt.plugin.apply`).
         monitor: the logged metric that scores a member (identical on a member's ranks: log it with
             ``sync_dist=True``).
         mode: ``"max"`` or ``"min"``.
@@ -78,7 +78,7 @@ class PopulationBasedTraining(Callback):
             replacing the default explore.
         explore: ``"perturb"`` (perturbation factors / resampling) or ``"pb2"``: a time-varying GP bandit
             fitted on the population's history proposes the continuous values (Parker-Holder et al. 2020;
-            see :mod:`lightning_pbt.pb2`); choices, and everything until it has enough data, are perturbed.
+            see :mod:`lightning_pbt.algorithm.pb2`); choices, and everything until it has enough data, are perturbed.
         start_hyperparameters: values every member starts with (others are sampled per member).
         rejuvenate_patience: re-initialise a member's weights after this many ready steps without
             improvement (``None``: never). Its hyperparameters, step count and LR schedulers stay as
@@ -102,7 +102,7 @@ class PopulationBasedTraining(Callback):
     Examples:
         ```python
         from lightning_pbt import PopulationBasedTraining, PopulationStrategy
-        from lightning_pbt.space import LogUniform
+        from lightning_pbt.algorithm.space import LogUniform
 
         pbt = PopulationBasedTraining(
             hyperparameters={"lr": LogUniform(1e-4, 1e-1), "weight_decay": LogUniform(1e-6, 1e-2)},

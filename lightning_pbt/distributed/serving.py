@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_pbt import transfer
-from lightning_pbt.lineage import LineageRecord, LineageWriter
+from lightning_pbt.distributed import transfer
+from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter
 
 __all__ = [
     "LineageDrain",
@@ -52,7 +52,7 @@ class Snapshot:
 
     Attributes:
         version: the member's ready-step count when it was taken (requests name it).
-        packed: the state, flattened and packed in host memory (:func:`~lightning_pbt.transfer.pack_state`).
+        packed: the state, flattened and packed in host memory (:func:`~lightning_pbt.distributed.transfer.pack_state`).
     """
 
     version: int

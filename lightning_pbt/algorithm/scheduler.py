@@ -6,7 +6,7 @@ and carries out the returned :class:`MemberPlan` s. A population's plan at a rea
 step's own random stream (:meth:`PBTScheduler.population_stream`), so that an asynchronous member that
 sees the whole population at its step draws what lockstep draws; an asynchronous member deciding alone
 draws from a running stream of its own. The state is that running stream (which of the two a member
-uses) and, with ``explore="pb2"``, PB2's observation window (:mod:`lightning_pbt.pb2`), saved by
+uses) and, with ``explore="pb2"``, PB2's observation window (:mod:`lightning_pbt.algorithm.pb2`), saved by
 :meth:`PBTScheduler.state_dict` so that a resumed run plans as the uninterrupted one would.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from lightning_pbt.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
-from lightning_pbt.explore import Explorer
-from lightning_pbt.pb2 import PB2
-from lightning_pbt.space import Domain, space_from_config
+from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
+from lightning_pbt.algorithm.explore import Explorer
+from lightning_pbt.algorithm.pb2 import PB2
+from lightning_pbt.algorithm.space import Domain, space_from_config
 
 __all__ = [
     "EXPLORE_METHODS",
@@ -85,7 +85,7 @@ class MemberSnapshot:
     ``can_exploit`` (in synchronous mode only stopped members may not be replaced, while an asynchronous
     member deciding alone marks every other member ``can_exploit=False`` although they train on).
     ``ranked_score``: what the exploit rule ranks, when it differs from ``score`` (asynchronous mode ranks
-    members at comparable progress, see :mod:`lightning_pbt.comparable`); ``None`` means ``score``. PB2
+    members at comparable progress, see :mod:`lightning_pbt.algorithm.comparable`); ``None`` means ``score``. PB2
     always learns from ``score`` at ``step``.
 
     Attributes:
@@ -167,17 +167,17 @@ class PBTScheduler:
     ``quantile_fraction`` configures truncation selection when ``exploit`` is a rule *name*; it is
     ignored by the other rules and when ``exploit`` is an already built :class:`ExploitRule`.
     ``rejuvenate_patience`` (see :meth:`should_rejuvenate`) re-initialises stagnant members' weights.
-    ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"`` (:class:`~lightning_pbt.pb2.PB2`
+    ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"`` (:class:`~lightning_pbt.algorithm.pb2.PB2`
     proposes the continuous values, the ``explorer`` the choices and everything until PB2 has enough data).
 
     Pure: it knows nothing of torch or Lightning; the callback runs it on population rank 0 (synchronous
     mode) and broadcasts its plans and state. The schedule benchmark drives it directly.
 
     Args:
-        space: ``{name: Domain}`` or config forms (see :func:`lightning_pbt.space.space_from_config`).
+        space: ``{name: Domain}`` or config forms (see :func:`lightning_pbt.algorithm.space.space_from_config`).
         mode: ``"max"`` or ``"min"``.
         exploit: a rule name (``"truncation"``, ``"tournament"``, ``"ttest"``) or an
-            :class:`~lightning_pbt.exploit.ExploitRule`.
+            :class:`~lightning_pbt.algorithm.exploit.ExploitRule`.
         explorer: the perturb/resample policy (default: ``Explorer(space)``); its space must be this one.
         burn_in: every member keeps before this step.
         rejuvenate_patience: ready steps without improvement before fresh weights (``None``: never).
@@ -190,7 +190,7 @@ class PBTScheduler:
             over another space.
 
     Examples:
-        >>> from lightning_pbt.space import LogUniform
+        >>> from lightning_pbt.algorithm.space import LogUniform
         >>> scheduler = PBTScheduler({"lr": LogUniform(1e-4, 1e-1)}, mode="max", seed=0)
         >>> values = {m: scheduler.initial_hyperparameters(m) for m in range(4)}
         >>> plans = scheduler.plan(100, [MemberSnapshot(m, s, values[m]) for m, s in enumerate([0.9, 0.2, 0.8, 0.7])])

@@ -46,9 +46,9 @@ import numpy as np
 from scipy import linalg, optimize
 from scipy.spatial.distance import cdist
 
-from lightning_pbt.exploit import check_mode, is_finite_score
-from lightning_pbt.explore import Explorer, format_value
-from lightning_pbt.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from lightning_pbt.algorithm.exploit import check_mode, is_finite_score
+from lightning_pbt.algorithm.explore import Explorer, format_value
+from lightning_pbt.algorithm.space import Choice, Domain, IntUniform, LogUniform, Uniform
 
 __all__ = ["DEFAULT_MAX_OBSERVATIONS", "PB2", "Observation", "ObservationLog", "TimeVaryingGP", "continuous_names"]
 
@@ -67,7 +67,7 @@ def continuous_names(space: Mapping[str, Domain]) -> list[str]:
         space: ``{name: Domain}``.
 
     Examples:
-        >>> from lightning_pbt.space import Choice, IntUniform, LogUniform
+        >>> from lightning_pbt.algorithm.space import Choice, IntUniform, LogUniform
         >>> continuous_names({"lr": LogUniform(1e-4, 0.1), "act": Choice(["relu", "gelu"]), "layers": IntUniform(1, 4)})
         ['layers', 'lr']
     """

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ def _source_has(function: Any, text: str) -> bool:
 
 
 def _probe_fit_impl_ckpt_index(package: str) -> bool:
-    from lightning_pbt.resume import FIT_CKPT_INDEX, FIT_WEIGHTS_ONLY_INDEX
+    from lightning_pbt.distributed.resume import FIT_CKPT_INDEX, FIT_WEIGHTS_ONLY_INDEX
 
     parameters = _parameters(_module(package, "").Trainer._fit_impl)
     return (
@@ -275,9 +275,21 @@ def check(package: str = "pytorch_lightning") -> list[str]:
     return problems
 
 
-if __name__ == "__main__":
-    packages = sys.argv[1:] or ["pytorch_lightning"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lightning_pbt.internals [PACKAGE ...]``: 0 when every internal is found, else 1.
+
+    Args:
+        argv: the Lightning packages to check (default: ``sys.argv[1:]``, else ``pytorch_lightning``).
+    """
+    packages = list(sys.argv[1:] if argv is None else argv) or ["pytorch_lightning"]
+    if packages[0] in ("-h", "--help"):
+        print("usage: python -m lightning_pbt.internals [pytorch_lightning] [lightning.pytorch]")
+        return 0
     found = [problem for package in packages for problem in check(package)]
     checked = sum(internal.probe is not None for internal in INTERNALS)
     print("\n".join(found) if found else f"all {checked} Lightning internals found in {', '.join(packages)}")
-    sys.exit(1 if found else 0)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

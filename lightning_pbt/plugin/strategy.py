@@ -14,7 +14,7 @@ What a user sees:
   size, and whether this is the member's rank 0. ``local_rank`` and ``node_rank`` keep their launch
   meaning (the device index on the node, the node index).
 - ``strategy.world_rank``, ``member_id``, ``num_members``, ``member_size``, ``member_group`` and
-  ``population`` (a :class:`~lightning_pbt.distributed.PopulationGroup`) give the real identity.
+  ``population`` (a :class:`~lightning_pbt.distributed.collectives.PopulationGroup`) give the real identity.
 - Each member is seeded with ``base_seed + member_id`` (``base_seed`` is ``PL_GLOBAL_SEED`` from
   ``seed_everything``, else 0) before ``configure_model`` runs, and its sampler shuffles with the same
   seed, so members differ in data order and in any weights built in ``configure_model``. Models built
@@ -42,17 +42,17 @@ import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
-from lightning_pbt.console import quiet_console
-from lightning_pbt.distributed import ESTABLISHED as _ESTABLISHED
-from lightning_pbt.distributed import (
+from lightning_pbt.plugin.console import quiet_console
+from lightning_pbt.distributed.collectives import ESTABLISHED as _ESTABLISHED
+from lightning_pbt.distributed.collectives import (
     PopulationGroup,
     PopulationWatchdog,
     open_store_client,
     start_watchdog,
     stop_watchdog,
 )
-from lightning_pbt.resume import agree_on_resume, fit_checkpoint
-from lightning_pbt.topology import PopulationTopology, expand_devices
+from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
+from lightning_pbt.algorithm.topology import PopulationTopology, expand_devices
 
 from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
 from .outputs import agree_on_run_dir, scope_outputs
@@ -237,7 +237,7 @@ class PopulationStrategy(DDPStrategy):
             that is not positive. Layouts that cannot work (a world size that is not a multiple of
             ``member_size``, two ranks of one member on one GPU, an unsupported accelerator or precision)
             are refused at setup, on every rank, before any process group exists
-            (:class:`~lightning_pbt.topology.PopulationTopology`, :func:`check_supported`).
+            (:class:`~lightning_pbt.algorithm.topology.PopulationTopology`, :func:`check_supported`).
 
     Examples:
         ```python
@@ -449,7 +449,7 @@ class PopulationStrategy(DDPStrategy):
 
     def _agree_on_resume(self) -> None:
         """Resume from checkpoints of the same ready step as the ranks this one must be in step with
-        (:func:`~lightning_pbt.resume.agree_on_resume`); once per strategy."""
+        (:func:`~lightning_pbt.distributed.resume.agree_on_resume`); once per strategy."""
         assert self.population is not None and self.topology is not None
         if self._resume_agreed:
             return

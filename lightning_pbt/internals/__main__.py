@@ -1,0 +1,5 @@
+import sys
+
+from lightning_pbt.plugin.internals import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from lightning_pbt.tools.report import main
+
+sys.exit(main())
