@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, spread, worker_config
+from bench.markdown import spread_cell, table
 
 NAME = "applications"
 EXAMPLES = REPO / "examples"
@@ -204,8 +205,6 @@ METRICS = {"test_acc": ("test accuracy", 3), "test_perplexity": ("test perplexit
 
 def render_section(r: dict[str, Any]) -> list[str]:
     """Section 7 of RESULTS.md (and the README's Applications table)."""
-    from bench.report import _spread, _table
-
     cfg = r["config"]
     out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
            f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {cfg['members']} members x 1 rank per arm, "
@@ -228,10 +227,10 @@ def render_section(r: dict[str, Any]) -> list[str]:
         rows = []
         for arm, s in a["summary"].items():
             w = a["pbt_vs"].get(arm)
-            rows.append([ARM_NAMES[arm], _spread(s["test"], digits),
+            rows.append([ARM_NAMES[arm], spread_cell(s["test"], digits),
                          "" if w is None else f"{w['wins']}/{w['ties']}/{w['losses']}",
                          f"{s['wall_s']['median']:.0f}", f"{wall_ratio(a, arm):.2f}"])
-        out += _table(["arm", name, "PBT wins/ties/losses", "wall s", "PBT wall / this arm's (paired median)"], rows)
+        out += table(["arm", name, "PBT wins/ties/losses", "wall s", "PBT wall / this arm's (paired median)"], rows)
         grid = "; ".join(", ".join(f"{k}={v:g}" for k, v in point.items()) for point in c["grid"])
         out += ["", f"Grid points: {grid}."]
         first = next((e["pbt"] for e in a["per_seed"].values() if "schedule" in e.get("pbt", {})), None)
@@ -241,7 +240,7 @@ def render_section(r: dict[str, Any]) -> list[str]:
             out += ["", f"Schedule of PBT's best member (member {first['member']}, first seed, "
                     f"{first['exploits']} exploits in the population; values set at the final step, which "
                     "nothing trained with, left out):", ""]
-            out += _table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
+            out += table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
                                              for e in trained_schedule(first)])
     return out
 
@@ -268,8 +267,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lightning_pbt.tools.hydra_configs import build_callback, build_strategy
     from lightning_pbt.plugin.strategy import member_id_from_env
+    from lightning_pbt.tools.hydra_configs import build_callback, build_strategy
 
     cfg = worker_config(cfg)
     app_name, arm, seed, out = cfg["app"], cfg["arm"], int(cfg["seed"]), Path(cfg["out"])

@@ -120,8 +120,8 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     from torch import nn
 
     from lightning_pbt import LogUniform, PopulationBasedTraining
-    from lightning_pbt.distributed.collectives import PopulationGroup
     from lightning_pbt.algorithm.topology import PopulationTopology
+    from lightning_pbt.distributed.collectives import PopulationGroup
 
     population = PopulationGroup.create(dist.PrefixStore(f"size_{size}/", store), rank, size, "gloo",
                                         torch.device("cpu"), timedelta(seconds=300))

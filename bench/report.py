@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.markdown import fmt, spread_cell, table
+
 ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "applications")
 # What `python -m bench` runs without --only: applications takes an hour, so it is asked for by name.
 DEFAULT = ORDER[:-1]
@@ -20,32 +22,10 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _f(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _met(target: dict[str, Any]) -> str:
     if not target.get("applies", True):
         return "n/a (smoke size)"
     return "**met**" if target.get("met") else "**missed**"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
-def _spread(s: dict[str, Any], digits: int = 3) -> str:
-    return f"{_f(s['median'], digits)} [{_f(s['min'], digits)}, {_f(s['max'], digits)}]"
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
@@ -54,7 +34,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     first = next(iter(results.values()))
     m, v = first["machine"], first["versions"]
     out = ["# Benchmark results", ""]
-    out.append(f"Machine: {m['cpu_model']}, {m['cores']} cores, {_f(m.get('memory_gb'), 0)} GB RAM, "
+    out.append(f"Machine: {m['cpu_model']}, {m['cores']} cores, {fmt(m.get('memory_gb'), 0)} GB RAM, "
                f"GPU: {m.get('gpu') or 'none'} (shared and noisy; load average at start "
                f"{m.get('load_average_at_start')}). Python {v['python']}, torch {v['torch']}, "
                f"pytorch-lightning {v['pytorch_lightning']}.")
@@ -69,29 +49,30 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         r = results["transfer"]
         t = r["targets"]["ratio_at_10MB_and_above"]
         targets.append(["1. exploit transfer, ours / raw send-recv, at >= 10 MB", t["target"],
-                        f"worst {_f(t['value'])}", _met(t)])
+                        f"worst {fmt(t['value'])}", _met(t)])
     if "ready_step" in results:
         t = results["ready_step"]["targets"]["grows_no_faster_than_allgather"]
         value = t["value"]
         targets.append(["2. ready step grows no faster than the all-gather", "growth ours <= growth all-gather",
-                        f"{_f(value['ours_growth'])}x vs {_f(value['raw_allgather_growth'])}x", _met(t)])
+                        f"{fmt(value['ours_growth'])}x vs {fmt(value['raw_allgather_growth'])}x", _met(t)])
     if "overhead" in results:
         t = results["overhead"]["targets"]["ratio"]
         extra = ""
         if "interleaved_value" in t:
-            extra = f" (interleaved {_f(t['interleaved_value'], 3)}, CPU time {_f(t.get('cpu_value'), 3)})"
+            extra = f" (interleaved {fmt(t['interleaved_value'], 3)}, CPU time {fmt(t.get('cpu_value'), 3)})"
         targets.append([f"3. training throughput with / without the callback ({t['model']})", t["target"],
-                        f"{_f(t['value'], 3)}{extra}", _met(t)])
+                        f"{fmt(t['value'], 3)}{extra}", _met(t)])
     if "asynchronous" in results:
         t = results["asynchronous"]["targets"]
         targets.append(["6. member-steps/s, asynchronous / synchronous, 2 of 4 members 3x slower",
-                        t["async_over_sync_mixed"]["target"], _f(t["async_over_sync_mixed"]["value"], 3),
+                        t["async_over_sync_mixed"]["target"], fmt(t["async_over_sync_mixed"]["value"], 3),
                         _met(t["async_over_sync_mixed"])])
         targets.append(["6. member-steps/s with the asynchronous callback / without, equal speeds",
                         t["async_callback_over_none_equal"]["target"],
-                        _f(t["async_callback_over_none_equal"]["value"], 3), _met(t["async_callback_over_none_equal"])])
+                        fmt(t["async_callback_over_none_equal"]["value"], 3),
+                        _met(t["async_callback_over_none_equal"])])
     if targets:
-        out += ["", "## Targets", "", *_table(["what", "target", "measured", ""], targets)]
+        out += ["", "## Targets", "", *table(["what", "target", "measured", ""], targets)]
 
     if "transfer" in results:
         r = results["transfer"]
@@ -103,11 +84,11 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 "flat buffer of the same bytes; raw same group = that send/recv on the population group's backend. "
                 "(The earlier prototype, `bench/transfer_proto.py`, is gone: its one-round, in-place receive is the "
                 "package's path now.)", ""]
-        rows = [[row["layout"], f"{row['state_bytes'] / 1e6:.1f} MB", str(row["messages"]), _f(row["ours_ms"]),
-                 _f(row["raw_ms"]), f"**{_f(row['ratio'])}**", _f(row["raw_same_group_ms"]), _f(row["raw_gbps"]),
-                 _f(row.get("received_in_place")), _f(row["state_copied_exactly"])]
+        rows = [[row["layout"], f"{row['state_bytes'] / 1e6:.1f} MB", str(row["messages"]), fmt(row["ours_ms"]),
+                 fmt(row["raw_ms"]), f"**{fmt(row['ratio'])}**", fmt(row["raw_same_group_ms"]), fmt(row["raw_gbps"]),
+                 fmt(row.get("received_in_place")), fmt(row["state_copied_exactly"])]
                 for row in r["rows"]]
-        out += _table(["layout", "state", "messages", "ours ms", "raw ms", "ours/raw", "raw same group ms",
+        out += table(["layout", "state", "messages", "ours ms", "raw ms", "ours/raw", "raw same group ms",
                        "raw GB/s", "in place", "copied exactly"], rows)
         profile = r["profiles"].get("2x1") or next(iter(r["profiles"].values()), None)
         if profile:
@@ -116,9 +97,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                       if any(profile[s]["receiver_ms"][p] or profile[s]["sender_ms"][p] for s in sizes)]
             out += ["", "Where the time goes, 2x1 layout, mean ms per exploit (the steps of `_move_states` timed one "
                     "by one; sender / receiver):", ""]
-            rows = [[p.replace("_", " ")] + [f"{_f(profile[s]['sender_ms'][p])} / {_f(profile[s]['receiver_ms'][p])}"
+            rows = [[p.replace("_", " ")] + [f"{fmt(profile[s]['sender_ms'][p])} / {fmt(profile[s]['receiver_ms'][p])}"
                                              for s in sizes] for p in phases]
-            out += _table(["phase", *[f"{s} MB" for s in sizes]], rows)
+            out += table(["phase", *[f"{s} MB" for s in sizes]], rows)
     if "ready_step" in results:
         r = results["ready_step"]
         out += ["", "## 2. Ready-step latency, no transfer (tiny model, 1 rank per member)", "",
@@ -126,20 +107,20 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 "(`on_validation_end` -> `SynchronousReadySteps.step`: row all-gather, decision, JSON broadcast, "
                 "apply, lineage handed to its background writer); the references run on the same population group "
                 "in the same processes. 8 and 16 ranks oversubscribe the 2 cores.", ""]
-        rows = [[str(row["ranks"]), _f(row["ours_ms"]), _f(row["raw_allgather_ms"]), _f(row["collectives_ms"]),
-                 _f(row["ratio"]), f"{_f(row['ours_growth'])}x", f"{_f(row['raw_allgather_growth'])}x"]
+        rows = [[str(row["ranks"]), fmt(row["ours_ms"]), fmt(row["raw_allgather_ms"]), fmt(row["collectives_ms"]),
+                 fmt(row["ratio"]), f"{fmt(row['ours_growth'])}x", f"{fmt(row['raw_allgather_growth'])}x"]
                 for row in r["rows"]]
-        out += _table(["ranks", "ours ms", "bare all-gather ms", "all-gather + decision broadcast ms",
+        out += table(["ranks", "ours ms", "bare all-gather ms", "all-gather + decision broadcast ms",
                        "ours/all-gather", "ours growth", "all-gather growth"], rows)
         breakdowns = [row for row in r["rows"] if "breakdown_ms" in row]  # absent from older results
         if breakdowns:
             out += ["", "The step's own work, ms (slowest rank per phase; every rank starts after a barrier, so the "
                     "gather holds almost no waiting; the lineage: population rank 0):", ""]
-            rows = [[str(row["ranks"])] + [_f(row["breakdown_ms"][k]) for k in
+            rows = [[str(row["ranks"])] + [fmt(row["breakdown_ms"][k]) for k in
                                            ("gather", "decide_and_broadcast", "transfer", "lineage_submit",
                                             "lineage_write_background")]
                     for row in breakdowns]
-            out += _table(["ranks", "gather", "decide + broadcast", "transfer", "lineage hand-over (training thread)",
+            out += table(["ranks", "gather", "decide + broadcast", "transfer", "lineage hand-over (training thread)",
                            "lineage write + fsync (background)"], rows)
     if "overhead" in results:
         r = results["overhead"]
@@ -148,25 +129,25 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                 f"`{r['command']}`, {r['date']}.", ""]
 
         def iqr(s: dict[str, Any]) -> str:
-            return "{} [{}, {}]".format(*(_f(s[k], 3) for k in ("median", "q1", "q3")))
+            return "{} [{}, {}]".format(*(fmt(s[k], 3) for k in ("median", "q1", "q3")))
 
         segment = r["rows"][0]["interleaved"]["segment_steps"]
         out += ["Wall clock, separate runs alternating ABBA (the measure the target names), and two measures that "
                 f"resist the other jobs on this machine: one run alternating {segment}-step segments with the "
                 "ready steps on and off, and CPU seconds per step (all ranks). Ratios are throughput with / "
                 "without PBT.", ""]
-        rows = [[row["model"], f"{row['params']:,}", f"{row['state_mb']:.2f} MB", _f(row["step_ms_baseline"]),
-                 _f(row["pbt_steps_per_s"], 1), _f(row["baseline_steps_per_s"], 1), f"**{_f(row['ratio'], 3)}**",
-                 iqr(row["ratio_paired"]), iqr(row["interleaved_ratio"]), _f(row["cpu_ratio"], 3),
+        rows = [[row["model"], f"{row['params']:,}", f"{row['state_mb']:.2f} MB", fmt(row["step_ms_baseline"]),
+                 fmt(row["pbt_steps_per_s"], 1), fmt(row["baseline_steps_per_s"], 1), f"**{fmt(row['ratio'], 3)}**",
+                 iqr(row["ratio_paired"]), iqr(row["interleaved_ratio"]), fmt(row["cpu_ratio"], 3),
                  iqr(row["interleaved_cpu_ratio"]), f"{100 * row['ready_time_fraction']:.1f} %",
-                 _f(row["ready_step_ms"]["median"], 1), str(row["reps"])]
+                 fmt(row["ready_step_ms"]["median"], 1), str(row["reps"])]
                 for row in r["rows"]]
-        out += _table(["model", "params", "state", "step ms (no PBT)", "steps/s with PBT", "steps/s without",
+        out += table(["model", "params", "state", "step ms (no PBT)", "steps/s with PBT", "steps/s without",
                        "ratio of medians", "neighbour-run ratios, median [q1, q3]", "interleaved segments",
                        "CPU time", "CPU time, interleaved", "wall time in ready steps", "ready step ms",
                        "runs per arm"], rows)
-        tails = ", ".join(f"{row['model']}: {_f(row['end_of_fit_ms']['pbt'], 0)} ms vs "
-                          f"{_f(row['end_of_fit_ms']['baseline'], 0)} ms" for row in r["rows"])
+        tails = ", ".join(f"{row['model']}: {fmt(row['end_of_fit_ms']['pbt'], 0)} ms vs "
+                          f"{fmt(row['end_of_fit_ms']['baseline'], 0)} ms" for row in r["rows"])
         out += ["", f"Once per fit, after the last step, until `on_train_end` has run everywhere: {tails} "
                 "(with / without the callback)."]
         breakdowns = [(row["model"], row["ready_step_breakdown"]) for row in r["rows"] if "ready_step_breakdown" in row]
@@ -175,30 +156,31 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                     "rank, so the parts add up; `bench/breakdown.py`). At each ready step the rank with the shortest "
                     "all-gather arrived last, so its gather is the collective's own cost and the others' excess is "
                     "waiting; transfer: the losers' exploits alone; lineage: per write, on population rank 0:", ""]
-            out += _table(*_sync_breakdown(breakdowns))
+            out += table(*_sync_breakdown(breakdowns))
     if "quality" in results:
         r = results["quality"]
         cfg = r["config"]
         out += ["", "## 4. Search quality at equal compute", "", f"`{r['command']}`, {r['date']}.", "",
                 f"Toy (Jaderberg et al. Fig. 2, 2 members, {cfg['toy']['seeds']} seeds): best true Q "
                 "(optimum 1.2), median [min, max].", ""]
-        rows = [[str(row["steps"]), _spread(row["pbt"]), _spread(row["grid"]), _spread(row["random_search"]),
+        rows = [[str(row["steps"]), spread_cell(row["pbt"]), spread_cell(row["grid"]),
+                 spread_cell(row["random_search"]),
                  f"{row['pbt_beats_grid_seeds']}/{row['seeds']}", f"{row['pbt_beats_random_seeds']}/{row['seeds']}"]
                 for row in r["toy"]]
-        out += _table(["steps", "PBT", "grid (paper)", "random search", "PBT > grid", "PBT > random"], rows)
+        out += table(["steps", "PBT", "grid (paper)", "random search", "PBT > grid", "PBT > random"], rows)
         d = cfg["digits"]
         out += ["", f"Digits ({d['model']}, {d['optimizer']}, {d['space']}, {d['members']} members x "
                 f"{d['epochs']} epochs, {len(d['seeds'])} seeds): test accuracy of the member with the best "
                 "validation accuracy, median [min, max].", ""]
         s, w = r["digits"]["summary"], r["digits"]["wins"]
-        rows = [["PBT", _spread(s["pbt"]["test_acc"]), _spread(s["pbt"]["mean_member_test_acc"]), ""],
-                ["random search (same population, no callback)", _spread(s["random_search"]["test_acc"]),
-                 _spread(s["random_search"]["mean_member_test_acc"]),
+        rows = [["PBT", spread_cell(s["pbt"]["test_acc"]), spread_cell(s["pbt"]["mean_member_test_acc"]), ""],
+                ["random search (same population, no callback)", spread_cell(s["random_search"]["test_acc"]),
+                 spread_cell(s["random_search"]["mean_member_test_acc"]),
                  "PBT wins/ties/losses: {wins}/{ties}/{losses}".format(**w["pbt_vs_random_search"])],
-                [f"default (lr = {d['default_lr']})", _spread(s["default"]["test_acc"]),
-                 _spread(s["default"]["mean_member_test_acc"]),
+                [f"default (lr = {d['default_lr']})", spread_cell(s["default"]["test_acc"]),
+                 spread_cell(s["default"]["mean_member_test_acc"]),
                  "PBT wins/ties/losses: {wins}/{ties}/{losses}".format(**w["pbt_vs_default"])]]
-        out += _table(["arm", "best member's test accuracy", "mean member's test accuracy", "paired by seed"], rows)
+        out += table(["arm", "best member's test accuracy", "mean member's test accuracy", "paired by seed"], rows)
     if "schedule" in results:
         out += render_schedule(results["schedule"])
     out += render_asynchronous_quality(results)
@@ -248,10 +230,10 @@ def render_schedule(r: dict[str, Any]) -> list[str]:
     ]
     rows = [
         [f"{row['members']} x every {row['ready']}"]
-        + [_spread(row["summary"][arm]["excess_risk"], 4) for arm, _ in SCHEDULE_ARMS]
+        + [spread_cell(row["summary"][arm]["excess_risk"], 4) for arm, _ in SCHEDULE_ARMS]
         for row in r["rows"]
     ]
-    out += _table(["members x ready steps", *(label for _, label in SCHEDULE_ARMS)], rows)
+    out += table(["members x ready steps", *(label for _, label in SCHEDULE_ARMS)], rows)
     out += [
         "",
         "Paired by seed, wins/ties/losses of the first arm (lower excess risk wins), and the median "
@@ -261,10 +243,10 @@ def render_schedule(r: dict[str, Any]) -> list[str]:
     rows = [
         [f"{row['members']} x every {row['ready']}"]
         + ["{wins}/{ties}/{losses}".format(**row["wins"][key]) for key, _ in SCHEDULE_PAIRS]
-        + [" / ".join(_f(row["summary"][arm]["ratio_to_grid"]["median"]) for arm in ("pbt", "pb2", "cosine"))]
+        + [" / ".join(fmt(row["summary"][arm]["ratio_to_grid"]["median"]) for arm in ("pbt", "pb2", "cosine"))]
         for row in r["rows"]
     ]
-    out += _table(
+    out += table(
         ["members x ready steps", *(label for _, label in SCHEDULE_PAIRS), "ratio to grid: PBT / PB2 / cosine"], rows
     )
     out += [
@@ -284,10 +266,10 @@ def render_schedule(r: dict[str, Any]) -> list[str]:
                 f"{row['members']} x every {row['ready']}",
                 *found,
                 f"{s['grid']['lr']['median']:.3g}",
-                _f(s["pb2"]["decide_ms_per_ready_step"]["median"], 0),
+                fmt(s["pb2"]["decide_ms_per_ready_step"]["median"], 0),
             ]
         )
-    out += _table(["members x ready steps", "PBT", "PB2", "grid's best constant", "PB2 ms per ready step"], rows)
+    out += table(["members x ready steps", "PBT", "PB2", "grid's best constant", "PB2 ms per ready step"], rows)
     return out
 
 
@@ -310,21 +292,21 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
             continue
         for arm in ("async", "async_old_rule", "async_straggler", "async_straggler_old_rule"):
             rows.append([f"paper toy, {row['steps']} steps, best Q (higher is better)", arm.replace("_", " "),
-                         _f(row["pbt"]["median"], 4), _f(row[f"pbt_{arm}"]["median"], 4),
+                         fmt(row["pbt"]["median"], 4), fmt(row[f"pbt_{arm}"]["median"], 4),
                          _wlt(row["vs_lockstep"][f"pbt_{arm}"])])
     if "pbt_function" in quality:
         pf = quality["pbt_function"]
         s, w, target = pf["summary"], pf["wins"], pf["config"]["target"]
         for arm in ("async", "async_old_rule", "async_stragglers", "async_stragglers_old_rule"):
             rows.append([f"Ray pbt_function, best final accuracy; seeds > {target:g}", arm.replace("_", " "),
-                         f"{_f(s['lockstep']['final_best']['median'], 1)}; {s['lockstep']['reached_target_seeds']}",
-                         f"{_f(s[arm]['final_best']['median'], 1)}; {s[arm]['reached_target_seeds']}",
+                         f"{fmt(s['lockstep']['final_best']['median'], 1)}; {s['lockstep']['reached_target_seeds']}",
+                         f"{fmt(s[arm]['final_best']['median'], 1)}; {s[arm]['reached_target_seeds']}",
                          _wlt(w[f"{arm}_vs_lockstep"])])
     digits = quality.get("digits", {})
     if "pbt_async" in digits.get("summary", {}):
         s, w = digits["summary"], digits["wins"]
-        rows.append(["digits, best member's test accuracy", "async", _f(s["pbt"]["test_acc"]["median"], 3),
-                     _f(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
+        rows.append(["digits, best member's test accuracy", "async", fmt(s["pbt"]["test_acc"]["median"], 3),
+                     fmt(s["pbt_async"]["test_acc"]["median"], 3), _wlt(w["pbt_async_vs_pbt"])])
         from bench.quality import PBT_VARIANTS
 
         variants = {**PBT_VARIANTS, **quality.get("config", {}).get("digits", {}).get("pbt_variants", {})}
@@ -333,16 +315,16 @@ def render_asynchronous_quality(results: dict[str, dict[str, Any]]) -> list[str]
                           ("pbt_async_wait", f"async, wait_for_peers={wait['wait_for_peers']:g}"),
                           ("pbt_reseeded", "lockstep reseeded (the noise band)")):
             if arm in s:
-                rows.append(["digits, best member's test accuracy", name, _f(s["pbt"]["test_acc"]["median"], 3),
-                             _f(s[arm]["test_acc"]["median"], 3), _wlt(w[f"{arm}_vs_pbt"])])
+                rows.append(["digits, best member's test accuracy", name, fmt(s["pbt"]["test_acc"]["median"], 3),
+                             fmt(s[arm]["test_acc"]["median"], 3), _wlt(w[f"{arm}_vs_pbt"])])
     for row in schedule.get("rows", []):
         s = row["summary"]
         for arm in ("pbt_async", "pbt_async_old_rule", "pbt_async_stragglers", "pbt_async_stragglers_old_rule"):
             if arm in s:
                 rows.append([f"schedule {row['members']} x every {row['ready']}, excess risk (lower is better)",
-                             arm.removeprefix("pbt_").replace("_", " "), _f(s["pbt"]["excess_risk"]["median"], 4),
-                             _f(s[arm]["excess_risk"]["median"], 4), _wlt(row["wins"][f"{arm}_vs_pbt"])])
-    out += _table(["task, measure", "arm", "lockstep (median)", "arm (median)", "arm vs lockstep"], rows)
+                             arm.removeprefix("pbt_").replace("_", " "), fmt(s["pbt"]["excess_risk"]["median"], 4),
+                             fmt(s[arm]["excess_risk"]["median"], 4), _wlt(row["wins"][f"{arm}_vs_pbt"])])
+    out += table(["task, measure", "arm", "lockstep (median)", "arm (median)", "arm vs lockstep"], rows)
     return out
 
 
@@ -361,13 +343,13 @@ def render_decisions(r: dict[str, Any]) -> list[str]:
         higher = entry["higher_is_better"]
         for arm, e in entry["arms"].items():
             reached = f"; {e['reached_target_seeds']} reached" if "reached_target_seeds" in e else ""
-            exploits = _f(e["exploits_per_run"]["median"], 1) if "exploits_per_run" in e else ""
+            exploits = fmt(e["exploits_per_run"]["median"], 1) if "exploits_per_run" in e else ""
             w = e.get("vs_lockstep")
             rows.append([f"{task} ({'higher' if higher else 'lower'} is better)", arm.replace("_", " "),
-                         _f(e["value"]["median"], 4) + reached, exploits, _wlt(w) if w else "",
-                         _f(e["sign_test_p"], 3) if w else "",
+                         fmt(e["value"]["median"], 4) + reached, exploits, _wlt(w) if w else "",
+                         fmt(e["sign_test_p"], 3) if w else "",
                          verdict(entry, arm) if w and "stragglers" not in arm else ""])
-    out += _table(["task", "arm", "median", "exploits per run", "vs lockstep W/T/L", "sign test p", "target"], rows)
+    out += table(["task", "arm", "median", "exploits per run", "vs lockstep W/T/L", "sign test p", "target"], rows)
     return out
 
 
@@ -375,11 +357,11 @@ def _sync_breakdown(rows: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], 
     header = ["", "ready step", "all-gather", "of which waiting", "of which its own work", "decide + broadcast",
               "transfer (exploits)", "rest of the step", "waiting share of ready-step time",
               "lineage hand-over (training thread)", "lineage write + fsync (background)"]
-    body = [[name, _f(b.get("total_ms")), _f(b.get("gather_ms")), _f(b.get("gather_waiting_ms")),
-             _f(b.get("gather_own_ms")), _f(b.get("decide_ms")), _f(b.get("exploit_transfer_ms")),
-             _f(b.get("other_ms")),
+    body = [[name, fmt(b.get("total_ms")), fmt(b.get("gather_ms")), fmt(b.get("gather_waiting_ms")),
+             fmt(b.get("gather_own_ms")), fmt(b.get("decide_ms")), fmt(b.get("exploit_transfer_ms")),
+             fmt(b.get("other_ms")),
              f"{100 * b['waiting_share']:.0f} %" if b.get("waiting_share") is not None else "n/a",
-             _f(b.get("lineage_submit_ms")), _f(b.get("lineage_write_background_ms"))]
+             fmt(b.get("lineage_submit_ms")), fmt(b.get("lineage_write_background_ms"))]
             for name, b in rows]
     return header, body
 
@@ -398,16 +380,16 @@ def _asynchronous_section(r: dict[str, Any]) -> list[str]:
     rows = []
     for arm, a in r["arms"].items():
         rows.append([arm, a["callback"] or "none", " ".join(str(x) for x in a["speeds"]),
-                     _spread(a["member_steps_per_s"], 1), " / ".join(_f(x, 0) for x in a["steps_per_member"]),
-                     _spread(a["best_member_test_acc"]), _spread(a["mean_member_test_acc"])])
-    out += _table(["arm", "PBT", "speeds", "member-steps/s", "steps per member", "best member's test accuracy",
+                     spread_cell(a["member_steps_per_s"], 1), " / ".join(fmt(x, 0) for x in a["steps_per_member"]),
+                     spread_cell(a["best_member_test_acc"]), spread_cell(a["mean_member_test_acc"])])
+    out += table(["arm", "PBT", "speeds", "member-steps/s", "steps per member", "best member's test accuracy",
                    "mean member's test accuracy"], rows)
     ratios = r["ratios"]
-    out += ["", f"Asynchronous / synchronous member-steps/s: **{_f(ratios['async_over_sync_mixed'], 3)}** (ideal "
-            f"{_f(ratios['ideal_async_over_sync_mixed'])}); with / without the asynchronous callback at equal "
-            f"speeds: **{_f(ratios['async_callback_over_none_equal'], 3)}**. Paired by repetition: "
-            f"{', '.join(_f(x, 3) for x in ratios['async_over_sync_mixed_paired'])} and "
-            f"{', '.join(_f(x, 3) for x in ratios['async_callback_over_none_equal_paired'])}."]
+    out += ["", f"Asynchronous / synchronous member-steps/s: **{fmt(ratios['async_over_sync_mixed'], 3)}** (ideal "
+            f"{fmt(ratios['ideal_async_over_sync_mixed'])}); with / without the asynchronous callback at equal "
+            f"speeds: **{fmt(ratios['async_callback_over_none_equal'], 3)}**. Paired by repetition: "
+            f"{', '.join(fmt(x, 3) for x in ratios['async_over_sync_mixed_paired'])} and "
+            f"{', '.join(fmt(x, 3) for x in ratios['async_callback_over_none_equal_paired'])}."]
     work = [(f"{run['arm']} #{run['rep']}", m) for run in r["runs"] for m in run["members"]]
     busiest = max(work, key=lambda item: item[1]["busy_fraction"], default=None)
     if busiest is not None:
@@ -418,15 +400,15 @@ def _asynchronous_section(r: dict[str, Any]) -> list[str]:
     if sync:
         out += ["", "Synchronous ready steps, ms, mean per ready step and rank (the all-gather holds the fast "
                 "members' waiting):", ""]
-        out += _table(*_sync_breakdown(sync))
+        out += table(*_sync_breakdown(sync))
     asynchronous = [(arm, a["ready_step_breakdown"]) for arm, a in r["arms"].items() if a["callback"] == "async"]
     if asynchronous:
         out += ["", "Asynchronous ready steps, ms, mean per ready step and rank (nobody waits; an exploit's "
                 "transfer includes the donor's snapshot server noticing the request in the store):", ""]
-        rows = [[arm, _f(b.get("total_ms")), _f(b.get("snapshot_ms")), _f(b.get("decide_ms")),
-                 _f(b.get("exploit_transfer_ms")), _f(b.get("other_ms")), _f(b.get("lineage_write_background_ms")),
+        rows = [[arm, fmt(b.get("total_ms")), fmt(b.get("snapshot_ms")), fmt(b.get("decide_ms")),
+                 fmt(b.get("exploit_transfer_ms")), fmt(b.get("other_ms")), fmt(b.get("lineage_write_background_ms")),
                  str(b.get("ready_steps"))] for arm, b in asynchronous]
-        out += _table(["", "ready step", "snapshot", "decide", "transfer (exploits)", "rest of the step",
+        out += table(["", "ready step", "snapshot", "decide", "transfer (exploits)", "rest of the step",
                        "lineage write + fsync (drain thread)", "ready steps"], rows)
     return out
 

@@ -219,10 +219,10 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     import torch.distributed as dist
 
     from lightning_pbt import LogUniform, transfer
-    from lightning_pbt.distributed.collectives import PopulationGroup
-    from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
     from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
     from lightning_pbt.algorithm.topology import PopulationTopology
+    from lightning_pbt.distributed.collectives import PopulationGroup
+    from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
 
     cfg = worker_config(cfg)
     torch.set_num_threads(1)

@@ -167,8 +167,9 @@ class PBTScheduler:
     ``quantile_fraction`` configures truncation selection when ``exploit`` is a rule *name*; it is
     ignored by the other rules and when ``exploit`` is an already built :class:`ExploitRule`.
     ``rejuvenate_patience`` (see :meth:`should_rejuvenate`) re-initialises stagnant members' weights.
-    ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"`` (:class:`~lightning_pbt.algorithm.pb2.PB2`
-    proposes the continuous values, the ``explorer`` the choices and everything until PB2 has enough data).
+    ``explore``: ``"perturb"`` (the ``explorer``'s perturb/resample) or ``"pb2"``
+    (:class:`~lightning_pbt.algorithm.pb2.PB2` proposes the continuous values, the ``explorer`` the choices
+    and everything until PB2 has enough data).
 
     Pure: it knows nothing of torch or Lightning; the callback runs it on population rank 0 (synchronous
     mode) and broadcasts its plans and state. The schedule benchmark drives it directly.

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lightning_pbt.distributed.collectives import PopulationGroup
 from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed.collectives import PopulationGroup
 
 __all__ = [
     "FIT_CKPT_INDEX",

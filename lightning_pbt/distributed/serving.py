@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_pbt.distributed import transfer
 from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter
+from lightning_pbt.distributed import transfer
 
 __all__ = [
     "LineageDrain",

@@ -22,20 +22,26 @@ from typing import Any
 import torch
 from typing_extensions import override
 
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.settings import PBTSettings
+from lightning_pbt.algorithm.space import Domain
 from lightning_pbt.distributed import transfer
+from lightning_pbt.distributed.optimizer_layout import optimizer_layout
+from lightning_pbt.distributed.ready_steps import (
+    Observation,
+    PopulationBook,
+    ReadyStepResult,
+    ReadySteps,
+    protocol_class,
+)
 from lightning_pbt.plugin.apply import (
     GroupRatios,
     apply_hyperparameters,
     capture_group_ratios,
     check_applicable,
     check_module_names,
-    optimizer_layout,
     reset_weights,
 )
-from lightning_pbt.distributed.ready_steps import Observation, PopulationBook, ReadyStepResult, ReadySteps, protocol_class
-from lightning_pbt.algorithm.scheduler import PBTScheduler
-from lightning_pbt.algorithm.settings import PBTSettings
-from lightning_pbt.algorithm.space import Domain
 
 from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
 from .strategy import PopulationStrategy

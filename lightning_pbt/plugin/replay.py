@@ -105,7 +105,7 @@ def load_schedule(source: Any, member: int | None = None, mode: str | None = Non
             raise ValueError(f"PBTReplay: {path} is not valid JSON: {err}") from None
         return _entries(data, str(path))
     from lightning_pbt.algorithm.lineage import best_member, member_schedule, read_lineage
-    from lightning_pbt.tools.report import find_lineage, infer_mode
+    from lightning_pbt.algorithm.run_reading import find_lineage, infer_mode
 
     lineage = find_lineage(path)
     records = read_lineage(lineage)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from typing_extensions import override
 
-from lightning_pbt.plugin.console import quiet_console
+from lightning_pbt.algorithm.topology import PopulationTopology, expand_devices
 from lightning_pbt.distributed.collectives import ESTABLISHED as _ESTABLISHED
 from lightning_pbt.distributed.collectives import (
     PopulationGroup,
@@ -52,7 +52,7 @@ from lightning_pbt.distributed.collectives import (
     stop_watchdog,
 )
 from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
-from lightning_pbt.algorithm.topology import PopulationTopology, expand_devices
+from lightning_pbt.plugin.console import quiet_console
 
 from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
 from .outputs import agree_on_run_dir, scope_outputs

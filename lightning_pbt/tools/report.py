@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning_pbt.algorithm.lineage import LineageRecord, best_member, final_records, member_schedule, read_lineage
+from lightning_pbt.algorithm.run_reading import donor_step, find_lineage, infer_mode, run_config_value
 
 __all__ = [
     "Report",
     "export_schedule",
-    "find_lineage",
-    "infer_mode",
     "main",
     "make_report",
     "plot_hyperparameters",
@@ -53,26 +52,6 @@ __all__ = [
 PLOTS = ("hyperparameters.png", "scores.png", "lineage_tree.png")
 
 
-def find_lineage(path: str | os.PathLike[str]) -> Path:
-    """The lineage file for a run directory, its ``pbt/`` folder, or the file itself.
-
-    Args:
-        path: a run directory (with ``pbt/lineage.jsonl``), a ``pbt/`` folder, or a lineage file.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist or holds no ``lineage.jsonl``.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    for candidate in (path / "pbt" / "lineage.jsonl", path / "lineage.jsonl"):
-        if candidate.is_file():
-            return candidate
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    raise FileNotFoundError(f"no lineage.jsonl in {path} or {path / 'pbt'}")
-
-
 def _by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord]]:
     out: dict[int, list[LineageRecord]] = {}
     for _, record in sorted(enumerate(records), key=lambda pair: (pair[1].step, pair[0])):
@@ -82,56 +61,6 @@ def _by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _hydra_value(run_dir: str | os.PathLike[str] | None, key: str) -> tuple[Any, Path | None]:
-    """``key`` from the run's ``.hydra/config.yaml`` (a Hydra app's run directory), else ``None``."""
-    if run_dir is None:
-        return None, None
-    config = Path(run_dir) / ".hydra" / "config.yaml"
-    if not config.is_file():
-        return None, None
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.select(OmegaConf.load(config), key, default=None), config
-    except Exception:  # an unreadable config is no reason to fail a report
-        return None, config
-
-
-def infer_mode(records: Sequence[LineageRecord], run_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """``(mode, where it came from)``; see the module docstring for the order.
-
-    Args:
-        records: the run's lineage.
-        run_dir: the run directory, whose ``.hydra/config.yaml`` may say ``pbt.mode``.
-
-    Returns:
-        ``("max" or "min", a phrase saying where it came from)``.
-    """
-    mode, config = _hydra_value(run_dir, "pbt.mode")
-    if mode in ("min", "max"):
-        return mode, f"pbt.mode in {config}"
-    for record in records:
-        mode = record.extra.get("mode")
-        if record.event == "init" and mode in ("min", "max"):
-            return mode, "the lineage's init records"
-    scores = {(r.step, r.member): r.score for r in records}
-    votes = 0
-    for record in records:
-        if record.event != "exploit" or record.parent == record.member:
-            continue
-        mine, theirs = scores.get((record.step, record.member)), scores.get((_donor_step(record), record.parent))
-        if _finite(mine) and _finite(theirs) and mine != theirs:
-            votes += 1 if theirs > mine else -1
-    if votes:
-        return ("max" if votes > 0 else "min"), "the direction of the recorded exploits"
-    return "max", "default (pass --mode min if lower is better)"
-
-
-def _donor_step(record: LineageRecord) -> int:
-    """The parent's step whose state an exploit copied (the same step, except in asynchronous runs)."""
-    return record.step if record.donor_step is None else record.donor_step
 
 
 def _fmt(value: Any) -> str:
@@ -440,7 +369,7 @@ def _ancestry(by_member: Mapping[int, list[LineageRecord]], member: int, last: i
                 start = record.step
                 break
             if record.event == "exploit" and record.parent != current:
-                start, parent, copied_at = record.step, record.parent, _donor_step(record)
+                start, parent, copied_at = record.step, record.parent, donor_step(record)
                 break
         segments.append((current, start, upper))
         if parent is None:
@@ -486,7 +415,7 @@ def plot_lineage_tree(
                 ax.annotate(
                     "",
                     xy=(step, record.member),
-                    xytext=(_donor_step(record), record.parent),
+                    xytext=(donor_step(record), record.parent),
                     arrowprops={"arrowstyle": "->", "color": colors[before[record.parent]], "lw": 1.2},
                 )
                 origin[record.member] = before[record.parent]
@@ -579,7 +508,7 @@ def make_report(
     if mode is None:
         mode, mode_source = infer_mode(records, run_dir)
     if monitor is None:
-        found, _ = _hydra_value(run_dir, "pbt.monitor")
+        found, _ = run_config_value(run_dir, "pbt.monitor")
         monitor = found if isinstance(found, str) and found else "score"
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
+from lightning_pbt.distributed.optimizer_layout import describe_layout_mismatch, optimizer_layout
 from lightning_pbt.plugin import apply
 from lightning_pbt.plugin.apply import (
     apply_hyperparameters,
     capture_group_ratios,
-    describe_layout_mismatch,
-    optimizer_layout,
     reset_weights,
 )
 

@@ -18,10 +18,10 @@ import torch
 
 from lightning_pbt.algorithm.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
 from lightning_pbt.algorithm.explore import Explorer
-from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
 from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
 from lightning_pbt.algorithm.space import LogUniform
 from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
 
 SPACE = {"lr": LogUniform(1e-4, 1.0)}
 

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_pbt import PopulationBasedTraining, PopulationStrategy
+from lightning_pbt.algorithm.space import Choice, LogUniform, Uniform
 from lightning_pbt.tools.hydra_configs import (
     PopulationBasedTrainingConf,
     build_callback,
@@ -22,7 +23,6 @@ from lightning_pbt.tools.hydra_configs import (
     run_id,
     search_space,
 )
-from lightning_pbt.algorithm.space import Choice, LogUniform, Uniform
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_pbt import LogUniform, PopulationBasedTraining
-from lightning_pbt.plugin.callback import epochs_completed
-from lightning_pbt.distributed.ready_steps import Observation, ReadyStepResult
 from lightning_pbt.algorithm.scheduler import MemberPlan
+from lightning_pbt.distributed.ready_steps import Observation, ReadyStepResult
+from lightning_pbt.plugin.callback import epochs_completed
 
 
 def callback(**kwargs) -> PopulationBasedTraining:

@@ -8,7 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_pbt.plugin.apply import optimizer_layout
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.space import LogUniform
+from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed.optimizer_layout import optimizer_layout
 from lightning_pbt.distributed.ready_steps import (
     PopulationBook,
     SynchronousReadySteps,
@@ -17,9 +20,6 @@ from lightning_pbt.distributed.ready_steps import (
     snapshot_due,
     wait_for_peers,
 )
-from lightning_pbt.algorithm.scheduler import PBTScheduler
-from lightning_pbt.algorithm.space import LogUniform
-from lightning_pbt.algorithm.topology import PopulationTopology
 from tests.unit.test_transport import run_ranks, survives_abort
 
 
@@ -228,8 +228,8 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     """After fresh weights the record's score describes weights thrown away, and the snapshots taken between
     ready steps would serve the new ones under it: the member is left out of the others' rankings
     (``copied``) until it publishes a score again. A member that keeps stays ranked."""
-    from lightning_pbt.distributed.ready_steps import Observation
     from lightning_pbt.algorithm.scheduler import MemberPlan
+    from lightning_pbt.distributed.ready_steps import Observation
 
     store = _Store()
     steps = _asynchronous(store, snapshot_every=2)
@@ -249,9 +249,9 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     (or started): it follows the member's own pace and does not grow with the run."""
     import time
 
+    from lightning_pbt.algorithm.scheduler import MemberPlan
     from lightning_pbt.distributed import ready_steps
     from lightning_pbt.distributed.ready_steps import Observation
-    from lightning_pbt.algorithm.scheduler import MemberPlan
 
     bounds = []
     waited_for = []
@@ -290,8 +290,8 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
     import time
     from datetime import timedelta
 
-    from lightning_pbt.distributed.ready_steps import Observation
     from lightning_pbt.algorithm.scheduler import MemberPlan
+    from lightning_pbt.distributed.ready_steps import Observation
 
     class Store(_Store):
         timeout = timedelta(minutes=10)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, member_schedule
-from lightning_pbt.tools.report import find_lineage, infer_mode, main, make_report, population_table, summary_markdown
+from lightning_pbt.algorithm.run_reading import find_lineage, infer_mode
+from lightning_pbt.tools.report import main, make_report, population_table, summary_markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

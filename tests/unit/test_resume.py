@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed.resume import (
     FIT_CKPT_INDEX,
     NO_CHECKPOINT,
@@ -20,7 +21,6 @@ from lightning_pbt.distributed.resume import (
     pbt_state,
     resume_target,
 )
-from lightning_pbt.algorithm.topology import PopulationTopology
 
 
 def _save(path, ready_step: int, synchronous: bool = True) -> str:

@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_pbt.distributed import transfer
-from lightning_pbt.distributed.collectives import PopulationGroup, PopulationWatchdog
 from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, read_lineage
-from lightning_pbt.distributed.ready_steps import AsynchronousReadySteps, PopulationBook, SynchronousReadySteps
 from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
-from lightning_pbt.distributed.serving import LineageDrain, Snapshot, SnapshotServer, push_lineage, request_snapshot
 from lightning_pbt.algorithm.space import LogUniform
 from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed import transfer
+from lightning_pbt.distributed.collectives import PopulationGroup, PopulationWatchdog
+from lightning_pbt.distributed.ready_steps import AsynchronousReadySteps, PopulationBook, SynchronousReadySteps
+from lightning_pbt.distributed.serving import LineageDrain, Snapshot, SnapshotServer, push_lineage, request_snapshot
 from tests.unit.test_transport import NcclStandIn, _Hub, digest, member, run_ranks, state_of, survives_abort
 
 BACKENDS = ["gloo", "nccl-semantics"]

@@ -11,8 +11,8 @@ from omegaconf import MISSING, OmegaConf
 
 from lightning_pbt import PopulationBasedTraining
 from lightning_pbt.algorithm.exploit import TruncationSelection, WelchTTest
-from lightning_pbt.tools.hydra_configs import PopulationBasedTrainingConf
 from lightning_pbt.algorithm.settings import REQUIRED, PBTSettings
+from lightning_pbt.tools.hydra_configs import PopulationBasedTrainingConf
 
 SPACE = {"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}}
 

@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_pbt.distributed import transfer
-from lightning_pbt.plugin.callback import _TrainerMember
 from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.plugin.callback import _TrainerMember
 
 # torch's getNcclDataType (torch/csrc/distributed/c10d/NCCLUtils.hpp): every other dtype is a TypeError.
 NCCL_DTYPES = frozenset(

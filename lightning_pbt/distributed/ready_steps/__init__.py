@@ -33,12 +33,13 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from lightning_pbt.distributed import transfer
-from lightning_pbt.plugin.apply import describe_layout_mismatch
 from lightning_pbt.algorithm.comparable import Published, decide_alone
-from lightning_pbt.distributed.collectives import PopulationGroup
 from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
 from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
+from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed import transfer
+from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.distributed.optimizer_layout import describe_layout_mismatch
 from lightning_pbt.distributed.serving import (
     LineageDrain,
     SnapshotServer,
@@ -46,7 +47,6 @@ from lightning_pbt.distributed.serving import (
     request_snapshot,
     wait_until_written,
 )
-from lightning_pbt.algorithm.topology import PopulationTopology
 
 __all__ = [
     "AsynchronousReadySteps",
@@ -211,9 +211,9 @@ class ReadySteps(ABC):
     ) -> None:
         """Check what every rank must agree on and open the lineage (population rank 0).
 
-        ``layout`` (:func:`lightning_pbt.plugin.apply.optimizer_layout`) describes this rank's optimizers and
-        ``averages`` names its weight-averaging callbacks (their ``state_key``s): members that differ
-        could not copy each other's state, so every rank stops with the same message before training.
+        ``layout`` (:func:`lightning_pbt.distributed.optimizer_layout.optimizer_layout`) describes this
+        rank's optimizers and ``averages`` names its weight-averaging callbacks (their ``state_key``s):
+        members that differ could not copy each other's state, so every rank stops with the same message before training.
         Problems with the lineage file (corrupt, another run's) are broadcast from rank 0 so that every
         rank raises them.
         """
@@ -710,7 +710,8 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _decide(self, observation: Observation) -> dict[str, Any]:
-        """This member's plan from the population's published records (see :mod:`lightning_pbt.algorithm.comparable`)."""
+        """This member's plan from the population's published records
+        (see :mod:`lightning_pbt.algorithm.comparable`)."""
         records = self._records()
         status = self.book.population[self.me]
         own = Published(
