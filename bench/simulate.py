@@ -25,7 +25,7 @@ import numpy as np
 from lightning_pbt.algorithm.comparable import Published, decide_alone
 from lightning_pbt.algorithm.exploit import is_finite_score
 from lightning_pbt.algorithm.scheduler import MemberSnapshot, PBTScheduler
-from lightning_pbt.distributed.ready_steps import peers_caught_up
+from lightning_pbt.distributed.ready_steps.records import peers_caught_up
 
 __all__ = ["JITTER", "SimTask", "fast_budget", "run_asynchronous", "run_lockstep"]
 

@@ -222,7 +222,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
     from lightning_pbt.algorithm.topology import PopulationTopology
     from lightning_pbt.distributed.collectives import PopulationGroup
-    from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
+    from lightning_pbt.distributed.ready_steps.base import PopulationBook
+    from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
 
     cfg = worker_config(cfg)
     torch.set_num_threads(1)

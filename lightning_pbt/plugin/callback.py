@@ -27,13 +27,8 @@ from lightning_pbt.algorithm.settings import PBTSettings
 from lightning_pbt.algorithm.space import Domain
 from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.optimizer_layout import optimizer_layout
-from lightning_pbt.distributed.ready_steps import (
-    Observation,
-    PopulationBook,
-    ReadyStepResult,
-    ReadySteps,
-    protocol_class,
-)
+from lightning_pbt.distributed.ready_steps import protocol_class
+from lightning_pbt.distributed.ready_steps.base import Observation, PopulationBook, ReadyStepResult, ReadySteps
 from lightning_pbt.plugin.apply import (
     GroupRatios,
     apply_hyperparameters,

@@ -21,7 +21,8 @@ from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
 from lightning_pbt.algorithm.space import LogUniform
 from lightning_pbt.algorithm.topology import PopulationTopology
-from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.base import PopulationBook
+from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
 
 SPACE = {"lr": LogUniform(1e-4, 1.0)}
 

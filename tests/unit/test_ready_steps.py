@@ -12,9 +12,10 @@ from lightning_pbt.algorithm.scheduler import PBTScheduler
 from lightning_pbt.algorithm.space import LogUniform
 from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed.optimizer_layout import optimizer_layout
-from lightning_pbt.distributed.ready_steps import (
-    PopulationBook,
-    SynchronousReadySteps,
+from lightning_pbt.distributed.ready_steps.asynchronous import AsynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.base import PopulationBook
+from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.records import (
     everyone_diverged,
     peers_caught_up,
     snapshot_due,
@@ -139,7 +140,7 @@ def test_peers_have_caught_up_when_every_other_member_scored_at_this_step_or_sto
 def test_a_record_before_any_ready_step_has_not_scored_at_its_step():
     """A member's first record (start, or a resume at step 120) is no score: the others wait for its first
     ready step. A copy's progress runs ahead of its step; the wait reads the step, the ranking the progress."""
-    from lightning_pbt.distributed.ready_steps import public_record
+    from lightning_pbt.distributed.ready_steps.records import public_record
 
     start = public_record({}, {"lr": 0.1}, step=120, epoch=3, score=None, version=-1, offset=0)
     assert start["ready_step"] is None and start["ready_progress"] is None and not start["ready"]
@@ -199,7 +200,6 @@ class _Member:
 
 def _asynchronous(store, book=None, world_rank=0, member_size=1, **options):
     """An asynchronous protocol of member 0 on a fake store and snapshot server, without a process group."""
-    from lightning_pbt.distributed.ready_steps import AsynchronousReadySteps
 
     book = book or PopulationBook(population={0: {"hyperparameters": {"lr": 0.1}}}, hyperparameters={"lr": 0.1})
     steps = AsynchronousReadySteps(
@@ -229,7 +229,7 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
     ready steps would serve the new ones under it: the member is left out of the others' rankings
     (``copied``) until it publishes a score again. A member that keeps stays ranked."""
     from lightning_pbt.algorithm.scheduler import MemberPlan
-    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.distributed.ready_steps.base import Observation
 
     store = _Store()
     steps = _asynchronous(store, snapshot_every=2)
@@ -250,8 +250,8 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
     import time
 
     from lightning_pbt.algorithm.scheduler import MemberPlan
-    from lightning_pbt.distributed import ready_steps
-    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.distributed.ready_steps import asynchronous
+    from lightning_pbt.distributed.ready_steps.base import Observation
 
     bounds = []
     waited_for = []
@@ -260,7 +260,7 @@ def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatc
         bounds.append((seconds, pace))
         waited_for.append(step)
 
-    monkeypatch.setattr(ready_steps, "wait_for_peers", spy)
+    monkeypatch.setattr(asynchronous, "wait_for_peers", spy)
     # It copied a snapshot 30 steps ahead of its own step once: it waits for the others' steps, not for
     # them to reach its progress (a whole interval later).
     book = PopulationBook(
@@ -291,7 +291,7 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
     from datetime import timedelta
 
     from lightning_pbt.algorithm.scheduler import MemberPlan
-    from lightning_pbt.distributed.ready_steps import Observation
+    from lightning_pbt.distributed.ready_steps.base import Observation
 
     class Store(_Store):
         timeout = timedelta(minutes=10)

@@ -20,7 +20,9 @@ from lightning_pbt.algorithm.space import LogUniform
 from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.collectives import PopulationGroup, PopulationWatchdog
-from lightning_pbt.distributed.ready_steps import AsynchronousReadySteps, PopulationBook, SynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.asynchronous import AsynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.base import PopulationBook
+from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
 from lightning_pbt.distributed.serving import LineageDrain, Snapshot, SnapshotServer, push_lineage, request_snapshot
 from tests.unit.test_transport import NcclStandIn, _Hub, digest, member, run_ranks, state_of, survives_abort
 
