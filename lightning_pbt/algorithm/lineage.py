@@ -30,6 +30,7 @@ __all__ = [
     "final_records",
     "member_schedule",
     "read_lineage",
+    "records_by_member",
     "truncate_after",
     "truncate_members_after",
 ]
@@ -318,12 +319,13 @@ def _keep_records(path: Path, keep: Callable[[LineageRecord], bool]) -> int:
     return len(kept)
 
 
-def _by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord]]:
+def records_by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord]]:
+    """Each member's records in step order (file order within a step), members in order."""
     out: dict[int, list[LineageRecord]] = {}
     ordered = sorted(enumerate(records), key=lambda pair: (pair[1].step, pair[0]))
     for _, record in ordered:
         out.setdefault(record.member, []).append(record)
-    return out
+    return dict(sorted(out.items()))
 
 
 def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple[int, dict[str, Any]]]:
@@ -360,7 +362,7 @@ def member_schedule(records: Iterable[LineageRecord], member: int) -> list[tuple
         >>> member_schedule(records, 1)
         [(0, {'lr': 0.1}), (10, {'lr': 0.02})]
     """
-    by_member = _by_member(records)
+    by_member = records_by_member(records)
     if member not in by_member:
         raise ValueError(f"member {member} has no lineage records")
     # Newest first: each segment's (own step, values) entries, newest first, and the copy that began it.
@@ -403,7 +405,7 @@ def final_records(records: Iterable[LineageRecord]) -> dict[int, LineageRecord]:
     Returns:
         ``{member: its last record}``, by member id.
     """
-    return {member: recs[-1] for member, recs in sorted(_by_member(records).items())}
+    return {member: recs[-1] for member, recs in sorted(records_by_member(records).items())}
 
 
 def best_member(records: Iterable[LineageRecord], mode: str) -> int:

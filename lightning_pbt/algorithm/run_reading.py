@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_pbt.algorithm.lineage import LineageRecord
 
-__all__ = ["donor_step", "find_lineage", "infer_mode", "run_config_value"]
+__all__ = ["donor_step", "find_lineage", "finite_number", "hyperparameter_names", "infer_mode", "run_config_value"]
 
 
 def find_lineage(path: str | os.PathLike[str]) -> Path:
@@ -79,7 +79,7 @@ def infer_mode(records: Sequence[LineageRecord], run_dir: str | os.PathLike[str]
         if record.event != "exploit" or record.parent == record.member:
             continue
         mine, theirs = scores.get((record.step, record.member)), scores.get((donor_step(record), record.parent))
-        if _finite(mine) and _finite(theirs) and mine != theirs:
+        if finite_number(mine) and finite_number(theirs) and mine != theirs:
             votes += 1 if theirs > mine else -1
     if votes:
         return ("max" if votes > 0 else "min"), "the direction of the recorded exploits"
@@ -92,5 +92,16 @@ def donor_step(record: LineageRecord) -> int:
 
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real, finite number (not a bool, not a string that reads as one): what can be plotted or compared."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def hyperparameter_names(records: Iterable[LineageRecord]) -> list[str]:
+    """Every hyperparameter a run's records name, in the order they first appear."""
+    names: list[str] = []
+    for record in records:
+        for name in record.hyperparameters:
+            if name not in names:
+                names.append(name)
+    return names
