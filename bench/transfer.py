@@ -2,7 +2,7 @@
 
 "Ours" is the synchronous ready step's own transfer, ``SynchronousReadySteps._move_states``, on a
 ``PopulationGroup`` built the way ``PopulationStrategy.setup_distributed`` builds it, with the
-callback's own ``_TrainerMember`` adapter: the donor takes its training state (``state_dict`` of the
+callback's own ``TrainerMember`` adapter: the donor takes its training state (``state_dict`` of the
 model and optimizer), ``flatten_state`` + ``pack_state`` + ``send_state``; the loser flattens its own
 state (the in-place targets), ``receive_state`` (a 3-int64 header, then skeleton + messages, received
 into its own tensors when the spec hashes match) and ``load_training_state``. Only the Lightning
@@ -122,15 +122,15 @@ def build_member(total_bytes: float, seed: int) -> tuple[Any, Any]:
 
 
 def trainer_member(model: Any, optimizer: Any) -> Any:
-    """The callback's ``_TrainerMember`` over a stand-in holding what it reads from a Trainer."""
+    """The callback's ``TrainerMember`` over a stand-in holding what it reads from a Trainer."""
     import torch
 
-    from lightning_pbt.plugin.callback import _TrainerMember
+    from lightning_pbt.plugin.trainer_member import TrainerMember
 
     strategy = SimpleNamespace(root_device=torch.device("cpu"))
     trainer = SimpleNamespace(lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], callbacks=[],
                               precision_plugin=_NoPrecision(), strategy=strategy)
-    return _TrainerMember(trainer, model, callback=None)  # type: ignore[arg-type]  # apply/rejuvenate unused
+    return TrainerMember(trainer, model, lambda: None, None)  # apply/rejuvenate unused
 
 
 def perturb(model: Any, optimizer: Any) -> None:

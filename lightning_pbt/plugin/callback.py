@@ -13,33 +13,30 @@ replaced. The run ends when the last member stops.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from typing_extensions import override
 
 from lightning_pbt.algorithm.scheduler import PBTScheduler
 from lightning_pbt.algorithm.settings import PBTSettings
 from lightning_pbt.algorithm.space import Domain
-from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.optimizer_layout import optimizer_layout
 from lightning_pbt.distributed.ready_steps import protocol_class
 from lightning_pbt.distributed.ready_steps.base import Observation, PopulationBook, ReadyStepResult, ReadySteps
 from lightning_pbt.plugin.apply import (
     GroupRatios,
-    apply_hyperparameters,
     capture_group_ratios,
     check_applicable,
     check_module_names,
-    reset_weights,
 )
 
-from ._lightning import Callback, StochasticWeightAveraging, TrainerFn, WeightAveraging, pl
+from ._lightning import Callback, TrainerFn, pl
+from .readiness import epochs_done, idle_message, is_ready, monitored_score, status_metrics
 from .strategy import PopulationStrategy
+from .trainer_member import TrainerMember, weight_averages
 
 __all__ = ["PopulationBasedTraining"]
 
@@ -225,7 +222,7 @@ class PopulationBasedTraining(Callback):
             self.book.hyperparameters = dict(self.book.population[strategy.member_id]["hyperparameters"])
             if not self.synchronous:  # each member decides alone: its own random stream
                 self.scheduler.use_member_stream(strategy.member_id)
-        member = _TrainerMember(trainer, pl_module, self)
+        member = TrainerMember(trainer, pl_module, lambda: self._group_ratios, self.rejuvenate_modules)
         member.apply(self.book.hyperparameters)
         self._validations, self._monitor_seen, self._ready_at_start = 0, False, self.book.ready_count
         self._protocol = protocol_class(self.synchronous)(
@@ -256,13 +253,13 @@ class PopulationBasedTraining(Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self._validations += 1
-        score, missing = _score(trainer, self.monitor)
+        score, missing = monitored_score(trainer, self.monitor)
         self._monitor_seen |= not missing
-        if not _is_ready(trainer, self.book, self.every_n_train_steps, self.every_n_epochs):
+        if not is_ready(trainer, self.book, self.every_n_train_steps, self.every_n_epochs):
             return
         assert self._protocol is not None
         result = self._protocol.step(Observation(score, missing, trainer.global_step, trainer.current_epoch))
-        self.book.last_ready_epochs = _epochs_done(trainer)
+        self.book.last_ready_epochs = epochs_done(trainer)
         self._log_status(trainer, result)
 
     @override
@@ -400,206 +397,3 @@ def initial_population(
         }
         for member in range(num_members)
     }
-
-
-def idle_message(validations: int, monitor_seen: bool, monitor: str, interval: str) -> str:
-    """Why a fit had no ready step, and what to change.
-
-    Args:
-        validations: the validation ends of the fit.
-        monitor_seen: whether any of them logged the monitored metric.
-        monitor: its name.
-        interval: the ready interval, as the user set it (``"every_n_epochs=2"``).
-    """
-    if not validations:
-        return (
-            "no validation ran during this fit, so PopulationBasedTraining never had a ready step (a ready step "
-            "happens at a validation end; check limit_val_batches, check_val_every_n_epoch and val_check_interval)"
-        )
-    if not monitor_seen:
-        return (
-            f"validation ran {validations} time(s) but never logged {monitor!r}, and no ready step "
-            "happened; log the monitored metric in validation_step"
-        )
-    return (
-        f"validation ran {validations} time(s) but no ready step happened ({interval} was never "
-        "reached at a validation end); lower the interval or validate more often"
-    )
-
-
-def status_metrics(
-    result: ReadyStepResult, population: Mapping[int, Mapping[str, Any]], hyperparameters: Mapping[str, Any], mode: str
-) -> dict[str, float]:
-    """What a ready step logs: its timing, the best member, its score and values, and this member's values.
-
-    Args:
-        result: the ready step's result (scores, timing).
-        population: the population's status after it.
-        hyperparameters: this member's values in effect.
-        mode: ``"max"`` or ``"min"``.
-    """
-    scored = {m: s for m, s in result.scores.items() if s is not None}
-    metrics: dict[str, float] = {f"pbt/time_{name}": value for name, value in result.timing.items()}
-    if scored:
-        best = max(scored, key=lambda m: (scored[m] if mode == "max" else -scored[m], -m))
-        metrics["pbt/best_member"] = float(best)
-        metrics["pbt/best_score"] = float(scored[best])
-        for name, value in population[best]["hyperparameters"].items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                metrics[f"pbt/best_{name}"] = float(value)
-    for name, value in hyperparameters.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics[f"pbt/{name}"] = float(value)
-    return metrics
-
-
-def _is_ready(
-    trainer: pl.Trainer, book: PopulationBook, every_n_train_steps: int | None, every_n_epochs: int | None
-) -> bool:
-    """Whether this validation end is a ready step, by the interval the user set."""
-    if trainer.global_step == book.last_ready_step:  # e.g. several validations in one step
-        return False
-    if every_n_train_steps is not None:
-        return trainer.global_step - max(book.last_ready_step, 0) >= every_n_train_steps
-    if every_n_epochs is not None:
-        return _epochs_done(trainer) - book.last_ready_epochs >= every_n_epochs
-    return True
-
-
-def _score(trainer: pl.Trainer, monitor: str) -> tuple[float, bool]:
-    """The monitored metric at this validation end, and whether it was missing (NaN then)."""
-    value = trainer.callback_metrics.get(monitor)
-    if value is None:
-        return math.nan, True
-    return float(value.item() if isinstance(value, torch.Tensor) else value), False
-
-
-def _epochs_done(trainer: pl.Trainer) -> int:
-    """Completed epochs at this validation end, as :func:`epochs_completed` counts them."""
-    return epochs_completed(
-        trainer.current_epoch,
-        bool(trainer.is_last_batch),
-        trainer.fit_loop.epoch_loop.batch_idx + 1,
-        trainer.num_training_batches,
-        trainer.val_check_batch,
-    )
-
-
-def epochs_completed(
-    epoch: int, last_batch: bool, batches_done: int, batches_per_epoch: Any, validate_every: Any
-) -> int:
-    """Completed epochs at a validation end, after ``batches_done`` batches of epoch ``epoch``.
-
-    The current epoch counts once no later batch of it will validate: its last batch ran, or the next
-    validation (``validate_every`` batches on, whether Lightning counts batches per epoch or per run)
-    falls beyond its ``batches_per_epoch``. So ``every_n_epochs=1`` with ``val_check_interval=0.5`` is
-    ready at each epoch's last validation, never at a mid-epoch one. Where the next validation cannot be
-    known (an epoch of unknown length, time-based validation), only the last batch ends an epoch.
-    """
-    if last_batch:
-        return epoch + 1
-    known = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (batches_per_epoch, validate_every))
-    return epoch + 1 if known and batches_done + validate_every > batches_per_epoch else epoch
-
-
-class _TrainerMember:
-    """This rank's training state as the ready-step protocol sees it (``LocalMember``)."""
-
-    def __init__(self, trainer: pl.Trainer, module: pl.LightningModule, callback: PopulationBasedTraining) -> None:
-        self.trainer = trainer
-        self.module = module
-        self.callback = callback
-
-    @property
-    def device(self) -> torch.device:
-        return self.trainer.strategy.root_device
-
-    def training_state(self) -> dict[str, Any]:
-        trainer = self.trainer
-        return {
-            "model": trainer.lightning_module.state_dict(),
-            "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
-            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
-            "lr_scheduler_types": [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs],
-            "precision": trainer.precision_plugin.state_dict(),
-            "callbacks": {key: averaging_state(callback) for key, callback in weight_averages(trainer.callbacks)},
-        }
-
-    def load_training_state(self, state: Mapping[str, Any], model_in_place: bool) -> None:
-        trainer = self.trainer
-        module = trainer.lightning_module
-        averages = dict(weight_averages(trainer.callbacks))
-        self._check_same_kind(state, averages)
-        if not model_in_place:
-            module.load_state_dict(state["model"])
-        else:  # what arrived in the module's own parameters and buffers is there; the rest still needs loading
-            rest = transfer.outside_module(module, state["model"])
-            if rest:
-                module.load_state_dict(rest, strict=False)
-        for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
-        for config, scheduler_state in zip(trainer.lr_scheduler_configs, state["lr_schedulers"], strict=True):
-            config.scheduler.load_state_dict(scheduler_state)
-        if state["precision"]:
-            trainer.precision_plugin.load_state_dict(state["precision"])
-        for key, callback_state in state["callbacks"].items():
-            load_averaging_state(averages[key], callback_state)
-
-    def _check_same_kind(self, state: Mapping[str, Any], averages: Mapping[str, Callback]) -> None:
-        """Before anything loads: the donor's LR schedulers and weight averages are this member's kinds."""
-        schedulers = [type(config.scheduler).__name__ for config in self.trainer.lr_scheduler_configs]
-        if state["lr_scheduler_types"] != schedulers:
-            raise RuntimeError(
-                f"PopulationBasedTraining: the donor's LR schedulers {state['lr_scheduler_types']} differ from this "
-                f"member's {schedulers}, so their state cannot be copied (StochasticWeightAveraging swaps in its SWALR "
-                "when it starts: with synchronous=False start it from the first epoch, swa_epoch_start=1)"
-            )
-        if sorted(averages) != sorted(state["callbacks"]):
-            raise RuntimeError(
-                f"PopulationBasedTraining: the donor's weight-averaging callbacks {sorted(state['callbacks'])} differ "
-                f"from this member's {sorted(averages)}; every member must use the same callbacks"
-            )
-
-    def apply(self, hyperparameters: Mapping[str, Any]) -> None:
-        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
-        optimizers = self.trainer.optimizers
-        apply_hyperparameters(hyperparameters, optimizers, schedulers, self.module, self.callback._group_ratios)
-
-    def rejuvenate(self, seed: int) -> None:
-        reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.callback.rejuvenate_modules)
-
-
-# -- callbacks whose state moves with the weights ------------------------------------------------------
-def weight_averages(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
-    """The callbacks that hold model state, by ``state_key``: Lightning's weight averages
-    (``WeightAveraging``, hence ``EMAWeightAveraging``, and ``StochasticWeightAveraging``). Their running
-    average describes the weights a member holds, so it moves on an exploit with them; every other
-    callback is per-member bookkeeping (checkpoint paths, loggers, early stopping) and stays."""
-    return [
-        (callback.state_key, callback)
-        for callback in callbacks
-        if isinstance(callback, WeightAveraging | StochasticWeightAveraging)
-    ]
-
-
-def averaging_state(callback: Callback) -> dict[str, Any]:
-    """The running average a weight-averaging callback holds: its averaged weights and how many updates
-    they count (``WeightAveraging``: its ``AveragedModel``, whose state has both; SWA: its checkpoint
-    state's average model and count). Its clock (the step or epoch of its last update) is not part of
-    it: it follows the member's own steps, which an asynchronous exploit does not change."""
-    if isinstance(callback, WeightAveraging):
-        average = callback._average_model
-        return {"average": None if average is None else average.state_dict()}
-    state = callback.state_dict()
-    return {"average": state["average_model_state"], "count": state["n_averaged"]}
-
-
-def load_averaging_state(callback: Callback, state: Mapping[str, Any]) -> None:
-    if isinstance(callback, WeightAveraging):
-        if callback._average_model is not None and state["average"] is not None:
-            callback._average_model.load_state_dict(state["average"])
-        return
-    own = callback.state_dict()  # keeps this member's last update epoch and SWALR start state
-    callback.load_state_dict({**own, "average_model_state": state["average"], "n_averaged": state["count"]})
-    if callback.n_averaged is not None:  # SWA reads the count back only when it starts averaging
-        callback.n_averaged.fill_(int(state["count"]))

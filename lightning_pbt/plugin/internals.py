@@ -220,7 +220,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "WeightAveraging._average_model (the AveragedModel it builds at setup('fit'))",
         "lightning",
-        "callback.averaging_state / load_averaging_state",
+        "trainer_member.averaging_state / load_averaging_state",
         "an exploit moves the donor's running average: WeightAveraging.state_dict() holds only the last update "
         "step, the average itself is this AveragedModel's state",
         ("_average_model",),

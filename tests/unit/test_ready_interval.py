@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_pbt import LogUniform, PopulationBasedTraining
 from lightning_pbt.algorithm.scheduler import MemberPlan
 from lightning_pbt.distributed.ready_steps.base import Observation, ReadyStepResult
-from lightning_pbt.plugin.callback import epochs_completed
+from lightning_pbt.plugin.readiness import epochs_completed
 
 
 def callback(**kwargs) -> PopulationBasedTraining:

@@ -39,7 +39,7 @@ from torch import nn
 
 from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.collectives import PopulationGroup
-from lightning_pbt.plugin.callback import _TrainerMember
+from lightning_pbt.plugin.trainer_member import TrainerMember
 
 # torch's getNcclDataType (torch/csrc/distributed/c10d/NCCLUtils.hpp): every other dtype is a TypeError.
 NCCL_DTYPES = frozenset(
@@ -336,7 +336,7 @@ def test_an_in_place_receive_still_loads_state_that_is_not_the_modules_own_memor
         own = transfer.flatten_state(training_state(loser)).tensors
         received = transfer.receive_state(group, 0, own, torch.device("cpu"))
         assert received is not None and received.in_place
-        _TrainerMember(trainer, loser, None).load_training_state(
+        TrainerMember(trainer, loser, lambda: None, None).load_training_state(
             transfer.unflatten_state(received.nest, received.tensors), model_in_place=True
         )
         return loser

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.plugin.callback import _TrainerMember, averaging_state, load_averaging_state, weight_averages
+from lightning_pbt.plugin.trainer_member import TrainerMember, averaging_state, load_averaging_state, weight_averages
 
 
 class Tiny(pl.LightningModule):
@@ -94,7 +94,7 @@ def test_only_weight_averages_move_other_callbacks_stay():
     assert [key for key, _ in weight_averages(callbacks)] == [ema.state_key, swa.state_key]
 
 
-def member(schedulers: list, callbacks: list) -> _TrainerMember:
+def member(schedulers: list, callbacks: list) -> TrainerMember:
     """A rank's training state as the callback composes it, over a trainer reduced to what it reads."""
     module = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -105,7 +105,7 @@ def member(schedulers: list, callbacks: list) -> _TrainerMember:
         precision_plugin=SimpleNamespace(state_dict=dict),
         callbacks=callbacks,
     )
-    return _TrainerMember(trainer, module, None)
+    return TrainerMember(trainer, module, lambda: None, None)
 
 
 def warmup(optimizer):
