@@ -21,7 +21,8 @@ import numpy as np
 from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
 from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.pb2 import PB2
-from lightning_pbt.algorithm.space import Domain, space_from_config
+from lightning_pbt.algorithm.space import Domain
+from lightning_pbt.algorithm.space_config import space_from_config
 
 __all__ = [
     "EXPLORE_METHODS",
@@ -175,7 +176,7 @@ class PBTScheduler:
     mode) and broadcasts its plans and state. The schedule benchmark drives it directly.
 
     Args:
-        space: ``{name: Domain}`` or config forms (see :func:`lightning_pbt.algorithm.space.space_from_config`).
+        space: ``{name: Domain}`` or config forms (see :func:`lightning_pbt.algorithm.space_config.space_from_config`).
         mode: ``"max"`` or ``"min"``.
         exploit: a rule name (``"truncation"``, ``"tournament"``, ``"ttest"``) or an
             :class:`~lightning_pbt.algorithm.exploit.ExploitRule`.

@@ -22,7 +22,8 @@ from typing import Any
 from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, check_quantile_fraction, make_exploit_rule
 from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.scheduler import PBTScheduler, check_burn_in, check_explore_method
-from lightning_pbt.algorithm.space import Domain, space_from_config
+from lightning_pbt.algorithm.space import Domain
+from lightning_pbt.algorithm.space_config import space_from_config
 
 __all__ = ["REQUIRED", "PBTSettings"]
 
@@ -44,7 +45,7 @@ class PBTSettings:
 
     Attributes:
         hyperparameters: the search space, ``{name: Domain}`` or its config forms (``{type: loguniform,
-            low: .., high: ..}``, see [`space_from_config`][lightning_pbt.algorithm.space.space_from_config]).
+            low: .., high: ..}``, see [`space_from_config`][lightning_pbt.algorithm.space_config.space_from_config]).
         monitor: the logged metric that scores a member (required).
         mode: ``"max"`` or ``"min"``.
         every_n_train_steps: the ready interval in optimizer steps.

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_pbt.distributed.staging import STAGING, stages, staging_buffer
+
 __all__ = [
-    "STAGING",
     "FlatState",
     "PackedState",
     "Received",
-    "StagingPool",
     "bytes_tensor",
     "fits",
     "flatten_state",
@@ -49,7 +49,6 @@ __all__ = [
     "receive_state",
     "send_state",
     "spec_hash",
-    "stages",
     "unflatten_state",
     "unpack_messages",
 ]
@@ -218,7 +217,7 @@ def pack_messages(
             buffers[k] = buffer
         for k in pending:
             if buffers[k] is None:
-                buffers[k] = _staging_buffer(*specs[k], device, pinned=tensors[layout[k][0]].device.type == "cuda")
+                buffers[k] = staging_buffer(*specs[k], device, pinned=tensors[layout[k][0]].device.type == "cuda")
     from_gpu = False
     for k in pending:
         offset, buffer = 0, buffers[k]
@@ -231,51 +230,6 @@ def pack_messages(
     if from_gpu:  # one synchronisation for every device-to-host copy of the round
         torch.cuda.synchronize()
     return buffers  # type: ignore[return-value]
-
-
-def stages(source: torch.device, transport: torch.device) -> bool:
-    """Whether a tensor on ``source`` goes through host staging buffers for a transport on ``transport``
-    (GPU tensors over a gloo population): the one backend-dependent choice of the transfer code."""
-    return source.type == "cuda" and transport.type == "cpu"
-
-
-class StagingPool:
-    """Page-locked host memory for staging GPU tensors through a host transport; one per role and process.
-
-    :meth:`take` hands out views into one byte buffer, valid until the next :meth:`take`: a round's
-    staging is over by then (its sends and receives were waited for, its copies synchronised). The buffer
-    grows to the largest round and is then reused, so staging memory is bounded by the largest transfer
-    instead of growing with every message (torch's pinned allocator keeps what it once allocated).
-    Used from the training thread only.
-    """
-
-    ALIGN = 64
-
-    def __init__(self) -> None:
-        self._buffer: Tensor | None = None
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._buffer is None else self._buffer.numel()
-
-    def take(self, specs: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
-        """One buffer per ``(numel, dtype)``, carved out of the pool (grown first when it is too small)."""
-        offsets, total = [], 0
-        for numel, dtype in specs:
-            offsets.append(total)
-            total += -(-numel * dtype.itemsize // self.ALIGN) * self.ALIGN
-        if total > self.capacity:
-            self._buffer = None  # released before the larger one is allocated
-            self._buffer = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        buffer = self._buffer
-        assert buffer is not None or not specs
-        return [
-            buffer[offset : offset + numel * dtype.itemsize].view(dtype)  # type: ignore[index]
-            for offset, (numel, dtype) in zip(offsets, specs, strict=True)
-        ]
-
-
-STAGING = {"send": StagingPool(), "receive": StagingPool()}
 
 
 def fits(buffers: Sequence[Tensor], tensors: Sequence[Tensor], layout: Sequence[Sequence[int]]) -> bool:
@@ -296,7 +250,7 @@ def allocate_messages(
     ]
     if pinned and device.type == "cpu":
         return STAGING["receive"].take(specs)
-    return [_staging_buffer(numel, dtype, device, pinned=False) for numel, dtype in specs]
+    return [staging_buffer(numel, dtype, device, pinned=False) for numel, dtype in specs]
 
 
 def unpack_messages(
@@ -500,7 +454,7 @@ def _receive_targets(tensors: Sequence[Tensor], layout: Sequence[Sequence[int]],
         targets[k] = buffer
     for k in pending:
         if targets[k] is None:
-            targets[k] = _staging_buffer(*specs[k], device, pinned=False)
+            targets[k] = staging_buffer(*specs[k], device, pinned=False)
     return targets  # type: ignore[return-value]
 
 
@@ -521,9 +475,3 @@ def _settle_in_place(
     if to_gpu:
         torch.cuda.synchronize()
     return list(tensors)
-
-
-def _staging_buffer(numel: int, dtype: torch.dtype, device: torch.device, pinned: bool) -> Tensor:
-    """A transport buffer; page-locked host memory when it stages GPU tensors for a host transport (gloo),
-    so that the copies to and from the GPU are direct DMA."""
-    return torch.empty(numel, dtype=dtype, device=device, pin_memory=pinned and device.type == "cpu")

@@ -48,7 +48,7 @@ class PopulationBasedTraining(Callback):
 
     Args:
         hyperparameters: the search space, ``{name: Domain}`` (or the config forms of
-            :func:`lightning_pbt.algorithm.space.space_from_config`). Names that are optimizer param-group keys
+            :func:`lightning_pbt.algorithm.space_config.space_from_config`). Names that are optimizer param-group keys
             go to the optimizers; others must be in ``module.hparams`` (see :mod:`lightning_pbt.plugin.apply`).
         monitor: the logged metric that scores a member (identical on a member's ranks: log it with
             ``sync_dist=True``).

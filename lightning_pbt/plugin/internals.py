@@ -229,7 +229,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "ProcessGroupNCCL.Options._timeout",
         "torch",
-        "distributed.PopulationGroup.create",
+        "collectives.PopulationGroup.create",
         "the population's NCCL group gets the strategy's timeout (no public setter; the field of Backend.Options, "
         "pinned by tests/unit/test_transport.py)",
         ("_timeout",),

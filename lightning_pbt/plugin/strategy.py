@@ -30,7 +30,6 @@ Without the PBT callback the members train independently: a parallel random sear
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -47,10 +46,10 @@ from lightning_pbt.distributed.collectives import ESTABLISHED as _ESTABLISHED
 from lightning_pbt.distributed.collectives import (
     PopulationGroup,
     PopulationWatchdog,
-    open_store_client,
     start_watchdog,
     stop_watchdog,
 )
+from lightning_pbt.distributed.groups import create_groups, shutdown_population
 from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
 from lightning_pbt.plugin.console import quiet_console
 
@@ -153,62 +152,6 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
             # will resume from so that the members can agree on it once the groups exist.
             args, kwargs, strategy._resume_path, strategy._resume_weights_only = fit_checkpoint(trainer, args, kwargs)
     return function(*args, **kwargs)
-
-
-def _create_groups(
-    topology: PopulationTopology, backend: str, root_device: torch.device, env: Any, timeout: timedelta
-) -> tuple[PopulationGroup, str]:
-    """Create this member's process group (the default group) and the population group.
-
-    Returns:
-        The population group and the run's store prefix.
-    """
-    os.environ["MASTER_ADDR"] = env.main_address
-    os.environ["MASTER_PORT"] = str(env.main_port)
-    url = f"env://?rank={topology.world_rank}&world_size={topology.world_size}"
-    store, _, _ = next(dist.rendezvous(url, timeout=timeout))
-    # A torchrun restart reuses the agent's store: keys of an earlier attempt must not leak in.
-    prefix = f"lightning_pbt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    run_store = dist.PrefixStore(prefix, store)
-    kwargs: dict[str, Any] = {}
-    if root_device.type == "cuda":
-        torch.cuda.set_device(root_device)
-        kwargs["device_id"] = root_device
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(f"member_{topology.member_id}/", run_store),
-        rank=topology.member_rank,
-        world_size=topology.member_size,
-        timeout=timeout,
-        **kwargs,
-    )
-    # NCCL across the population only when no two of its ranks share a GPU; else gloo via host memory.
-    population_backend = topology.population_backend if backend == "nccl" else "gloo"
-    device = root_device if population_backend == "nccl" else torch.device("cpu")
-    address, port = env.main_address, env.main_port
-
-    def connect_store() -> dist.Store:
-        return dist.PrefixStore(prefix, open_store_client(address, port, timeout))
-
-    population = PopulationGroup.create(
-        run_store, topology.world_rank, topology.world_size, population_backend, device, timeout, connect_store
-    )
-    return population, prefix
-
-
-def _shutdown_population() -> None:
-    """Take the process groups down while the interpreter is still whole.
-
-    Left to interpreter teardown, a gloo backend can be destroyed after the threads it relies on, which
-    aborts the process ("terminate called without an active exception") after a successful run.
-    """
-    population = _ESTABLISHED.pop("population", None)
-    with contextlib.suppress(Exception):
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if population is not None:
-        population.shutdown()  # the host group of the asynchronous mode too
-        del population
 
 
 def _base_seed() -> int:
@@ -383,9 +326,9 @@ class PopulationStrategy(DDPStrategy):
             self._adopt_established(topology, backend)
             return
         timeout = self._timeout or DEFAULT_TIMEOUT
-        self.population, prefix = _create_groups(topology, backend, self.root_device, env, timeout)
+        self.population, prefix = create_groups(topology, backend, self.root_device, env, timeout)
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
-        atexit.register(_shutdown_population)
+        atexit.register(shutdown_population)
         self._watchdog_prefix = prefix
         self._become_member(topology, backend)
         log.debug(

@@ -291,7 +291,7 @@ def search_space(cfg: Any, prefix: str = HYPERPARAMETERS_KEY + ".") -> dict[str,
         >>> search_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}, "act": ["relu", "gelu"]})
         {'lr': LogUniform(low=0.0001, high=0.1), 'act': Choice(values=('relu', 'gelu'))}
     """
-    from lightning_pbt.algorithm.space import space_from_config
+    from lightning_pbt.algorithm.space_config import space_from_config
 
     try:
         plain = _plain(cfg)
@@ -338,7 +338,7 @@ def build_callback(cfg: Any, prefix: str = "pbt") -> Any:
     """
     from hydra.utils import instantiate
 
-    from lightning_pbt.algorithm.space import space_to_config
+    from lightning_pbt.algorithm.space_config import space_to_config
 
     space = search_space(cfg.get("hyperparameters") if cfg is not None else None, prefix=f"{prefix}.hyperparameters.")
     _check_required(cfg, prefix)

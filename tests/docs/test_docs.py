@@ -80,9 +80,9 @@ def test_site_builds_strictly_and_renders_no_raw_sphinx_role(site: Path):
         # Markdown turns the role's backticks into <code>, so look for both forms.
         raw = re.search(r":(class|func|mod|meth|attr|data|exc|obj):(`|<code>)", text)
         assert not raw, f"{page}: a Sphinx role was not converted: {raw and text[raw.start() : raw.start() + 80]}"
-    # The roles became links: ":func:`lightning_pbt.algorithm.space.space_from_config`" in the callback's docstring.
+    # The roles became links: ":func:`lightning_pbt.algorithm.space_config.space_from_config`" in the callback's docstring.
     callback = (site / "reference" / "callback" / "index.html").read_text()
-    assert 'href="../space/#lightning_pbt.algorithm.space.space_from_config"' in callback
+    assert 'href="../space/#lightning_pbt.algorithm.space_config.space_from_config"' in callback
 
 
 @pytest.mark.parametrize("module", public_modules())

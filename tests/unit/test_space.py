@@ -16,11 +16,9 @@ from lightning_pbt.algorithm.space import (
     IntUniform,
     LogUniform,
     Uniform,
-    domain_from_config,
-    space_from_config,
-    space_to_config,
     validate_hyperparameters,
 )
+from lightning_pbt.algorithm.space_config import domain_from_config, space_from_config, space_to_config
 
 FINITE = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e308, max_value=1e308)
 POSITIVE = st.floats(min_value=1e-300, max_value=1e300, allow_nan=False, allow_infinity=False)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_pbt.distributed import transfer
+from lightning_pbt.distributed import staging, transfer
 from lightning_pbt.distributed.collectives import PopulationGroup
 from lightning_pbt.plugin.trainer_member import TrainerMember
 
@@ -503,7 +503,7 @@ def test_json_broadcast_takes_one_collective_unless_the_payload_outgrows_the_buf
 
 
 def test_the_staging_pool_reuses_one_buffer_and_grows_only_to_the_largest_round():
-    pool = transfer.StagingPool()
+    pool = staging.StagingPool()
     first = pool.take([(1000, torch.float32), (3, torch.int64), (5, torch.uint8)])
     base = first[0].data_ptr()
     assert [t.dtype for t in first] == [torch.float32, torch.int64, torch.uint8]
@@ -522,7 +522,7 @@ def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwr
     same code, minus the page-locking). A state received earlier must not change when the pools are
     reused by the next transfer, received in place or not; the pools stay as large as one state."""
     monkeypatch.setattr(transfer, "stages", lambda source, transport: True)
-    for pool in transfer.STAGING.values():
+    for pool in staging.STAGING.values():
         monkeypatch.setattr(pool, "_buffer", None)
     states = [state_of(*member(seed)) for seed in (0, 1)]
     expected = [digest(state) for state in states]
@@ -539,7 +539,7 @@ def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwr
             got = transfer.receive_state(group, 0, own, torch.device("cpu"))
             assert got is not None and got.in_place is in_place
             received.append(transfer.unflatten_state(got.nest, got.tensors))
-            capacities.append(transfer.STAGING["receive"].capacity)
+            capacities.append(staging.STAGING["receive"].capacity)
         return received, capacities
 
     received, capacities = run_ranks(2, "gloo", body)[1]
@@ -550,5 +550,5 @@ def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwr
     )
     assert 0 < capacities[0] == capacities[1] <= bucketed + 64 * 20 < capacities[2] == capacities[3]
     state_bytes = sum(t.numel() * t.element_size() for t in transfer.flatten_state(states[0]).tensors)
-    for pool in transfer.STAGING.values():  # a fresh receive stages everything; a send only the buckets
+    for pool in staging.STAGING.values():  # a fresh receive stages everything; a send only the buckets
         assert 0 < pool.capacity <= state_bytes + 64 * 20

@@ -17,7 +17,8 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pbt.algorithm.space import LogUniform, Uniform, space_from_config
+from lightning_pbt.algorithm.space import LogUniform, Uniform
+from lightning_pbt.algorithm.space_config import space_from_config
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
