@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite: ruff,
+# import-linter's layer contracts from pyproject.toml, then pytest).
 # `make docs` builds the documentation site strictly.
 # `make test-versions` (slow, not part of `make test`) runs the core tests against the oldest and the
 # newest Lightning release that pyproject.toml promises.
@@ -24,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_pbt tests examples bench
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(ARGS)
 
 # The GPU tier on a CUDA machine whose python already has torch, Lightning and pytest (no set-up, no

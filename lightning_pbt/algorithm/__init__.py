@@ -7,3 +7,5 @@ It may import only this package (``lightning_pbt.algorithm``), the standard libr
 (torch only where a value is a tensor): never ``torch.distributed``, Lightning or any other layer of
 lightning_pbt (import-linter's contracts in ``pyproject.toml`` keep this).
 """
+
+__all__: list[str] = []  # the layer exports nothing itself: import from its modules

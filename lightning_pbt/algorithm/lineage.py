@@ -320,7 +320,11 @@ def _keep_records(path: Path, keep: Callable[[LineageRecord], bool]) -> int:
 
 
 def records_by_member(records: Iterable[LineageRecord]) -> dict[int, list[LineageRecord]]:
-    """Each member's records in step order (file order within a step), members in order."""
+    """Each member's records in step order (file order within a step), members in order.
+
+    Args:
+        records: a run's lineage records, in file order.
+    """
     out: dict[int, list[LineageRecord]] = {}
     ordered = sorted(enumerate(records), key=lambda pair: (pair[1].step, pair[0]))
     for _, record in ordered:

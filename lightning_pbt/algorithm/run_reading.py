@@ -41,7 +41,13 @@ def find_lineage(path: str | os.PathLike[str]) -> Path:
 
 
 def run_config_value(run_dir: str | os.PathLike[str] | None, key: str) -> tuple[Any, Path | None]:
-    """``key`` from the run's ``.hydra/config.yaml`` (a Hydra app's run directory), else ``None``."""
+    """``(value, config file)``: ``key`` from the run's ``.hydra/config.yaml`` (a Hydra app's run directory),
+    ``None`` when the run has no such file or key (or the file cannot be read).
+
+    Args:
+        run_dir: the run directory (``None``: no run directory known).
+        key: a dotted key, e.g. ``"pbt.mode"``.
+    """
     if run_dir is None:
         return None, None
     config = Path(run_dir) / ".hydra" / "config.yaml"
@@ -87,18 +93,30 @@ def infer_mode(records: Sequence[LineageRecord], run_dir: str | os.PathLike[str]
 
 
 def donor_step(record: LineageRecord) -> int:
-    """The parent's step whose state an exploit copied (the same step, except in asynchronous runs)."""
+    """The parent's step whose state an exploit copied (the same step, except in asynchronous runs).
+
+    Args:
+        record: an exploit's lineage record.
+    """
     return record.step if record.donor_step is None else record.donor_step
 
 
 
 def finite_number(value: Any) -> bool:
-    """A real, finite number (not a bool, not a string that reads as one): what can be plotted or compared."""
+    """A real, finite number (not a bool, not a string that reads as one): what can be plotted or compared.
+
+    Args:
+        value: a score or hyperparameter value as the lineage holds it.
+    """
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def hyperparameter_names(records: Iterable[LineageRecord]) -> list[str]:
-    """Every hyperparameter a run's records name, in the order they first appear."""
+    """Every hyperparameter a run's records name, in the order they first appear.
+
+    Args:
+        records: a run's lineage records.
+    """
     names: list[str] = []
     for record in records:
         for name in record.hyperparameters:

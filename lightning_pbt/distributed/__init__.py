@@ -8,3 +8,5 @@ What belongs here: whatever every rank must do together (or in a known order) ov
 torch, ``torch.distributed`` and :mod:`lightning_pbt.algorithm`; never Lightning, ``lightning_pbt.plugin``
 or ``lightning_pbt.tools`` (import-linter's layers contract in ``pyproject.toml``).
 """
+
+__all__: list[str] = []  # the layer exports nothing itself: import from its modules

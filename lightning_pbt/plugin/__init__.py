@@ -9,3 +9,5 @@ through ``._lightning`` and each other through relative imports, because :mod:`l
 loads them a second time on ``lightning.pytorch``. It may import :mod:`lightning_pbt.distributed` and
 :mod:`lightning_pbt.algorithm`; never ``lightning_pbt.tools`` (import-linter's layers contract).
 """
+
+__all__: list[str] = []  # the layer exports nothing itself: import from its modules

@@ -71,7 +71,14 @@ def status_metrics(
 def is_ready(
     trainer: pl.Trainer, book: PopulationBook, every_n_train_steps: int | None, every_n_epochs: int | None
 ) -> bool:
-    """Whether this validation end is a ready step, by the interval the user set."""
+    """Whether this validation end is a ready step, by the interval the user set.
+
+    Args:
+        trainer: the member's Trainer, at a validation end.
+        book: what this rank knows of the population (its last ready step and epochs).
+        every_n_train_steps: the interval in optimizer steps (``None``: not set).
+        every_n_epochs: the interval in epochs (``None``: not set); with neither, every validation end.
+    """
     if trainer.global_step == book.last_ready_step:  # e.g. several validations in one step
         return False
     if every_n_train_steps is not None:
@@ -82,7 +89,12 @@ def is_ready(
 
 
 def monitored_score(trainer: pl.Trainer, monitor: str) -> tuple[float, bool]:
-    """The monitored metric at this validation end, and whether it was missing (NaN then)."""
+    """The monitored metric at this validation end, and whether it was missing (NaN then).
+
+    Args:
+        trainer: the member's Trainer, at a validation end.
+        monitor: the metric's name in ``trainer.callback_metrics``.
+    """
     value = trainer.callback_metrics.get(monitor)
     if value is None:
         return math.nan, True
@@ -90,7 +102,11 @@ def monitored_score(trainer: pl.Trainer, monitor: str) -> tuple[float, bool]:
 
 
 def epochs_done(trainer: pl.Trainer) -> int:
-    """Completed epochs at this validation end, as :func:`epochs_completed` counts them."""
+    """Completed epochs at this validation end, as :func:`epochs_completed` counts them.
+
+    Args:
+        trainer: the member's Trainer, at a validation end.
+    """
     return epochs_completed(
         trainer.current_epoch,
         bool(trainer.is_last_batch),
@@ -110,6 +126,13 @@ def epochs_completed(
     falls beyond its ``batches_per_epoch``. So ``every_n_epochs=1`` with ``val_check_interval=0.5`` is
     ready at each epoch's last validation, never at a mid-epoch one. Where the next validation cannot be
     known (an epoch of unknown length, time-based validation), only the last batch ends an epoch.
+
+    Args:
+        epoch: the current epoch.
+        last_batch: whether the batch just done is the epoch's last.
+        batches_done: the batches done in this epoch.
+        batches_per_epoch: the epoch's length in batches (``inf`` or unknown for an iterable of no length).
+        validate_every: the batches between validations (Lightning's ``val_check_batch``).
     """
     if last_batch:
         return epoch + 1

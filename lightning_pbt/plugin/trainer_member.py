@@ -22,7 +22,14 @@ __all__ = ["TrainerMember", "averaging_state", "load_averaging_state", "weight_a
 
 
 class TrainerMember:
-    """This rank's training state as the ready-step protocol sees it (``LocalMember``)."""
+    """This rank's training state as the ready-step protocol sees it (``LocalMember``).
+
+    Args:
+        trainer: the member's Trainer.
+        module: its LightningModule.
+        group_ratios: returns the optimizers' param-group ratios taken at fit start (``None`` before).
+        rejuvenate_modules: the submodules a rejuvenation re-initialises (``None``: all).
+    """
 
     def __init__(
         self,
@@ -100,7 +107,11 @@ def weight_averages(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]
     """The callbacks that hold model state, by ``state_key``: Lightning's weight averages
     (``WeightAveraging``, hence ``EMAWeightAveraging``, and ``StochasticWeightAveraging``). Their running
     average describes the weights a member holds, so it moves on an exploit with them; every other
-    callback is per-member bookkeeping (checkpoint paths, loggers, early stopping) and stays."""
+    callback is per-member bookkeeping (checkpoint paths, loggers, early stopping) and stays.
+
+    Args:
+        callbacks: the Trainer's callbacks.
+    """
     return [
         (callback.state_key, callback)
         for callback in callbacks
@@ -112,7 +123,11 @@ def averaging_state(callback: Callback) -> dict[str, Any]:
     """The running average a weight-averaging callback holds: its averaged weights and how many updates
     they count (``WeightAveraging``: its ``AveragedModel``, whose state has both; SWA: its checkpoint
     state's average model and count). Its clock (the step or epoch of its last update) is not part of
-    it: it follows the member's own steps, which an asynchronous exploit does not change."""
+    it: it follows the member's own steps, which an asynchronous exploit does not change.
+
+    Args:
+        callback: a weight-averaging callback (see :func:`weight_averages`).
+    """
     if isinstance(callback, WeightAveraging):
         average = callback._average_model
         return {"average": None if average is None else average.state_dict()}
@@ -121,6 +136,12 @@ def averaging_state(callback: Callback) -> dict[str, Any]:
 
 
 def load_averaging_state(callback: Callback, state: Mapping[str, Any]) -> None:
+    """Put a donor's running average (:func:`averaging_state`) into this member's callback; its clock stays.
+
+    Args:
+        callback: this member's weight-averaging callback.
+        state: the donor's :func:`averaging_state` of the same callback.
+    """
     if isinstance(callback, WeightAveraging):
         if callback._average_model is not None and state["average"] is not None:
             callback._average_model.load_state_dict(state["average"])

@@ -5,3 +5,5 @@ What belongs here: what a user runs before or after training, never code a runni
 It may import every other layer (plugin, distributed, algorithm); nothing in lightning_pbt imports it
 except the public command ``python -m lightning_pbt.report`` (import-linter's layers contract).
 """
+
+__all__: list[str] = []  # the layer exports nothing itself: import from its modules

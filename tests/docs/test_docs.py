@@ -37,9 +37,10 @@ MARKDOWN = [*PAGES, REPO / "README.md"]
 FENCE = re.compile(
     r"(?:<!-- docs-test: (?P<mode>[\w-]+)(?: (?P<arg>\S+))? -->\n)?```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)```", re.S
 )
-# Modules that are not part of the reference: private ones, and the flavour package, which re-exports
-# the glue modules' names (its page documents it as a whole).
-NOT_IN_REFERENCE = {"lightning"}
+# Modules that are not part of the reference: private ones, the flavour package, which re-exports the
+# glue modules' names (its page documents it as a whole), and the packages that keep public paths of the
+# flat layout (``lightning_pbt.space``, ``python -m lightning_pbt.report`` / ``.internals``).
+NOT_IN_REFERENCE = {"lightning", "space", "report", "internals"}
 
 
 def blocks(lang: str) -> list[tuple[str, str | None, str | None, str]]:
@@ -67,10 +68,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def public_modules() -> list[str]:
-    return sorted(
-        info.name for info in pkgutil.iter_modules(lightning_pbt.__path__)
-        if not info.name.startswith("_") and info.name not in NOT_IN_REFERENCE
-    )
+    """Every module and subpackage of lightning_pbt with a reference page, as ``layer.module`` paths."""
+    found = []
+    for info in pkgutil.walk_packages(lightning_pbt.__path__, "lightning_pbt."):
+        parts = info.name.split(".")[1:]
+        if parts[0] not in NOT_IN_REFERENCE and not any(part.startswith("_") for part in parts):
+            found.append(".".join(parts))
+    return sorted(found)
+
+
+def page_of(module: str) -> str:
+    """The reference page of ``layer.module`` in the built site: docs/reference/<layer>/<module>.md."""
+    return "/".join(module.split(".")) + "/index.html"
 
 
 def test_site_builds_strictly_and_renders_no_raw_sphinx_role(site: Path):
@@ -80,14 +89,15 @@ def test_site_builds_strictly_and_renders_no_raw_sphinx_role(site: Path):
         # Markdown turns the role's backticks into <code>, so look for both forms.
         raw = re.search(r":(class|func|mod|meth|attr|data|exc|obj):(`|<code>)", text)
         assert not raw, f"{page}: a Sphinx role was not converted: {raw and text[raw.start() : raw.start() + 80]}"
-    # The roles became links: ":func:`lightning_pbt.algorithm.space_config.space_from_config`" in the callback's docstring.
-    callback = (site / "reference" / "callback" / "index.html").read_text()
-    assert 'href="../space/#lightning_pbt.algorithm.space_config.space_from_config"' in callback
+    # The roles became links: ":func:`lightning_pbt.algorithm.space_config.space_from_config`" in the callback's
+    # docstring.
+    callback = (site / "reference" / page_of("plugin.callback")).read_text()
+    assert 'href="../../algorithm/space_config/#lightning_pbt.algorithm.space_config.space_from_config"' in callback
 
 
 @pytest.mark.parametrize("module", public_modules())
 def test_every_public_name_has_a_reference_entry(site: Path, module: str):
-    page = site / "reference" / module / "index.html"
+    page = site / "reference" / page_of(module)
     assert page.exists(), f"lightning_pbt.{module} has no page under docs/reference/ (add it and to mkdocs.yml)"
     html = page.read_text()
     names = importlib.import_module(f"lightning_pbt.{module}").__all__
@@ -98,7 +108,7 @@ def test_every_public_name_has_a_reference_entry(site: Path, module: str):
 def test_every_top_level_name_is_documented_where_it_is_defined(site: Path):
     for name in lightning_pbt.__all__:
         module = getattr(lightning_pbt, name).__module__
-        page = site / "reference" / module.split(".")[1] / "index.html"
+        page = site / "reference" / page_of(module.split(".", 1)[1])
         assert f'id="{module}.{name}"' in page.read_text(), f"lightning_pbt.{name}: no entry in {page}"
         assert f"{module}.{name}" in (site / "reference" / "index.html").read_text(), f"{name} not in the index"
 
@@ -221,8 +231,11 @@ def documented_parameters(obj: object) -> set[str]:
 # (SynchronousReadySteps repeats ReadySteps' arguments) and transfer's functions, whose docstrings say
 # what each does but not argument by argument.
 FULLY_DOCUMENTED = [
-    *("apply", "callback", "distributed", "exploit", "explore", "hydra_configs", "internals", "lineage", "pb2"),
-    *("replay", "report", "scheduler", "serving", "space", "strategy", "topology"),
+    *("algorithm.exploit", "algorithm.explore", "algorithm.lineage", "algorithm.pb2", "algorithm.run_reading"),
+    *("algorithm.scheduler", "algorithm.space", "algorithm.space_config", "algorithm.topology"),
+    *("distributed.collectives", "distributed.groups", "distributed.serving"),
+    *("plugin.apply", "plugin.callback", "plugin.internals", "plugin.readiness", "plugin.replay", "plugin.strategy"),
+    *("plugin.trainer_member", "tools.hydra_configs", "tools.plots", "tools.report"),
 ]
 
 

@@ -122,7 +122,7 @@ def test_members_start_from_different_weights(default_run):
 
 def test_report_command_on_a_finished_run(default_run, tmp_path):
     _, run_dir = default_run
-    proc = run_job([sys.executable, "-m", "lightning_pbt.tools.report", str(run_dir), "--out", str(tmp_path)], 60)
+    proc = run_job([sys.executable, "-m", "lightning_pbt.report", str(run_dir), "--out", str(tmp_path)], 60)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "## Best member:" in proc.stdout
     assert "pbt.mode in" in proc.stdout  # the mode came from the run's Hydra config
