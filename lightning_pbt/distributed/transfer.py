@@ -198,8 +198,9 @@ def pack_messages(
 
     GPU tensors bound for host memory (a gloo population) are staged in this process's page-locked send
     pool (:class:`~lightning_pbt.distributed.staging.StagingPool`) with non-blocking copies and one
-    synchronisation; ``copy=True`` (a snapshot that must outlive the round) gets buffers of its own instead. ``out``: buffers of an earlier packing of
-    the same layout (:func:`fits`), written again instead of allocating new ones.
+    synchronisation; ``copy=True`` (a snapshot that must outlive the round) gets buffers of its own
+    instead. ``out``: buffers of an earlier packing of the same layout (:func:`fits`), written again
+    instead of allocating new ones.
     """
     buffers: list[Tensor | None] = []
     for indices in layout:
