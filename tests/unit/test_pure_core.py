@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_pbt" / "algorithm"
-CORE = ("space", "exploit", "explore", "scheduler", "lineage", "pb2", "comparable", "settings")
+CORE = tuple(sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"))
 ALLOWED_THIRD_PARTY = {"numpy"}
-EXTRA_THIRD_PARTY = {"pb2": {"scipy"}}  # its linear algebra and acquisition optimisation
+EXTRA_THIRD_PARTY = {
+    "pb2": {"scipy"},  # its linear algebra and acquisition optimisation
+    "run_reading": {"omegaconf"},  # a finished Hydra run's .hydra/config.yaml, read lazily
+}
 
 
 def imported_modules(tree: ast.Module) -> set[str]:
