@@ -218,9 +218,10 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from lightning_pbt import LogUniform, transfer
+    from lightning_pbt import LogUniform
     from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
     from lightning_pbt.algorithm.topology import PopulationTopology
+    from lightning_pbt.distributed import transfer
     from lightning_pbt.distributed.collectives import PopulationGroup
     from lightning_pbt.distributed.ready_steps.base import PopulationBook
     from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
