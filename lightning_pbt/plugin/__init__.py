@@ -4,9 +4,10 @@ hyperparameters into optimizers and modules (``apply``), per-member outputs and 
 checked list of Lightning internals we rely on (``internals``).
 
 What belongs here: code that needs a Trainer, a LightningModule or Lightning's classes. The modules that
-subclass Lightning (``_lightning``, ``callback``, ``outputs``, ``replay``, ``strategy``) reach Lightning only
-through ``._lightning`` and each other through relative imports, because :mod:`lightning_pbt.lightning`
-loads them a second time on ``lightning.pytorch``. It may import :mod:`lightning_pbt.distributed` and
+use Lightning's classes (``lightning_pbt.lightning.GLUE_MODULES``: ``_lightning``, ``callback``,
+``outputs``, ``readiness``, ``replay``, ``strategy``, ``trainer_member``) reach Lightning only through
+``._lightning`` and each other through relative imports, because :mod:`lightning_pbt.lightning` loads
+them a second time on ``lightning.pytorch``. It may import :mod:`lightning_pbt.distributed` and
 :mod:`lightning_pbt.algorithm`; never ``lightning_pbt.tools`` (import-linter's layers contract).
 """
 
