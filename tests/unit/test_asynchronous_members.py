@@ -222,4 +222,3 @@ def test_waiting_for_peers_compares_the_peers_score_of_the_same_step(tmp_path):
     assert line.extra["in_step"] and 0.0 < line.extra["waited_s"] < 30.0
     assert (plan.event, plan.parent, line.donor_step) == ("exploit", DONOR, 8)
     assert held == snapshot
-
