@@ -285,32 +285,6 @@ def test_snapshots_between_ready_steps_are_copied_bit_exactly(tmp_path):
             )
 
 
-def test_waiting_for_peers_compares_fresh_scores(tmp_path):
-    """With ``wait_for_peers=1.0`` member 0, faster, waits at each ready step until member 1 (always better,
-    2/3 of its speed) has scored at the same step: every decision of member 0 ranks member 1's score of
-    that very step, which without the wait it has not published yet (a decision would rank its older one)."""
-    out = tmp_path / "wait_for_peers"
-    proc = run_population(
-        out,
-        flavour="lightning",
-        synchronous=False,
-        devices=2,
-        member_size=1,
-        max_steps=16,
-        every=4,
-        wait_for_peers=1.0,
-        member_delays={"0": 0.04, "1": 0.06},
-        monitor="member_const",
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    lines = [r for r in ready_lines(out) if r["member"] == 0 and r["step"] < 16]
-    assert [r["step"] for r in lines] == [4, 8, 12]
-    for rec in lines:
-        assert rec["extra"]["compared"]["1"]["progress"] == rec["step"], rec
-        assert rec["extra"]["waited_s"] > 0.0
-        assert rec["event"] == "exploit" and rec["parent"] == 1
-
-
 def test_members_that_wait_for_peers_at_equal_speeds_make_lockstep_decisions(tmp_path):
     """4 members of equal speed (validation accuracy, which differs between members and moves): with
     ``wait_for_peers`` each member sees the whole population at its ready step, carries out its part of
