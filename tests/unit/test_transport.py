@@ -345,6 +345,61 @@ def test_an_in_place_receive_still_loads_state_that_is_not_the_modules_own_memor
     assert digest(loser.state_dict()) == digest(donor.state_dict())
 
 
+class StridedWeights(nn.Module):
+    """Weights whose memory is not in their logical order, at real sizes: a channels_last convolution
+    (1.2 MB) and a parameter that is a transposed view (1 MB); Adam's moments keep their layouts. Each is
+    a message of its own that cannot be received into the tensor itself: it lands in a staging buffer."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(128, 256, 3).to(memory_format=torch.channels_last)
+        self.proj = nn.Parameter(torch.randn(512, 512).t())
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        self(torch.randn(2, 128, 5, 5)).pow(2).sum().backward()
+        self.optimizer.step()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(1)[:, :512] @ self.proj
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
+def test_a_synchronous_copy_of_channels_last_and_transposed_weights_reaches_the_losers_own_tensors(backend):
+    """Lockstep's exploit (``SynchronousReadySteps._move_states``) of members with equal specs receives in
+    place; a non-contiguous tensor arrives in a staging buffer and must be copied into the loser's own
+    tensor, which keeps its identity and memory format. The loser then holds the donor's state exactly."""
+    from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
+    from lightning_pbt.scheduler import MemberPlan
+    from lightning_pbt.topology import PopulationTopology
+
+    models = [StridedWeights(seed) for seed in (0, 1)]
+    donor_state = state_of(models[0], models[0].optimizer)
+    expected = digest(donor_state)
+    assert not models[1].conv.weight.is_contiguous() and not models[1].proj.is_contiguous()
+    assert digest(state_of(models[1], models[1].optimizer))[1:] != expected[1:]
+    weight, proj, memory = models[1].conv.weight, models[1].proj, models[1].conv.weight.data_ptr()
+
+    def body(group: PopulationGroup) -> object:
+        model = models[group.rank]
+        trainer = SimpleNamespace(
+            lightning_module=model, optimizers=[model.optimizer], lr_scheduler_configs=[], callbacks=[],
+            precision_plugin=SimpleNamespace(state_dict=dict), strategy=SimpleNamespace(root_device=group.device),
+        )  # fmt: skip
+        steps = SynchronousReadySteps(
+            population=group, topology=PopulationTopology(world_size=2, world_rank=group.rank), namespace="pbt/0",
+            scheduler=None, book=PopulationBook(), member=_TrainerMember(trainer, model, None), mode="max",
+            monitor="val_acc", seed=0,
+        )  # fmt: skip
+        steps._move_states({0: MemberPlan(0, "keep", 0, {}), 1: MemberPlan(1, "exploit", 0, {})})
+        return None
+
+    run_ranks(2, backend.split("-")[0], body)
+    loser = models[1]
+    assert digest(state_of(loser, loser.optimizer)) == expected
+    assert loser.conv.weight is weight and loser.proj is proj and loser.conv.weight.data_ptr() == memory
+    assert loser.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("backend", ["gloo", "nccl-semantics"])
 @pytest.mark.parametrize("copy", [True, False], ids=["snapshot", "live"])
 @survives_abort
