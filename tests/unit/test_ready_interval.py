@@ -130,6 +130,16 @@ def test_every_n_train_steps_takes_the_first_validation_far_enough():
     assert steps == [15, 30, 45, 60]
 
 
+def test_the_first_every_n_train_steps_ready_step_is_n_steps_after_the_start():
+    """Validation every 3 steps, ``every_n_train_steps=10``: the first ready step is the first validation at
+    least 10 steps after the start (12), not the validation at step 9 (counting from the "no ready step
+    yet" marker, -1, would make 9 - (-1) = 10 enough and shift the whole schedule: 9, 21, ...)."""
+    steps = ready_steps(
+        callback(every_n_train_steps=10), 40, max_steps=36, val_check_interval=3, check_val_every_n_epoch=None
+    )
+    assert steps == [12, 24, 36]
+
+
 def test_epochs_completed_when_the_next_validation_is_unknown():
     # An epoch of unknown length (an iterable dataset) or time-based validation: only its last batch ends it.
     assert epochs_completed(2, False, 40, float("inf"), 20) == 2

@@ -83,6 +83,34 @@ def test_members_with_different_optimizers_stop_every_rank_with_the_same_message
     assert not (tmp_path / "lineage.jsonl").exists()  # refused before the lineage was opened
 
 
+def sized_layout(out_features: int) -> list:
+    """One SGD param group of a ``Linear(10, out_features)``: two parameters whatever the size."""
+    return optimizer_layout([torch.optim.SGD(torch.nn.Linear(10, out_features).parameters(), lr=0.1)])
+
+
+def test_param_groups_that_differ_only_in_size_stop_every_rank_naming_the_sizes(tmp_path):
+    """Same optimizer, same param-group count, parameter count and keys; only the sizes differ (a member
+    built with another width): every rank says so, with both sizes, and blames nothing else."""
+    errors = start(tmp_path, {0: sized_layout(5), 1: sized_layout(6)})
+    assert errors[0] == errors[1]
+    assert "the optimizers of world ranks [1] differ from world rank 0's" in errors[0]
+    assert "param group 0 holds 2 parameter(s) of 55 elements in the donor, 2 of 66 in the loser" in errors[0]
+    assert "weight-averaging" not in errors[0]
+    assert not (tmp_path / "lineage.jsonl").exists()
+
+
+def test_a_difference_no_check_names_is_reported_as_it_is(tmp_path, monkeypatch):
+    """Should the fingerprint ever cover more than the optimizer comparison reads (a field added to the
+    layout), the error shows both ranks' layouts instead of blaming the weight averages, which are equal."""
+    from lightning_pbt.distributed.ready_steps import base
+
+    monkeypatch.setattr(base, "describe_layout_mismatch", lambda donor, loser: None)
+    errors = start(tmp_path, {0: sized_layout(5), 1: sized_layout(6)})
+    assert errors[0] == errors[1] and "weight-averaging" not in errors[0]
+    assert "laid out differently from world rank 0's" in errors[0]
+    assert "'numel': 55" in errors[0] and "'numel': 66" in errors[0]
+
+
 @survives_abort
 def test_members_with_different_weight_averages_stop_every_rank_with_the_same_message(tmp_path):
     errors = start(tmp_path, {0: layout(2, 1), 1: layout(2, 1)}, averages={0: ["EMAWeightAveraging"], 1: []})

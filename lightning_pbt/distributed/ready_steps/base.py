@@ -199,10 +199,19 @@ class ReadySteps(ABC):
                     f"so members could not copy each other's state (rank 0 as donor, rank {differing[0]} as loser: "
                     f"{mismatch}); every member must build the same optimizers and param groups"
                 )
+            if other["averages"] != reference["averages"]:
+                raise RuntimeError(
+                    f"PopulationBasedTraining: the weight-averaging callbacks of world ranks {differing} "
+                    f"({other['averages']} on rank {differing[0]}) differ from world rank 0's "
+                    f"({reference['averages']}), so members could not copy each other's averages; every member "
+                    "must use the same callbacks"
+                )
+            # Not reached while the two checks above compare all that the fingerprint covers; never blame
+            # the averages (or anything) for a difference neither check names.
             raise RuntimeError(
-                f"PopulationBasedTraining: the weight-averaging callbacks of world ranks {differing} "
-                f"({other['averages']} on rank {differing[0]}) differ from world rank 0's ({reference['averages']}), "
-                "so members could not copy each other's averages; every member must use the same callbacks"
+                f"PopulationBasedTraining: the training state of world ranks {differing} is laid out differently "
+                f"from world rank 0's (rank 0: {reference}; rank {differing[0]}: {other}), so members could not "
+                "copy each other's state; every member must build the same optimizers and callbacks"
             )
         error = None
         if topology.world_rank == 0:
