@@ -284,6 +284,33 @@ def test_the_gp_follows_an_optimum_that_moves_with_time() -> None:
     assert mutations == [f"lr: 0.5 -> {values['lr']:.4g} (pb2)"]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_model_explains_a_moving_optimum_by_the_time_between_observations(seed: int) -> None:
+    """The GP is fitted on the time between observations, as its predictions use it: where large rates
+    won early and small ones win late (the optimum moves at step 60), the fitted model predicts each at its
+    time, decisively (by more than one standard deviation of the gains), and forgets with time (a decay
+    eps well above its floor); where the optimum stays put, it does not forget (eps at its floor). A fit
+    blind to time sees the moving optimum as noise around an average of the two."""
+    space = {"lr": LogUniform(1e-4, 1.0)}
+
+    def fitted(moving: bool):
+        g = np.random.default_rng(seed)
+        points = []
+        for i in range(48):
+            step, u = 10 * (i // 4), float(g.uniform(0, 1))
+            best = (0.8 if step < 60 else 0.2) if moving else 0.5
+            points.append((step, 10 ** (-4 + 4 * u), math.exp(-((u - best) ** 2) / 0.02) + 0.02 * float(g.normal())))
+        model = observed(space, points).model()
+        assert model is not None
+        return model
+
+    (gp, unit), (steady, _) = fitted(moving=True), fitted(moving=False)
+    early_winner, late_winner = np.array([[0.8]]), np.array([[0.2]])
+    assert float(gp.mean(early_winner, 10 / unit)[0] - gp.mean(late_winner, 10 / unit)[0]) > 1.0
+    assert float(gp.mean(late_winner, 120 / unit)[0] - gp.mean(early_winner, 120 / unit)[0]) > 1.0
+    assert gp.theta[2] > 0.1 and steady.theta[2] < 0.01
+
+
 def test_a_batch_of_losers_spreads_out() -> None:
     space = {"lr": LogUniform(1e-4, 1.0)}
     g = np.random.default_rng(2)
