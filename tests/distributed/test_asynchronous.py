@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import load_lineage, load_ranks, run_population
 
@@ -220,6 +221,43 @@ def test_resume_continues_each_members_lineage(tmp_path):
     restored = {r["member"]: r["hyperparameters"] for r in before if r["step"] == 12}
     first_after = {r["step"]: r for r in ranks[0]["before"]}[16]
     assert first_after["lr"] == pytest.approx(restored[0]["lr"])
+
+
+def test_a_killed_two_rank_member_resumes_with_its_ranks_at_one_ready_step(tmp_path):
+    """2 members x 2 ranks; member 1's second rank is killed at step 14, which ends the run. On resume with
+    ckpt_path="last", member 0's second rank is given its member's checkpoint of ready step 8 (as a rank
+    whose node keeps older files would be), its first rank the last one (12 or later). The ranks of one
+    member must resume together: member 0 rolls back to step 8 on both ranks, while member 1 resumes at
+    its own last ready step (members of an asynchronous run need not agree). Every ready step of each
+    member is in the lineage once, and the ranks of each member hold the same weights after each of them."""
+    common = {"synchronous": False, "devices": 4, "member_size": 2, "every": EVERY, "ckpt_every": EVERY}
+    common["monitor"] = "member_const"  # member 0 copies member 1 whenever it can: copies are in the checkpoints
+    # Member 1 is slower: member 0 is past step 8 when member 1's rank is killed.
+    killed = run_population(
+        tmp_path, timeout=120, max_steps=400, kill_world_rank=3, kill_at=14, slow_members=[1], slow_delay=0.05, **common
+    )
+    assert killed.returncode != 0 and (tmp_path / "killed_at").exists(), killed.stdout[-4000:]
+    last = {m: torch.load(tmp_path / "ckpt" / f"member_{m}" / "last.ckpt", weights_only=True) for m in (0, 1)}
+    assert last[0]["global_step"] > 8 and last[1]["global_step"] >= 12, {m: c["global_step"] for m, c in last.items()}
+    resumed = run_population(tmp_path, timeout=150, max_steps=24, resume=True, resume_step_by_rank={"1": 8}, **common)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    lineage = ready_lines(tmp_path)
+    for member in (0, 1):
+        steps = sorted(r["step"] for r in lineage if r["member"] == member)
+        assert steps == list(range(EVERY, 25, EVERY)), (member, steps)
+    by_member = defaultdict(list)
+    for rank in load_ranks(tmp_path):
+        by_member[rank["member"]].append(rank)
+    assert sorted(by_member) == [0, 1] and all(len(ranks) == 2 for ranks in by_member.values())
+    first_step = {}
+    for member, ranks in by_member.items():
+        assert all(r["global_step"] == 24 for r in ranks)
+        first_step[member] = min(r["step"] for r in ranks[0]["after"])
+        for step in {r["step"] for r in ranks[0]["after"]}:
+            assert len({next(x["model"] for x in r["after"] if x["step"] == step) for r in ranks}) == 1, step
+        assert ranks[0]["hyperparameters"] == [r for r in lineage if r["member"] == member][-1]["hyperparameters"]
+    # Member 0 trained again from step 8 on both ranks; member 1 from its own last ready step.
+    assert first_step == {0: 12, 1: last[1]["global_step"] + EVERY}
 
 
 def test_a_donor_that_fails_while_serving_ends_the_run_with_its_error(tmp_path):

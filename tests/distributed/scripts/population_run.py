@@ -313,6 +313,10 @@ if cfg.get("serve_fail_member") == MEMBER:  # this member's snapshot server brea
 
     lightning_pbt.distributed.transfer.send_state = broken_send
 ckpt_path = "last" if cfg.get("resume") else None
+resume_step = cfg.get("resume_step_by_rank", {}).get(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+if ckpt_path and resume_step is not None:  # this rank is given an older checkpoint of its member than "last"
+    folder = os.path.join(out, "ckpt", f"member_{MEMBER}")
+    ckpt_path = next(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(f"-step={resume_step}.ckpt"))
 try:
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
 except Exception as error:  # each rank leaves its own error behind: the tests check every rank raised
