@@ -241,6 +241,8 @@ def test_a_killed_two_rank_member_resumes_with_its_ranks_at_one_ready_step(tmp_p
     assert last[0]["global_step"] > 8 and last[1]["global_step"] >= 12, {m: c["global_step"] for m, c in last.items()}
     resumed = run_population(tmp_path, timeout=150, max_steps=24, resume=True, resume_step_by_rank={"1": 8}, **common)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "member 0 resumes from" in resumed.stdout and "step=8.ckpt (ready step 8, as the others)" in resumed.stdout
+    assert "member 1 resumes from" not in resumed.stdout
     lineage = ready_lines(tmp_path)
     for member in (0, 1):
         steps = sorted(r["step"] for r in lineage if r["member"] == member)
