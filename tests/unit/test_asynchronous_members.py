@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
-from lightning_pbt.apply import optimizer_layout
-from lightning_pbt.distributed import PopulationGroup
-from lightning_pbt.lineage import read_lineage
-from lightning_pbt.ready_steps import AsynchronousReadySteps, Observation, PopulationBook
-from lightning_pbt.scheduler import PBTScheduler
-from lightning_pbt.space import LogUniform
-from lightning_pbt.topology import PopulationTopology
+from lightning_pbt.algorithm.lineage import read_lineage
+from lightning_pbt.algorithm.scheduler import PBTScheduler
+from lightning_pbt.algorithm.space import LogUniform
+from lightning_pbt.algorithm.topology import PopulationTopology
+from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.distributed.optimizer_layout import optimizer_layout
+from lightning_pbt.distributed.ready_steps.asynchronous import AsynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.base import Observation, PopulationBook
 from tests.unit.test_transport import digest, member, run_ranks, state_of
 
 NAMESPACE = "pbt/0"

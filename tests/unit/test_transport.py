@@ -368,9 +368,10 @@ def test_a_synchronous_copy_of_channels_last_and_transposed_weights_reaches_the_
     """Lockstep's exploit (``SynchronousReadySteps._move_states``) of members with equal specs receives in
     place; a non-contiguous tensor arrives in a staging buffer and must be copied into the loser's own
     tensor, which keeps its identity and memory format. The loser then holds the donor's state exactly."""
-    from lightning_pbt.ready_steps import PopulationBook, SynchronousReadySteps
-    from lightning_pbt.scheduler import MemberPlan
-    from lightning_pbt.topology import PopulationTopology
+    from lightning_pbt.algorithm.scheduler import MemberPlan
+    from lightning_pbt.algorithm.topology import PopulationTopology
+    from lightning_pbt.distributed.ready_steps.base import PopulationBook
+    from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
 
     models = [StridedWeights(seed) for seed in (0, 1)]
     donor_state = state_of(models[0], models[0].optimizer)
@@ -387,8 +388,8 @@ def test_a_synchronous_copy_of_channels_last_and_transposed_weights_reaches_the_
         )  # fmt: skip
         steps = SynchronousReadySteps(
             population=group, topology=PopulationTopology(world_size=2, world_rank=group.rank), namespace="pbt/0",
-            scheduler=None, book=PopulationBook(), member=_TrainerMember(trainer, model, None), mode="max",
-            monitor="val_acc", seed=0,
+            scheduler=None, book=PopulationBook(), member=TrainerMember(trainer, model, lambda: None, None),
+            mode="max", monitor="val_acc", seed=0,
         )  # fmt: skip
         steps._move_states({0: MemberPlan(0, "keep", 0, {}), 1: MemberPlan(1, "exploit", 0, {})})
         return None
