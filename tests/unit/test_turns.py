@@ -14,7 +14,8 @@ from lightning_pbt import PopulationBasedTraining, PopulationStrategy
 from lightning_pbt.algorithm.scheduler import MemberPlan
 from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed import transfer
-from lightning_pbt.distributed.ready_steps import PopulationBook, SynchronousReadySteps
+from lightning_pbt.distributed.ready_steps.base import PopulationBook
+from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
 from lightning_pbt.plugin.turns import LaneFailed, MemberTurns
 from lightning_pbt.space import Uniform
 from tests.unit.test_transport import run_ranks
