@@ -8,7 +8,9 @@ from typing import Any
 
 from bench.markdown import fmt, spread_cell, table
 
-ORDER = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "applications")
+ORDER = (
+    "transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "turns", "applications"
+)
 # What `python -m bench` runs without --only: applications takes an hour, so it is asked for by name.
 DEFAULT = ORDER[:-1]
 
@@ -188,6 +190,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         out += render_decisions(results["decisions"])
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
+    if "turns" in results:
+        out += render_turns(results["turns"])
     if "applications" in results:
         from bench.applications import render_section
 
@@ -410,6 +414,22 @@ def _asynchronous_section(r: dict[str, Any]) -> list[str]:
                  str(b.get("ready_steps"))] for arm, b in asynchronous]
         out += table(["", "ready step", "snapshot", "decide", "transfer (exploits)", "rest of the step",
                        "lineage write + fsync (drain thread)", "ready steps"], rows)
+    return out
+
+
+def render_turns(r: dict[str, Any]) -> list[str]:
+    """Members that take turns: the same population as many processes or as few processes of many."""
+    out = ["", "## Members that take turns (`members_per_process`)", "",
+           "One job per layout (Lightning's launcher, a fresh interpreter per process), lockstep ready steps "
+           "every epoch, the same model and data; the machine is shared with other engineers' jobs, so the "
+           "times are noisy (memory is not).", ""]
+    rows = [[name, str(x["members"]), fmt(x["wall_s"], 1), fmt(x["startup_s"], 1), fmt(x["fit_s"], 1),
+             fmt(x["peak_rss_gb"], 2), fmt(x["member_steps_per_s"], 0), str(x["switches"]),
+             fmt(x["switch_fraction"], 4)] for name, x in r["layouts"].items()]
+    out += table(["processes x members each", "members", "wall s", "start-up s", "fit s", "summed peak RSS GB",
+                   "member-steps/s", "turn switches", "switch time / fit time"], rows)
+    for name, target in r.get("targets", {}).items():
+        out.append(f"- {name}: {target['target']}, measured {fmt(target['value'], 3)}: {_met(target)}")
     return out
 
 

@@ -169,7 +169,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         callback = build_callback(cfg.pbt)
         strategy = build_strategy(cfg.strategy)
-        check_population(cfg.trainer, strategy.member_size, strategy.processes_per_device)
+        check_population(
+            cfg.trainer, strategy.member_size, strategy.processes_per_device, strategy.members_per_process
+        )
     except ValueError as err:
         sys.exit(f"digits.py: invalid configuration: {err}")
 

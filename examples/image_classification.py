@@ -148,7 +148,9 @@ def main(cfg: DictConfig) -> float | None:
     try:  # every process validates before a Trainer exists: a bad override fails at once, everywhere
         callback = build_callback(cfg.pbt)
         strategy = build_strategy(cfg.strategy)
-        check_population(cfg.trainer, strategy.member_size, strategy.processes_per_device)
+        check_population(
+            cfg.trainer, strategy.member_size, strategy.processes_per_device, strategy.members_per_process
+        )
     except ValueError as err:
         sys.exit(f"image_classification.py: invalid configuration: {err}")
     pl.seed_everything(cfg.seed, verbose=False)  # member i is then seeded seed + i by the strategy

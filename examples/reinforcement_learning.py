@@ -194,7 +194,9 @@ def main(cfg: DictConfig) -> float | None:
     try:  # every process validates before a Trainer exists: a bad override fails at once, everywhere
         callback = build_callback(cfg.pbt)
         strategy = build_strategy(cfg.strategy)
-        check_population(cfg.trainer, strategy.member_size, strategy.processes_per_device)
+        check_population(
+            cfg.trainer, strategy.member_size, strategy.processes_per_device, strategy.members_per_process
+        )
     except ValueError as err:
         sys.exit(f"reinforcement_learning.py: invalid configuration: {err}")
     pl.seed_everything(cfg.seed, verbose=False)

@@ -14,7 +14,7 @@ group is NCCL only when no two ranks share a GPU, and gloo through host memory o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 __all__ = ["PopulationTopology", "expand_devices"]
@@ -55,7 +55,8 @@ def expand_devices(devices: Sequence[T], processes_per_device: int) -> list[T]:
 
 @dataclass(frozen=True)
 class PopulationTopology:
-    """A world of ``world_size`` ranks as ``world_size // member_size`` members of consecutive ranks.
+    """A world of ``world_size`` ranks as ``world_size // member_size`` slots of consecutive ranks, each
+    slot hosting ``members_per_process`` members that take turns (one member per slot by default).
 
     ``processes_per_node`` is the number of ranks per node; a member either fits inside one node or
     spans whole nodes, so that a member's DDP traffic stays on fast links and no node is shared
@@ -69,6 +70,8 @@ class PopulationTopology:
             divide it or be a multiple of it.
         devices_per_node: GPUs per node (``None``: CPU ranks); needs ``processes_per_node``, which must
             be a multiple of it, and a member's ranks on one node must not outnumber it.
+        members_per_process: members each slot hosts, taking turns (``PopulationStrategy(members_per_process=K)``).
+        lane: which of them this view describes (``0 <= lane < members_per_process``).
 
     Raises:
         ValueError: any of the conditions above, with a message that says what to change. Every rank
@@ -90,12 +93,17 @@ class PopulationTopology:
     member_size: int = 1
     processes_per_node: int | None = None
     devices_per_node: int | None = None
+    members_per_process: int = 1
+    lane: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "member_size"):
+        for name in ("world_size", "member_size", "members_per_process"):
             value = getattr(self, name)
             if not _positive_int(value):
                 raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
+        lane = self.lane
+        if isinstance(lane, bool) or not isinstance(lane, int) or not 0 <= lane < self.members_per_process:
+            raise ValueError(f"lane {self.lane!r} is outside 0..{self.members_per_process - 1}")
         if not 0 <= self.world_rank < self.world_size:
             raise ValueError(
                 f"PopulationStrategy: world rank {self.world_rank} is outside the world of {self.world_size} ranks"
@@ -137,11 +145,26 @@ class PopulationTopology:
 
     @property
     def num_members(self) -> int:
-        return self.world_size // self.member_size
+        return self.world_size // self.member_size * self.members_per_process
+
+    @property
+    def slot(self) -> int:
+        """This rank's process slot: the ``member_size`` consecutive ranks that host the same members."""
+        return self.world_rank // self.member_size
 
     @property
     def member_id(self) -> int:
-        return self.world_rank // self.member_size
+        """Slot x ``members_per_process`` + lane: a member's id does not depend on the layout's K
+        (member ``m`` is lane ``m % K`` of slot ``m // K``)."""
+        return self.slot * self.members_per_process + self.lane
+
+    def lane_of(self, member: int) -> int:
+        """The lane that hosts ``member`` in its processes."""
+        return member % self.members_per_process
+
+    def lanes(self) -> list[PopulationTopology]:
+        """This process's view as each of its lanes (lane ``k`` hosts member ``slot x K + k``)."""
+        return [replace(self, lane=lane) for lane in range(self.members_per_process)]
 
     @property
     def member_rank(self) -> int:
@@ -179,7 +202,8 @@ class PopulationTopology:
         """World ranks of ``member``, in member-rank order."""
         if not 0 <= member < self.num_members:
             raise ValueError(f"member {member} is outside 0..{self.num_members - 1}")
-        return range(member * self.member_size, (member + 1) * self.member_size)
+        slot = member // self.members_per_process
+        return range(slot * self.member_size, (slot + 1) * self.member_size)
 
     def world_rank_of(self, member: int, member_rank: int) -> int:
         return self.member_ranks(member)[member_rank]

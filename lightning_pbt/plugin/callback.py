@@ -192,12 +192,7 @@ class PopulationBasedTraining(Callback):
     # -- start -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, PopulationStrategy):
-            raise TypeError(
-                "PopulationBasedTraining needs Trainer(strategy=PopulationStrategy(...)), got "
-                f"{type(trainer.strategy).__name__}"
-            )
-        self._strategy = trainer.strategy
+        self._strategy = _supported_strategy(trainer.strategy, self.synchronous)
         if stage == "fit":
             self._strategy.before_finishing(lambda: self._take_part_if_training_was_skipped(trainer, pl_module))
 
@@ -229,7 +224,7 @@ class PopulationBasedTraining(Callback):
             population=strategy.population, topology=strategy.topology, namespace=f"pbt/{strategy.fit_generation}",
             scheduler=self.scheduler, book=self.book, member=member, mode=self.mode, monitor=self.monitor,
             seed=self.seed, snapshot_every=self.settings.snapshot_every_n_train_steps,
-            wait_for_peers=self.settings.wait_for_peers,
+            wait_for_peers=self.settings.wait_for_peers, turns=strategy.lane.turns,
         )  # fmt: skip
         self._protocol.start(
             self.lineage_path,
@@ -343,6 +338,22 @@ class PopulationBasedTraining(Callback):
         )
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self._restored = True
+
+
+def _supported_strategy(strategy: Any, synchronous: bool) -> PopulationStrategy:
+    """The trainer's strategy, if the callback can run on it (checked on every rank before any collective)."""
+    if not isinstance(strategy, PopulationStrategy):
+        raise TypeError(
+            f"PopulationBasedTraining needs Trainer(strategy=PopulationStrategy(...)), got {type(strategy).__name__}"
+        )
+    if strategy.members_per_process > 1 and not synchronous:
+        raise ValueError(
+            "PopulationBasedTraining(synchronous=False) does not support PopulationStrategy(members_per_process="
+            f"{strategy.members_per_process}) yet: members that take turns meet at lockstep ready steps only (a "
+            "parked member cannot serve its snapshot while another trains); use synchronous=True or "
+            "members_per_process=1"
+        )
+    return strategy
 
 
 def _check_checkpoint_state(

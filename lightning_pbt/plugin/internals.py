@@ -139,9 +139,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "Trainer._fit_impl (its name and the positions of ckpt_path and weights_only)",
         "lightning",
-        "strategy._call_scoped",
+        "strategy._call_scoped, turns.run_member_lanes",
         "the launcher calls Trainer._fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, "
-        "...); ckpt_path='last' is resolved per member before it runs",
+        "...); ckpt_path='last' is resolved per member before it runs; nothing is attached to the Trainer yet, "
+        "so members that take turns deep-copy the Trainer, model and data arguments there",
         ("_fit_impl",),
         _probe_fit_impl_ckpt_index,
     ),

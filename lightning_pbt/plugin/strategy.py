@@ -33,6 +33,7 @@ import atexit
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -52,6 +53,7 @@ from lightning_pbt.distributed.collectives import (
 from lightning_pbt.distributed.groups import create_groups, shutdown_population
 from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
 from lightning_pbt.plugin.console import quiet_console
+from lightning_pbt.plugin.turns import MemberLane, run_member_lanes
 
 from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
 from .outputs import agree_on_run_dir, scope_outputs
@@ -145,13 +147,31 @@ def _call_scoped(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Runs in each launched process: ``function`` is a bound method of the Trainer (``_fit_impl``...)."""
     trainer = getattr(function, "__self__", None)
     strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, PopulationStrategy) and strategy.members_per_process > 1:
+        _base_seed()  # the user's seed, before the first member re-seeds the process
+        return run_member_lanes(function, args, kwargs, _prepare_call)
+    args, kwargs = _prepare_call(function, args, kwargs)
+    return function(*args, **kwargs)
+
+
+def _prepare_call(function: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """Per member, before fit: its output folders, and the checkpoint it resumes from."""
+    trainer = getattr(function, "__self__", None)
+    strategy = getattr(trainer, "strategy", None)
     if isinstance(strategy, PopulationStrategy):
         strategy.scope_outputs(trainer)
         if getattr(function, "__name__", "") == "_fit_impl":
             # Resolve ckpt_path="last" against the member's own folders, and remember what this rank
             # will resume from so that the members can agree on it once the groups exist.
             args, kwargs, strategy._resume_path, strategy._resume_weights_only = fit_checkpoint(trainer, args, kwargs)
-    return function(*args, **kwargs)
+    return args, kwargs
+
+
+def _check_counts(member_size: Any, processes_per_device: Any, members_per_process: Any) -> None:
+    counts = {"member_size": member_size, "processes_per_device": processes_per_device}
+    for name, value in {**counts, "members_per_process": members_per_process}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
 
 
 def _base_seed() -> int:
@@ -173,11 +193,13 @@ class PopulationStrategy(DDPStrategy):
             ``--nproc_per_node``. Ranks of one member always sit on distinct GPUs.
         timeout: collective timeout for the member and population groups. A dead peer normally ends
             the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
+        members_per_process: members each process (group of ``member_size`` processes) hosts, taking turns:
+            (world size / ``member_size``) x K members; lockstep and ``fit`` only (``docs/concepts/turns.md``).
         **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
 
     Raises:
-        ValueError: ``member_size`` or ``processes_per_device`` not an integer ``>= 1``, or a timeout
-            that is not positive. Layouts that cannot work (a world size that is not a multiple of
+        ValueError: a count (``member_size``, ``processes_per_device``, ``members_per_process``) not an integer
+            ``>= 1``, or a timeout that is not positive. Layouts that cannot work (a world size not a multiple of
             ``member_size``, two ranks of one member on one GPU, an unsupported accelerator or precision)
             are refused at setup, on every rank, before any process group exists
             (:class:`~lightning_pbt.algorithm.topology.PopulationTopology`, :func:`check_supported`).
@@ -199,12 +221,12 @@ class PopulationStrategy(DDPStrategy):
         member_size: int = 1,
         processes_per_device: int = 1,
         timeout: timedelta | float | None = DEFAULT_TIMEOUT,
+        members_per_process: int = 1,
         **ddp_kwargs: Any,
     ):
-        for name, value in (("member_size", member_size), ("processes_per_device", processes_per_device)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
-        self.processes_per_device = processes_per_device
+        _check_counts(member_size, processes_per_device, members_per_process)
+        self.processes_per_device, self.members_per_process = processes_per_device, members_per_process
+        self.lane = MemberLane()  # set per lane before fit when members take turns
         if isinstance(timeout, int | float):
             timeout = timedelta(seconds=timeout)
         if timeout is None or timeout.total_seconds() <= 0:
@@ -247,6 +269,8 @@ class PopulationStrategy(DDPStrategy):
             member_size=self.member_size,
             processes_per_node=self.num_processes,
             devices_per_node=gpus,
+            members_per_process=self.members_per_process,
+            lane=self.lane.index,
         )
 
     # -- identity --------------------------------------------------------------------------------
@@ -301,15 +325,15 @@ class PopulationStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()  # -> setup_distributed
-        if self._watchdog is None:
+        if self._watchdog is None and self.lane.index == 0:  # one watchdog per process, whatever its lanes
             self._start_watchdog()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is not None:
-            if trainer.state.fn == "fit":
+            if trainer.state.fn == "fit" and self.lane.index == 0:  # the lanes of a process run one fit
                 _ESTABLISHED["fits"] = self.fit_generation + 1
             self._agree_on_run_dir(trainer)
             self._agree_on_resume()
-            quiet_console(trainer, self.world_rank)
+            quiet_console(trainer, self.world_rank * self.members_per_process + self.lane.index)  # 0: lane 0, rank 0
 
     @override
     def setup_distributed(self) -> None:
@@ -338,7 +362,7 @@ class PopulationStrategy(DDPStrategy):
     def _adopt_established(self, topology: PopulationTopology, backend: str) -> None:
         """A later Trainer in the same process (e.g. ``test`` after ``fit``) reuses the population."""
         established = _ESTABLISHED.get("topology")
-        if established != topology or _ESTABLISHED.get("backend") != backend:
+        if established != replace(topology, lane=0) or _ESTABLISHED.get("backend") != backend:
             raise RuntimeError(
                 "PopulationStrategy: torch.distributed is already initialised in this process "
                 + (

@@ -151,6 +151,7 @@ class PopulationStrategyConf:
         member_size: ranks per member.
         processes_per_device: ranks that share each device.
         timeout: the collective timeout, in seconds.
+        members_per_process: members each process hosts, taking turns (lockstep only).
         process_group_backend: ``DDPStrategy``'s backend override (``None``: chosen per device).
         find_unused_parameters: passed to DDP.
     """
@@ -159,6 +160,7 @@ class PopulationStrategyConf:
     member_size: int = 1
     processes_per_device: int = 1
     timeout: float = 600.0
+    members_per_process: int = 1
     process_group_backend: str | None = None
     find_unused_parameters: bool = False
 
@@ -386,7 +388,9 @@ def build_strategy(cfg: Any, prefix: str = "strategy") -> Any:
         raise ValueError(_name_key(err, "PopulationStrategy: ", prefix, plain)) from None
 
 
-def check_population(trainer_cfg: Any, member_size: int, processes_per_device: int = 1) -> int | None:
+def check_population(
+    trainer_cfg: Any, member_size: int, processes_per_device: int = 1, members_per_process: int = 1
+) -> int | None:
     """The number of members, checked before any process starts; ``None`` when devices are not a count.
 
     ``trainer.devices`` x ``trainer.num_nodes`` x ``strategy.processes_per_device`` ranks must be a
@@ -396,6 +400,7 @@ def check_population(trainer_cfg: Any, member_size: int, processes_per_device: i
         trainer_cfg: the ``trainer`` node (``devices``, ``num_nodes``).
         member_size: ``strategy.member_size``.
         processes_per_device: ``strategy.processes_per_device``.
+        members_per_process: ``strategy.members_per_process`` (members that take turns in each process).
 
     Returns:
         The population size, or ``None`` when ``devices`` is not a count (``"auto"``, a device list
@@ -406,6 +411,8 @@ def check_population(trainer_cfg: Any, member_size: int, processes_per_device: i
 
     Examples:
         >>> check_population({"devices": 8, "num_nodes": 2}, member_size=2)
+        8
+        >>> check_population({"devices": 2}, member_size=1, members_per_process=4)
         8
     """
     trainer = _plain(trainer_cfg) or {}
@@ -423,4 +430,4 @@ def check_population(trainer_cfg: Any, member_size: int, processes_per_device: i
             f"trainer.devices x trainer.num_nodes x strategy.processes_per_device = {world} ranks is not a "
             f"multiple of strategy.member_size={member_size}; the population size is ranks / member_size"
         )
-    return world // member_size
+    return world // member_size * members_per_process

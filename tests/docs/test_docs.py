@@ -183,7 +183,9 @@ def test_documented_hydra_commands_compose_and_validate():
             try:
                 build_callback(cfg.pbt)
                 strategy = build_strategy(cfg.strategy)
-                check_population(cfg.trainer, strategy.member_size, strategy.processes_per_device)
+                check_population(
+                    cfg.trainer, strategy.member_size, strategy.processes_per_device, strategy.members_per_process
+                )
             except ValueError as error:
                 assert expected == str(error), f"{where}: {overrides}: {error}"
             else:

@@ -44,6 +44,28 @@ def run_without_logger(tmp_path_factory):
     return proc, run_dir
 
 
+def test_two_members_taking_turns_in_one_process_write_the_two_process_lineage(run_without_logger, tmp_path):
+    """``--trainer.strategy.init_args.members_per_process=2`` on one process: the run without a logger's
+    2 members, decisions and values."""
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text("trainer:\n  max_epochs: 2\n  enable_progress_bar: false\n")
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, SCRIPT, "fit", "--config", CONFIG, "--config", str(overlay),
+        "--trainer.logger=false", f"--trainer.default_root_dir={run_dir}",
+        f"{SPACE}.lr.init_args.low=0.01", f"{SPACE}.lr.init_args.high=0.02",
+        f"{SPACE}.momentum={{type: uniform, low: 0.5, high: 0.6}}",
+        "--trainer.devices=1", "--trainer.strategy.init_args.members_per_process=2",
+    ]  # fmt: skip
+    proc = run_job(args, 150, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+    def without_timing(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in record.items() if k != "timing"} for record in records]
+
+    assert without_timing(lineage(run_dir)) == without_timing(lineage(run_without_logger[1]))
+
+
 @pytest.fixture(scope="module")
 def run_with_logger(tmp_path_factory):
     """torchrun, a CSV logger per member, Python's default warning filters (the tests' children ignore them)."""

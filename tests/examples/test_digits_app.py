@@ -77,6 +77,15 @@ def torchrun_run(tmp_path_factory):
     return proc, only_run_dir(cwd)
 
 
+@pytest.fixture(scope="module")
+def turns_run(tmp_path_factory):
+    """The default population (4 members) in one process: strategy.members_per_process=4."""
+    cwd = tmp_path_factory.mktemp("turns")
+    proc = app(*TINY, "trainer.devices=1", "strategy.members_per_process=4", cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc, only_run_dir(cwd)
+
+
 # -- the default run ----------------------------------------------------------------------------------
 def test_default_run_leaves_lineage_logs_checkpoints_and_plots(default_run):
     _, run_dir = default_run
@@ -105,6 +114,17 @@ def test_default_run_prints_one_population_table_with_outputs(default_run):
     assert out.count("Best member:") == 1
     assert f"Outputs in {run_dir}" in out
     assert "Traceback" not in out
+
+
+def test_four_members_taking_turns_in_one_process_write_the_default_runs_lineage(default_run, turns_run):
+    """strategy.members_per_process=4 on one process: the same members, decisions, scores and values as the
+    default run's 4 processes."""
+
+    def without_timing(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in record.items() if k != "timing"} for record in lineage(run_dir)]
+
+    assert without_timing(turns_run[1]) == without_timing(default_run[1])
+    assert {record["member"] for record in lineage(turns_run[1])} == {0, 1, 2, 3}
 
 
 def test_members_start_from_different_weights(default_run):

@@ -152,7 +152,7 @@ def lockstep_plans(records: dict[int, Published], step: int, seed: int) -> dict[
         namespace="ns", scheduler=PBTScheduler(SPACE, seed=seed), book=PopulationBook(population, {}),
         member=None, mode="max", monitor="val", seed=seed,
     )  # fmt: skip
-    decision = steps._decide(torch.tensor(rows, dtype=torch.float64))
+    decision = steps._decide(dict(enumerate(torch.tensor(rows, dtype=torch.float64))))
     assert not decision.get("error"), decision
     return {int(member): MemberPlan.from_dict(plan) for member, plan in decision["plans"].items()}
 

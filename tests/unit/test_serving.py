@@ -261,7 +261,7 @@ def test_transfers_open_one_nccl_communicator_per_pair_of_members_and_member_ran
             steps.member.state["w"].fill_(10 * topology.member_id + donor)
             plans = {m: MemberPlan(m, "exploit", donor, {}) for m in range(members) if m != donor}
             plans[donor] = MemberPlan(donor, "keep", donor, {})
-            steps._move_states(plans)
+            steps._move_states(plans, {topology.member_id: steps.member})
             held.append(float(steps.member.state["w"][0]))
         return held
 

@@ -126,6 +126,8 @@ class ReadySteps(ABC):
             (``snapshot_every_n_train_steps``; ``None``: none).
         wait_for_peers: asynchronous: at a ready step, wait up to this fraction of the last ready interval
             for the members that have not scored at this member's progress (``None``: never).
+        turns: synchronous, several members per process: the process's
+            :class:`~lightning_pbt.plugin.turns.MemberTurns`, through which its members meet at ready steps.
     """
 
     synchronous: ClassVar[bool]
@@ -144,6 +146,7 @@ class ReadySteps(ABC):
         seed: int,
         snapshot_every: int | None = None,
         wait_for_peers: float | None = None,
+        turns: Any = None,
     ) -> None:
         self.population = population
         self.topology = topology
@@ -157,6 +160,7 @@ class ReadySteps(ABC):
         self.snapshot_every = snapshot_every
         self.wait_for_peers = wait_for_peers
         self.lineage: LineageWriter | None = None
+        self.turns = turns  # the process's MemberTurns when it hosts several members (members_per_process > 1)
 
     @property
     def me(self) -> int:
@@ -214,7 +218,7 @@ class ReadySteps(ABC):
                 "copy each other's state; every member must build the same optimizers and callbacks"
             )
         error = None
-        if topology.world_rank == 0:
+        if topology.world_rank == 0 and topology.lane == 0:  # one lineage per run, whatever the lanes
             resumed_at = {
                 member: int(table[topology.world_rank_of(member, 0), 1]) for member in range(topology.num_members)
             }

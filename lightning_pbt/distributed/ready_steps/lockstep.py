@@ -1,13 +1,15 @@
 """Lockstep ready steps (``synchronous=True``, the default, deterministic): every member reaches each
 ready step at the same global step; one all-gather of scores, population rank 0 decides for everyone, the
 decision is broadcast, donors send to losers. Every rank runs the same collectives whatever the outcome.
+A process takes part once for all the members it hosts (one, or K that take turns: one all-gather row per
+member, see :mod:`lightning_pbt.plugin.turns`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from lightning_pbt.algorithm.lineage import LineageRecord
 from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot
 from lightning_pbt.distributed import transfer
-from lightning_pbt.distributed.ready_steps.base import HISTORY, Observation, ReadyStepResult, ReadySteps
+from lightning_pbt.distributed.ready_steps.base import HISTORY, LocalMember, Observation, ReadyStepResult, ReadySteps
 
 __all__ = ["SynchronousReadySteps"]
 
@@ -24,29 +26,49 @@ _SCORE, _STEP, _EPOCH, _MISSING, _DONE = range(5)
 
 
 class SynchronousReadySteps(ReadySteps):
-    """Lockstep ready steps: one decision for the whole population, on population rank 0."""
+    """Lockstep ready steps: one decision for the whole population, on population rank 0.
+
+    A process takes part in each ready step once for all the members it hosts (one, or K that take
+    turns, see :mod:`lightning_pbt.plugin.turns`): :meth:`population_step` gathers one row per hosted member.
+    """
 
     synchronous = True
 
     def _ready_key(self) -> str:
         return f"{self.namespace}/ready/{self.book.ready_count}"
 
+    def stopped_observation(self) -> Observation:
+        """What a member that stopped training brings to later ready steps (a possible donor)."""
+        return Observation(math.nan, False, self.book.last_ready_step, -1, done=True)
+
     def step(self, observation: Observation) -> ReadyStepResult:
+        if self.turns is not None:  # parks this member until every member of the process has arrived
+            return self.turns.ready_step(self, observation)
+        return self.population_step([(self, observation)])[self.me]
+
+    def population_step(self, lanes: Sequence[tuple[SynchronousReadySteps, Observation]]) -> dict[int, ReadyStepResult]:
+        """One ready step for every member this process hosts (``lanes``, in lane order; ``self`` is any
+        of them): one all-gather of their rows, one decision, the transfers, then each member's book."""
         population, topology = self.population, self.topology
         started = time.perf_counter()
-        if not observation.done:  # wakes the members that have stopped (see finish)
+        if not all(observation.done for _, observation in lanes):  # wakes the stopped processes (see finish)
             population.store.set(self._ready_key(), "1")
-        row = torch.tensor(
-            [observation.score, observation.step, observation.epoch, observation.missing, observation.done],
+        rows = torch.tensor(
+            [[o.score, o.step, o.epoch, o.missing, o.done] for _, o in lanes],
             dtype=torch.float64,
             device=population.device,
         )
-        table = population.all_gather(row).cpu()
+        table = population.all_gather(rows).cpu()  # [world rank, lane, column]
+        leaders = {
+            member: table[topology.world_rank_of(member, 0), topology.lane_of(member)]
+            for member in range(topology.num_members)
+        }
         gathered = time.perf_counter()
+        decider = lanes[0][0]  # lane 0: on population rank 0 it holds the lineage
         decision: Any = None
         if topology.world_rank == 0:
             try:
-                decision = self._decide(table)
+                decision = decider._decide(leaders)
             except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
                 decision = {
                     "error": "PopulationBasedTraining: the decision failed on population rank 0: "
@@ -58,9 +80,15 @@ class SynchronousReadySteps(ReadySteps):
             raise RuntimeError(decision["error"])
 
         plans = {int(member): MemberPlan.from_dict(plan) for member, plan in decision["plans"].items()}
-        self._move_states(plans)
+        self._move_states(plans, {protocol.me: protocol.member for protocol, _ in lanes})
         transferred = time.perf_counter()
+        timing = {"gather": gathered - started, "decide": decided - gathered, "transfer": transferred - decided}
+        return {protocol.me: protocol._record_decision(decision, plans, timing) for protocol, _ in lanes}
 
+    def _record_decision(
+        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float]
+    ) -> ReadyStepResult:
+        """This member's book after a ready step: the population's status, its own plan carried out."""
         self.scheduler.load_state_dict(decision["scheduler"])
         for member, plan in plans.items():
             self.book.population[member].update(
@@ -74,7 +102,6 @@ class SynchronousReadySteps(ReadySteps):
         self._carry_out(plans[self.me], step)
         self.book.ready_count += 1
         self.book.last_ready_step = step
-        timing = {"gather": gathered - started, "decide": decided - gathered, "transfer": transferred - decided}
         if self.lineage is not None:
             self.lineage.write_in_background(
                 LineageRecord(
@@ -92,21 +119,27 @@ class SynchronousReadySteps(ReadySteps):
                 for member, plan in sorted(plans.items())
             )
         scores = {int(member): score for member, score in decision["scores"].items()}
-        return ReadyStepResult(step, scores, plans[self.me], timing)
+        return ReadyStepResult(step, scores, plans[self.me], dict(timing))
 
     def finish(self) -> None:
         """Serve the ready steps of the members still training (as a possible donor) until all stop."""
+        if self.turns is not None:
+            self.turns.finish(self)
+            return
+        self.serve_until_everyone_stopped([self])
+
+    def serve_until_everyone_stopped(self, lanes: Sequence[SynchronousReadySteps]) -> None:
+        """Every member this process hosts has stopped: take part in the others' ready steps (with
+        "stopped" rows) until every process has stopped."""
 
         def serve() -> None:
             while self.population.store.check([self._ready_key()]):
-                self.step(Observation(math.nan, False, self.book.last_ready_step, -1, done=True))
+                self.population_step([(protocol, protocol.stopped_observation()) for protocol in lanes])
 
         self.population.wait_for_everyone(f"{self.namespace}/done", 0.05, barrier=False, meanwhile=serve)
 
-    def _decide(self, table: torch.Tensor) -> dict[str, Any]:
-        """Population rank 0 only: check the gathered rows and run the scheduler."""
-        topology = self.topology
-        leaders = {member: table[topology.world_rank_of(member, 0)] for member in range(topology.num_members)}
+    def _decide(self, leaders: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+        """Population rank 0 only: check each member's row (its rank 0's) and run the scheduler."""
         active = {member: row for member, row in leaders.items() if not row[_DONE]}
         missing = [member for member, row in active.items() if row[_MISSING]]
         if missing:
@@ -159,21 +192,42 @@ class SynchronousReadySteps(ReadySteps):
             "scheduler": self.scheduler.state_dict(),
         }
 
-    def _move_states(self, plans: Mapping[int, MemberPlan]) -> None:
-        """Rank j of every donor sends to rank j of each of its losers; only they flatten their state."""
+    def _move_states(self, plans: Mapping[int, MemberPlan], local: Mapping[int, LocalMember]) -> None:
+        """Rank j of every donor gives its state to rank j of each of its losers.
+
+        ``local``: the members this process hosts. Exploits are carried out one by one in an order every
+        process knows (by loser), so the two sides of each transfer meet without deadlock; a donor and
+        loser in one process copy locally (no wire). Donors' states are taken before anything loads, so
+        a member that is both a donor and a loser gives what it held before this step.
+        """
         topology, j = self.topology, self.topology.member_rank
+        me = topology.world_rank
         exploits = [(member, plan.parent) for member, plan in sorted(plans.items()) if plan.event == "exploit"]
-        send_to = [topology.world_rank_of(loser, j) for loser, donor in exploits if donor == self.me]
-        donor = next((donor for loser, donor in exploits if loser == self.me), None)
-        if send_to:
-            flat = transfer.flatten_state(self.member.training_state())
-            transfer.send_state(self.population, transfer.pack_state(flat, self.population.device), send_to)
-        if donor is not None:
-            own = transfer.flatten_state(self.member.training_state()).tensors
-            received = transfer.receive_state(
-                self.population, topology.world_rank_of(donor, j), own, self.member.device
-            )
-            assert received is not None  # a synchronous donor never refuses
-            self.member.load_training_state(
-                transfer.unflatten_state(received.nest, received.tensors), model_in_place=received.in_place
-            )
+        losers = {loser for loser, _ in exploits}
+        outgoing: dict[int, transfer.PackedState] = {}
+        kept: dict[int, tuple[bytes, list[torch.Tensor]]] = {}
+        for donor in sorted({donor for _, donor in exploits if donor in local}):
+            receivers = [topology.world_rank_of(loser, j) for loser, d in exploits if d == donor]
+            flat = transfer.flatten_state(local[donor].training_state())
+            if me in receivers:  # a donor that also copies must give what it held before this step
+                kept[donor] = (flat.skeleton, [t.clone() for t in flat.tensors] if donor in losers else flat.tensors)
+            if any(rank != me for rank in receivers):
+                outgoing[donor] = transfer.pack_state(flat, self.population.device, copy=donor in losers)
+        for loser, donor in exploits:
+            source, target = topology.world_rank_of(donor, j), topology.world_rank_of(loser, j)
+            if source == target == me:  # both members take turns in this process
+                skeleton, tensors = kept[donor]
+                nest, _ = transfer.read_skeleton(skeleton)
+                # the loser's own tensors: optimizers keep the tensors they load (no copy)
+                state = transfer.unflatten_state(nest, [tensor.clone() for tensor in tensors])
+                local[loser].load_training_state(state, model_in_place=False)
+            elif source == me:
+                transfer.send_state(self.population, outgoing[donor], [target])
+            elif target == me:
+                member = local[loser]
+                own = transfer.flatten_state(member.training_state()).tensors
+                received = transfer.receive_state(self.population, source, own, member.device)
+                assert received is not None  # a synchronous donor never refuses
+                member.load_training_state(
+                    transfer.unflatten_state(received.nest, received.tensors), model_in_place=received.in_place
+                )

@@ -1,0 +1,149 @@
+"""Members that take turns (``PopulationStrategy(members_per_process=K)``): a member that takes turns
+trains exactly as it would in its own process.
+
+Each fixture launches one population (tests/distributed/scripts/turns_run.py, Lightning's launcher, gloo)
+and the tests compare what its members recorded with the same population laid out one member per
+process: the lineage, every member's state after every ready step, every training loss (they depend
+on the data order, the weights and the dropout masks). 8 processes on 2 shared cores take minutes: the
+two 8-member runs are the cost of the layout comparison that matters most.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SCRIPTS, run_job
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
+
+# 10 batches per epoch, a ready step every 5 optimizer steps: mid-epoch (5, 15, 25) and at epoch ends
+# (10, 20, 30); member 5 stops early (EarlyStopping on a metric that never improves for it).
+MID_EPOCH = {"train_size": 80, "val_check_interval": 5, "every_n_train_steps": 5, "max_epochs": 3, "stop_member": 5}
+EVERY_EPOCH = {"train_size": 48, "every_n_epochs": 1, "max_epochs": 4}
+
+
+def run_turns(out: Path, timeout: float = 600, **cfg) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = run_job([sys.executable, str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})], timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out
+
+
+def lineage(out: Path) -> list[dict]:
+    """The lineage without its timings (wall-clock seconds differ from run to run)."""
+    records = [json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines() if line.strip()]
+    for record in records:
+        record.pop("timing", None)
+    return records
+
+
+def members(out: Path) -> dict[int, dict]:
+    return {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in out.glob("member_*.json")}
+
+
+@pytest.fixture(scope="module")
+def run_2x4(tmp_path_factory) -> Path:
+    """8 members as 2 processes x 4 lanes."""
+    return run_turns(tmp_path_factory.mktemp("turns_2x4"), devices=2, members_per_process=4, **MID_EPOCH)
+
+
+@pytest.fixture(scope="module")
+def run_8x1(tmp_path_factory) -> Path:
+    """The same 8 members, one per process."""
+    return run_turns(tmp_path_factory.mktemp("turns_8x1"), devices=8, members_per_process=1, **MID_EPOCH)
+
+
+def test_eight_members_as_two_processes_of_four_write_the_lineage_of_eight_processes(run_2x4, run_8x1):
+    turns, alone = lineage(run_2x4), lineage(run_8x1)
+    assert turns == alone
+    steps = sorted({record["step"] for record in turns if record["event"] != "init"})
+    assert steps == [5, 10, 15, 20, 25, 30]  # mid-epoch ready steps and epoch ends
+    assert sum(record["event"] == "exploit" for record in turns) >= 4
+    assert len({record["member"] for record in turns}) == 8
+
+
+def test_every_member_trains_bit_for_bit_as_in_its_own_process(run_2x4, run_8x1):
+    """Same data order, dropout masks (the process-wide RNG, swapped at every turn), weights, optimizer
+    state and scheduler position at every ready step, after its exploits."""
+    turns, alone = members(run_2x4), members(run_8x1)
+    assert sorted(turns) == sorted(alone) == list(range(8))
+    for member in range(8):
+        assert turns[member]["losses"] == alone[member]["losses"], member
+        assert turns[member]["at_validation"] == alone[member]["at_validation"], member
+        assert turns[member]["final"] == alone[member]["final"], member
+    assert {turns[m]["world_rank"] for m in range(8)} == {0, 1}
+    assert [turns[m]["thread"] == "MainThread" for m in range(8)] == [m % 4 == 0 for m in range(8)]
+
+
+def test_exploits_within_a_process_and_across_processes_copy_the_full_state_bit_exactly(run_2x4):
+    """After an exploit the loser holds the donor's weights, optimizer state and LR scheduler (position
+    and schedule); members 0-3 share process 0 and members 4-7 process 1."""
+    recorded = members(run_2x4)
+    kinds = set()
+    for record in lineage(run_2x4):
+        if record["event"] != "exploit":
+            continue
+        loser, donor, step = record["member"], record["parent"], record["step"]
+        after = {m: next(s for s in recorded[m]["at_validation"] if s["step"] == step) for m in (loser, donor)}
+        for key in ("model", "optimizer", "schedulers"):
+            assert after[loser][key] == after[donor][key], (step, loser, donor, key)
+        assert after[loser]["dropout"] == record["hyperparameters"]["dropout"]
+        kinds.add("within" if loser // 4 == donor // 4 else "across")
+    assert kinds == {"within", "across"}
+
+
+def test_a_member_that_stops_early_ends_only_its_own_turns(run_2x4):
+    recorded = members(run_2x4)
+    assert recorded[5]["stopped_early"] and recorded[5]["global_step"] == 10
+    assert all(recorded[m]["global_step"] == 30 and not recorded[m]["stopped_early"] for m in range(8) if m != 5)
+    fives = [record for record in lineage(run_2x4) if record["member"] == 5 and record["event"] != "init"]
+    assert [record["extra"]["done"] for record in fives] == [False, False, True, True, True, True]
+    assert all(record["parent"] == 5 for record in fives[2:])  # a stopped member is never replaced
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def test_each_member_logs_and_checkpoints_only_its_own_training(run_2x4):
+    recorded = members(run_2x4)
+    for member, record in recorded.items():
+        assert Path(record["log_dir"]).is_relative_to(run_2x4 / f"member_{member}")
+        with open(Path(record["log_dir"]) / "metrics.csv") as f:
+            values = {row["member_const"] for row in csv.DictReader(f) if row["member_const"]}
+        assert values == {f"{float(member)}"}, (member, values)
+        # Every checkpoint this member's ModelCheckpoint saved holds its own weights of that step.
+        at_step = {entry["step"]: entry["model"] for entry in record["at_validation"]}
+        saved = sorted(Path(record["checkpoint_dir"]).glob("*.ckpt"))
+        assert len(saved) >= 2, saved  # the best one and last.ckpt
+        for path in saved:
+            checkpoint = torch.load(path, weights_only=True)
+            assert _digest(checkpoint["state_dict"].values()) == at_step[checkpoint["global_step"]], (member, path)
+
+
+@pytest.mark.parametrize("members_per_process", [2])
+def test_members_of_two_ranks_take_turns_as_they_train_on_their_own_ranks(tmp_path, members_per_process):
+    """member_size=2: 2 members of 2 DDP ranks as 2 processes x 2 lanes and as 4 processes."""
+    common = {"member_size": 2, **EVERY_EPOCH}
+    turns = run_turns(tmp_path / "turns", devices=2, members_per_process=members_per_process, **common)
+    alone = run_turns(tmp_path / "alone", devices=4, members_per_process=1, **common)
+    assert lineage(turns) == lineage(alone)
+    assert sum(record["event"] == "exploit" for record in lineage(turns)) >= 1
+    assert members(turns).keys() == members(alone).keys() == {0, 1}
+    for member, record in members(turns).items():
+        other = members(alone)[member]
+        assert (record["losses"], record["at_validation"], record["final"]) == (
+            other["losses"],
+            other["at_validation"],
+            other["final"],
+        )
