@@ -21,7 +21,7 @@ import numpy as np
 from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
 from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.pb2 import PB2
-from lightning_pbt.algorithm.space import Domain
+from lightning_pbt.algorithm.space import Domain, check_space_not_empty
 from lightning_pbt.algorithm.space_config import space_from_config
 
 __all__ = [
@@ -188,8 +188,8 @@ class PBTScheduler:
         explore: ``"perturb"`` or ``"pb2"``.
 
     Raises:
-        ValueError: any argument out of its range, an unknown rule or explore method, or an explorer
-            over another space.
+        ValueError: an empty space (the callback's message), any argument out of its range, an unknown
+            rule or explore method, or an explorer over another space.
 
     Examples:
         >>> from lightning_pbt.algorithm.space import LogUniform
@@ -212,7 +212,7 @@ class PBTScheduler:
         quantile_fraction: float | None = None,
         explore: str = "perturb",
     ) -> None:
-        self.space: dict[str, Domain] = space_from_config(space)
+        self.space: dict[str, Domain] = check_space_not_empty(space_from_config(space))
         self.mode = check_mode(mode)
         options: dict[str, Any] = {}
         if isinstance(exploit, str) and exploit.strip().lower() == "truncation" and quantile_fraction is not None:

@@ -22,7 +22,7 @@ from typing import Any
 from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, check_quantile_fraction, make_exploit_rule
 from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.scheduler import PBTScheduler, check_burn_in, check_explore_method
-from lightning_pbt.algorithm.space import Domain
+from lightning_pbt.algorithm.space import Domain, check_space_not_empty
 from lightning_pbt.algorithm.space_config import space_from_config
 
 __all__ = ["REQUIRED", "PBTSettings"]
@@ -107,8 +107,8 @@ class PBTSettings:
         self._check_scalars()
         self._check_rejuvenation()
         self.space = space_from_config(self.hyperparameters, prefix="hyperparameters.")
-        if not self.space:
-            raise ValueError(f"{PREFIX}the search space (hyperparameters) is empty")
+        with _prefixed():
+            check_space_not_empty(self.space)
         with _prefixed():
             check_quantile_fraction(self.quantile_fraction)
         options = {"quantile_fraction": self.quantile_fraction} if self.exploit == "truncation" else {}

@@ -23,6 +23,7 @@ __all__ = [
     "IntUniform",
     "LogUniform",
     "Uniform",
+    "check_space_not_empty",
     "validate_hyperparameters",
 ]
 
@@ -346,6 +347,29 @@ class Choice(Domain):
 
     def to_config(self) -> dict[str, Any]:
         return {"type": "choice", "values": list(self.values)}
+
+
+def check_space_not_empty(space: Mapping[str, Domain]) -> dict[str, Domain]:
+    """``space`` itself if it names at least one hyperparameter; a ValueError otherwise.
+
+    A population over an empty space can explore nothing: every member would keep its weights' first
+    values and PBT would be a plain ensemble. The callback and the pure scheduler refuse it alike.
+
+    Args:
+        space: ``{name: Domain}``.
+
+    Raises:
+        ValueError: ``space`` is empty.
+
+    Examples:
+        >>> check_space_not_empty({})
+        Traceback (most recent call last):
+        ...
+        ValueError: the search space (hyperparameters) is empty
+    """
+    if not space:
+        raise ValueError("the search space (hyperparameters) is empty")
+    return dict(space)
 
 
 def validate_hyperparameters(values: Mapping[str, Any], space: Mapping[str, Domain], prefix: str = "") -> None:

@@ -11,6 +11,7 @@ from omegaconf import MISSING, OmegaConf
 
 from lightning_pbt import PopulationBasedTraining
 from lightning_pbt.algorithm.exploit import TruncationSelection, WelchTTest
+from lightning_pbt.algorithm.scheduler import PBTScheduler
 from lightning_pbt.algorithm.settings import REQUIRED, PBTSettings
 from lightning_pbt.tools.hydra_configs import PopulationBasedTrainingConf
 
@@ -80,3 +81,16 @@ def test_the_callback_keeps_what_the_settings_checked_and_derived():
 def test_shared_checks_speak_for_the_callback_in_order(kwargs, message):
     with pytest.raises(ValueError, match=f"^PopulationBasedTraining: {message}"):
         PBTSettings(hyperparameters=SPACE, monitor="val_loss", **kwargs)
+
+
+@pytest.mark.parametrize("space", [{}, OmegaConf.create({})], ids=["dict", "hydra"])
+def test_an_empty_space_is_refused_by_the_pure_scheduler_with_the_callbacks_message(space):
+    """The docs present ``PBTScheduler`` as usable alone: a population that can explore nothing is refused
+    there too, in the words the callback uses (less its name)."""
+    with pytest.raises(ValueError) as alone:
+        PBTScheduler(space)
+    with pytest.raises(ValueError) as callback:
+        PopulationBasedTraining(space, monitor="val_loss")
+    assert str(alone.value) == "the search space (hyperparameters) is empty"
+    assert str(callback.value) == f"PopulationBasedTraining: {alone.value}"
+    assert PBTScheduler(SPACE).space.keys() == {"lr"}  # one hyperparameter is enough
