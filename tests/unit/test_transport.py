@@ -22,7 +22,9 @@ A transport that passes both moves state the same way on a GPU node as in CI; th
 from __future__ import annotations
 
 import functools
+import importlib
 import multiprocessing
+import multiprocessing.context
 import os
 import threading
 import traceback
@@ -63,15 +65,23 @@ GLOO_TIMEOUT = timedelta(seconds=10)  # a rank left waiting by a failed peer fai
 
 
 def survives_abort(test: Callable) -> Callable:
-    """Run ``test`` in a forked child process, so that a gloo error that aborts the process fails this
-    test, by name, instead of ending the whole pytest run."""
+    """Run ``test`` in a child process, so that a gloo error that aborts the process fails this test, by
+    name, instead of ending the whole pytest run.
+
+    The child comes from a fork server (:func:`guard_context`), never from a fork of pytest: pytest has run
+    torch code by then, and a fork of a process whose OpenMP pool has started deadlocks in the child's
+    first parallel operation (the suite hung that way without ``OMP_NUM_THREADS=1``). A ``MonkeyPatch``
+    argument is replaced by a fresh one in the child, where the test runs and patches.
+    """
 
     @functools.wraps(test)
     def guarded(*args: object, **kwargs: object) -> None:
-        _warm_up()
-        context = multiprocessing.get_context("fork")
+        context = guard_context()
+        args = tuple(_PATCH if isinstance(arg, pytest.MonkeyPatch) else arg for arg in args)
+        kwargs = {key: _PATCH if isinstance(arg, pytest.MonkeyPatch) else arg for key, arg in kwargs.items()}
         reader, writer = context.Pipe(duplex=False)
-        child = context.Process(target=_run_guarded, args=(test, args, kwargs, writer), daemon=True)
+        target = (test.__module__, test.__qualname__)
+        child = context.Process(target=_run_guarded, args=(target, args, kwargs, writer), daemon=True)
         child.start()
         writer.close()
         outcome = reader.recv() if reader.poll(100) else None
@@ -87,21 +97,61 @@ def survives_abort(test: Callable) -> Callable:
     return guarded
 
 
+_PATCH = "<a MonkeyPatch of the guarded process>"
+# What the fork server imports once (torch, Lightning, this package, these helpers): importing starts no
+# torch thread (its intra-op pool starts at the first parallel operation), so every child is forked from a
+# process that never ran torch code, and none pays the imports again.
+GUARD_PRELOAD = ("torch", "torch.distributed", "lightning_pbt.plugin.callback", __name__)
+
+
 @functools.cache
-def _warm_up() -> None:
-    """Pay torch's one-off first-use costs (about a second: the optimizer's first step) once, in the parent,
-    rather than in every forked child."""
-    member(0)
+def guard_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context the guarded tests' children start from (its server started on first use)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(GUARD_PRELOAD))
+    return context
 
 
-def _run_guarded(test: Callable, args: tuple, kwargs: dict, writer: object) -> None:
+def _is_patch(arg: object) -> bool:
+    return isinstance(arg, str) and arg == _PATCH
+
+
+def _run_guarded(target: tuple[str, str], args: tuple, kwargs: dict, writer: object) -> None:
     try:
-        test(*args, **kwargs)
+        module, name = target
+        test = getattr(importlib.import_module(module), name).__wrapped__  # the test under the guard
+        with pytest.MonkeyPatch.context() as patch:
+            args = tuple(patch if _is_patch(arg) else arg for arg in args)
+            kwargs = {key: patch if _is_patch(arg) else arg for key, arg in kwargs.items()}
+            test(*args, **kwargs)
         writer.send("ok")  # type: ignore[attr-defined]
     except BaseException:
         writer.send(traceback.format_exc())  # type: ignore[attr-defined]
     finally:
         os._exit(0)  # no interpreter teardown: gloo threads of a failed test may still be blocked
+
+
+def _parallel_sum() -> float:
+    """A matrix product large enough to run on torch's intra-op pool, with two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return float((torch.ones(600, 600) @ torch.ones(600, 600)).sum())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@survives_abort
+def _parallel_torch_in_a_guarded_process() -> None:
+    assert _parallel_sum() == 600.0**3
+
+
+def test_a_guarded_test_runs_parallel_torch_after_pytest_started_its_thread_pool():
+    """The guard's child must not inherit pytest's started OpenMP pool: a forked child hangs in its first
+    parallel operation (whatever ``OMP_NUM_THREADS`` says, once two threads have run here)."""
+    assert _parallel_sum() == 600.0**3  # pytest's own pool is now running, with two threads
+    assert guard_context().get_start_method() != "fork"
+    _parallel_torch_in_a_guarded_process()
 
 
 # -- a stand-in with NCCL's point-to-point semantics -------------------------------------------------
