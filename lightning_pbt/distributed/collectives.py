@@ -29,6 +29,7 @@ __all__ = [
     "PopulationAborted",
     "PopulationGroup",
     "PopulationWatchdog",
+    "barrier_device_ids",
     "start_watchdog",
     "stop_watchdog",
     "wire_bytes",
@@ -86,6 +87,11 @@ class PopulationGroup:
         self._connect_store = connect_store
         self._timeout: timedelta | None = None
         self._host: PopulationGroup | None = None
+        # Every backend is told its rank's device now, on every rank at the same point. NCCL then builds the
+        # group's communicator at once and runs point-to-point transfers on it (ProcessGroupNCCL::pointToPoint
+        # in eager mode); left lazy, it would open a 2-rank communicator, with its own stream and buffers,
+        # for every pair of ranks that ever exchange state, inside a ready step. Gloo has nothing to do.
+        backend.eager_connect_single_device(device)
 
     @classmethod
     def create(
@@ -190,7 +196,9 @@ class PopulationGroup:
         return json.loads(data.decode())
 
     def barrier(self) -> None:
-        self.backend.barrier().wait()
+        options = dist.BarrierOptions()
+        options.device_ids = barrier_device_ids(self.device)
+        self.backend.barrier(options).wait()
 
     def wait_for_everyone(
         self, key: str, poll_seconds: float = 0.1, barrier: bool = True, meanwhile: Callable[[], None] | None = None
@@ -336,6 +344,26 @@ def stop_watchdog(watchdog: PopulationWatchdog | None) -> None:
     if watchdog is not None:
         watchdog.stop()
         watchdog.join(timeout=5)
+
+
+def barrier_device_ids(device: torch.device) -> list[int]:
+    """The devices a population barrier names: its rank's GPU, or none for a host backend.
+
+    NCCL runs a barrier as an all-reduce on a device; told none, it takes the device of the group's earlier
+    collectives, or guesses (device 0 on every rank, if the barrier came first). Gloo needs none.
+
+    Args:
+        device: the population's device (``PopulationGroup.device``).
+
+    Examples:
+        >>> barrier_device_ids(torch.device("cuda", 3)), barrier_device_ids(torch.device("cpu"))
+        ([3], [])
+    """
+    if device.type == "cpu":
+        return []
+    if device.index is None:
+        raise ValueError(f"lightning_pbt: the population's device must name its index, got {device}")
+    return [device.index]
 
 
 def wire_bytes(tensor: Tensor) -> Tensor:

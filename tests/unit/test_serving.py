@@ -162,7 +162,24 @@ def test_the_server_refuses_a_replaced_snapshot_and_waits_for_one_still_to_come(
     assert outcomes == [None, digest(first_state), digest(second_state)]
 
 
-def asynchronous_steps(group: PopulationGroup, member_size: int) -> AsynchronousReadySteps:
+class HeldState:
+    """A member's live training state (a model and its Adam state at real sizes), as the callback exposes it."""
+
+    device = CPU
+
+    def __init__(self, seed: int) -> None:
+        self.model, self.optimizer = member(seed)
+
+    def training_state(self) -> dict:
+        return state_of(self.model, self.optimizer)
+
+    def storages(self) -> list[int]:
+        return [t.untyped_storage().data_ptr() for t in transfer.flatten_state(self.training_state()).tensors]
+
+
+def asynchronous_steps(
+    group: PopulationGroup, member_size: int, held: HeldState | None = None
+) -> AsynchronousReadySteps:
     scheduler = PBTScheduler({"lr": LogUniform(1e-3, 0.1)})
     topology = PopulationTopology(world_size=group.size, world_rank=group.rank, member_size=member_size)
     book = PopulationBook(
@@ -174,7 +191,7 @@ def asynchronous_steps(group: PopulationGroup, member_size: int) -> Asynchronous
         namespace=NAMESPACE,
         scheduler=scheduler,
         book=book,
-        member=SimpleNamespace(device=CPU),
+        member=held or HeldState(group.rank),
         mode="max",
         monitor="val_acc",
         seed=0,
@@ -186,8 +203,8 @@ def asynchronous_steps(group: PopulationGroup, member_size: int) -> Asynchronous
 @survives_abort
 def test_a_member_loads_a_fetched_snapshot_only_when_every_rank_got_it(backend):
     """Member 1 (ranks 2, 3) copies member 0 (ranks 0, 1). Rank 1 has moved on to version 8 while rank 0
-    still serves 7: rank 2 receives, rank 3 is refused, and neither loads (the member's ranks must hold the
-    same state). At the next attempt, for version 8, both get it."""
+    still serves 7: rank 2 receives, rank 3 is refused, and neither changes its state (the member's ranks
+    must hold the same state). At the next attempt, for version 8, both get it, in their own tensors."""
     snapshots = [packed(seed) for seed in range(3)]
 
     def body(group: PopulationGroup) -> object:
@@ -203,7 +220,10 @@ def test_a_member_loads_a_fetched_snapshot_only_when_every_rank_got_it(backend):
             host.barrier()
             server.stop(host.store)
             return server.error
+        held: HeldState = steps.member  # type: ignore[assignment]
+        before, storages = digest(held.training_state()), held.storages()
         first = steps._fetch(0, {"version": 7, "step": 70}, attempt=0)
+        unchanged = digest(held.training_state()) == before
         host.store.add("fetched", 1)
         if group.rank == 2:
             while host.store.add("fetched", 0) < 2:
@@ -211,12 +231,52 @@ def test_a_member_loads_a_fetched_snapshot_only_when_every_rank_got_it(backend):
             host.store.set("first attempt done", "1")
         second = steps._fetch(0, {"version": 8, "step": 80}, attempt=1)
         host.barrier()
-        return first, digest(transfer.unflatten_state(second.nest, second.tensors))
+        own = second.in_place and held.storages() == storages
+        return first, unchanged, own, digest(held.training_state())
 
     results = run_ranks(4, backend.split("-")[0], body)
     assert results[:2] == [None, None]
-    assert results[2] == (None, digest(snapshots[2][1]))  # rank j of the loser copies rank j of the donor
-    assert results[3] == (None, digest(snapshots[1][1]))
+    # rank j of the loser copies rank j of the donor, into its own tensors, after a first attempt that changed nothing
+    assert results[2] == (None, True, True, digest(snapshots[2][1]))
+    assert results[3] == (None, True, True, digest(snapshots[1][1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@survives_abort
+def test_repeated_asynchronous_copies_allocate_no_state_sized_buffer(backend):
+    """Issue 33: every asynchronous exploit received into fresh state-sized tensors and copied them into the
+    model; the heap kept the freed blocks and every rank's resident memory grew with the run. A copy now
+    lands in the loser's own tensors through the receive pool, which keeps its size from copy to copy."""
+    snapshots = [packed(seed) for seed in (0, 1, 2)]
+
+    def body(group: PopulationGroup) -> object:
+        steps = asynchronous_steps(group, member_size=1)
+        host = steps.population
+        if group.rank == 0:
+            server = SnapshotServer(host, host.new_store_client(), NAMESPACE, 0, host.signal_abort)
+            server.start()
+            for version, (snapshot, _) in enumerate(snapshots):
+                server.publish(Snapshot(version, snapshot))
+                host.barrier()  # the loser copies it
+                host.barrier()
+            server.stop(host.store)
+            return server.error
+        held: HeldState = steps.member  # type: ignore[assignment]
+        storages, capacities, digests = held.storages(), [], []
+        for version in range(len(snapshots)):
+            host.barrier()
+            received = steps._fetch(0, {"version": version, "step": version}, attempt=version)
+            assert received is not None and received.in_place
+            capacities.append(steps.inbox.capacity)
+            digests.append(digest(held.training_state()))
+            host.barrier()
+        return held.storages() == storages, capacities, digests
+
+    same_storages, capacities, digests = run_ranks(2, backend.split("-")[0], body)[1]
+    assert same_storages
+    assert digests == [digest(state) for _, state in snapshots]
+    state_bytes = sum(t.numel() * t.element_size() for t in transfer.flatten_state(snapshots[0][1]).tensors)
+    assert capacities[0] == capacities[-1] and state_bytes <= capacities[0] <= 2 * state_bytes
 
 
 class RecordingMember:
@@ -234,11 +294,13 @@ class RecordingMember:
         self.state = {key: value.clone() for key, value in state.items()}
 
 
-def test_transfers_open_one_nccl_communicator_per_pair_of_members_and_member_rank():
-    """Plain send/recv on NCCL creates a 2-rank communicator per pair of ranks that exchange (each holds
-    GPU memory). Rank j of a donor only ever sends to rank j of a loser, so 4 members of 2 ranks, every
-    member copying every other over the rounds, open 2 x (4*3/2) = 12 communicators, not the 8*7/2 = 28
-    of all rank pairs."""
+def test_transfers_run_on_the_populations_one_nccl_communicator():
+    """Plain send/recv on a lazily initialised NCCL group creates a 2-rank communicator per pair of ranks
+    that exchange (each with its own stream and GPU buffers, made inside a ready step). The population
+    group is connected to its rank's device when it is made, so every transfer runs on the group's one
+    communicator, in issue order (the stand-in serialises an eager rank's operations as NCCL does). Rank j
+    of a donor only ever sends to rank j of a loser: 4 members of 2 ranks, every member copying every other
+    over the rounds, exchange over 2 x (4*3/2) = 12 pairs of ranks, not the 8*7/2 = 28 of all pairs."""
     hub = _Hub()
     members, member_size = 4, 2
     world = members * member_size
@@ -267,7 +329,8 @@ def test_transfers_open_one_nccl_communicator_per_pair_of_members_and_member_ran
 
     held = run_ranks(world, "nccl", body, hub=hub)
     assert held == [[11.0 * donor for donor in range(members)]] * world
-    pairs = [tuple(sorted(pair)) for pair in hub.communicators]
+    assert hub.communicators == {"group"} and hub.eager == set(range(world))
+    pairs = [tuple(sorted(pair)) for pair in hub.pairs]
     assert all(a % member_size == b % member_size for a, b in pairs)
     assert len(pairs) == member_size * members * (members - 1) // 2 < world * (world - 1) // 2
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_pbt.distributed import staging, transfer
-from lightning_pbt.distributed.collectives import PopulationGroup
+from lightning_pbt.distributed.collectives import PopulationGroup, barrier_device_ids
 from lightning_pbt.plugin.trainer_member import TrainerMember
 
 # torch's getNcclDataType (torch/csrc/distributed/c10d/NCCLUtils.hpp): every other dtype is a TypeError.
@@ -165,21 +165,33 @@ class _Op:
 
 class _Hub:
     """Every rank's operations, per peer, in issue order; an operation completes when it and its
-    counterpart are both at the head of their ranks' queues for each other."""
+    counterpart are both at the head of their ranks' queues for each other. A rank whose backend was
+    connected to its device (``eager_connect_single_device``) runs its point-to-point operations on the
+    group's one communicator and stream, as NCCL does in eager mode: in issue order across all its peers."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queues: dict[tuple[int, int], deque[_Op]] = {}
-        self.communicators: set[frozenset[int]] = set()  # what NCCL's lazy per-pair keys would create
+        self.communicators: set[frozenset[int] | str] = set()  # what NCCL would create: per pair, or the group's
+        self.pairs: set[frozenset[int]] = set()  # the ranks that exchanged
+        self.eager: set[int] = set()
+        self.pending: dict[int, deque[_Op]] = {}  # an eager rank's operations, in issue order
 
     def issue(self, rank: int, peer: int, op: _Op) -> _Op:
         if op.tensor.dtype not in NCCL_DTYPES:
             raise TypeError(f"Input tensor data type is not supported for NCCL process group: {op.tensor.dtype}")
         with self.lock:
-            self.communicators.add(frozenset((rank, peer)))
+            self.pairs.add(frozenset((rank, peer)))
+            self.communicators.add("group" if rank in self.eager else frozenset((rank, peer)))
             self.queues.setdefault((rank, peer), deque()).append(op)
+            if rank in self.eager:
+                self.pending.setdefault(rank, deque()).append(op)
             self._progress()
         return op
+
+    def _next(self, rank: int, op: _Op) -> bool:
+        """Whether ``op`` may run now: always with a per-pair communicator, first of its rank's otherwise."""
+        return rank not in self.eager or self.pending[rank][0] is op
 
     def _progress(self) -> None:
         moved = True
@@ -190,7 +202,12 @@ class _Hub:
                 if not queue or not other:
                     continue
                 head, counterpart = queue[0], other[0]
-                if head.kind == "send" and counterpart.kind == "recv":
+                if (
+                    head.kind == "send"
+                    and counterpart.kind == "recv"
+                    and self._next(a, head)
+                    and self._next(b, counterpart)
+                ):
                     source, target = head.tensor, counterpart.tensor
                     if source.numel() * source.element_size() != target.numel() * target.element_size():
                         head.error = counterpart.error = (
@@ -201,6 +218,9 @@ class _Hub:
                         target.view(-1).view(torch.uint8).copy_(source.contiguous().view(-1).view(torch.uint8))
                     queue.popleft()
                     other.popleft()
+                    for rank in (a, b):
+                        if rank in self.eager:
+                            self.pending[rank].popleft()
                     head.done.set()
                     counterpart.done.set()
                     moved = True
@@ -225,6 +245,10 @@ class NcclStandIn:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+    def eager_connect_single_device(self, device: torch.device) -> None:
+        with self.hub.lock:
+            self.hub.eager.add(self.rank)
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> _Work:
         return _Work(self.hub.issue(self.rank, dst, _Op("send", tensors[0])))
@@ -575,13 +599,37 @@ def test_nccl_group_is_created_with_the_timeout(monkeypatch):
         def __init__(self, store: object, rank: int, size: int, options: object) -> None:
             created.append(options)
 
+        def eager_connect_single_device(self, device: torch.device) -> None:
+            created.append(device)
+
     monkeypatch.setattr(dist, "ProcessGroupNCCL", RecordingNccl, raising=False)
-    group = PopulationGroup.create(dist.HashStore(), 0, 1, "nccl", torch.device("cpu"), timedelta(seconds=7))
+    group = PopulationGroup.create(dist.HashStore(), 0, 1, "nccl", torch.device("cuda", 1), timedelta(seconds=7))
     assert group.backend_name == "nccl" and created[0]._timeout == timedelta(seconds=7)
+    assert created[1:] == [torch.device("cuda", 1)]  # connected to the rank's device, once (see PopulationGroup)
     if hasattr(torch._C._distributed_c10d, "ProcessGroupNCCL"):  # CUDA builds: the real options too
         nccl = torch._C._distributed_c10d.ProcessGroupNCCL.Options()
         nccl._timeout = timedelta(seconds=7)
         assert nccl._timeout == timedelta(seconds=7)
+
+
+def test_the_population_barrier_names_its_ranks_gpu_and_nothing_on_the_host():
+    """NCCL runs a barrier on a device it must be told (else the device of earlier collectives, or a guess);
+    the same code passes gloo an empty list (``host.barrier()`` runs on real gloo throughout these tests)."""
+    seen: list[list[int]] = []
+
+    class RecordingBackend:
+        def eager_connect_single_device(self, device: torch.device) -> None:
+            pass
+
+        def barrier(self, options: dist.BarrierOptions) -> SimpleNamespace:
+            seen.append(list(options.device_ids))
+            return SimpleNamespace(wait=lambda: True)
+
+    for device in (torch.device("cuda", 2), torch.device("cpu")):
+        PopulationGroup(RecordingBackend(), 0, 1, device, dist.HashStore(), "nccl").barrier()  # type: ignore[arg-type]
+    assert seen == [[2], []]
+    with pytest.raises(ValueError, match="must name its index"):
+        barrier_device_ids(torch.device("cuda"))
 
 
 @survives_abort

@@ -19,7 +19,7 @@ from typing import Any
 from lightning_pbt.algorithm.comparable import Published, decide_alone
 from lightning_pbt.algorithm.lineage import LineageRecord
 from lightning_pbt.algorithm.scheduler import MemberPlan
-from lightning_pbt.distributed import transfer
+from lightning_pbt.distributed import staging, transfer
 from lightning_pbt.distributed.ready_steps.base import HISTORY, Observation, ReadyStepResult, ReadySteps
 from lightning_pbt.distributed.ready_steps.records import (
     decision_extra,
@@ -58,6 +58,7 @@ class AsynchronousReadySteps(ReadySteps):
         self._versions = 0  # snapshots taken in this fit: ready steps and between them
         self._snapshot_step: int | None = None
         self._interval_started = time.monotonic()  # when this member left its last ready step (or started)
+        self.inbox = staging.StagingPool()  # where copies wait until every rank of the member has one
 
     @property
     def _leader(self) -> bool:
@@ -135,7 +136,7 @@ class AsynchronousReadySteps(ReadySteps):
             received = self._fetch(plan.parent, donor, attempt)
             if received is not None:
                 self.member.load_training_state(
-                    transfer.unflatten_state(received.nest, received.tensors), model_in_place=False
+                    transfer.unflatten_state(received.nest, received.tensors), model_in_place=received.in_place
                 )
                 # The copy's history and progress are the donor's snapshot's (see lightning_pbt.algorithm.comparable).
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
@@ -294,13 +295,17 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
-        """Every rank j of this member copies rank j of the donor; all of them or none (then ``None``)."""
+        """Every rank j of this member copies rank j of the donor; all of them or none (then ``None``).
+
+        The copy waits in this rank's ``inbox`` until every rank of the member has it, then lands in its
+        own tensors (:func:`~lightning_pbt.distributed.transfer.receive_staged`), as lockstep's receive does."""
         topology = self.topology
         donor_rank = topology.world_rank_of(donor, topology.member_rank)
         store = self.population.store
+        own = transfer.flatten_state(self.member.training_state()).tensors
         try:
             request_snapshot(store, self.namespace, donor_rank, topology.world_rank, int(info["version"]))
-            received = transfer.receive_state(self.population, donor_rank, None, self.member.device)
+            received = transfer.receive_staged(self.population, donor_rank, own, self.member.device, self.inbox)
         except Exception as error:
             raise RuntimeError(
                 f"PopulationBasedTraining: member {self.me} could not copy member {donor}'s snapshot of step "
@@ -310,7 +315,7 @@ class AsynchronousReadySteps(ReadySteps):
         prefix = f"{self.namespace}/fetched/{self.me}/{self.book.ready_count}/{attempt}"
         store.set(f"{prefix}/{topology.member_rank}", "1" if received is not None else "0")
         agreed = all(store.get(f"{prefix}/{j}") == b"1" for j in range(topology.member_size))
-        return received if agreed else None
+        return received.settle() if agreed and received is not None else None
 
     def finish(self) -> None:
         """Stopped: stay a donor (serving the last snapshot) until every member has stopped."""
