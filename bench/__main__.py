@@ -4,6 +4,7 @@
     python -m bench --only transfer      # one or several of: transfer ready_step overhead quality schedule
                                          # asynchronous decisions turns
     python -m bench --only applications  # the three example apps, PBT vs its alternatives (~60 min on 2 cores)
+    python -m bench --only trainer_memory  # every rank's RSS over 240 asynchronous ready steps (~15 min)
     python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
     python -m bench --report             # only re-render RESULTS.md from the JSON already there
     python -m bench --launcher torchrun  # ranks in fresh interpreters (torchrun) instead of forks
@@ -33,9 +34,9 @@ from bench.report import DEFAULT, ORDER, write_report
 
 # per launch, seconds
 TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900, "asynchronous": 120,
-            "decisions": 600, "turns": 900, "applications": 600}
+            "decisions": 600, "turns": 900, "applications": 600, "trainer_memory": 1800}
 SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60,
-                  "decisions": 60, "turns": 120, "applications": 120}
+                  "decisions": 60, "turns": 120, "applications": 120, "trainer_memory": 120}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,12 @@ from typing import Any
 from bench.markdown import fmt, spread_cell, table
 
 ORDER = (
-    "transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "turns", "applications"
+    "transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "turns", "applications",
+    "trainer_memory",
 )
-# What `python -m bench` runs without --only: applications takes an hour, so it is asked for by name.
-DEFAULT = ORDER[:-1]
+# What `python -m bench` runs without --only: applications takes an hour and trainer_memory a quarter of one,
+# so they are asked for by name.
+DEFAULT = ORDER[:-2]
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -196,6 +198,10 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         from bench.applications import render_section
 
         out += render_section(results["applications"])
+    if "trainer_memory" in results:
+        from bench.trainer_memory import render_section as render_memory
+
+        out += render_memory(results["trainer_memory"])
     return "\n".join(out) + "\n"
 
 

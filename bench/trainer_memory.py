@@ -177,3 +177,23 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
 
 if __name__ == "__main__":
     worker()
+
+
+def render_section(r: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: one row per rank."""
+    t = r["targets"]["flat_within_mb"]
+    out = ["", "## Resident memory over asynchronous ready steps (real Trainer, 4 members x 1 rank, CPU)", "",
+           f"`{r['command']}`, {r['date']}. {r['config']['model']}. RSS (`VmRSS`) of each rank at its ready steps; "
+           f"growth from ready step {r['config']['warmup']} to the last. Target: {t['target']} "
+           f"({'met' if t['met'] else 'missed'}: worst {t['value']:.1f} MB).", ""]
+    rows = [f"| {row['rank']} | {row['ready_steps_after_warmup']} | {row['state_mb']:.1f} | "
+            f"{row['rss_after_warmup_mb']:.1f} | {row['rss_end_mb']:.1f} | **{row['growth_mb']:+.1f}** | "
+            f"{row['peak_growth_mb']:+.1f} |" for row in r["rows"]]
+    keys = r["rows"][0].get("store_keys") or []
+    out += ["| rank | ready steps after warm-up | state MB | RSS after warm-up MB | RSS at the end MB | growth MB | "
+            "peak growth MB |", "|---|---|---|---|---|---|---|", *rows]
+    if keys:
+        out += ["", f"Keys in the launch's store (rank 0's process) at ready steps 1, {len(keys) // 2} and "
+                f"{len(keys)}: {keys[0]}, {keys[len(keys) // 2 - 1]}, {keys[-1]}; exploits in the run: "
+                f"{r['rows'][0]['exploits']}."]
+    return out

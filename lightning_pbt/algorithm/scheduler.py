@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lightning_pbt.algorithm.exploit import ExploitRule, check_mode, is_finite_score, make_exploit_rule, rank_members
 from lightning_pbt.algorithm.explore import Explorer
-from lightning_pbt.algorithm.pb2 import PB2
 from lightning_pbt.algorithm.space import Domain, check_space_not_empty
 from lightning_pbt.algorithm.space_config import space_from_config
+
+if TYPE_CHECKING:
+    from lightning_pbt.algorithm.pb2 import PB2
 
 __all__ = [
     "EXPLORE_METHODS",
@@ -36,6 +38,15 @@ __all__ = [
 
 PLAN_EVENTS = ("keep", "exploit", "rejuvenate")
 EXPLORE_METHODS = ("perturb", "pb2")
+
+
+def _pb2(space: Mapping[str, Domain], mode: str, explorer: Explorer) -> PB2:
+    """PB2, imported here: it needs scipy, which nothing else does (the callback imports without it)."""
+    try:
+        from lightning_pbt.algorithm.pb2 import PB2
+    except ImportError as error:
+        raise ImportError(f"explore='pb2' needs scipy (pip install 'scipy>=1.10'): {error}") from error
+    return PB2(space, mode, explorer)
 
 
 def check_burn_in(burn_in: int) -> int:
@@ -231,7 +242,7 @@ class PBTScheduler:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         check_explore_method(explore)
         self.explore_method = explore
-        self.pb2 = PB2(self.space, self.mode, self.explorer) if explore == "pb2" else None
+        self.pb2: PB2 | None = _pb2(self.space, self.mode, self.explorer) if explore == "pb2" else None
         self.burn_in = burn_in
         self.rejuvenate_patience = p
         self.seed = seed

@@ -390,6 +390,17 @@ def send_state(population: Any, packed: PackedState, peers: Sequence[int], statu
     population.exchange([(peer, [skeleton, *packed.messages]) for peer in peers], [])
 
 
+def _receive_header(population: Any, peer: int) -> tuple[Tensor, int] | None:
+    """The header of a transfer from ``peer``: an empty buffer for its skeleton and its spec fingerprint,
+    or ``None`` when it refused (negative status: nothing follows)."""
+    header = header_tensor(population.device)
+    population.exchange([], [(peer, [header])])
+    skeleton_bytes, remote_hash, status = (int(v) for v in header.cpu().tolist())
+    if status < 0:
+        return None
+    return torch.empty(skeleton_bytes, dtype=torch.uint8, device=population.device), remote_hash
+
+
 def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, target: torch.device) -> Received | None:
     """Receive what :func:`send_state` sends; ``None`` when the sender refused (negative status).
 
@@ -399,12 +410,10 @@ def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, targ
     are allocated from the skeleton.
     """
     device = population.device
-    header = header_tensor(device)
-    population.exchange([], [(peer, [header])])
-    skeleton_bytes, remote_hash, status = (int(v) for v in header.cpu().tolist())
-    if status < 0:
+    heard = _receive_header(population, peer)
+    if heard is None:
         return None
-    skeleton = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
+    skeleton, remote_hash = heard
     in_place = own is not None and remote_hash == spec_hash(own)
     if in_place:
         assert own is not None
@@ -441,12 +450,10 @@ def receive_staged(
         raise ValueError(
             f"lightning_pbt: receive_staged needs a host transport (its pool is host memory), not {device}"
         )
-    header = header_tensor(device)
-    population.exchange([], [(peer, [header])])
-    skeleton_bytes, remote_hash, status = (int(v) for v in header.cpu().tolist())
-    if status < 0:
+    heard = _receive_header(population, peer)
+    if heard is None:
         return None
-    skeleton = torch.empty(skeleton_bytes, dtype=torch.uint8, device=device)
+    skeleton, remote_hash = heard
     if own is not None and remote_hash == spec_hash(own):
         layout = message_layout(_specs(own))
         inbox = pool.take([(sum(own[i].numel() for i in indices), own[indices[0]].dtype) for indices in layout])

@@ -81,3 +81,28 @@ def test_glue_reaches_lightning_and_other_glue_only_through_relative_imports(nam
             assert parts[0] not in LIGHTNING_PACKAGES, f"{name}.py imports {module}; use `from ._lightning import`"
             if parts[:2] == ["lightning_pbt", "plugin"] and len(parts) > 2:
                 assert parts[2] not in GLUE_MODULES, f"{name}.py imports {module}; use a relative import"
+
+
+def test_the_callback_imports_and_runs_perturb_without_scipy():
+    """Only PB2 needs scipy; ``make test-gpu`` promises torch, Lightning and pytest, no more. Lightning may
+    import scipy itself where it is installed; here it then disappears, as on a machine without it."""
+    result = _run(
+        "import json, sys\n"
+        "import pytorch_lightning\n"
+        "for name in [n for n in sys.modules if n == 'scipy' or n.startswith('scipy.')]:\n"
+        "    del sys.modules[name]\n"
+        "sys.modules['scipy'] = None  # `import scipy` now fails\n"
+        "from lightning_pbt import PopulationBasedTraining, PopulationStrategy\n"
+        "from lightning_pbt.space import LogUniform\n"
+        "import lightning_pbt.plugin.callback, lightning_pbt.distributed.ready_steps\n"
+        "space = {'lr': LogUniform(1e-4, 1e-1)}\n"
+        "PopulationBasedTraining(space, monitor='val_loss')\n"
+        "try:\n"
+        "    PopulationBasedTraining(space, monitor='val_loss', explore='pb2')\n"
+        "    pb2 = None\n"
+        "except ImportError as error:\n"
+        "    pb2 = str(error)\n"
+        "print(json.dumps({'pb2_module': 'lightning_pbt.algorithm.pb2' in sys.modules, 'pb2_error': pb2}))\n"
+    )
+    assert result["pb2_module"] is False
+    assert result["pb2_error"] is not None and "explore='pb2' needs scipy" in result["pb2_error"]
