@@ -207,14 +207,18 @@ class PopulationGroup:
 
         Members may finish far apart (early stopping, ``max_time``); a collective would time out, the
         store does not. A rank that failed meanwhile is reported instead of waited for. ``meanwhile`` runs
-        between looks (a stopped member serving the others' ready steps).
+        between looks (a stopped member serving the others' ready steps). Looks start 1 ms apart and back
+        off to ``poll_seconds``: ranks that finish together (lockstep) leave within a millisecond or two of
+        the last one instead of up to a whole ``poll_seconds`` later, at the end of every fit.
         """
         self.store.add(key, 1)
+        pause = min(0.001, poll_seconds)
         while self.store.add(key, 0) < self.size:
             self.raise_if_aborted()
             if meanwhile is not None:
                 meanwhile()
-            time.sleep(poll_seconds)
+            time.sleep(pause)
+            pause = min(2 * pause, poll_seconds)
         if barrier:
             self.barrier()
 

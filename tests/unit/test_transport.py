@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_pbt.distributed import staging, transfer
+from lightning_pbt.distributed import collectives, staging, transfer
 from lightning_pbt.distributed.collectives import PopulationGroup, barrier_device_ids
 from lightning_pbt.plugin.trainer_member import TrainerMember
 
@@ -717,3 +717,20 @@ def test_staged_transfers_leave_nothing_in_the_pool_that_a_later_transfer_overwr
     state_bytes = sum(t.numel() * t.element_size() for t in transfer.flatten_state(states[0]).tensors)
     for pool in staging.STAGING.values():  # a fresh receive stages everything; a send only the buckets
         assert 0 < pool.capacity <= staging.block_bytes(state_bytes + 64 * 20)
+def test_waiting_for_everyone_looks_again_soon_then_backs_off(monkeypatch):
+    """At the end of a fit every rank waits in the store for the others: looks start 1 ms apart and back
+    off to ``poll_seconds``, so ranks that arrive together do not each lose up to a whole poll."""
+    pauses: list[float] = []
+    monkeypatch.setattr(collectives.time, "sleep", pauses.append)
+    store = dist.HashStore()
+    group = PopulationGroup(
+        SimpleNamespace(eager_connect_single_device=lambda device: None), 0, 3, torch.device("cpu"), store, "gloo"
+    )  # type: ignore[arg-type]
+    looks = iter(range(100))
+
+    def meanwhile() -> None:  # the two other ranks arrive after the 9th look
+        if next(looks) == 8:
+            store.add("done", 2)
+
+    group.wait_for_everyone("done", poll_seconds=0.05, barrier=False, meanwhile=meanwhile)
+    assert pauses == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05]
