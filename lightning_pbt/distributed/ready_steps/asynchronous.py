@@ -295,10 +295,8 @@ class AsynchronousReadySteps(ReadySteps):
         return message
 
     def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
-        """Every rank j of this member copies rank j of the donor; all of them or none (then ``None``).
-
-        The copy waits in this rank's ``inbox`` until every rank of the member has it, then lands in its
-        own tensors (:func:`~lightning_pbt.distributed.transfer.receive_staged`), as lockstep's receive does."""
+        """Every rank j of this member copies rank j of the donor, into its ``inbox`` and, once all of them
+        have it, into its own tensors (:func:`~lightning_pbt.distributed.transfer.receive_staged`); else ``None``."""
         topology = self.topology
         donor_rank = topology.world_rank_of(donor, topology.member_rank)
         store = self.population.store
