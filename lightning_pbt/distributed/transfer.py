@@ -32,13 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_pbt.distributed.staging import STAGING, StagingPool, stages, staging_buffer
+from lightning_pbt.distributed.staging import STAGING, stages, staging_buffer
 
 __all__ = [
     "FlatState",
     "PackedState",
     "Received",
-    "Staged",
     "bytes_tensor",
     "fits",
     "flatten_state",
@@ -47,7 +46,6 @@ __all__ = [
     "pack_messages",
     "pack_state",
     "read_skeleton",
-    "receive_staged",
     "receive_state",
     "send_state",
     "spec_hash",
@@ -429,76 +427,6 @@ def receive_state(population: Any, peer: int, own: Sequence[Tensor] | None, targ
     inbox = allocate_messages(markers, layout, device, pinned=pooled)
     population.exchange([], [(peer, inbox)], first_tag=1)  # the messages follow the skeleton (tag 0)
     return Received(nest, unpack_messages(inbox, markers, layout, target, pooled), in_place=False)
-
-
-def receive_staged(
-    population: Any, peer: int, own: Sequence[Tensor] | None, target: torch.device, pool: StagingPool
-) -> Staged | None:
-    """Receive what :func:`send_state` sends into ``pool`` (host memory, the receiving rank's own), touching
-    nothing of the loser's yet; ``None`` when the sender refused. :meth:`Staged.settle` then writes it into
-    ``own`` (when the sender's fingerprint equals ``own``'s, as :func:`receive_state` does) or unpacks fresh
-    tensors.
-
-    The asynchronous mode receives this way: the ranks of a member load a copy only if every one of them
-    got it (a donor's rank may refuse a snapshot it has replaced), so nothing may land in a rank's own
-    tensors before they agree; and the pool is reused from copy to copy, so an exploit allocates no
-    state-sized buffer (fresh receive buffers on every copy fragmented the heap: resident memory grew with
-    the run) and a GPU member never holds a second copy of its state.
-    """
-    device = population.device
-    if device.type != "cpu":
-        raise ValueError(
-            f"lightning_pbt: receive_staged needs a host transport (its pool is host memory), not {device}"
-        )
-    heard = _receive_header(population, peer)
-    if heard is None:
-        return None
-    skeleton, remote_hash = heard
-    if own is not None and remote_hash == spec_hash(own):
-        layout = message_layout(_specs(own))
-        inbox = pool.take([(sum(own[i].numel() for i in indices), own[indices[0]].dtype) for indices in layout])
-        population.exchange([], [(peer, [skeleton, *inbox])])
-        nest, markers = read_skeleton(bytes(skeleton.cpu().numpy()))
-        return Staged(nest, markers, layout, inbox, list(own), target)
-    population.exchange([], [(peer, [skeleton])])
-    nest, markers = read_skeleton(bytes(skeleton.cpu().numpy()))
-    layout = message_layout(specs_of(markers))
-    inbox = pool.take(
-        [
-            (sum(_numel(markers[i]["shape"]) for i in indices), _dtype(markers[indices[0]]["dtype"]))
-            for indices in layout
-        ]
-    )
-    population.exchange([], [(peer, inbox)], first_tag=1)  # the messages follow the skeleton (tag 0)
-    return Staged(nest, markers, layout, inbox, None, target)
-
-
-@dataclass
-class Staged:
-    """A received state still in its pool (:func:`receive_staged`); valid until the pool's next use.
-
-    Attributes:
-        nest: the parsed skeleton.
-        markers: its tensor markers, in index order.
-        layout: the message layout the buffers follow.
-        inbox: the buffers, in the receive pool.
-        own: the loser's tensors it settles into (equal fingerprints), or ``None`` (fresh tensors).
-        target: where the loser's tensors live.
-    """
-
-    nest: Any
-    markers: list[dict]
-    layout: list[list[int]]
-    inbox: list[Tensor]
-    own: list[Tensor] | None
-    target: torch.device
-
-    def settle(self) -> Received:
-        """Write the state into the loser's own tensors, or unpack it into fresh ones (off the pool)."""
-        if self.own is not None:
-            return Received(self.nest, _settle_in_place(self.own, self.inbox, self.layout), in_place=True)
-        tensors = unpack_messages(self.inbox, self.markers, self.layout, self.target, pooled=True)
-        return Received(self.nest, tensors, in_place=False)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from lightning_pbt.algorithm.comparable import Published, decide_alone
 from lightning_pbt.algorithm.lineage import LineageRecord
 from lightning_pbt.algorithm.scheduler import MemberPlan
-from lightning_pbt.distributed import staging, transfer
+from lightning_pbt.distributed import staged_receive, staging, transfer
 from lightning_pbt.distributed.ready_steps.base import HISTORY, Observation, ReadyStepResult, ReadySteps
 from lightning_pbt.distributed.ready_steps.records import (
     decision_extra,
@@ -296,14 +296,13 @@ class AsynchronousReadySteps(ReadySteps):
 
     def _fetch(self, donor: int, info: Mapping[str, Any], attempt: int) -> transfer.Received | None:
         """Every rank j of this member copies rank j of the donor, into its ``inbox`` and, once all of them
-        have it, into its own tensors (:func:`~lightning_pbt.distributed.transfer.receive_staged`); else ``None``."""
-        topology = self.topology
+        have it, into its own tensors (:mod:`~lightning_pbt.distributed.staged_receive`); else ``None``."""
+        topology, store = self.topology, self.population.store
         donor_rank = topology.world_rank_of(donor, topology.member_rank)
-        store = self.population.store
         own = transfer.flatten_state(self.member.training_state()).tensors
         try:
             request_snapshot(store, self.namespace, donor_rank, topology.world_rank, int(info["version"]))
-            received = transfer.receive_staged(self.population, donor_rank, own, self.member.device, self.inbox)
+            received = staged_receive.receive_staged(self.population, donor_rank, own, self.member.device, self.inbox)
         except Exception as error:
             raise RuntimeError(
                 f"PopulationBasedTraining: member {self.me} could not copy member {donor}'s snapshot of step "
