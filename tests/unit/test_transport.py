@@ -465,7 +465,8 @@ def test_a_synchronous_copy_of_channels_last_and_transposed_weights_reaches_the_
             scheduler=None, book=PopulationBook(), member=TrainerMember(trainer, model, lambda: None, None),
             mode="max", monitor="val_acc", seed=0,
         )  # fmt: skip
-        steps._move_states({0: MemberPlan(0, "keep", 0, {}), 1: MemberPlan(1, "exploit", 0, {})})
+        plans = {0: MemberPlan(0, "keep", 0, {}), 1: MemberPlan(1, "exploit", 0, {})}
+        steps._move_states(plans, {steps.me: steps.member})  # this process hosts one member
         return None
 
     run_ranks(2, backend.split("-")[0], body)
