@@ -122,6 +122,7 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     from lightning_pbt import LogUniform, PopulationBasedTraining
     from lightning_pbt.algorithm.topology import PopulationTopology
     from lightning_pbt.distributed.collectives import PopulationGroup
+    from lightning_pbt.plugin.turns import MemberLane
 
     population = PopulationGroup.create(dist.PrefixStore(f"size_{size}/", store), rank, size, "gloo",
                                         torch.device("cpu"), timedelta(seconds=300))
@@ -131,7 +132,7 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     strategy = SimpleNamespace(population=population, topology=topology, num_members=topology.num_members,
                                member_id=topology.member_id, world_rank=rank, run_dir=None,
-                               root_device=torch.device("cpu"), fit_generation=0)
+                               root_device=torch.device("cpu"), fit_generation=0, lane=MemberLane())
     trainer = SimpleNamespace(
         lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], precision_plugin=_NoPrecision(),
         strategy=strategy, callbacks=[], callback_metrics={}, global_step=0, current_epoch=0, sanity_checking=False,

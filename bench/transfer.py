@@ -261,7 +261,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
 
         def ours(protocol: Any = protocol) -> float:
             started = time.perf_counter()
-            protocol._move_states(plans)
+            protocol._move_states(plans, {protocol.me: protocol.member})  # one member per process
             return time.perf_counter() - started
 
         def raw_dist(raw: Any = raw) -> float:
