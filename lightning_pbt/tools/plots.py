@@ -168,6 +168,11 @@ def plot_lineage_tree(
     last = _last_step(records)
     figure = _figure(1, height=max(2.0, 0.45 * len(by_member) + 1.0))
     ax = figure.subplots()
+
+    def segment(member: int, begin: int, end: int, color: object) -> None:
+        """One stretch of a member's line, coloured by where its weights came from."""
+        ax.plot([begin, end], [member] * 2, color=color, linewidth=3, solid_capstyle="butt")
+
     origin = {m: m for m in by_member}
     steps = sorted({r.step for r in records})
     start = {m: (recs[0].step if recs else 0) for m, recs in by_member.items()}
@@ -176,13 +181,7 @@ def plot_lineage_tree(
         before = dict(origin)
         for record in at_step:
             if record.event == "exploit" and record.parent != record.member:
-                ax.plot(
-                    [start[record.member], step],
-                    [record.member] * 2,
-                    color=colors[before[record.member]],
-                    linewidth=3,
-                    solid_capstyle="butt",
-                )
+                segment(record.member, start[record.member], step, colors[before[record.member]])
                 ax.annotate(
                     "",
                     xy=(step, record.member),
@@ -192,18 +191,12 @@ def plot_lineage_tree(
                 origin[record.member] = before[record.parent]
                 start[record.member] = step
             elif record.event == "rejuvenate":
-                ax.plot(
-                    [start[record.member], step],
-                    [record.member] * 2,
-                    color=colors[before[record.member]],
-                    linewidth=3,
-                    solid_capstyle="butt",
-                )
+                segment(record.member, start[record.member], step, colors[before[record.member]])
                 ax.plot([step], [record.member], "*", color="grey", markersize=9)
                 origin[record.member] = record.member
                 start[record.member] = step
     for member in by_member:
-        ax.plot([start[member], last], [member] * 2, color=colors[origin[member]], linewidth=3, solid_capstyle="butt")
+        segment(member, start[member], last, colors[origin[member]])
     if highlight is not None and highlight in by_member:
         for member, begin, end in _ancestry(by_member, highlight, last):
             ax.plot([begin, end], [member, member], color="black", linewidth=1.2)
