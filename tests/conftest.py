@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,26 +82,54 @@ def _alive(group: int) -> bool:
 
 
 def run_population(
-    out: Path, timeout: float = 150, torchrun: bool = False, max_restarts: int = 0, **cfg
+    out: Path, timeout: float = 150, torchrun: bool = False, max_restarts: int = 0, launcher: str = "preloaded", **cfg
 ) -> subprocess.CompletedProcess:
-    """Run tests/distributed/scripts/population_run.py with ``cfg``; results land in ``out``."""
+    """Run tests/distributed/scripts/population_run.py with ``cfg``; results land in ``out``.
+
+    ``launcher``: ``"preloaded"`` (ranks forked from a server that imported torch and Lightning once:
+    tests/preloaded.py), ``"lightning"`` (``python script.py``: Lightning's launcher starts the other ranks,
+    rank 0 hosts the store) or ``torchrun=True``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"out": str(out), **cfg})
-    script = str(SCRIPTS / "population_run.py")
+    script = SCRIPTS / "population_run.py"
+    return run_script(script, [payload], cfg["devices"], timeout, torchrun, max_restarts, launcher)
+
+
+def run_script(
+    script: Path,
+    argv: list[str],
+    nproc: int,
+    timeout: float,
+    torchrun: bool = False,
+    max_restarts: int = 0,
+    launcher: str = "preloaded",
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a test script on ``nproc`` ranks with one of the launchers of :func:`run_population`."""
     if torchrun:
         args = [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
-            f"--nproc_per_node={cfg['devices']}",
+            f"--nproc_per_node={nproc}",
             f"--max-restarts={max_restarts}",
-            script,
-            payload,
+            str(script),
+            *argv,
         ]
-    else:
-        args = [sys.executable, script, payload]
-    return run_job(args, timeout)
+        return run_job(args, timeout, cwd)
+    if launcher == "lightning":
+        return run_job([sys.executable, str(script), *argv], timeout, cwd)
+    if launcher != "preloaded":
+        raise ValueError(f"launcher must be 'preloaded' or 'lightning', got {launcher!r}")
+    from tests.preloaded import run_preloaded
+
+    with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
+        try:
+            return run_preloaded(str(script), argv, nproc, child_env(), timeout, cwd or REPO, Path(logs))
+        except TimeoutError as hang:
+            pytest.fail(f"{script.name} did not finish within {timeout}s (a hang?)\n{str(hang)[-4000:]}")
 
 
 def load_ranks(out: Path) -> list[dict]:

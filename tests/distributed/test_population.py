@@ -34,12 +34,11 @@ def run_2x2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_4x1(tmp_path_factory) -> Path:
-    """4 ranks as 4 members, torchrun, one member diverging to NaN, a step LR scheduler, the t-test rule;
-    two ranks per device (``processes_per_device=2``: Trainer(devices=2) under ``--nproc_per_node=4``)."""
+    """4 ranks as 4 members, torchrun's environment, one member diverging to NaN, a step LR scheduler, the
+    t-test rule; two ranks per device (``processes_per_device=2``: Trainer(devices=2) on 4 ranks)."""
     out = tmp_path_factory.mktemp("run_4x1")
     proc = run_population(
         out,
-        torchrun=True,
         devices=4,
         processes_per_device=2,
         member_size=1,
@@ -391,7 +390,15 @@ def test_a_killed_rank_ends_the_run_and_leaves_no_process(tmp_path):
     other rank ends within seconds (its next collective or store call fails, or the watchdog notices the
     store is gone), long before the 60 s collective timeout would end it."""
     proc = run_population(
-        tmp_path, timeout=90, devices=2, member_size=1, max_steps=100_000, every=EVERY, kill_world_rank=0, kill_at=6
+        tmp_path,
+        timeout=90,
+        launcher="lightning",
+        devices=2,
+        member_size=1,
+        max_steps=100_000,
+        every=EVERY,
+        kill_world_rank=0,
+        kill_at=6,
     )
     ended = time.time()
     assert proc.returncode != 0

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SCRIPTS, load_lineage, load_ranks, run_job
+from tests.conftest import SCRIPTS, load_lineage, load_ranks, run_script
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
@@ -39,9 +38,11 @@ def run(request, tmp_path_factory) -> tuple[str, Path]:
         "every": EVERY,
         "epochs": EPOCHS,
         "slow_members": [0],  # the loser: its donor runs ahead of it in asynchronous mode
-        "slow_delay": 0.015,
+        # asynchronous: enough for the donor to get a whole ready interval ahead even on a loaded machine,
+        # where a snapshot costs it up to 0.7 s
+        "slow_delay": 0.015 if synchronous else 0.25,
     }
-    proc = run_job([sys.executable, str(SCRIPTS / "realistic_run.py"), json.dumps(cfg)], timeout=200)
+    proc = run_script(SCRIPTS / "realistic_run.py", [json.dumps(cfg)], nproc=2, timeout=200)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return request.param, out
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 
 import pytest
 
-from tests.conftest import SCRIPTS, run_job
+from tests.conftest import SCRIPTS, run_script
 
 STEPS = 120
 
@@ -17,18 +16,7 @@ STEPS = 120
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("member_size", [2, 1])
 def test_eight_ranks_many_ready_steps_three_times(member_size, tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=8",
-        str(SCRIPTS / "stress.py"),
-        str(tmp_path),
-        str(member_size),
-        str(STEPS),
-    ]
-    proc = run_job(args, timeout=280)
+    proc = run_script(SCRIPTS / "stress.py", [str(tmp_path), str(member_size), str(STEPS)], nproc=8, timeout=280)
     assert proc.returncode == 0, proc.stdout[-4000:]
     members = 8 // member_size
     for repetition in range(3):
