@@ -18,7 +18,7 @@ __all__ = ["render_section", "trained_schedule", "wall_ratio"]
 
 ARM_NAMES = {"pbt": "PBT (truncation)", "pbt_tournament": "PBT (binary tournament)",
              "pbt_ttest": "PBT (Welch t-test)", "pb2": "PB2", "random_search": "random search (PBT, no exploit)",
-             "grid": "best of a 2x2 grid", "default": "the app's defaults, one per seed"}
+             "grid": "best of a 2x2 grid", "default": "the app's defaults, one member per seed"}
 METRICS = {"test_acc": ("test accuracy", 3), "test_perplexity": ("test perplexity", 3),
            "test_return": ("return on 10 held-out seeds", 1)}
 
@@ -70,12 +70,18 @@ def render_population(r: dict[str, Any]) -> list[str]:
         out += table(["arm", name, "PBT wins/ties/losses", "sign test p", "Wilcoxon p", "wall s"], rows)
         for seed, spreads in a.get("separation", {}).items():
             rc, noise = spreads["random_configurations"], spreads["seed_noise"]
-            out += ["", f"Seed {seed}: the random configurations' {name} spans IQR {rc['iqr']:.{digits}g} (range "
-                    f"{rc['range']:.{digits}g}); the defaults' seed noise IQR {noise['iqr']:.{digits}g} (range "
-                    f"{noise['range']:.{digits}g}); ratio {spreads['iqr_ratio']:.2f}, "
-                    f"{'separates' if spreads['separates'] else 'does not separate'} "
-                    f"(criterion: >= {spreads['factor']:g})."]
+            verdict = "separates" if spreads["separates"] else "does not separate"
+            out += ["", f"Seed {seed}: the random configurations' {name} spans IQR {_number(rc['iqr'], digits)} "
+                    f"(range {_number(rc['range'], digits)}); the defaults' seed noise IQR "
+                    f"{_number(noise['iqr'], digits)} (range {_number(noise['range'], digits)}); ratio "
+                    f"{_number(spreads['iqr_ratio'], 2)}, {verdict}"
+                    f" (criterion: >= {spreads['factor']:g})."]
     return out
+
+
+def _number(value: float | None, digits: int) -> str:
+    """A spread or a ratio; ``n/a`` where the JSON holds None (not finite: no spread at all)."""
+    return "n/a" if value is None else f"{value:.{digits}g}"
 
 
 def _iqr_cell(s: dict[str, Any], digits: int) -> str:

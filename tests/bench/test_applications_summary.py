@@ -41,6 +41,8 @@ def test_summary_of_an_interrupted_run_uses_complete_seeds_only(tmp_path):
         for arm in DEFAULT_ARMS:
             write_arm(tmp_path, app, seed, arm, [pbt if arm == "pbt" else other, 99.0])
     write_arm(tmp_path, app, 3, "pbt", [1.0, 2.0])  # seed 3 stopped after its first arm
+    for arm in DEFAULT_ARMS:  # a saturated task: every member of every arm at the same return
+        write_arm(tmp_path, "reinforcement_learning", 0, arm, [-500.0, -500.0])
     summary = collect(tmp_path)["apps"][app]
     assert summary["complete_seeds"] == [0, 1, 2]
     assert summary["summary"]["pbt"]["test"] == {"median": 10.0, "q1": 9.5, "q3": 11.0, "iqr": 1.5, "n": 3}
