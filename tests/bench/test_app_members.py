@@ -15,7 +15,7 @@ from bench.applications import SMOKE_OVERRIDES  # puts examples/ on sys.path
 
 TINY = {
     "image_classification": ["model.channels=4"],
-    "language_model": [],
+    "language_model": ["data.eval_bytes=20000"],  # 312 windows: batches of 256 and 56, a weighted mean
     "reinforcement_learning": ["model.env_id=CartPole-v1", "model.eval_seeds=[1000,1001]",
                                "model.test_seeds=[2000,2001,2002]", "model.hidden=8"],
 }
