@@ -3,7 +3,10 @@
     python -m bench                      # every benchmark but applications, at its documented size (~25-30 min)
     python -m bench --only transfer      # one or several of: transfer ready_step overhead quality schedule
                                          # asynchronous decisions turns
-    python -m bench --only applications  # the three example apps, PBT vs its alternatives (~60 min on 2 cores)
+    python -m bench --only applications  # the three example apps, PBT vs its alternatives at population 16
+                                         # (many hours on 2 cores: 3 apps x 6 arms x 10 seeds)
+    python -m bench --only applications --seeds 10 11 --population 16 --members-per-process 8 \
+        --apps language_model --arms pbt random_search   # other seeds, a layout, some apps and arms
     python -m bench --only trainer_memory  # every rank's RSS over 240 asynchronous ready steps (~15 min)
     python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
     python -m bench --report             # only re-render RESULTS.md from the JSON already there
@@ -38,6 +41,8 @@ TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400,
 SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60,
                   "decisions": 60, "turns": 120, "applications": 120, "trainer_memory": 120}
 
+APPLICATION_OPTIONS = ("seeds", "population", "members_per_process", "apps", "arms")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -52,7 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="fork",
                         help="fork: ranks are forks of this process (imports paid once; default); torchrun: "
                              "torchrun --standalone, fresh interpreters")
+    from bench.applications import APPS, ARMS
+
+    apps = parser.add_argument_group("applications", "options of --only applications (bench/applications.py)")
+    apps.add_argument("--seeds", nargs="+", type=int, metavar="S", help="paired seeds (default: the table's 0-9)")
+    apps.add_argument("--population", type=int, metavar="P", help="members per arm (default 16; smoke 4)")
+    apps.add_argument("--members-per-process", type=int, metavar="K",
+                      help="members taking turns in each process (default P / 2: two processes; 1 at P <= 4)")
+    apps.add_argument("--apps", nargs="+", choices=list(APPS), metavar="APP", help=f"({', '.join(APPS)})")
+    apps.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help=f"({', '.join(ARMS)})")
     args = parser.parse_args(argv)
+    options = {name: getattr(args, name) for name in APPLICATION_OPTIONS if getattr(args, name) is not None}
+    if options and (args.only is None or "applications" not in args.only):
+        parser.error(f"--{', --'.join(n.replace('_', '-') for n in options)} only apply to --only applications")
+    if options:
+        from bench.applications import plan
+
+        try:
+            plan(args.smoke, **options)  # a bad combination fails here, before any other benchmark runs
+        except ValueError as err:
+            parser.error(str(err))
     set_launcher(args.launcher)
     out: Path = args.out or (SMOKE_RESULTS if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{name}")
         timeout = (SMOKE_TIMEOUTS if args.smoke else TIMEOUTS)[name]
         try:
-            payload = module.run(smoke=args.smoke, timeout=timeout)
+            payload = module.run(smoke=args.smoke, timeout=timeout, **(options if name == "applications" else {}))
         except Exception:
             traceback.print_exc()
             failed.append(name)

@@ -2,39 +2,57 @@
 
 The apps (``examples/image_classification.py``, ``examples/language_model.py``,
 ``examples/reinforcement_learning.py``) run with their own model, data and Hydra config, composed with
-the overrides below, under ``PopulationStrategy``; ``MEMBERS`` members of one rank each per arm, every
-member the same number of training steps (and the same validation cadence), so every arm costs
-``MEMBERS x steps`` member-steps. Arms, paired by seed (member ``i`` of every arm starts from the same
-weights and data/environment seed, ``seed + i``):
+the overrides below, under ``PopulationStrategy``. A population of P members (``--population``, 16 by
+default) runs as P / K processes of K members taking turns (``--members-per-process``;
+``strategy.members_per_process=K``, plugin/turns.py), one rank per member; every member trains the same
+number of steps with the same validation cadence, so every arm costs ``P x steps`` member-steps. Arms,
+paired by seed (member ``i`` of every arm starts from the same weights and data/environment seed,
+``seed + i``, whatever the layout):
 
 - ``pbt``: the callback as the app configures it (truncation 25 %, perturb x0.8 / x1.2, resample 25 %);
-- ``pb2``: the same with ``pbt.explore=pb2`` (only where listed in ``PB2_APPS``);
-- ``random_search``: the same callback with ``burn_in`` past the end: the same initial samples as PBT,
-  never an exploit (the strategy's parallel random search, with a lineage);
-- ``grid``: no callback; member ``i`` trains with the ``i``-th point of a 2 x 2 grid around the
-  community's usual values (``GRIDS``), the other hyperparameters at the app's defaults.
+- ``pbt_tournament``, ``pbt_ttest``: the same with the binary-tournament or Welch t-test exploit rule;
+- ``pb2``: the same with ``pbt.explore=pb2`` (every app's space is continuous or integer, so it applies);
+- ``random_search``: the same callback with ``burn_in`` past the end: the same P initial samples as
+  PBT, never an exploit (the strategy's parallel random search, with a lineage);
+- ``grid``: no PBT; member ``i`` trains with the ``i``-th point of a sqrt(P) x sqrt(P) grid around the
+  community's usual values (``GRID_AXES``; 2 x 2 at P = 4, 4 x 4 at P = 16), the other
+  hyperparameters at the app's defaults;
+- ``default``: no PBT; every member trains the app's default configuration (P seeds of one
+  configuration: its spread is the seed noise).
 
-After training every member is validated once more (its final weights) and tested; an arm's result is
-the test metric of its member with the best final validation score: test accuracy (image), test
-perplexity (language, lower is better), mean return over the held-out test seeds (RL).
+After training every member validates and tests its final weights (``bench/app_members.py``: the
+apps' ``Trainer.validate`` / ``Trainer.test`` are refused with members taking turns); an arm's result
+is the test metric of its member with the best final validation score: test accuracy (image), test
+perplexity (language, lower is better), mean return over the held-out test seeds (RL). The statistics
+(``bench/stats.py``) are the median and interquartile range over seeds, PBT's wins/ties/losses against
+every arm with the sign test and the Wilcoxon signed-rank p-value, and, per seed, the spread of the
+random search's P configurations against the default arm's seed noise (the pilot criterion).
 
-Each arm's raw results stay under ``bench/results/tmp/applications/<app>/seed<S>_<arm>/`` with its
-launch config; a later run keeps every arm whose config is unchanged, so raising ``SEEDS`` runs only
-the new seeds and an interrupted run resumes where it stopped.
+Each arm's raw results stay under ``bench/results/tmp/applications_p<P>x<K>/<app>/seed<S>_<arm>/`` with
+its launch config; a later run keeps every arm whose config is unchanged, so adding seeds runs only the
+new seeds and an interrupted run resumes where it stopped.
+
+    python -m bench --only applications --seeds 10 11 --population 16 --members-per-process 8 \\
+        --apps language_model --arms pbt random_search
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, spread, worker_config
-from bench.markdown import spread_cell, table
+from bench.applications_report import render_section
+from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, worker_config
+from bench.stats import median_iqr, paired_outcomes, separation, sign_test, wilcoxon_signed_rank
+
+__all__ = ["APPS", "ARMS", "DEFAULT_ARMS", "SEEDS", "collect", "grid_points", "plan", "render_section", "run"]
 
 NAME = "applications"
 EXAMPLES = REPO / "examples"
@@ -42,8 +60,10 @@ if str(EXAMPLES) not in sys.path:  # the apps are scripts; their modules are imp
     sys.path.insert(0, str(EXAMPLES))
 PRELOAD = ("image_classification", "language_model", "reinforcement_learning")
 
-SEEDS = tuple(range(10))
-MEMBERS = 4
+SEEDS = tuple(range(10))  # the table's seeds (preregistered); pilots use PILOT_SEEDS, never these
+PILOT_SEEDS = (100, 101, 102)
+POPULATION = 16
+SMOKE_POPULATION, SMOKE_MEMBERS_PER_PROCESS = 4, 2  # 2 processes x 2: the smoke run takes turns too
 APPS: dict[str, dict[str, Any]] = {
     # 256 training images instead of 1078: at full size every arm reaches 99+ % and ties.
     "image_classification": {
@@ -65,18 +85,46 @@ APPS: dict[str, dict[str, Any]] = {
         "steps": "30 rollouts x 512 environment steps (15,360), 16 Adam steps per rollout; evaluation every 3",
     },
 }
-GRIDS: dict[str, list[dict[str, Any]]] = {
-    # lr x augmentation, weight decay 5e-4 and label smoothing 0.1 (the usual CNN recipe)
-    "image_classification": [{"lr": lr, "augment": a, "weight_decay": 5e-4, "label_smoothing": 0.1}
-                             for lr in (0.02, 0.1) for a in (0.0, 0.5)],
-    # lr x dropout, weight decay 0.1, warm-up 10 % of the steps (nanoGPT's habits)
-    "language_model": [{"lr": lr, "dropout": d, "weight_decay": 0.1, "warmup_steps": 30}
-                       for lr in (1e-3, 3e-3) for d in (0.0, 0.1)],
-    # lr x entropy coefficient, clip 0.2, GAE lambda 0.95 (Stable-Baselines3's PPO defaults and a common variant)
-    "reinforcement_learning": [{"lr": lr, "ent_coef": e, "clip_range": 0.2, "gae_lambda": 0.95}
-                               for lr in (3e-4, 1e-3) for e in (0.0, 0.01)],
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to spend the population's member-steps."""
+
+    label: str
+    pbt: bool  # whether the arm trains with the PopulationBasedTraining callback
+    overrides: tuple[str, ...] = ()
+
+
+ARMS: dict[str, Arm] = {
+    "pbt": Arm("PBT (truncation)", True),
+    "pbt_tournament": Arm("PBT (binary tournament)", True, ("pbt.exploit=tournament",)),
+    "pbt_ttest": Arm("PBT (Welch t-test)", True, ("pbt.exploit=ttest",)),
+    "pb2": Arm("PB2", True, ("pbt.explore=pb2",)),
+    "random_search": Arm("random search", True, ("pbt.burn_in=1000000000",)),  # never exploits
+    "grid": Arm("grid", False),
+    "default": Arm("the app's defaults", False),
 }
-PB2_APPS = ("reinforcement_learning",)
+DEFAULT_ARMS = ("pbt", "pbt_tournament", "pb2", "random_search", "grid", "default")
+
+# Grid axes per side (2: the 2 x 2 grid of the population-4 results; 4: population 16), the first axis
+# outermost, and the values every grid point shares.
+GRID_AXES: dict[str, dict[int, dict[str, tuple[float, ...]]]] = {
+    # lr x augmentation (SGD with Nesterov momentum; the space: lr 1e-3..0.5, augment 0..1)
+    "image_classification": {2: {"lr": (0.02, 0.1), "augment": (0.0, 0.5)},
+                             4: {"lr": (0.01, 0.03, 0.1, 0.3), "augment": (0.0, 0.25, 0.5, 1.0)}},
+    # lr x dropout (AdamW; the space: lr 1e-4..1e-2, dropout 0..0.3)
+    "language_model": {2: {"lr": (1e-3, 3e-3), "dropout": (0.0, 0.1)},
+                       4: {"lr": (3e-4, 1e-3, 3e-3, 1e-2), "dropout": (0.0, 0.1, 0.2, 0.3)}},
+    # lr x entropy coefficient (PPO; the space: lr 1e-4..3e-3, ent_coef 1e-4..0.05; 0 is SB3's default)
+    "reinforcement_learning": {2: {"lr": (3e-4, 1e-3), "ent_coef": (0.0, 0.01)},
+                               4: {"lr": (1e-4, 3e-4, 1e-3, 3e-3), "ent_coef": (0.0, 0.003, 0.01, 0.03)}},
+}
+GRID_FIXED: dict[str, dict[str, float]] = {
+    "image_classification": {"weight_decay": 5e-4, "label_smoothing": 0.1},  # the usual CNN recipe
+    "language_model": {"weight_decay": 0.1, "warmup_steps": 30},  # nanoGPT's habits, warm-up 10 % of steps
+    "reinforcement_learning": {"clip_range": 0.2, "gae_lambda": 0.95},  # Stable-Baselines3's PPO defaults
+}
 SMOKE_OVERRIDES = {
     "image_classification": ["trainer.max_epochs=2", "pbt.every_n_epochs=1", "data.train_size=256"],
     "language_model": ["trainer.max_steps=20", "trainer.val_check_interval=10", "pbt.every_n_train_steps=10",
@@ -87,26 +135,92 @@ SMOKE_OVERRIDES = {
 }
 
 
-def arms_for(app: str) -> tuple[str, ...]:
-    return ("pbt", "pb2", "random_search", "grid") if app in PB2_APPS else ("pbt", "random_search", "grid")
+
+
+def grid_points(app: str, population: int) -> list[dict[str, Any]]:
+    """The ``population`` points of the app's square grid, member ``i`` the ``i``-th (first axis outermost).
+
+    Raises:
+        ValueError: ``population`` is not the square of a side the app has axes for.
+    """
+    side = math.isqrt(population)
+    axes = GRID_AXES[app].get(side) if side * side == population else None
+    if axes is None:
+        sides = sorted(GRID_AXES[app])
+        raise ValueError(f"the grid arm needs a population of {' or '.join(str(s * s) for s in sides)} "
+                         f"({' or '.join(f'{s}x{s}' for s in sides)}); got {population}")
+    (first, first_values), (second, second_values) = axes.items()
+    return [{first: a, second: b, **GRID_FIXED[app]} for a in first_values for b in second_values]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ``run`` launches: seeds x apps x arms, each a population of ``processes x members_per_process``."""
+
+    seeds: tuple[int, ...]
+    apps: tuple[str, ...]
+    arms: tuple[str, ...]
+    population: int
+    members_per_process: int
+
+    @property
+    def processes(self) -> int:
+        return self.population // self.members_per_process
+
+
+def plan(smoke: bool = False, seeds: list[int] | None = None, population: int | None = None,
+         members_per_process: int | None = None, apps: list[str] | None = None,
+         arms: list[str] | None = None) -> Plan:
+    """The options of ``python -m bench --only applications``, checked before anything is launched.
+
+    Defaults: ``SEEDS`` (smoke: seed 0), population 16 (smoke: 4), members per process
+    ``population // 2`` (two processes: this machine's two cores; 1 at population 4 and below, the
+    layout of the population-4 results; smoke: 2), every app, ``DEFAULT_ARMS``.
+
+    Raises:
+        ValueError: an unknown app or arm, a population the layout or the grid cannot hold.
+    """
+    population = population or (SMOKE_POPULATION if smoke else POPULATION)
+    if members_per_process is None:
+        members_per_process = SMOKE_MEMBERS_PER_PROCESS if smoke and population == SMOKE_POPULATION else (
+            1 if population <= 4 else population // 2)
+    chosen = Plan(tuple(seeds) if seeds else ((0,) if smoke else SEEDS), tuple(apps or APPS),
+                  tuple(arms or DEFAULT_ARMS), population, members_per_process)
+    if population < 2 or members_per_process < 1 or population % members_per_process:
+        raise ValueError(f"--population {population} must be at least 2 and a multiple of --members-per-process "
+                         f"{members_per_process}")
+    for kind, names, known in (("app", chosen.apps, APPS), ("arm", chosen.arms, ARMS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {kind} {unknown}: choose from {', '.join(known)}")
+    if "grid" in chosen.arms:
+        for app in chosen.apps:
+            grid_points(app, population)
+    return chosen
 
 
 # -- the launcher side ------------------------------------------------------------------------------
-def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
-    """Every app x arm x seed; an arm whose results are there from an earlier run with the same launch
-    config is kept (so more seeds can be added, and an interrupted run resumed, without redoing the rest)."""
-    seeds, members = ((0,), 2) if smoke else (SEEDS, MEMBERS)
-    root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
+def run(smoke: bool = False, timeout: float = 600, **options: Any) -> dict[str, Any]:
+    """Every seed x app x arm of ``plan(smoke, **options)``; an arm whose results are there from an
+    earlier run with the same launch config is kept (so more seeds can be added, and an interrupted run
+    resumed, without redoing the rest).
+
+    ``timeout`` is per launch and per member a process hosts: a process of K members trains them one
+    after the other.
+    """
+    chosen = plan(smoke, **options)
+    root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}_p{chosen.population}x{chosen.members_per_process}"
     if smoke:
         shutil.rmtree(root, ignore_errors=True)
     failures, kept = [], 0
-    for seed in seeds:  # seed-major: an interrupted run still has every app at the seeds it finished
-        for app, spec in APPS.items():
-            for arm in arms_for(app):
+    for seed in chosen.seeds:  # seed-major: an interrupted run still has every app at the seeds it finished
+        for app in chosen.apps:
+            for arm in chosen.arms:
                 out = root / app / f"seed{seed}_{arm}"
-                overrides = [*spec["overrides"], *(SMOKE_OVERRIDES[app] if smoke else [])]
-                cfg = {"app": app, "arm": arm, "seed": seed, "out": str(out), "overrides": overrides}
-                record = {**cfg, "members": members, "grid": GRIDS[app]}
+                overrides = [*APPS[app]["overrides"], *(SMOKE_OVERRIDES[app] if smoke else [])]
+                cfg = {"app": app, "arm": arm, "seed": seed, "out": str(out), "overrides": overrides,
+                       "population": chosen.population, "members_per_process": chosen.members_per_process}
+                record = {**cfg, "grid": grid_points(app, chosen.population) if arm == "grid" else None}
                 if (out / "wall.json").exists() and _read_json(out / "launch.json") == record:
                     kept += 1
                     continue
@@ -115,16 +229,17 @@ def run(smoke: bool = False, timeout: float = 600) -> dict[str, Any]:
                 (out / "launch.json").write_text(json.dumps(record))
                 started = time.perf_counter()
                 try:
-                    launch("bench.applications", members, cfg, timeout, out / "launch.log")
+                    launch("bench.applications", chosen.processes, cfg, timeout * chosen.members_per_process,
+                           out / "launch.log")
                 except LaunchError as err:
                     failures.append(f"{app} seed {seed} {arm}: {str(err)[:300]}")
                     continue
                 (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}))
-    payload = collect(root, seeds)
+    payload = collect(root, chosen.seeds, chosen.apps, chosen.arms)
     payload["failures"] = failures
-    payload["config"]["seeds"] = list(seeds)
-    payload["config"]["members"] = members
-    payload["config"]["arms_kept_from_an_earlier_run"] = kept
+    payload["config"].update(seeds=list(chosen.seeds), population=chosen.population, processes=chosen.processes,
+                             members_per_process=chosen.members_per_process, arms=list(chosen.arms),
+                             pilot_seeds=list(PILOT_SEEDS), arms_kept_from_an_earlier_run=kept)
     return payload
 
 
@@ -132,60 +247,76 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def collect(root: Path, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+def collect(root: Path, seeds: tuple[int, ...] | None = None, apps: tuple[str, ...] | None = None,
+            arms: tuple[str, ...] = DEFAULT_ARMS) -> dict[str, Any]:
     """Summarise whatever finished under ``root`` (also usable on an interrupted run), for ``seeds``
-    (default: every seed found)."""
+    (default: every seed found); a seed counts in the summary once every one of ``arms`` finished it."""
     results: dict[str, Any] = {}
-    for app, spec in APPS.items():
+    for app in apps or tuple(APPS):
+        spec = APPS[app]
         per_seed: dict[int, dict[str, Any]] = {}
         for out in sorted((root / app).glob("seed*_*")):
             seed_text, arm = out.name.split("_", 1)
-            if seeds is not None and int(seed_text.removeprefix("seed")) not in seeds:
+            seed = int(seed_text.removeprefix("seed"))
+            if seeds is not None and seed not in seeds:
                 continue
-            ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
-            if not ranks or not (out / "wall.json").exists():
+            members = [json.loads(p.read_text()) for p in sorted(out.glob("member_*.json"))]
+            if not members or not (out / "wall.json").exists():
                 continue
-            entry = arm_result(ranks, spec["mode"])
+            entry = arm_result(members, spec["mode"])
             entry["wall_s"] = json.loads((out / "wall.json").read_text())["wall_s"]
             if (out / "pbt" / "lineage.jsonl").exists():
                 entry.update(lineage_summary(out / "pbt" / "lineage.jsonl", entry["member"]))
-            per_seed.setdefault(int(seed_text.removeprefix("seed")), {})[arm] = entry
-        arms = arms_for(app)
+            per_seed.setdefault(seed, {})[arm] = entry
         complete = {s: e for s, e in sorted(per_seed.items()) if all(a in e for a in arms)}
-        summary = {arm: {"test": spread([e[arm]["test"] for e in complete.values()]),
-                         "wall_s": spread([e[arm]["wall_s"] for e in complete.values()])}
-                   for arm in arms} if complete else {}
-        wins = {arm: paired_wins([e["pbt"]["test"] for e in complete.values()],
-                                 [e[arm]["test"] for e in complete.values()], spec["test_mode"])
-                for arm in arms if arm != "pbt"} if complete else {}
         results[app] = {"per_seed": {str(s): e for s, e in sorted(per_seed.items())},
-                        "complete_seeds": list(complete), "summary": summary, "pbt_vs": wins}
+                        "complete_seeds": list(complete), **summarise(complete, arms, spec["test_mode"])}
+        results[app]["separation"] = {
+            str(s): separation(e["random_search"]["member_tests"], e["default"]["member_tests"])
+            for s, e in sorted(per_seed.items()) if "random_search" in e and "default" in e}
     return clean_floats({
-        "description": "PBT vs PB2 / random search / a 2x2 grid at equal member-steps on the three example apps; "
-                       "test metric of each arm's member with the best final validation score",
+        "description": "PBT vs its alternatives at equal member-steps on the three example apps; test metric of "
+                       "each arm's member with the best final validation score",
         "config": {app: {"overrides": spec["overrides"], "score": f"{spec['monitor']} ({spec['mode']})",
-                         "test": spec["test"], "steps": spec["steps"], "grid": GRIDS[app], "arms": list(arms_for(app))}
-                   for app, spec in APPS.items()},
+                         "test": spec["test"], "steps": spec["steps"]} for app, spec in APPS.items()
+                   if app in (apps or APPS)},
         "apps": results,
     })
 
 
-def arm_result(ranks: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """The member with the best final validation score (ties: the lower id) and its test metric."""
+def summarise(complete: dict[int, dict[str, Any]], arms: tuple[str, ...], test_mode: str) -> dict[str, Any]:
+    """Per arm the median and IQR of the test metric and of the wall time; PBT against every other arm."""
+    if not complete:
+        return {"summary": {}, "pbt_vs": {}}
+    summary = {arm: {"test": median_iqr([e[arm]["test"] for e in complete.values()]),
+                     "wall_s": median_iqr([e[arm]["wall_s"] for e in complete.values()])} for arm in arms}
+    versus = {}
+    if "pbt" in arms:
+        higher = test_mode == "max"
+        ours = [e["pbt"]["test"] for e in complete.values()]
+        for arm in arms:
+            if arm == "pbt":
+                continue
+            theirs = [e[arm]["test"] for e in complete.values()]
+            outcome = paired_outcomes(ours, theirs, higher_is_better=higher)
+            differences = [(a - b) * (1 if higher else -1) for a, b in zip(ours, theirs, strict=True)
+                           if a is not None and b is not None]
+            versus[arm] = {**outcome, "sign_p": sign_test(outcome["wins"], outcome["losses"]),
+                           "wilcoxon_p": wilcoxon_signed_rank(differences)["p"]}
+    return {"summary": summary, "pbt_vs": versus}
+
+
+def arm_result(members: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """The member with the best final validation score (ties: the lower id), its test metric, and every
+    member's test metric (the spread of an arm's configurations, or of its seeds)."""
     sign = 1.0 if mode == "max" else -1.0
-    scored = [r for r in ranks if r["val"] is not None]
-    best = max(scored, key=lambda r: (sign * r["val"], -r["member"])) if scored else ranks[0]
+    members = sorted(members, key=lambda r: r["member"])
+    scored = [r for r in members if r["val"] is not None]
+    best = max(scored, key=lambda r: (sign * r["val"], -r["member"])) if scored else members[0]
     return {"member": best["member"], "val": best["val"], "test": best["test"],
-            "hyperparameters": best["hyperparameters"], "fit_s": max(r["fit_s"] for r in ranks),
-            "members": len(ranks), "steps": sorted({r["steps"] for r in ranks})}
-
-
-def paired_wins(pbt: list[float], other: list[float], mode: str) -> dict[str, int]:
-    """PBT's wins / ties / losses against ``other``, seed by seed (higher is better unless mode is min)."""
-    sign = 1.0 if mode == "max" else -1.0
-    pairs = [(sign * a, sign * b) for a, b in zip(pbt, other, strict=True)]
-    return {"wins": sum(a > b for a, b in pairs), "ties": sum(a == b for a, b in pairs),
-            "losses": sum(a < b for a, b in pairs)}
+            "hyperparameters": best["hyperparameters"], "fit_s": max(r["fit_s"] for r in members),
+            "members": len(members), "steps": sorted({r["steps"] for r in members}),
+            "member_tests": [r["test"] for r in members]}
 
 
 def lineage_summary(path: Path, member: int) -> dict[str, Any]:
@@ -196,69 +327,7 @@ def lineage_summary(path: Path, member: int) -> dict[str, Any]:
             "schedule": [{"step": step, **values} for step, values in member_schedule(records, member)]}
 
 
-# -- the report section ----------------------------------------------------------------------------
-ARM_NAMES = {"pbt": "PBT (truncation)", "pb2": "PB2", "random_search": "random search (PBT, no exploit)",
-             "grid": "best of a 2x2 grid"}
-METRICS = {"test_acc": ("test accuracy", 3), "test_perplexity": ("test perplexity", 3),
-           "test_return": ("return on 10 held-out seeds", 1)}
-
-
-def render_section(r: dict[str, Any]) -> list[str]:
-    """Section 7 of RESULTS.md (and the README's Applications table)."""
-    cfg = r["config"]
-    out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
-           f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {cfg['members']} members x 1 rank per arm, "
-           f"seeds {cfg['seeds']} (paired: member i of every arm starts from the same weights and data/environment "
-           "seed); every arm trains every member the same number of steps, so every arm costs the same "
-           "member-steps. Result: the test metric of the arm's member with the best final validation score, "
-           "median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time of a "
-           "launch (all members), median."]
-    if cfg.get("arms_kept_from_an_earlier_run"):
-        out += ["", f"{cfg['arms_kept_from_an_earlier_run']} arms were kept from an earlier run with the same launch "
-                "configs (the wall time above is this run's only); every launch's own wall time is in the JSON."]
-    for failure in r.get("failures", []):
-        out += ["", f"Did not finish: {failure.splitlines()[0]}"]
-    for app, a in r["apps"].items():
-        c = cfg[app]
-        name, digits = METRICS[c["test"]]
-        out += ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
-                f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
-                f"{len(a['complete_seeds'])} complete seeds.", ""]
-        rows = []
-        for arm, s in a["summary"].items():
-            w = a["pbt_vs"].get(arm)
-            rows.append([ARM_NAMES[arm], spread_cell(s["test"], digits),
-                         "" if w is None else f"{w['wins']}/{w['ties']}/{w['losses']}",
-                         f"{s['wall_s']['median']:.0f}", f"{wall_ratio(a, arm):.2f}"])
-        out += table(["arm", name, "PBT wins/ties/losses", "wall s", "PBT wall / this arm's (paired median)"], rows)
-        grid = "; ".join(", ".join(f"{k}={v:g}" for k, v in point.items()) for point in c["grid"])
-        out += ["", f"Grid points: {grid}."]
-        first = next((e["pbt"] for e in a["per_seed"].values() if "schedule" in e.get("pbt", {})), None)
-        if first is not None:
-            names = sorted(first["schedule"][0]) if first["schedule"] else []
-            names = [n for n in names if n != "step"]
-            out += ["", f"Schedule of PBT's best member (member {first['member']}, first seed, "
-                    f"{first['exploits']} exploits in the population; values set at the final step, which "
-                    "nothing trained with, left out):", ""]
-            out += table(["step", *names], [[str(e["step"]), *(f"{e[n]:.4g}" for n in names)]
-                                             for e in trained_schedule(first)])
-    return out
-
-
-def wall_ratio(app_result: dict[str, Any], arm: str) -> float:
-    """PBT's launch wall time over ``arm``'s, seed by seed, median: the machine's load drifts between seeds."""
-    from statistics import median
-
-    seeds = [app_result["per_seed"][str(s)] for s in app_result["complete_seeds"]]
-    return median(e["pbt"]["wall_s"] / e[arm]["wall_s"] for e in seeds)
-
-
-def trained_schedule(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """The schedule entries some training used: not those set at the last step (after the last ready step)."""
-    return [e for e in entry["schedule"] if e["step"] < max(entry["steps"])]
-
-
-# -- the worker: one member of one arm --------------------------------------------------------------
+# -- the worker: one process of one arm -------------------------------------------------------------
 def worker(cfg: dict[str, Any] | None = None) -> None:
     import importlib
 
@@ -267,43 +336,30 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lightning_pbt.plugin.strategy import member_id_from_env
+    from bench.app_members import FinalEvaluation, GridPoint
     from lightning_pbt.tools.hydra_configs import build_callback, build_strategy
 
     cfg = worker_config(cfg)
-    app_name, arm, seed, out = cfg["app"], cfg["arm"], int(cfg["seed"]), Path(cfg["out"])
+    app_name, arm, seed, out = cfg["app"], ARMS[cfg["arm"]], int(cfg["seed"]), Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     app = importlib.import_module(app_name)
-    spec = APPS[app_name]
-    member = member_id_from_env()
     overrides = [f"seed={seed}", f"trainer.devices={os.environ['WORLD_SIZE']}", "report=false",
-                 f"pbt.dirpath={out / 'pbt'}", *cfg["overrides"]]
-    if arm == "pb2":
-        overrides.append("pbt.explore=pb2")
-    elif arm == "random_search":
-        overrides.append("pbt.burn_in=1000000000")  # never exploits: the initial samples, trained as they are
-    elif arm == "grid":
-        overrides += [f"model.{name}={value}" for name, value in GRIDS[app_name][member].items()]
+                 f"strategy.members_per_process={cfg['members_per_process']}", f"pbt.dirpath={out / 'pbt'}",
+                 *cfg["overrides"], *arm.overrides]
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         conf = compose(config_name=app_name, overrides=overrides)
-    callback = None if arm == "grid" else build_callback(conf.pbt)
-    pl.seed_everything(seed, verbose=False)
+    # Callbacks, not per-process overrides: the K members of a process are copies of what is built here.
+    callbacks: list[pl.Callback] = [build_callback(conf.pbt)] if arm.pbt else []
+    if cfg["arm"] == "grid":
+        callbacks.append(GridPoint(grid_points(app_name, int(cfg["population"]))))
+    callbacks.append(FinalEvaluation(app_name, cfg["arm"], out))  # last: after PBT's own train end
+    pl.seed_everything(seed, verbose=False)  # member i is then seeded seed + i by the strategy
     built = app.build(conf)
     model, data = built if isinstance(built, tuple) else (built, None)
     trainer = pl.Trainer(**OmegaConf.to_container(conf.trainer, resolve=True), strategy=build_strategy(conf.strategy),
-                         callbacks=[callback] if callback else [], default_root_dir=str(out), logger=False)
-    started = time.perf_counter()
+                         callbacks=callbacks, default_root_dir=str(out), logger=False)
     trainer.fit(model, datamodule=data)
-    fit_s = time.perf_counter() - started
-    steps = trainer.global_step
-    val = trainer.validate(model, datamodule=data, verbose=False)[0][spec["monitor"]]
-    test = trainer.test(model, datamodule=data, verbose=False)[0][spec["test"]]
-    values = dict(callback.hyperparameters) if callback else GRIDS[app_name][member]
-    (out / f"rank_{trainer.strategy.world_rank}.json").write_text(json.dumps({
-        "arm": arm, "member": member, "val": float(val), "test": float(test), "fit_s": fit_s, "steps": steps,
-        "hyperparameters": {k: float(v) if isinstance(v, int | float) else v for k, v in values.items()},
-    }))
 
 
 if __name__ == "__main__":

@@ -1,52 +1,68 @@
 """bench/applications.py's bookkeeping (no launch): which member an arm reports, paired wins in the right
-direction, and a summary of an interrupted run that counts only seeds where every arm finished."""
+direction, a summary of an interrupted run that counts only seeds where every arm finished, the grid
+and the options of ``python -m bench --only applications``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from bench.applications import APPS, arm_result, arms_for, collect, paired_wins, trained_schedule
+import pytest
+
+from bench.applications import APPS, DEFAULT_ARMS, arm_result, collect, grid_points, plan
+from bench.applications_report import render_section, trained_schedule
 
 
-def rank(member: int, val: float | None, test: float) -> dict:
-    return {"arm": "pbt", "member": member, "val": val, "test": test, "fit_s": 1.0, "steps": 10,
+def member(index: int, val: float | None, test: float) -> dict:
+    return {"arm": "pbt", "member": index, "val": val, "test": test, "fit_s": 1.0, "steps": 10,
             "hyperparameters": {"lr": 0.1}}
 
 
 def test_arm_reports_the_test_metric_of_the_best_validation_member():
-    ranks = [rank(0, 0.5, 0.9), rank(1, 0.7, 0.6), rank(2, 0.7, 0.8), rank(3, None, 1.0)]
-    best = arm_result(ranks, "max")
+    members = [member(3, None, 1.0), member(2, 0.7, 0.8), member(1, 0.7, 0.6), member(0, 0.5, 0.9)]
+    best = arm_result(members, "max")
     assert (best["member"], best["test"]) == (1, 0.6)  # the best validation, ties to the lower id; not the best test
-    best = arm_result(ranks, "min")
+    assert best["member_tests"] == [0.9, 0.6, 0.8, 1.0]  # every member's, in member order
+    best = arm_result(members, "min")
     assert (best["member"], best["test"]) == (0, 0.9)  # an unscored member is never chosen
-
-
-def test_paired_wins_follow_the_metric_direction():
-    assert paired_wins([0.9, 0.5, 0.7], [0.8, 0.6, 0.7], "max") == {"wins": 1, "ties": 1, "losses": 1}
-    assert paired_wins([10.0, 12.0, 5.0], [11.0, 11.0, 6.0], "min") == {"wins": 2, "ties": 0, "losses": 1}
 
 
 def write_arm(root: Path, app: str, seed: int, arm: str, tests: list[float]) -> None:
     out = root / app / f"seed{seed}_{arm}"
     out.mkdir(parents=True)
-    for member, value in enumerate(tests):
-        (out / f"rank_{member}.json").write_text(json.dumps(rank(member, value, value)))
+    for index, value in enumerate(tests):
+        (out / f"member_{index}.json").write_text(json.dumps(member(index, value, value)))
     (out / "wall.json").write_text(json.dumps({"wall_s": 5.0}))
 
 
 def test_summary_of_an_interrupted_run_uses_complete_seeds_only(tmp_path):
     app = "language_model"  # lower perplexity is better
-    for seed, (pbt, other) in enumerate([(10.0, 11.0), (12.0, 11.0)]):
-        for arm in arms_for(app):
+    for seed, (pbt, other) in enumerate([(10.0, 11.0), (12.0, 11.0), (9.0, 11.0)]):
+        for arm in DEFAULT_ARMS:
             write_arm(tmp_path, app, seed, arm, [pbt if arm == "pbt" else other, 99.0])
-    write_arm(tmp_path, app, 2, "pbt", [1.0, 2.0])  # seed 2 stopped after its first arm
+    write_arm(tmp_path, app, 3, "pbt", [1.0, 2.0])  # seed 3 stopped after its first arm
+    for arm in DEFAULT_ARMS:  # a saturated task: every member of every arm at the same return
+        write_arm(tmp_path, "reinforcement_learning", 0, arm, [-500.0, -500.0])
     summary = collect(tmp_path)["apps"][app]
-    assert summary["complete_seeds"] == [0, 1]
-    assert summary["summary"]["pbt"]["test"]["n"] == 2
-    assert summary["pbt_vs"]["grid"] == {"wins": 1, "ties": 0, "losses": 1}
-    assert set(summary["per_seed"]) == {"0", "1", "2"}
+    assert summary["complete_seeds"] == [0, 1, 2]
+    assert summary["summary"]["pbt"]["test"] == {"median": 10.0, "q1": 9.5, "q3": 11.0, "iqr": 1.5, "n": 3}
+    # differences (theirs - ours, lower is better) +1, -1, +2: two wins, one loss
+    versus = summary["pbt_vs"]["grid"]
+    assert (versus["wins"], versus["ties"], versus["losses"]) == (2, 0, 1)
+    assert versus["sign_p"] == pytest.approx(1.0)  # 2 * P(X <= 1 | n = 3) = 2 * 4/8, capped
+    # ranks 1.5, 1.5, 3; T- = 1.5; of the 8 subsets of {1.5, 1.5, 3}, three sum to <= 1.5: 2 * 3/8
+    assert versus["wilcoxon_p"] == pytest.approx(0.75)
+    assert set(summary["per_seed"]) == {"0", "1", "2", "3"}
     assert set(collect(tmp_path)["apps"]) == set(APPS)
+    # per seed, every member of random search against every member of the defaults
+    assert summary["separation"]["0"]["random_configurations"]["range"] == pytest.approx(88.0)
+    assert summary["separation"]["0"]["iqr_ratio"] == pytest.approx(1.0)
+    assert not summary["separation"]["0"]["separates"]
+    text = "\n".join(render_section({**collect(tmp_path), "command": "python -m bench", "date": "today",
+                                     "wall_s": 60.0, "failures": [],
+                                     "config": {**collect(tmp_path)["config"], "seeds": [0, 1, 2], "population": 16,
+                                                "processes": 2, "members_per_process": 8}}))
+    assert "| best of a 4x4 grid | 11.000 [11.000, 11.000] | 2/0/1 | 1.000 | 0.750 | 5 |" in text
 
 
 def test_published_schedule_leaves_out_values_set_after_the_last_training_step():
@@ -54,30 +70,69 @@ def test_published_schedule_leaves_out_values_set_after_the_last_training_step()
     assert [e["step"] for e in trained_schedule(entry)] == [0, 336]
 
 
+def test_the_population_4_results_stay_readable():
+    published = json.loads((Path(__file__).parents[2] / "bench" / "results" / "applications.json").read_text())
+    text = "\n".join(render_section(published))
+    assert "best of a 2x2 grid" in text and "4 members x 1 rank per arm" in text
+
+
+def test_grid_is_square_with_the_first_axis_outermost():
+    points = grid_points("image_classification", 16)
+    assert len(points) == 16
+    assert [(p["lr"], p["augment"]) for p in points[:5]] == [(0.01, 0.0), (0.01, 0.25), (0.01, 0.5), (0.01, 1.0),
+                                                            (0.03, 0.0)]
+    assert {p["label_smoothing"] for p in points} == {0.1}
+    # population 4: the 2 x 2 grid of the published population-4 results
+    assert [(p["lr"], p["dropout"]) for p in grid_points("language_model", 4)] == [
+        (1e-3, 0.0), (1e-3, 0.1), (3e-3, 0.0), (3e-3, 0.1)]
+    with pytest.raises(ValueError, match="population of 4 or 16"):
+        grid_points("reinforcement_learning", 8)
+
+
+def test_plan_defaults_and_refusals():
+    full = plan()
+    assert (full.population, full.members_per_process, full.processes) == (16, 8, 2)
+    assert full.seeds == tuple(range(10)) and full.arms == DEFAULT_ARMS
+    smoke = plan(smoke=True)
+    assert (smoke.population, smoke.members_per_process, smoke.seeds) == (4, 2, (0,))
+    assert plan(population=4).members_per_process == 1  # the layout of the population-4 results
+    chosen = plan(seeds=[10, 11], population=16, members_per_process=4, apps=["language_model"], arms=["pbt"])
+    assert (chosen.seeds, chosen.processes, chosen.apps, chosen.arms) == ((10, 11), 4, ("language_model",), ("pbt",))
+    with pytest.raises(ValueError, match="multiple of --members-per-process"):
+        plan(population=16, members_per_process=3)
+    with pytest.raises(ValueError, match="population of 4 or 16"):
+        plan(population=8)  # the grid arm has no 8-point grid
+    assert plan(population=8, arms=["pbt", "random_search"]).processes == 2
+    with pytest.raises(ValueError, match="unknown arm"):
+        plan(arms=["hyperband"])
+
+
 def test_a_second_run_keeps_arms_measured_with_the_same_launch_config(tmp_path, monkeypatch):
     import bench.applications as applications
 
-    launched: list[tuple[str, str, int]] = []
+    launched: list[tuple[str, str, int, int]] = []
 
-    def fake_launch(module, nproc, cfg, timeout, log_path):  # stands in for the 4-rank launch
-        launched.append((cfg["app"], cfg["arm"], cfg["seed"]))
-        for member in range(nproc):
-            Path(cfg["out"], f"rank_{member}.json").write_text(json.dumps(rank(member, 0.5, 0.5)))
+    def fake_launch(module, nproc, cfg, timeout, log_path):  # stands in for the processes of one arm
+        launched.append((cfg["app"], cfg["arm"], cfg["seed"], nproc))
+        for index in range(nproc * cfg["members_per_process"]):
+            Path(cfg["out"], f"member_{index}.json").write_text(json.dumps(member(index, 0.5, 0.5)))
 
     monkeypatch.setattr(applications, "launch", fake_launch)
     monkeypatch.setattr(applications, "SCRATCH", tmp_path)
-    monkeypatch.setattr(applications, "SEEDS", (0,))
-    every_arm = sum(len(arms_for(app)) for app in APPS)
-    assert applications.run()["config"]["arms_kept_from_an_earlier_run"] == 0
-    assert len(launched) == every_arm
-    payload = applications.run()  # the same configs: nothing runs again
+    arms = ["pbt", "grid"]
+    every_arm = len(APPS) * len(arms)
+    payload = applications.run(seeds=[0], arms=arms)
+    assert payload["config"]["arms_kept_from_an_earlier_run"] == 0
+    assert len(launched) == every_arm and {n for *_, n in launched} == {2}  # 16 members as 2 processes x 8
+    assert all(e["members"] == 16 for a in payload["apps"].values() for e in a["per_seed"]["0"].values())
+    payload = applications.run(seeds=[0], arms=arms)  # the same configs: nothing runs again
     assert len(launched) == every_arm and payload["config"]["arms_kept_from_an_earlier_run"] == every_arm
     assert all(a["complete_seeds"] == [0] for a in payload["apps"].values())
     monkeypatch.setitem(APPS["language_model"], "overrides", ["trainer.max_steps=10"])
-    monkeypatch.setattr(applications, "SEEDS", (0, 1))
-    applications.run()  # a changed config runs again; a new seed runs for every app
+    applications.run(seeds=[0, 1], arms=arms)  # a changed config runs again; a new seed runs for every app
     assert sorted(launched[every_arm:]) == sorted(
-        [("language_model", arm, 0) for arm in arms_for("language_model")]
-        + [(app, arm, 1) for app in APPS for arm in arms_for(app)])
-    monkeypatch.setattr(applications, "SEEDS", (1,))  # a run summarises its own seeds, not every seed on disk
-    assert all(a["complete_seeds"] == [1] for a in applications.run()["apps"].values())
+        [("language_model", arm, 0, 2) for arm in arms] + [(app, arm, 1, 2) for app in APPS for arm in arms])
+    # a run summarises its own seeds, not every seed on disk
+    assert all(a["complete_seeds"] == [1] for a in applications.run(seeds=[1], arms=arms)["apps"].values())
+    applications.run(seeds=[1], arms=arms, members_per_process=4)  # another layout: its own folder, runs again
+    assert launched[-1][-1] == 4
