@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from lightning_pbt.algorithm.comparable import Published, decide_alone
+from lightning_pbt.algorithm.comparable import Published, decide_alone, held_by_copy
 from lightning_pbt.algorithm.lineage import LineageRecord
 from lightning_pbt.algorithm.scheduler import MemberPlan
 from lightning_pbt.distributed import staged_receive, staging, transfer
@@ -142,7 +142,7 @@ class AsynchronousReadySteps(ReadySteps):
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
                 own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["snapshot_step"])
-                self._leave_rankings()
+                self._leave_rankings(donor.get("held"))
                 break
             plan = None
         if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
@@ -192,11 +192,10 @@ class AsynchronousReadySteps(ReadySteps):
         seconds = self.wait_for_peers * interval_s
         return wait_for_peers(self._records, self.me, step, seconds, pace=interval_s + seconds)
 
-    def _leave_rankings(self) -> None:
-        """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
-        until its next ready step, so no snapshot of the new weights passes for the old score."""
+    def _leave_rankings(self, held: Any = None) -> None:
+        """Its record describes thrown-away weights: out of the rankings until its next (``held``: the copy's)."""
         if self._leader and self._record is not None:
-            self._record["copied"] = True
+            self._record.update(copied=True, held=held)
             self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _take_snapshot(self, step: int) -> int:
@@ -291,6 +290,7 @@ class AsynchronousReadySteps(ReadySteps):
                 "history": donor["history"],
                 "history_steps": history_steps(donor, donor["step"]),
                 "progress": donor.get("progress", donor["step"]),
+                "held": held_by_copy(published(donor)),
             }
         return message
 

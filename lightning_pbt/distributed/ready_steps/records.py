@@ -91,6 +91,7 @@ def published(record: Mapping[str, Any]) -> Published:
         progress=record.get("progress"),
         copied=bool(record.get("copied", False)),
         ready_progress=record.get("ready_progress"),
+        held=None if record.get("held") is None else (int(record["held"][0]), float(record["held"][1])),
     )
 
 
