@@ -12,6 +12,7 @@ threads must let each other run, as processes do) with a ready step every 4 of t
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from types import SimpleNamespace
@@ -109,6 +110,18 @@ def _member(me: int, store: _Store, burn_in: int) -> AsynchronousReadySteps:
     return steps
 
 
+def _now_and_then_late(read, rng: random.Random, late_s: float = 0.003, probability: float = 0.2):
+    """``read``, but one call in five (seeded) starts 3 ms late: a process descheduled on a busy machine,
+    for longer than a round of 0.1 ms steps takes."""
+
+    def records():
+        if rng.random() < probability:
+            time.sleep(late_s)
+        return read()
+
+    return records
+
+
 def run_population(monkeypatch, ready_steps: int = READY_STEPS, burn_in: int = 10**9):
     """Every member's decisions as ``(member, step, in step)``, the store, the members' protocols and the
     lineage lines written. ``burn_in``: before it nobody tries to copy."""
@@ -125,6 +138,8 @@ def run_population(monkeypatch, ready_steps: int = READY_STEPS, burn_in: int = 1
     monkeypatch.setattr(staged_receive, "receive_staged", lambda *args: None)  # refused: the donor moved on
     store = _Store()
     members = [_member(me, store, burn_in) for me in range(MEMBERS)]
+    for steps in members:  # a busy machine: now and then a process is descheduled for a few ms
+        steps._records = _now_and_then_late(steps._records, random.Random(steps.me))
     writer = _Writer()
     drain = serving.LineageDrain(store, "ns", writer, on_failure=lambda message: None)
     drain.start()
@@ -152,13 +167,15 @@ def run_population(monkeypatch, ready_steps: int = READY_STEPS, burn_in: int = 1
 
 @pytest.mark.timeout(90)
 def test_members_of_equal_speed_decide_in_step_at_0_1_ms_steps(monkeypatch):
-    """At least 80 % of the decisions see every peer at the decider's step (``in_step``), with steps of
-    0.1 ms: the waiters poll finely enough, nobody counts an equal peer as a straggler because one interval
-    of it took longer, and nobody trains past a round before the others have finished it."""
+    """The decisions see every peer at the decider's step (``in_step``), with steps of 0.1 ms and members
+    now and then descheduled for 30 of them: the wait outlasts a descheduled peer, nobody counts an equal
+    peer as a straggler because one interval of it took longer, and nobody trains past a round before the
+    others have finished it. The promise is 80 %; this population makes 100 %, so 90 % is asked (the
+    earlier rules made 8-12 %; without the wait for peers to finish a round, 70-84 %)."""
     decisions, *_ = run_population(monkeypatch)
     assert len(decisions) == MEMBERS * READY_STEPS
     in_step = sum(seen for _, _, seen in decisions)
-    assert in_step >= 0.8 * len(decisions), f"{in_step} of {len(decisions)} decisions in step"
+    assert in_step >= 0.9 * len(decisions), f"{in_step} of {len(decisions)} decisions in step"
 
 
 @pytest.mark.timeout(90)
