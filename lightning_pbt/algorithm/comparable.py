@@ -74,8 +74,8 @@ class Published:
     whether it has a snapshot to serve, whether it stopped training, the snapshot's ``progress``
     (``None``: ``step``, a member that never copied), whether it copied a donor since, and the progress
     its ``score`` is at (``None``: the snapshot's; a snapshot between ready steps moves only ``progress``),
-    and, once it copied, the ``(progress, score)`` of the donor's snapshot it holds (``held``; ``None``: unknown,
-    e.g. fresh weights)."""
+    and, once it copied, the ``(progress, score, origin)`` of the donor's snapshot it holds, ``origin`` being
+    the member whose weights those are (``held``; ``None``: unknown, e.g. fresh weights)."""
 
     step: int
     score: float | None
@@ -86,7 +86,7 @@ class Published:
     progress: int | None = None
     copied: bool = False
     ready_progress: int | None = None
-    held: tuple[int, float] | None = None
+    held: tuple[int, float, int] | None = None
 
     @property
     def at(self) -> int:
@@ -148,7 +148,7 @@ def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) 
             compared[member] = _comparable(record, progress)
     if not any(seen.score is not None for member, seen in compared.items() if member != me):
         for member, record in others.items():  # never without a comparison: the members that copied come back
-            seen = copied_score(record, progress) if record.copied else None
+            seen = copied_score(record, progress, me) if record.copied else None
             if seen is not None:
                 compared[member] = seen
     return compared
@@ -164,44 +164,46 @@ def _comparable(record: Published, progress: int) -> Compared:
     return Compared(int(entry[0]), float(entry[1]))
 
 
-def copied_score(record: Published, progress: int) -> Compared | None:
-    """What a member that copied since its record counts with when the decider has nobody else to compare
-    with: while it serves the snapshot it scored with, that score (at ``progress`` as any member); once it
-    has snapshotted since, the score of the weights it copied (``held``); ``None`` when neither is known.
+def copied_score(record: Published, progress: int, me: int | None = None) -> Compared | None:
+    """What a member that copied since its record counts with when the decider ``me`` has nobody else to
+    compare with: while it serves the snapshot it scored with, that score (at ``progress`` as any member);
+    once it has snapshotted since, the score of the weights it copied (``held``), unless those are ``me``'s
+    own (comparing with them is comparing with itself: a tie would make it copy a copy of itself);
+    ``None`` when neither is known.
 
     Examples:
         >>> Published(20, 0.6, {}, ((20, 0.6),), copied=True).at  # serves what scored 0.6 at 20
         20
         >>> copied_score(Published(20, 0.6, {}, ((20, 0.6),), copied=True), progress=80)
         Compared(progress=20, score=0.6)
-        >>> moved_on = Published(20, 0.6, {}, ((20, 0.6),), progress=36, ready_progress=20, copied=True, held=(30, 0.9))
-        >>> copied_score(moved_on, progress=80)
-        Compared(progress=30, score=0.9)
+        >>> moved_on = Published(20, 0.6, {}, progress=36, ready_progress=20, copied=True, held=(30, 0.9, 2))
+        >>> copied_score(moved_on, progress=80), copied_score(moved_on, progress=80, me=2)
+        (Compared(progress=30, score=0.9), None)
     """
     if not record.servable:
         return None
     if record.at == record.scored_at:
         seen = _comparable(record, progress)
         return seen if seen.score is not None else None
-    if record.held is not None and is_finite_score(record.held[1]):
+    if record.held is not None and is_finite_score(record.held[1]) and record.held[2] != me:
         return Compared(int(record.held[0]), float(record.held[1]))
     return None
 
 
-def held_by_copy(donor: Published) -> tuple[int, float] | None:
-    """The ``(progress, score)`` a copy of ``donor``'s latest snapshot holds, for the copier's ``held``: the
-    score of its last ready step (at the progress it scored at), or, for a donor that copied and snapshotted
-    since, what it holds itself; ``None`` when unknown.
+def held_by_copy(member: int, donor: Published) -> tuple[int, float, int] | None:
+    """The ``(progress, score, origin)`` a copy of ``donor`` (member ``member``)'s latest snapshot holds, for
+    the copier's ``held``: the score of its last ready step (at the progress it scored at), or, for a donor
+    that copied and snapshotted since, what it holds itself; ``None`` when unknown.
 
     Examples:
-        >>> held_by_copy(Published(40, 0.8, {}, ((40, 0.8),), progress=48, ready_progress=40))
-        (40, 0.8)
-        >>> held_by_copy(Published(40, 0.2, {}, (), progress=48, ready_progress=40, copied=True, held=(56, 0.9)))
-        (56, 0.9)
+        >>> held_by_copy(1, Published(40, 0.8, {}, ((40, 0.8),), progress=48, ready_progress=40))
+        (40, 0.8, 1)
+        >>> held_by_copy(1, Published(40, 0.2, {}, (), progress=48, ready_progress=40, copied=True, held=(56, 0.9, 3)))
+        (56, 0.9, 3)
     """
     if donor.copied and donor.at != donor.scored_at:
         return donor.held
-    return (donor.scored_at, float(donor.score)) if is_finite_score(donor.score) else None  # type: ignore[arg-type]
+    return (donor.scored_at, float(donor.score), member) if is_finite_score(donor.score) else None  # type: ignore[arg-type]
 
 
 def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:

@@ -214,9 +214,12 @@ def _other_states(score: float) -> dict[str, Published]:
         "stopped": Published(100, score, hp, ((100, score),), done=True),
         "copied, serves what it scored": Published(100, score, hp, ((100, score),), copied=True),
         "copied, snapshot since": Published(
-            100, -5.0, hp, ((100, -5.0),), progress=140, ready_progress=100, copied=True, held=(130, score)
+            100, -5.0, hp, ((100, -5.0),), progress=140, ready_progress=100, copied=True, held=(130, score, 2)
         ),
-        # counts with nothing: no snapshot yet, diverged, fresh weights snapshotted since
+        # counts with nothing: the decider's own weights, no snapshot yet, diverged, fresh weights snapshotted since
+        "copied the decider, snapshot since": Published(
+            100, -5.0, hp, ((100, -5.0),), progress=140, ready_progress=100, copied=True, held=(130, score, 0)
+        ),
         "no snapshot": Published(0, None, hp, servable=False),
         "diverged": Published(100, None, hp, ((90, score),)),
         "rejuvenated, snapshot since": Published(
@@ -233,7 +236,7 @@ COUNTS = {"scored", "scored, snapshot since", "stopped", "copied, serves what it
 def test_a_member_ahead_that_falls_behind_in_score_copies_whatever_state_the_others_are_in(
     mode: str, quantile: float
 ) -> None:
-    """Exhaustive over the states of 3 other members (8^3 populations): the decider is far ahead (progress
+    """Exhaustive over the states of 3 other members (9^3 populations): the decider is far ahead (progress
     400 against 100-140) and its fresh score is worse than every score another member counts with. It
     copies one of those members at this very ready step whenever at least one of them counts with a score,
     even when every one of them copied since its last record (before, it then compared with nobody and kept

@@ -317,7 +317,7 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
                 "history": donor["history"],
                 "history_steps": history_steps(donor, donor["step"]),
                 "progress": donor.get("progress", donor["step"]),
-                "held": held_by_copy(published(donor)),
+                "held": held_by_copy(plan.parent, published(donor)),
             }
         return message
 

@@ -114,7 +114,9 @@ def published(record: Mapping[str, Any]) -> Published:
         progress=record.get("progress"),
         copied=bool(record.get("copied", False)),
         ready_progress=record.get("ready_progress"),
-        held=None if record.get("held") is None else (int(record["held"][0]), float(record["held"][1])),
+        held=None
+        if record.get("held") is None
+        else (int(record["held"][0]), float(record["held"][1]), int(record["held"][2])),
     )
 
 
