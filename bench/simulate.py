@@ -51,15 +51,14 @@ def _finite(value: float | None) -> float | None:
 
 def fast_budget(steps: int, slow_factor: int, ready: int, wait: float | None) -> int:
     """A fast member's steps in the wall time of a straggler's ``steps`` (``slow_factor``x slower, more than
-    ``1 + wait``), whole intervals. With ``wait`` it idles ``wait`` of each interval it finishes before the
-    stragglers have published how long an interval takes them (counted on a timeline without jitter), and
-    no longer waits for them after that."""
+    ``1 + wait``), whole intervals. With ``wait`` it idles ``wait`` of its first interval (nobody is a
+    straggler before anyone has scored) and no longer waits for them after that: they have not scored at its
+    previous ready step (counted on a timeline without jitter)."""
     if not wait:
         return steps * slow_factor
     if slow_factor <= 1 + wait:
         raise ValueError(f"stragglers {slow_factor}x slower are waited for with wait={wait}: not a straggler budget")
-    waits = sum(1 for i in range(1, slow_factor + 1) if i * (1 + wait) - wait < slow_factor)
-    return int(steps * slow_factor - waits * wait * ready) // ready * ready
+    return int(steps * slow_factor - wait * ready) // ready * ready
 
 
 def run_lockstep(
@@ -117,8 +116,8 @@ def run_asynchronous(
     ``wait``: as the callback's ``wait_for_peers``, a member that reaches its ready step before every
     other member still training has published a score at its step idles until they have (it decides
     right after the last of them publishes) or for ``wait`` times its interval's nominal time
-    (``ready * speed``), then decides with what is published. It does not wait for a member whose last
-    interval took longer than its own nominal interval and wait together (a straggler).
+    (``ready * speed``), then decides with what is published. It does not wait for a member that has not
+    scored at its own previous ready step yet (a straggler).
     ``"waited"`` counts the idle time.
     """
     members = len(start_values)
@@ -138,9 +137,9 @@ def run_asynchronous(
     exploits, waited, order = 0, 0.0, 0
     events: list[tuple[float, int, int, str]] = []  # (time, order, member, "ready" | "timeout")
     interval: dict[int, tuple[float, float]] = {}  # member: (start, end) of the interval it is training
-    took: dict[int, float] = {}  # member: how long its last finished interval took (its record says)
     partial = [0] * members  # steps of that interval already trained (to serve an in-between snapshot)
     idle: dict[int, tuple[float, int]] = {}  # a waiting member: (since when, its timeout's order)
+    previous: dict[int, int] = {}  # member: its previous ready step (stragglers have not scored there yet)
 
     def push(time: float, m: int, kind: str) -> int:
         nonlocal order
@@ -172,11 +171,8 @@ def run_asynchronous(
         return task.copy(states[d]), at[d] + partial[d] + offset[d]
 
     def caught_up(m: int) -> bool:  # the callback's own rule, on what the records say
-        seen = {
-            o: {"done": r.done, "ready_step": r.step if r.servable else None, "interval_s": took.get(o)}
-            for o, r in records.items()
-        }
-        return peers_caught_up(seen, m, records[m].step, pace=(1 + (wait or 0.0)) * ready * speeds[m])
+        seen = {o: {"done": r.done, "ready_step": r.step if r.servable else None} for o, r in records.items()}
+        return peers_caught_up(seen, m, records[m].step, since=previous.get(m))
 
     def decide(m: int, now: float) -> None:
         nonlocal exploits
@@ -218,7 +214,6 @@ def run_asynchronous(
         n = min(ready, steps[m] - at[m])
         states[m] = task.train(m, states[m], hps[m], n - partial[m])
         partial[m] = 0
-        took[m] = interval[m][1] - interval[m][0]
         at[m] += n
         if on_ready is not None:
             on_ready(m, at[m], states[m])
@@ -226,6 +221,8 @@ def run_asynchronous(
             records[m] = dataclasses.replace(records[m], done=True)
             release(now)
             continue
+        if records[m].servable:
+            previous[m] = records[m].step
         step, score = at[m], _finite(task.score(states[m]))
         if score is not None:
             histories[m] = (histories[m] + [(step + offset[m], score)])[-HISTORY:]

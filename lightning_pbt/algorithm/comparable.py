@@ -12,6 +12,13 @@ score from further in training. The rule here:
   histories are stamped with progress.
 - A member that exploited since its last record is left out of the ranking (neither loser nor donor)
   until it publishes again: its record no longer describes what it holds.
+- Never without a comparison: when that leaves the decider no other member with a finite score (every
+  other member copied since its last record: the first to run ahead, once the others have copied it, would
+  otherwise keep its weights however far its score falls), the members that copied come back, as Ray Tune's
+  asynchronous PBT ranks every member's last result. One that still serves the snapshot it scored with
+  counts with that score (the pair is what a copy of it gets); one that has snapshotted since serves the
+  weights it copied, trained on, and counts with the score those weights had (``held``, published when it
+  copied), as any member's snapshot between ready steps counts with the score of its last ready step.
 - Every other member is ranked by its latest published score at a progress not beyond the decider's
   (a member whose kept history holds nothing that early, being far ahead, by its oldest kept score),
   and the exploit rule (truncation, tournament, t-test) picks the loser and the donor from that table.
@@ -47,7 +54,17 @@ from typing import Any
 from lightning_pbt.algorithm.exploit import is_finite_score
 from lightning_pbt.algorithm.scheduler import MemberPlan, MemberSnapshot, PBTScheduler
 
-__all__ = ["Compared", "Decision", "Published", "comparable_scores", "decide_alone", "in_step", "score_at"]
+__all__ = [
+    "Compared",
+    "Decision",
+    "Published",
+    "comparable_scores",
+    "copied_score",
+    "decide_alone",
+    "held_by_copy",
+    "in_step",
+    "score_at",
+]
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,9 @@ class Published:
     hyperparameters that trained it, its recent finite scores with their progress (oldest first),
     whether it has a snapshot to serve, whether it stopped training, the snapshot's ``progress``
     (``None``: ``step``, a member that never copied), whether it copied a donor since, and the progress
-    its ``score`` is at (``None``: the snapshot's; a snapshot between ready steps moves only ``progress``)."""
+    its ``score`` is at (``None``: the snapshot's; a snapshot between ready steps moves only ``progress``),
+    and, once it copied, the ``(progress, score, origin)`` of the donor's snapshot it holds, ``origin`` being
+    the member whose weights those are (``held``; ``None``: unknown, e.g. fresh weights)."""
 
     step: int
     score: float | None
@@ -67,6 +86,7 @@ class Published:
     progress: int | None = None
     copied: bool = False
     ready_progress: int | None = None
+    held: tuple[int, float, int] | None = None
 
     @property
     def at(self) -> int:
@@ -110,20 +130,80 @@ def score_at(history: Sequence[tuple[int, float]], step: int) -> tuple[int, floa
 
 def comparable_scores(me: int, own: Published, others: Mapping[int, Published]) -> dict[int, Compared]:
     """The score of each member the decider ``me`` ranks, at progress not beyond its own (module
-    docstring); members that copied since their last record are left out."""
+    docstring); members that copied since their last record are left out, unless that leaves the decider
+    no other member with a finite score (then they count as :func:`copied_score` says).
+
+    Examples:
+        >>> me = Published(step=80, score=0.1, hyperparameters={}, history=((80, 0.1),))  # ran ahead, diverged
+        >>> copied = Published(20, 0.6, {}, ((20, 0.6),), copied=True)  # copied (me) after scoring 0.6
+        >>> sorted(comparable_scores(0, me, {1: copied, 2: Published(20, 0.5, {}, ((20, 0.5),))}))
+        [0, 2]
+        >>> comparable_scores(0, me, {1: copied})[1]
+        Compared(progress=20, score=0.6)
+    """
     progress = own.at
     compared = {me: Compared(progress, own.score if is_finite_score(own.score) else None)}
     for member, record in others.items():
-        if record.copied:
-            continue
-        if not record.servable or not is_finite_score(record.score):
-            compared[member] = Compared(record.at, None)
-            continue
-        entry = score_at(record.history, progress)
-        if entry is None:  # ahead beyond its kept history, or no history: the nearest score it has
-            entry = min(record.history, default=(record.at, float(record.score)))  # type: ignore[arg-type]
-        compared[member] = Compared(int(entry[0]), float(entry[1]))
+        if not record.copied:
+            compared[member] = _comparable(record, progress)
+    if not any(seen.score is not None for member, seen in compared.items() if member != me):
+        for member, record in others.items():  # never without a comparison: the members that copied come back
+            seen = copied_score(record, progress, me) if record.copied else None
+            if seen is not None:
+                compared[member] = seen
     return compared
+
+
+def _comparable(record: Published, progress: int) -> Compared:
+    """A member that did not copy since its record, ranked at ``progress`` (module docstring)."""
+    if not record.servable or not is_finite_score(record.score):
+        return Compared(record.at, None)
+    entry = score_at(record.history, progress)
+    if entry is None:  # ahead beyond its kept history, or no history: the nearest score it has
+        entry = min(record.history, default=(record.at, float(record.score)))  # type: ignore[arg-type]
+    return Compared(int(entry[0]), float(entry[1]))
+
+
+def copied_score(record: Published, progress: int, me: int | None = None) -> Compared | None:
+    """What a member that copied since its record counts with when the decider ``me`` has nobody else to
+    compare with: while it serves the snapshot it scored with, that score (at ``progress`` as any member);
+    once it has snapshotted since, the score of the weights it copied (``held``), unless those are ``me``'s
+    own (comparing with them is comparing with itself: a tie would make it copy a copy of itself);
+    ``None`` when neither is known.
+
+    Examples:
+        >>> Published(20, 0.6, {}, ((20, 0.6),), copied=True).at  # serves what scored 0.6 at 20
+        20
+        >>> copied_score(Published(20, 0.6, {}, ((20, 0.6),), copied=True), progress=80)
+        Compared(progress=20, score=0.6)
+        >>> moved_on = Published(20, 0.6, {}, progress=36, ready_progress=20, copied=True, held=(30, 0.9, 2))
+        >>> copied_score(moved_on, progress=80), copied_score(moved_on, progress=80, me=2)
+        (Compared(progress=30, score=0.9), None)
+    """
+    if not record.servable:
+        return None
+    if record.at == record.scored_at:
+        seen = _comparable(record, progress)
+        return seen if seen.score is not None else None
+    if record.held is not None and is_finite_score(record.held[1]) and record.held[2] != me:
+        return Compared(int(record.held[0]), float(record.held[1]))
+    return None
+
+
+def held_by_copy(member: int, donor: Published) -> tuple[int, float, int] | None:
+    """The ``(progress, score, origin)`` a copy of ``donor`` (member ``member``)'s latest snapshot holds, for
+    the copier's ``held``: the score of its last ready step (at the progress it scored at), or, for a donor
+    that copied and snapshotted since, what it holds itself; ``None`` when unknown.
+
+    Examples:
+        >>> held_by_copy(1, Published(40, 0.8, {}, ((40, 0.8),), progress=48, ready_progress=40))
+        (40, 0.8, 1)
+        >>> held_by_copy(1, Published(40, 0.2, {}, (), progress=48, ready_progress=40, copied=True, held=(56, 0.9, 3)))
+        (56, 0.9, 3)
+    """
+    if donor.copied and donor.at != donor.scored_at:
+        return donor.held
+    return (donor.scored_at, float(donor.score), member) if is_finite_score(donor.score) else None  # type: ignore[arg-type]
 
 
 def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
@@ -131,7 +211,9 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
     member has scored at a ready step at this very step and progress (lockstep's round, nobody ahead or
     behind in training through a copy), or stopped before it. A member that copied or was re-initialised
     since counts with the score it had while it still serves the snapshot it scored with; once it has
-    taken a snapshot since, a loser would copy other weights than those lockstep's plan copies.
+    taken a snapshot since, a loser would copy other weights than those lockstep's plan copies. Not when
+    every other member stopped before: there is no round to share, and lockstep's plan, which ranks them
+    without a score, would leave the decider nobody to copy, while they still serve their last snapshots.
 
     Examples:
         >>> own = Published(step=50, score=0.7, hyperparameters={})
@@ -144,6 +226,8 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
         False
         >>> in_step(50, own, {1: Published(50, 0.8, {}, progress=58, ready_progress=50, copied=True)})
         False
+        >>> in_step(50, own, {3: stopped})
+        False
     """
 
     def counts(record: Published) -> bool:
@@ -154,7 +238,8 @@ def in_step(step: int, own: Published, others: Mapping[int, Published]) -> bool:
         same = record.step == step and record.scored_at == own.at
         return same and (not record.copied or record.at == record.scored_at)
 
-    return all(counts(record) for record in others.values())
+    alone = bool(others) and all(_stopped_before(record, step) for record in others.values())
+    return not alone and all(counts(record) for record in others.values())
 
 
 def _stopped_before(record: Published, step: int) -> bool:

@@ -66,8 +66,9 @@ class PBTSettings:
         snapshot_every_n_train_steps: asynchronous only: also snapshot every this many optimizer steps
             after a ready step, so that a copy is at most this many steps old.
         wait_for_peers: asynchronous only: at a ready step, wait up to this fraction of the member's last
-            ready interval (wall time) for the members that have not scored at its step yet, except
-            those whose own last interval took longer than that interval and wait together.
+            ready interval (wall time, at least 50 ms) for the members that have not scored at its step yet,
+            except stragglers (not scored at its previous ready step); then for those that scored at it to
+            finish it.
         space: the parsed search space (derived).
         exploit_rule: the exploit rule (derived).
 

@@ -139,8 +139,9 @@ def test_members_run_their_own_steps_and_the_lineage_has_each_ready_step_once(ru
         if other is not None and other["score"] is not None:
             assert other["progress"] <= me["progress"] and other["progress"] in steps[1]
     # Member 0 copies at almost every ready step (and at its last): member 1 finds its record marked as
-    # copied, so leaves it out, in some of its decisions.
-    assert any("0" not in r["extra"]["compared"] for r in lineage if r["member"] == 1 and r["event"] != "init")
+    # copied, and, having nobody else, still compares with it (the snapshot member 0 scored with): never
+    # without a comparison.
+    assert all("0" in r["extra"]["compared"] for r in lineage if r["member"] == 1 and r["event"] != "init")
 
 
 def test_ranks_of_a_member_agree_after_every_ready_step(run_2x2):

@@ -10,6 +10,7 @@ scored at the decider's step, it carries out its part of lockstep's own plan ins
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from lightning_pbt.algorithm.comparable import Compared, Published, comparable_scores, decide_alone, in_step, score_at
+from lightning_pbt.algorithm.exploit import TruncationSelection
 from lightning_pbt.algorithm.explore import Explorer
 from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
 from lightning_pbt.algorithm.space import LogUniform
@@ -197,3 +199,90 @@ def test_out_of_step_the_member_decides_alone() -> None:
     # Stopped right after scoring at step 40, or before it: lockstep sees it at step 40 too.
     for stopped in (Published(40, 0.9, {"lr": 0.01}, ((40, 0.9),), done=True), records[2]):
         assert in_step(40, records[0], {1: records[1], 2: stopped, 3: records[3]})
+
+
+# -- a member ahead is never left without a comparison ------------------------------------------------
+
+
+def _other_states(score: float) -> dict[str, Published]:
+    """Every state another member's record can be in when the decider, far ahead at progress 400, decides;
+    ``score`` is what it would count with where it counts at all."""
+    hp = {"lr": 0.01}
+    return {
+        "scored": Published(100, score, hp, ((90, score - 1e-3), (100, score))),
+        "scored, snapshot since": Published(100, score, hp, ((100, score),), progress=108, ready_progress=100),
+        "stopped": Published(100, score, hp, ((100, score),), done=True),
+        "copied, serves what it scored": Published(100, score, hp, ((100, score),), copied=True),
+        "copied, snapshot since": Published(
+            100, -5.0, hp, ((100, -5.0),), progress=140, ready_progress=100, copied=True, held=(130, score, 2)
+        ),
+        # counts with nothing: the decider's own weights, no snapshot yet, diverged, fresh weights snapshotted since
+        "copied the decider, snapshot since": Published(
+            100, -5.0, hp, ((100, -5.0),), progress=140, ready_progress=100, copied=True, held=(130, score, 0)
+        ),
+        "no snapshot": Published(0, None, hp, servable=False),
+        "diverged": Published(100, None, hp, ((90, score),)),
+        "rejuvenated, snapshot since": Published(
+            100, score, hp, ((100, score),), progress=8, ready_progress=100, copied=True
+        ),
+    }
+
+
+COUNTS = {"scored", "scored, snapshot since", "stopped", "copied, serves what it scored", "copied, snapshot since"}
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+@pytest.mark.parametrize("quantile", [0.25, 0.5])
+def test_a_member_ahead_that_falls_behind_in_score_copies_whatever_state_the_others_are_in(
+    mode: str, quantile: float
+) -> None:
+    """Exhaustive over the states of 3 other members (9^3 populations): the decider is far ahead (progress
+    400 against 100-140) and its fresh score is worse than every score another member counts with. It
+    copies one of those members at this very ready step whenever at least one of them counts with a score,
+    even when every one of them copied since its last record (before, it then compared with nobody and kept
+    its weights, however far its score fell); it keeps only when nobody has a score to compare with."""
+    sign = 1.0 if mode == "max" else -1.0
+    explorer = Explorer(SPACE, resample_probability=0.0)
+    me = Published(400, sign * 0.1, {"lr": 0.6}, ((390, sign * 0.8), (400, sign * 0.1)))
+    values = {1: sign * 0.5, 2: sign * 0.7, 3: sign * 0.6}
+    states = {m: _other_states(values[m]) for m in values}
+    for names in itertools.product(states[1], repeat=3):
+        others = {m: states[m][name] for m, name in zip(values, names, strict=True)}
+        rule = PBTScheduler(SPACE, mode=mode, seed=0, quantile_fraction=quantile, explorer=explorer)
+        rule.use_member_stream(0)
+        decision = decide_alone(rule, 0, 400, me, others)
+        counted = {m for m, name in zip(values, names, strict=True) if name in COUNTS}
+        kept_in = {m for m in counted if not others[m].copied}  # the members that copied come back only alone
+        ranked = {m for m, seen in decision.compared.items() if m != 0 and seen.score is not None}
+        assert not decision.in_step
+        assert ranked == (kept_in or counted), names
+        assert all(decision.compared[m].score == values[m] for m in ranked), names
+        # A member without a score (no snapshot yet, diverged) ranks last, as in lockstep: it takes the
+        # bottom places of truncation before the decider does.
+        unscored = sum(seen.score is None for seen in decision.compared.values())
+        if counted and unscored < TruncationSelection(quantile).quantile_size(len(decision.compared)):
+            assert decision.plan.event == "exploit" and decision.plan.parent in ranked, names
+        else:
+            assert decision.plan.event == "keep", names
+
+
+def test_the_first_member_to_run_ahead_copies_within_one_ready_step_of_falling_behind() -> None:
+    """The digits run of issue 33, as records: member 0 runs 4x faster than the others and scores best at
+    first, so each of them copies it at its ready step (and shows ``copied`` until its next one, 4 of member
+    0's intervals later). Member 0's score falls below theirs at its step 50; it copies one of them at that
+    very ready step, and not before."""
+    hp = {"lr": 0.01}
+    others = {m: Published(20, score, hp, ((20, score),), copied=True) for m, score in {1: 0.5, 2: 0.7, 3: 0.6}.items()}
+    rule = scheduler()
+    rule.use_member_stream(0)
+    history: list[tuple[int, float]] = []
+    events = {}
+    for step in range(30, 90, 10):
+        score = 0.9 if step < 50 else 0.05  # diverged between step 40 and 50
+        history.append((step, score))
+        me = Published(step, score, {"lr": 0.6}, tuple(history))
+        decision = decide_alone(rule, 0, step, me, others)
+        events[step] = (decision.plan.event, decision.plan.parent)
+        if decision.plan.event == "exploit":
+            break
+    assert events == {30: ("keep", 0), 40: ("keep", 0), 50: ("exploit", 2)}

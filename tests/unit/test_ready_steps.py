@@ -273,41 +273,51 @@ def test_a_rejuvenated_member_leaves_the_rankings_until_its_next_ready_step(even
 
 
 def test_a_member_waits_for_peers_a_fraction_of_its_own_last_interval(monkeypatch):
-    """The wait's bound is ``wait_for_peers`` times the time since the member left its previous ready step
-    (or started): it follows the member's own pace and does not grow with the run."""
+    """The wait's bound is ``wait_for_peers`` times the time since the member's previous ready step began
+    (or it started), its wait left out: it follows the member's own pace and does not grow with the run.
+    Stragglers are those that have not scored at its previous ready step (none at its first). Having
+    finished its ready step, it waits what is left of the bound for the peers that scored at it to finish it."""
     import time
 
     from lightning_pbt.algorithm.scheduler import MemberPlan
     from lightning_pbt.distributed.ready_steps import asynchronous
     from lightning_pbt.distributed.ready_steps.base import Observation
 
-    bounds = []
+    bounds, finishing = [], []
     waited_for = []
 
-    def spy(read, me, step, seconds, pace=None):
-        bounds.append((seconds, pace))
+    def spy(read, me, step, seconds, since=None):
+        bounds.append((seconds, since))
         waited_for.append(step)
+        time.sleep(0.01)
+        return 0.01
+
+    def spy_finish(read, condition, seconds):
+        finishing.append(seconds)
+        return 0.0
 
     monkeypatch.setattr(asynchronous, "wait_for_peers", spy)
+    monkeypatch.setattr(asynchronous, "wait_until", spy_finish)
     # It copied a snapshot 30 steps ahead of its own step once: it waits for the others' steps, not for
     # them to reach its progress (a whole interval later).
     book = PopulationBook(
         population={0: {"hyperparameters": {"lr": 0.1}, "progress_offset": 30}}, hyperparameters={"lr": 0.1}
     )
-    steps = _asynchronous(_Store(), book, wait_for_peers=0.5)
+    store = _Store()
+    steps = _asynchronous(store, book, wait_for_peers=0.5)
     steps._shared_decision, _ = _deciding(MemberPlan(0, "keep", 0, {"lr": 0.1}, ()))
     steps._publish(0, 0, None, version=-1, done=False)
-    published = []
+    published, finished = [], []
     for step, interval in ((10, 0.4), (20, 0.1)):
         time.sleep(interval)
         steps.step(Observation(0.5, False, step, 0))
         published.append(steps._record["interval_s"])
-    (first, first_pace), (second, second_pace) = bounds
+        finished.append(json.loads(store[steps._record_key(0)])["finished_step"])
+    (first, first_since), (second, second_since) = bounds
     assert 0.2 <= first < 0.35 and 0.05 <= second < 0.15  # not 0.25: measured from the last ready step
-    # Peers slower than the interval and the wait together are not waited for; the record tells the
-    # others how long this member's interval took.
-    assert first_pace == pytest.approx(3 * first) and second_pace == pytest.approx(3 * second)
-    assert published == pytest.approx([2 * first, 2 * second])
+    assert (first_since, second_since) == (None, 10)
+    assert published == pytest.approx([2 * first, 2 * second])  # the record tells the others its pace
+    assert finishing == pytest.approx([first - 0.01, second - 0.01]) and finished == [10, 20]
     assert waited_for == [10, 20]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from lightning_pbt.algorithm.comparable import Published, decide_alone
+from lightning_pbt.algorithm.comparable import Published, decide_alone, held_by_copy
 from lightning_pbt.algorithm.lineage import LineageRecord
 from lightning_pbt.algorithm.scheduler import MemberPlan
 from lightning_pbt.distributed import staged_receive, staging, transfer
@@ -25,10 +25,13 @@ from lightning_pbt.distributed.ready_steps.records import (
     decision_extra,
     everyone_diverged,
     history_steps,
+    peers_finished,
     public_record,
     published,
     snapshot_due,
+    wait_bound,
     wait_for_peers,
+    wait_until,
 )
 from lightning_pbt.distributed.serving import (
     LineageDrain,
@@ -43,7 +46,49 @@ __all__ = ["AsynchronousReadySteps"]
 log = logging.getLogger(__name__)
 
 
-class AsynchronousReadySteps(ReadySteps):
+class _PeerRecords:
+    """The members' published records in the launch's store, and the bounded waits on them
+    (``wait_for_peers``): the part of :class:`AsynchronousReadySteps` that reads the others."""
+
+    namespace: str
+    me: int
+    wait_for_peers: float | None
+    population: Any
+    topology: Any
+    book: Any
+    _record: dict[str, Any] | None
+
+    @property
+    def _leader(self) -> bool:
+        return self.topology.member_rank == 0
+
+    def _record_key(self, member: int) -> str:
+        return f"{self.namespace}/member/{member}"
+
+    def _records(self) -> dict[int, dict[str, Any]]:
+        keys = [self._record_key(member) for member in range(self.topology.num_members)]
+        return {member: json.loads(raw) for member, raw in enumerate(self.population.store.multi_get(keys))}
+
+    def _wait_for_peers(self, step: int, interval_s: float) -> float | None:
+        """The leader waits until the others have scored at its ``step`` (see :func:`wait_for_peers`), for
+        ``wait_for_peers`` of its last interval at most, and not for stragglers (not scored at its previous
+        ready step yet); the member's other ranks wait for its decision anyway. Returns the seconds waited."""
+        if not self._leader or self.wait_for_peers is None:
+            return None
+        since = self.book.last_ready_step if self.book.last_ready_step >= 0 else None
+        return wait_for_peers(self._records, self.me, step, wait_bound(self.wait_for_peers, interval_s), since=since)
+
+    def _wait_for_peers_to_finish(self, step: int, interval_s: float, waited: float) -> float:
+        """Say this member finished its ready ``step``; wait (what is left of the wait) for the others that
+        scored at it to finish it too (:func:`peers_finished`). Returns the seconds waited."""
+        assert self._record is not None and self.wait_for_peers is not None
+        seconds = max(wait_bound(self.wait_for_peers, interval_s) - waited, 0.0)
+        self._record["finished_step"] = step
+        self.population.store.set(self._record_key(self.me), json.dumps(self._record))
+        return wait_until(self._records, lambda records: peers_finished(records, self.me, step), seconds)
+
+
+class AsynchronousReadySteps(_PeerRecords, ReadySteps):
     """Each member at its own pace: publish, decide alone, fetch the donor's snapshot (see module doc)."""
 
     synchronous = False
@@ -57,20 +102,13 @@ class AsynchronousReadySteps(ReadySteps):
         self._last_push: int | None = None
         self._versions = 0  # snapshots taken in this fit: ready steps and between them
         self._snapshot_step: int | None = None
-        self._interval_started = time.monotonic()  # when this member left its last ready step (or started)
+        self._interval_started = time.monotonic()  # when its last ready step began (after any wait), or started
         self.inbox = staging.StagingPool()  # where copies wait until every rank of the member has one
-
-    @property
-    def _leader(self) -> bool:
-        return self.topology.member_rank == 0
 
     @property
     def _offset(self) -> int:
         """This member's progress minus its step: what its copies' donors had trained beyond it."""
         return int(self.book.population[self.me].get("progress_offset", 0))
-
-    def _record_key(self, member: int) -> str:
-        return f"{self.namespace}/member/{member}"
 
     def start(self, lineage_path: str, **kwargs: Any) -> None:
         # Snapshots live in host memory and travel over a gloo group of their own on every backend (see
@@ -97,17 +135,13 @@ class AsynchronousReadySteps(ReadySteps):
         """This member's public record (:func:`public_record`), read by the others when they decide."""
         status, offset = self.book.population[self.me], self._offset
         self._record = public_record(status, self.book.hyperparameters, step, epoch, score, version, offset)
-        self._record.update(done=done, interval_s=interval_s)
+        self._record.update(done=done, interval_s=interval_s, waits=self.wait_for_peers is not None)
         self.population.store.set(self._record_key(self.me), json.dumps(self._record))
-
-    def _records(self) -> dict[int, dict[str, Any]]:
-        keys = [self._record_key(member) for member in range(self.topology.num_members)]
-        return {member: json.loads(raw) for member, raw in enumerate(self.population.store.multi_get(keys))}
 
     def step(self, observation: Observation) -> ReadyStepResult:
         assert self.server is not None
-        started = time.perf_counter()
-        interval_s = max(time.monotonic() - self._interval_started, 0.0)
+        started, began = time.perf_counter(), time.monotonic()
+        interval_s = max(began - self._interval_started, 0.0)
         if self._leader and self.book.ready_count > 0:
             self._forget(self.book.ready_count - 1)
         version = self._take_snapshot(observation.step)
@@ -127,7 +161,7 @@ class AsynchronousReadySteps(ReadySteps):
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
         for attempt in range(self.attempts):
-            message = self._shared_decision(observation, attempt, (self.wait_for_peers or 0.0) * interval_s)
+            message = self._shared_decision(observation, attempt, wait_bound(self.wait_for_peers or 0.0, interval_s))
             decided = time.perf_counter()
             plan, view = MemberPlan.from_dict(message["plan"]), message["view"]
             if plan.event != "exploit":
@@ -142,7 +176,7 @@ class AsynchronousReadySteps(ReadySteps):
                 own["history"], own["history_steps"] = list(donor["history"]), list(donor["history_steps"])
                 own["progress_offset"] = int(donor["progress"]) - observation.step
                 donor_step = int(donor["snapshot_step"])
-                self._leave_rankings()
+                self._leave_rankings(donor.get("held"))
                 break
             plan = None
         if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
@@ -158,6 +192,8 @@ class AsynchronousReadySteps(ReadySteps):
         for member, status in view.items():
             if int(member) != self.me:
                 self.book.population[int(member)].update(status)
+        if waited is not None:  # with the wait, nobody trains past a round before the others have finished it
+            waited += self._wait_for_peers_to_finish(observation.step, interval_s, waited)
         self.book.ready_count += 1
         self.book.last_ready_step = observation.step
         timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
@@ -179,24 +215,14 @@ class AsynchronousReadySteps(ReadySteps):
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
-        self._interval_started = time.monotonic()
+        # The next interval counts this ready step's work (at fast steps much of a member's pace), not its wait
+        self._interval_started = began + (waited or 0.0)
         return ReadyStepResult(observation.step, scores, plan, timing)
 
-    def _wait_for_peers(self, step: int, interval_s: float) -> float | None:
-        """The leader waits until the others have scored at its ``step`` (see :func:`wait_for_peers`), for
-        ``wait_for_peers`` of its last interval at most, and not for peers whose own last interval took
-        longer than its interval and wait together; the member's other ranks wait for its decision anyway.
-        Returns the seconds waited."""
-        if not self._leader or self.wait_for_peers is None:
-            return None
-        seconds = self.wait_for_peers * interval_s
-        return wait_for_peers(self._records, self.me, step, seconds, pace=interval_s + seconds)
-
-    def _leave_rankings(self) -> None:
-        """Its record describes weights just thrown away (a copy, fresh weights): out of the others' rankings
-        until its next ready step, so no snapshot of the new weights passes for the old score."""
+    def _leave_rankings(self, held: Any = None) -> None:
+        """Its record describes thrown-away weights: out of the rankings until its next (``held``: the copy's)."""
         if self._leader and self._record is not None:
-            self._record["copied"] = True
+            self._record.update(copied=True, held=held)
             self.population.store.set(self._record_key(self.me), json.dumps(self._record))
 
     def _take_snapshot(self, step: int) -> int:
@@ -291,6 +317,7 @@ class AsynchronousReadySteps(ReadySteps):
                 "history": donor["history"],
                 "history_steps": history_steps(donor, donor["step"]),
                 "progress": donor.get("progress", donor["step"]),
+                "held": held_by_copy(plan.parent, published(donor)),
             }
         return message
 

@@ -18,11 +18,34 @@ __all__ = [
     "everyone_diverged",
     "history_steps",
     "peers_caught_up",
+    "peers_finished",
     "public_record",
     "published",
     "snapshot_due",
+    "wait_bound",
     "wait_for_peers",
+    "wait_until",
 ]
+
+
+FIRST_POLL_S = 0.0002  # a store round trip takes about as long
+LAST_POLL_S = 0.02
+# The shortest interval the wait's bound is measured on: a busy machine deschedules a process for longer
+# than an interval of fast steps (0.1 ms steps: under a ms), and a bound shorter than that ended before a
+# peer of equal speed arrived.
+SHORTEST_INTERVAL_S = 0.05
+
+
+def wait_bound(fraction: float, interval_s: float) -> float:
+    """The longest wait for peers: ``fraction`` of the member's last interval, measured as at least
+    :data:`SHORTEST_INTERVAL_S`. At equal speeds the peers' arrival ends the wait, not this bound; it costs
+    only when a peer within a round never comes (it is a straggler from its next round on).
+
+    Examples:
+        >>> wait_bound(1.0, 2.0), wait_bound(0.5, 0.0004)
+        (2.0, 0.025)
+    """
+    return fraction * max(interval_s, SHORTEST_INTERVAL_S)
 
 
 def _finite(score: float | None) -> bool:
@@ -91,6 +114,9 @@ def published(record: Mapping[str, Any]) -> Published:
         progress=record.get("progress"),
         copied=bool(record.get("copied", False)),
         ready_progress=record.get("ready_progress"),
+        held=None
+        if record.get("held") is None
+        else (int(record["held"][0]), float(record["held"][1]), int(record["held"][2])),
     )
 
 
@@ -99,45 +125,92 @@ def wait_for_peers(
     me: int,
     step: int,
     seconds: float,
-    pace: float | None = None,
+    since: int | None = None,
 ) -> float:
     """Poll the population's records until every other member has stopped or scored at a ready step at
-    its own ``step`` or beyond, or is slower than ``pace`` (:func:`peers_caught_up`), for ``seconds`` at
+    its own ``step`` or beyond, or is a straggler (:func:`peers_caught_up`), for ``seconds`` at
     most; returns the seconds waited. At near-equal speeds a decision then sees the population in step,
-    as lockstep does (``wait_for_peers``)."""
+    as lockstep does (``wait_for_peers``).
+
+    Polls start at :data:`FIRST_POLL_S` and back off to a twentieth of ``seconds`` (at most
+    :data:`LAST_POLL_S`): the last peer to arrive decides at once and trains on, and a waiter that noticed
+    it one pause late found it at its next ready step when steps are fast (its snapshot moved on: the
+    decision was no longer in step). A pause that never exceeds a twentieth of the wait keeps the waiter
+    at most that late whatever the step time."""
+    return wait_until(read, lambda records: peers_caught_up(records, me, step, since), seconds)
+
+
+def wait_until(
+    read: Callable[[], Mapping[int, Mapping[str, Any]]],
+    condition: Callable[[Mapping[int, Mapping[str, Any]]], bool],
+    seconds: float,
+) -> float:
+    """Poll ``read()`` until ``condition`` holds of what it returns, for ``seconds`` at most (polls as
+    :func:`wait_for_peers` says); returns the seconds waited."""
     started = time.monotonic()
-    deadline, pause = started + seconds, 0.005
-    while not peers_caught_up(read(), me, step, pace) and time.monotonic() < deadline:
+    deadline, pause = started + seconds, FIRST_POLL_S
+    longest = min(LAST_POLL_S, max(seconds / 20, FIRST_POLL_S))
+    while not condition(read()) and time.monotonic() < deadline:
         time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
-        pause = min(pause * 2, 0.1)
+        pause = min(pause * 2, longest)
     return time.monotonic() - started
 
 
-def peers_caught_up(
-    records: Mapping[int, Mapping[str, Any]], me: int, step: int, pace: float | None = None
-) -> bool:
-    """Whether every member but ``me`` has stopped or scored at a ready step at its own ``step`` or beyond
-    (a member that copied since counts: its decision there is made), or is not worth waiting for: its
-    last ready interval took longer than ``pace`` seconds (a straggler would arrive after the wait ends,
-    and waiting for it would cost the others their speed). Steps, not progress: a member that copied a
-    snapshot ahead of its own step would otherwise wait a whole interval at every ready step after.
+def peers_finished(records: Mapping[int, Mapping[str, Any]], me: int, step: int) -> bool:
+    """Whether every other member that scored at a ready step at ``step`` has finished it (decided and
+    copied: ``finished_step``), or moved on, or stopped. With ``wait_for_peers`` a member that finished its
+    ready step waits for this before it trains on: the last member to arrive decides at once, and at fast
+    steps it reached its next ready step (a new snapshot, a new record) before the others had read the
+    round, so their decisions were no longer in step and their copies of it failed. Members that have not
+    scored at ``step`` (late, stragglers), and members that do not wait themselves (``waits``: they never say
+    they finished), are not waited for here.
 
     Examples:
-        >>> behind = {"done": False, "ready_step": 40, "interval_s": 1.1}
-        >>> peers_caught_up({0: {"done": False, "ready_step": 50}, 1: behind}, me=0, step=50)
-        False
-        >>> peers_caught_up({0: {}, 1: {**behind, "ready_step": 60}, 2: {"done": True}}, me=0, step=50)
-        True
-        >>> peers_caught_up({1: behind}, me=0, step=50, pace=2.0), peers_caught_up({1: behind}, 0, 50, pace=1.0)
+        >>> scored = {"done": False, "ready_step": 50, "waits": True}
+        >>> peers_finished({1: scored}, me=0, step=50), peers_finished({1: {**scored, "finished_step": 50}}, 0, 50)
         (False, True)
+        >>> peers_finished({1: {"ready_step": 54}, 2: {"ready_step": 46}, 3: {"ready_step": None}}, me=0, step=50)
+        True
+        >>> peers_finished({1: {**scored, "waits": False}}, me=0, step=50)
+        True
     """
     return all(
         record.get("done")
-        or (record.get("ready_step") is not None and record["ready_step"] >= step)
-        or (pace is not None and record.get("interval_s") is not None and record["interval_s"] > pace)
+        or not record.get("waits")
+        or record.get("ready_step") != step
+        or (record.get("finished_step") or -1) >= step
         for member, record in records.items()
         if member != me
     )
+
+
+def peers_caught_up(records: Mapping[int, Mapping[str, Any]], me: int, step: int, since: int | None = None) -> bool:
+    """Whether every member but ``me`` has stopped or scored at a ready step at its own ``step`` or beyond
+    (a member that copied since counts: its decision there is made), or is a straggler: it has not scored
+    at ``since``, the waiting member's previous ready step, or after it (``None``: its first, where nobody
+    is a straggler yet). Progress, not time: at equal speeds, with the wait, no member falls a whole round
+    behind, while at fast steps on a busy machine the time an interval took swings by several times (a rule
+    that skipped peers whose last interval took longer than the waiter's and its wait together skipped
+    peers of equal speed, and the first to arrive ran ahead). Steps, not progress: a member that copied a
+    snapshot ahead of its own step would otherwise wait a whole interval at every ready step after.
+
+    Examples:
+        >>> behind = {"done": False, "ready_step": 40}
+        >>> peers_caught_up({0: {"done": False, "ready_step": 50}, 1: behind}, me=0, step=50, since=40)
+        False
+        >>> peers_caught_up({0: {}, 1: {**behind, "ready_step": 60}, 2: {"done": True}}, me=0, step=50)
+        True
+        >>> peers_caught_up({1: behind}, me=0, step=50, since=45), peers_caught_up({1: {"ready_step": None}}, 0, 50)
+        (True, False)
+    """
+
+    def caught_up(record: Mapping[str, Any]) -> bool:
+        scored = record.get("ready_step")
+        if record.get("done") or (scored is not None and scored >= step):
+            return True
+        return since is not None and (scored is None or scored < since)
+
+    return all(caught_up(record) for member, record in records.items() if member != me)
 
 
 def snapshot_due(step: int, last_ready_step: int, every: int | None) -> bool:
