@@ -31,7 +31,16 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["LaneFailed", "MemberLane", "MemberTurns", "ProcessState", "lane_copies", "run_member_lanes"]
+__all__ = [
+    "LaneFailed",
+    "MemberLane",
+    "MemberTurns",
+    "ProcessState",
+    "lane_copies",
+    "random_state",
+    "run_member_lanes",
+    "set_random_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,34 @@ class ProcessState:
                 os.environ[name] = value
 
 
+def random_state() -> dict[str, Any]:
+    """The process's RNG states as plain data (lists, ints, tensors), loadable with ``weights_only=True``:
+    what a checkpoint keeps so that a resumed member draws the dropout masks it would have drawn."""
+    state = ProcessState.capture()
+    numpy = None
+    if state.numpy is not None:
+        kind, keys, position, has_gauss, cached = state.numpy
+        numpy = [kind, [int(key) for key in keys], int(position), int(has_gauss), float(cached)]
+    version, internal, gauss = state.python
+    return {"torch": state.torch_cpu, "cuda": state.cuda, "numpy": numpy, "python": [version, list(internal), gauss]}
+
+
+def set_random_state(saved: dict[str, Any]) -> None:
+    """Restore what :func:`random_state` returned (CUDA states only where this process has the same GPUs)."""
+    torch.set_rng_state(saved["torch"])
+    cuda = saved.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    numpy_random = _numpy_random()
+    if numpy_random is not None and saved.get("numpy") is not None:
+        import numpy
+
+        kind, keys, position, has_gauss, cached = saved["numpy"]
+        numpy_random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 def _numpy_random() -> Any:
     try:
         import numpy
@@ -113,6 +150,10 @@ class MemberTurns:
         self._everyone_stopped = False
         self._failure: BaseException | None = None
         self._handed_at: float | None = None
+        # Per lane, the checkpoint its fit resumes from, (path, weights_only); lane 0 agrees on them for all
+        # (PopulationStrategy._agree_on_resume) and leaves each lane the older checkpoint it must load instead.
+        self.checkpoints: dict[int, tuple[str | None, bool | None]] = {}
+        self.resume_overrides: list[str | None] = [None] * lanes
         self.switches = 0  # hand-overs from one lane to another, and the seconds they took (wake-up included)
         self.switch_seconds = 0.0
 
@@ -168,6 +209,14 @@ class MemberTurns:
                 if waiting and self._holder == lane:
                     self._hand_over(lane, min(waiting))
                 self._cond.notify_all()
+
+    def resume_override(self, lane: int, agree: Callable[[list[tuple[str | None, bool | None]]], list[Any]]) -> Any:
+        """The checkpoint lane ``lane`` loads instead of the one it was given (``None``: its own). Lane 0,
+        whose fit starts first, runs ``agree`` once for the K lanes (a crash can fall between two members
+        of one process); the checkpoints of all lanes were resolved before any fit started."""
+        if lane == 0:
+            self.resume_overrides = agree([self.checkpoints[k] for k in range(self.lanes)])
+        return self.resume_overrides[lane]
 
     def failure(self) -> BaseException | None:
         return self._failure
