@@ -32,12 +32,12 @@ from lightning_pbt.plugin.apply import (
     check_applicable,
     check_module_names,
 )
+from lightning_pbt.plugin.turns import random_state, set_random_state
 
 from ._lightning import Callback, TrainerFn, pl
 from .readiness import epochs_done, idle_message, is_ready, monitored_score, status_metrics
 from .strategy import PopulationStrategy
 from .trainer_member import TrainerMember, weight_averages
-from .turns import random_state, set_random_state
 
 __all__ = ["PopulationBasedTraining"]
 

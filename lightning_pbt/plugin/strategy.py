@@ -201,6 +201,7 @@ class PopulationStrategy(DDPStrategy):
             the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
         members_per_process: members each process (group of ``member_size`` processes) hosts, taking turns:
             (world size / ``member_size``) x K members; lockstep and ``fit`` only (``docs/concepts/turns.md``).
+        keep_parked_on_device: on GPUs, members waiting for their turn keep their tensors there (else: pinned host).
         **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
 
     Raises:
@@ -228,13 +229,14 @@ class PopulationStrategy(DDPStrategy):
         processes_per_device: int = 1,
         timeout: timedelta | float | None = DEFAULT_TIMEOUT,
         members_per_process: int = 1,
+        keep_parked_on_device: bool = False,
         **ddp_kwargs: Any,
     ):
         _check_counts(member_size, processes_per_device, members_per_process)
         self.processes_per_device, self.members_per_process = processes_per_device, members_per_process
+        self.keep_parked_on_device = bool(keep_parked_on_device)  # the choice: algorithm.topology.parking_place
         self.lane = MemberLane()  # set per lane before fit when members take turns
-        if isinstance(timeout, int | float):
-            timeout = timedelta(seconds=timeout)
+        timeout = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
         if timeout is None or timeout.total_seconds() <= 0:
             raise ValueError(f"PopulationStrategy: timeout must be positive, got {timeout!r}")
         super().__init__(timeout=timeout, **ddp_kwargs)
@@ -243,14 +245,12 @@ class PopulationStrategy(DDPStrategy):
         self.population: PopulationGroup | None = None
         self.run_dir: str | None = None
         self._watchdog: PopulationWatchdog | None = None
-        self._failed = False
-        self._watchdog_prefix = ""
+        self._failed, self._watchdog_prefix, self._resume_agreed = False, "", False
         self._scoped_root: str | None = None
-        self._resume_path: str | None = None
+        self._resume_path: str | None = None  # given to fit, the one to load instead, and how to read it
         self._resume_override: str | None = None
         self._resume_weights_only: bool | None = None
         self._before_finishing: list[Callable[[], None]] = []
-        self._resume_agreed = False
 
     # -- devices ---------------------------------------------------------------------------------
     @property

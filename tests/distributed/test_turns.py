@@ -163,9 +163,14 @@ def test_an_elastic_restart_of_a_crashed_run_restores_every_member_of_the_killed
     checkpoint of step 6, lanes of one process included) and finish with the lineage, the training
     losses and the states of the same run never interrupted: each member's RNG travels in its checkpoint,
     so it draws the same dropout masks after the restart (resumed at epoch ends, where the data order is
-    the sampler's)."""
+    the sampler's).
+
+    The crashed run also parks waiting members in fresh CPU storage (the stand-in for pinned host memory,
+    ``park_stand_in``): every hand-over copies their weights, gradients and optimizer state out and back,
+    and training stays bit for bit the reference's, which parks nothing (the CPU's choice)."""
     common = {"devices": 2, "members_per_process": 4, "resume": True, **EVERY_EPOCH, "max_epochs": 3}
-    crashed = run_turns(tmp_path / "crashed", max_restarts=1, kill_before_save={"member": 6, "step": 12}, **common)
+    crash = {"kill_before_save": {"member": 6, "step": 12}, "park_stand_in": True}
+    crashed = run_turns(tmp_path / "crashed", max_restarts=1, **crash, **common)
     reference = run_turns(tmp_path / "reference", max_restarts=0, **common)
     stdout = (crashed / "stdout.txt").read_text()
     for member in (0, 1):  # lanes 0 and 1 of process 0 (only population rank 0's process prints warnings)

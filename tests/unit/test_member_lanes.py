@@ -70,10 +70,17 @@ class FakeLane:
         self.log.append(("serve", [protocol.me for protocol in lanes]))
 
 
-def run_lanes(lanes: int, rounds: dict[int, int], fail: tuple[int, int] | None = None):
+def run_lanes(lanes: int, rounds: dict[int, int], fail: tuple[int, int] | None = None, park: bool = False):
     """Lane k trains ``rounds[k]`` intervals (drawing from the process RNG it seeded itself), a ready step
-    after each, then stops. Returns the log, each lane's draws and each lane's results or error."""
-    turns, log, draws = MemberTurns(lanes), [], {k: [] for k in range(lanes)}
+    after each, then stops. Returns the log, each lane's draws and each lane's results or error. ``park``:
+    the baton's parking hook logs ``("park", lane)`` and its unpark ``("unpark", lane)``."""
+    log: list = []
+
+    def parking(protocol):
+        log.append(("park", protocol.me))
+        return lambda: log.append(("unpark", protocol.me))
+
+    turns, draws = MemberTurns(lanes, park=parking if park else None), {k: [] for k in range(lanes)}
     outcome: dict[int, object] = {}
     running: list[int] = []
 

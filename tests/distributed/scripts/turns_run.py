@@ -7,6 +7,8 @@ Launched by Lightning's own launcher (it re-executes this file). Configured by a
 member early (EarlyStopping). ``resume``: ``fit(ckpt_path="last")`` with every checkpoint kept;
 ``kill_before_save`` (``{"member", "step"}``, under torchrun): on the first attempt that member's process
 dies (SIGKILL) while the member saves its checkpoint of that step, once member 0 has saved its own.
+``park_stand_in``: members waiting for their turn are parked in fresh CPU storage (the stand-in, on this
+GPU-less machine, for leaving a GPU for pinned host memory), so every hand-over copies their tensors.
 Every member writes ``member_<id>.json`` into ``out``: its state digest after every validation end
 (after the ready step's exploit), the hex of every training loss (they depend on the data order, the
 weights and the dropout masks), and its final state.
@@ -29,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pbt import PopulationBasedTraining, PopulationStrategy
+from lightning_pbt.algorithm.topology import ParkingPlace
+from lightning_pbt.plugin import parking
 from lightning_pbt.space import LogUniform, Uniform
 
 cfg = json.loads(sys.argv[1])
@@ -166,6 +170,8 @@ class Recorder(pl.Callback):
 
 
 def main() -> None:
+    if cfg.get("park_stand_in"):
+        parking.parking_place = lambda device_type, keep_on_device=False: ParkingPlace(device="cpu")
     interval = (
         {"every_n_train_steps": cfg["every_n_train_steps"]}
         if cfg.get("every_n_train_steps")
