@@ -179,6 +179,8 @@ def test_an_elastic_restart_of_a_crashed_run_restores_every_member_of_the_killed
     assert sorted({r["step"] for r in lineage(crashed) if r["event"] != "init"}) == [6, 12, 18]
     after, before = members(crashed), members(reference)
     assert sorted(after) == sorted(before) == list(range(8))
+    # after the restart, 2 ready steps (12, 18) at which each of a process's 4 members parked once
+    assert [after[m]["parked"] for m in range(8)] == [8] * 8 and before[0]["parked"] == 0
     for member in range(8):
         resumed = after[member]
         assert [entry["step"] for entry in resumed["at_validation"]] == [12, 18], member  # trained again from 6

@@ -37,6 +37,7 @@ from lightning_pbt.space import LogUniform, Uniform
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
+PARKED = [0]  # members parked in this process (with park_stand_in)
 
 
 def digest(tensors) -> str:
@@ -164,6 +165,7 @@ class Recorder(pl.Callback):
                 isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience for cb in trainer.callbacks
             ),
             "thread": threading.current_thread().name,
+            "parked": PARKED[0],
         }
         with open(os.path.join(out, f"member_{strategy.member_id}.json"), "w") as f:
             json.dump(record, f)
@@ -171,7 +173,12 @@ class Recorder(pl.Callback):
 
 def main() -> None:
     if cfg.get("park_stand_in"):
-        parking.parking_place = lambda device_type, keep_on_device=False: ParkingPlace(device="cpu")
+
+        def stand_in(device_type: str, keep_on_device: bool = False) -> ParkingPlace:
+            PARKED[0] += 1
+            return ParkingPlace(device="cpu")
+
+        parking.parking_place = stand_in
     interval = (
         {"every_n_train_steps": cfg["every_n_train_steps"]}
         if cfg.get("every_n_train_steps")
