@@ -191,13 +191,20 @@ def main(cfg: DictConfig) -> float | None:
                          callbacks=[callback], default_root_dir=str(run_dir),
                          logger=pl.loggers.CSVLogger(str(run_dir), name="", version=""))
     trainer.fit(model, datamodule=data)
-    perplexity = trainer.test(model, datamodule=data, verbose=False)[0]["test_perplexity"]
     scores = {m: s["score"] for m, s in callback.population.items() if s["score"] is not None}
     # The same on every rank; None when no ready step scored anyone (the callback warned why).
     best = (max if cfg.pbt.mode == "max" else min)(scores, key=scores.get) if scores else None
-    if trainer.strategy.member_id == best and trainer.is_global_zero:
-        print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
-              f"test perplexity {perplexity:.3f}", flush=True)
+    # Trainer.test is not built for members that take turns (docs/concepts/turns.md): no held-out number then.
+    if strategy.members_per_process > 1:
+        perplexity = None
+        if trainer.strategy.world_rank == 0 and best is not None:
+            print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
+                  "not tested (members take turns)", flush=True)
+    else:
+        perplexity = trainer.test(model, datamodule=data, verbose=False)[0]["test_perplexity"]
+        if trainer.strategy.member_id == best and trainer.is_global_zero:
+            print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
+                  f"test perplexity {perplexity:.3f}", flush=True)
     if trainer.strategy.world_rank == 0 and cfg.report:
         make_report(trainer.strategy.run_dir or run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor)
         print(f"Outputs in {trainer.strategy.run_dir or run_dir}/ (pbt/lineage.jsonl, pbt/summary.md)")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-__all__ = ["PopulationTopology", "expand_devices"]
+__all__ = ["ParkingPlace", "PopulationTopology", "expand_devices", "parking_place"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,41 @@ def expand_devices(devices: Sequence[T], processes_per_device: int) -> list[T]:
             f"PopulationStrategy: processes_per_device must be an integer >= 1, got {processes_per_device!r}"
         )
     return [devices[i % len(devices)] for i in range(len(devices) * processes_per_device)]
+
+
+@dataclass(frozen=True)
+class ParkingPlace:
+    """Where the tensors of a member that waits for its turn live (members that take turns).
+
+    Attributes:
+        device: the device they move to while the member is parked (``None``: they stay where they are).
+        pin_memory: whether host copies are page-locked (fast, asynchronous-capable copies back to a GPU).
+    """
+
+    device: str | None = None
+    pin_memory: bool = False
+
+
+def parking_place(device_type: str, keep_on_device: bool = False) -> ParkingPlace:
+    """Where a parked member's weights, gradients and optimizer state wait, given the device it trains on.
+
+    On a GPU they leave the device for page-locked host memory, so that K members of a process need not
+    fit on the GPU together (``keep_on_device=True`` keeps them there, for members that fit: no copies);
+    on the CPU nothing moves.
+
+    Args:
+        device_type: the type of the device the member trains on (``"cpu"``, ``"cuda"``).
+        keep_on_device: ``PopulationStrategy(keep_parked_on_device=...)``.
+
+    Examples:
+        >>> parking_place("cuda")
+        ParkingPlace(device='cpu', pin_memory=True)
+        >>> parking_place("cuda", keep_on_device=True), parking_place("cpu")
+        (ParkingPlace(device=None, pin_memory=False), ParkingPlace(device=None, pin_memory=False))
+    """
+    if device_type == "cpu" or keep_on_device:
+        return ParkingPlace()
+    return ParkingPlace(device="cpu", pin_memory=True)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "NO_CHECKPOINT",
     "UNREADABLE",
     "agree_on_resume",
+    "agree_on_resume_of_lanes",
     "checkpoint_at_ready_step",
     "fit_checkpoint",
     "pbt_state",
@@ -104,17 +105,22 @@ def checkpoint_at_ready_step(directory: str, step: int) -> str | None:
     return None
 
 
-def resume_target(rows: Sequence[Sequence[int]], in_step_if_asynchronous: Sequence[int]) -> int | None:
+def resume_target(
+    rows: Sequence[Sequence[int]],
+    in_step_if_asynchronous: Sequence[int],
+    describe: Callable[[list[int]], str] = lambda rows: f"world ranks {rows}",
+) -> int | None:
     """The ready step this rank must resume from, decided from the gathered table alone.
 
     Args:
-        rows: per world rank, ``[ready step of its checkpoint, synchronous]``; the step is
-            ``NO_CHECKPOINT`` or ``UNREADABLE`` where it has none.
-        in_step_if_asynchronous: the world ranks that must be in step with this one when any checkpoint
-            comes from an asynchronous run (this rank's member).
+        rows: per world rank (per world rank and lane when members take turns), ``[ready step of its
+            checkpoint, synchronous]``; the step is ``NO_CHECKPOINT`` or ``UNREADABLE`` where it has none.
+        in_step_if_asynchronous: the rows that must be in step with this one when any checkpoint comes
+            from an asynchronous run (this member's).
+        describe: names a list of rows in an error message.
 
     Returns:
-        ``None`` when no rank resumes; else the slowest ready step of the ranks that must be in step.
+        ``None`` when no rank resumes; else the slowest ready step of the rows that must be in step.
 
     Raises:
         RuntimeError: some ranks cannot read their checkpoint, or some resume and others do not.
@@ -131,13 +137,13 @@ def resume_target(rows: Sequence[Sequence[int]], in_step_if_asynchronous: Sequen
     unreadable = [rank for rank, step in enumerate(table) if step == UNREADABLE]
     if unreadable:
         raise RuntimeError(
-            f"PopulationStrategy: world ranks {unreadable} cannot read the checkpoint they were given to "
+            f"PopulationStrategy: {describe(unreadable)} cannot read the checkpoint they were given to "
             "resume from (corrupt or not a Lightning checkpoint); see their log"
         )
     if any(step == NO_CHECKPOINT for step in table):
         missing = [rank for rank, step in enumerate(table) if step == NO_CHECKPOINT]
         raise RuntimeError(
-            f"PopulationStrategy: world ranks {missing} have no checkpoint to resume from while the others "
+            f"PopulationStrategy: {describe(missing)} have no checkpoint to resume from while the others "
             "do; resume every member (e.g. ckpt_path='last' with ModelCheckpoint(save_last=True)) or none"
         )
     in_step = range(len(table)) if all(flag for _, flag in rows) else in_step_if_asynchronous
@@ -174,27 +180,59 @@ def agree_on_resume(
         RuntimeError: on every rank: see :func:`resume_target`, or ranks that must roll back keep no
             checkpoint of the agreed step.
     """
-    mine = _own_row(path, weights_only)
-    rows = population.all_gather(torch.tensor(mine, dtype=torch.int64)).cpu().tolist()
-    target = resume_target(rows, topology.member_ranks(topology.member_id))
-    if target is None:
-        return None
-    alternative, found = None, 1
-    if mine[0] != target:
-        assert path is not None
-        alternative = checkpoint_at_ready_step(os.path.dirname(os.path.abspath(path)), target)
-        found = int(alternative is not None)
-        if alternative is not None:
-            log.warning(
-                "member %d resumes from %s (ready step %d, as the others)", topology.member_id, alternative, target
-            )
-    found_table = population.all_gather(torch.tensor([found])).flatten().tolist()
+    return agree_on_resume_of_lanes(population, topology, [(path, weights_only)])[0]
+
+
+def agree_on_resume_of_lanes(
+    population: PopulationGroup, topology: PopulationTopology, checkpoints: Sequence[tuple[str | None, bool | None]]
+) -> list[str | None]:
+    """:func:`agree_on_resume` for every member this process hosts at once (members that take turns).
+
+    One agreement for the K lanes of a process, in the same two all-gathers (K rows each): a crash can
+    fall between the saves of two members of one process as well as between processes, and lanes that
+    agreed one by one would each see only the members of their own lane number.
+
+    Args:
+        population: the population group; every rank calls this once, with its K lanes.
+        topology: this rank's place in the population (any lane).
+        checkpoints: per lane, ``(path, weights_only)`` as :func:`agree_on_resume` takes them.
+
+    Returns:
+        Per lane, the older checkpoint to load instead of its ``path`` (``None``: ``path`` itself).
+    """
+    lanes = topology.members_per_process
+    if len(checkpoints) != lanes:
+        raise ValueError(f"agree_on_resume_of_lanes: {len(checkpoints)} checkpoints for {lanes} lanes")
+    mine = [_own_row(path, weights_only) for path, weights_only in checkpoints]
+    rows = population.all_gather(torch.tensor(mine, dtype=torch.int64)).reshape(-1, 2).cpu().tolist()
+
+    def describe(indices: list[int]) -> str:  # row index = world rank x K + lane
+        if lanes == 1:
+            return f"world ranks {indices}"
+        members = sorted({(i // lanes) // topology.member_size * lanes + i % lanes for i in indices})
+        return f"members {members} (world ranks {sorted({i // lanes for i in indices})})"
+
+    alternatives: list[str | None] = []
+    found = []
+    for lane, ((path, _), (step, _)) in enumerate(zip(checkpoints, mine, strict=True)):
+        member = topology.slot * lanes + lane
+        in_step = [rank * lanes + lane for rank in topology.member_ranks(member)]
+        target = resume_target(rows, in_step, describe)
+        alternative = None
+        if target is not None and step != target:
+            assert path is not None
+            alternative = checkpoint_at_ready_step(os.path.dirname(os.path.abspath(path)), target)
+            if alternative is not None:
+                log.warning("member %d resumes from %s (ready step %d, as the others)", member, alternative, target)
+        alternatives.append(alternative)
+        found.append(int(target is None or step == target or alternative is not None))
+    found_table = population.all_gather(torch.tensor(found)).flatten().tolist()
     if not all(found_table):
-        stuck = [rank for rank, ok in enumerate(found_table) if not ok]
+        stuck = [index for index, ok in enumerate(found_table) if not ok]
         raise RuntimeError(
             f"PopulationStrategy: ranks that must resume together resumed from different PBT ready steps (per "
-            f"world rank: {[step for step, _ in rows]}) and world ranks {stuck} keep no checkpoint of the step "
-            "they must roll back to; keep several checkpoints (ModelCheckpoint(save_top_k=-1)) so that a restart "
-            "can roll them back"
+            f"{'world rank' if lanes == 1 else 'world rank and lane'}: {[step for step, _ in rows]}) and "
+            f"{describe(stuck)} keep no checkpoint of the step they must roll back to; keep several checkpoints "
+            "(ModelCheckpoint(save_top_k=-1)) so that a restart can roll them back"
         )
-    return alternative
+    return alternatives

@@ -32,6 +32,7 @@ from lightning_pbt.plugin.apply import (
     check_applicable,
     check_module_names,
 )
+from lightning_pbt.plugin.turns import random_state, set_random_state
 
 from ._lightning import Callback, TrainerFn, pl
 from .readiness import epochs_done, idle_message, is_ready, monitored_score, status_metrics
@@ -324,6 +325,8 @@ class PopulationBasedTraining(Callback):
             "space": sorted(self.space),
             "seed": self.seed,
             "synchronous": self.synchronous,
+            # the member's RNG as it trains on: a resumed member draws the dropout masks it would have drawn
+            "random": random_state(),
         }
 
     @override
@@ -337,6 +340,8 @@ class PopulationBasedTraining(Callback):
             last_ready_epochs=int(state_dict.get("last_ready_epochs", 0)),
         )
         self.scheduler.load_state_dict(state_dict["scheduler"])
+        if state_dict.get("random") is not None:  # restored after configure_model, before the data is iterated
+            set_random_state(state_dict["random"])
         self._restored = True
 
 

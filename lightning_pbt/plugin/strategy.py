@@ -30,6 +30,7 @@ Without the PBT callback the members train independently: a parallel random sear
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from lightning_pbt.distributed.collectives import (
     stop_watchdog,
 )
 from lightning_pbt.distributed.groups import create_groups, shutdown_population
-from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
+from lightning_pbt.distributed.resume import agree_on_resume_of_lanes, fit_checkpoint
 from lightning_pbt.plugin.console import quiet_console
 from lightning_pbt.plugin.turns import MemberLane, run_member_lanes
 
@@ -164,6 +165,11 @@ def _prepare_call(function: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
             # Resolve ckpt_path="last" against the member's own folders, and remember what this rank
             # will resume from so that the members can agree on it once the groups exist.
             args, kwargs, strategy._resume_path, strategy._resume_weights_only = fit_checkpoint(trainer, args, kwargs)
+            if strategy.lane.turns is not None:  # lane 0 agrees for every lane of the process (_agree_on_resume)
+                strategy.lane.turns.checkpoints[strategy.lane.index] = (
+                    strategy._resume_path,
+                    strategy._resume_weights_only,
+                )
     return args, kwargs
 
 
@@ -195,6 +201,7 @@ class PopulationStrategy(DDPStrategy):
             the run within seconds (launcher, abort flag, closed sockets); this bounds what is left.
         members_per_process: members each process (group of ``member_size`` processes) hosts, taking turns:
             (world size / ``member_size``) x K members; lockstep and ``fit`` only (``docs/concepts/turns.md``).
+        keep_parked_on_device: on GPUs, members waiting for their turn keep their tensors there (else: pinned host).
         **ddp_kwargs: anything ``DDPStrategy`` takes (``find_unused_parameters``, ``start_method``, ...).
 
     Raises:
@@ -222,13 +229,14 @@ class PopulationStrategy(DDPStrategy):
         processes_per_device: int = 1,
         timeout: timedelta | float | None = DEFAULT_TIMEOUT,
         members_per_process: int = 1,
+        keep_parked_on_device: bool = False,
         **ddp_kwargs: Any,
     ):
         _check_counts(member_size, processes_per_device, members_per_process)
         self.processes_per_device, self.members_per_process = processes_per_device, members_per_process
+        self.keep_parked_on_device = bool(keep_parked_on_device)  # the choice: algorithm.topology.parking_place
         self.lane = MemberLane()  # set per lane before fit when members take turns
-        if isinstance(timeout, int | float):
-            timeout = timedelta(seconds=timeout)
+        timeout = timedelta(seconds=timeout) if isinstance(timeout, int | float) else timeout
         if timeout is None or timeout.total_seconds() <= 0:
             raise ValueError(f"PopulationStrategy: timeout must be positive, got {timeout!r}")
         super().__init__(timeout=timeout, **ddp_kwargs)
@@ -237,14 +245,12 @@ class PopulationStrategy(DDPStrategy):
         self.population: PopulationGroup | None = None
         self.run_dir: str | None = None
         self._watchdog: PopulationWatchdog | None = None
-        self._failed = False
-        self._watchdog_prefix = ""
+        self._failed, self._watchdog_prefix, self._resume_agreed = False, "", False
         self._scoped_root: str | None = None
-        self._resume_path: str | None = None
+        self._resume_path: str | None = None  # given to fit, the one to load instead, and how to read it
         self._resume_override: str | None = None
         self._resume_weights_only: bool | None = None
         self._before_finishing: list[Callable[[], None]] = []
-        self._resume_agreed = False
 
     # -- devices ---------------------------------------------------------------------------------
     @property
@@ -416,14 +422,14 @@ class PopulationStrategy(DDPStrategy):
 
     def _agree_on_resume(self) -> None:
         """Resume from checkpoints of the same ready step as the ranks this one must be in step with
-        (:func:`~lightning_pbt.distributed.resume.agree_on_resume`); once per strategy."""
+        (:func:`~lightning_pbt.distributed.resume.agree_on_resume_of_lanes`); once per strategy."""
         assert self.population is not None and self.topology is not None
         if self._resume_agreed:
             return
         self._resume_agreed = True
-        self._resume_override = agree_on_resume(
-            self.population, self.topology, self._resume_path, self._resume_weights_only
-        )
+        agree = functools.partial(agree_on_resume_of_lanes, self.population, self.topology)
+        own, turns = [(self._resume_path, self._resume_weights_only)], self.lane.turns
+        self._resume_override = agree(own)[0] if turns is None else turns.resume_override(self.lane.index, agree)
 
     @override
     def _configure_launcher(self) -> None:

@@ -31,7 +31,18 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["LaneFailed", "MemberLane", "MemberTurns", "ProcessState", "lane_copies", "run_member_lanes"]
+from lightning_pbt.plugin.parking import park_member
+
+__all__ = [
+    "LaneFailed",
+    "MemberLane",
+    "MemberTurns",
+    "ProcessState",
+    "lane_copies",
+    "random_state",
+    "run_member_lanes",
+    "set_random_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,34 @@ class ProcessState:
                 os.environ[name] = value
 
 
+def random_state() -> dict[str, Any]:
+    """The process's RNG states as plain data (lists, ints, tensors), loadable with ``weights_only=True``:
+    what a checkpoint keeps so that a resumed member draws the dropout masks it would have drawn."""
+    state = ProcessState.capture()
+    numpy = None
+    if state.numpy is not None:
+        kind, keys, position, has_gauss, cached = state.numpy
+        numpy = [kind, [int(key) for key in keys], int(position), int(has_gauss), float(cached)]
+    version, internal, gauss = state.python
+    return {"torch": state.torch_cpu, "cuda": state.cuda, "numpy": numpy, "python": [version, list(internal), gauss]}
+
+
+def set_random_state(saved: dict[str, Any]) -> None:
+    """Restore what :func:`random_state` returned (CUDA states only where this process has the same GPUs)."""
+    torch.set_rng_state(saved["torch"])
+    cuda = saved.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    numpy_random = _numpy_random()
+    if numpy_random is not None and saved.get("numpy") is not None:
+        import numpy
+
+        kind, keys, position, has_gauss, cached = saved["numpy"]
+        numpy_random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 def _numpy_random() -> Any:
     try:
         import numpy
@@ -97,12 +136,18 @@ class MemberTurns:
     as a stopped row. When every lane of the process has stopped, the last one serves the population
     until every process has stopped; then the lanes end their fits one by one, in lane order.
 
+    A member that waits at a ready step for the others of its process is parked: ``park(protocol)``
+    puts its tensors where they wait (:mod:`lightning_pbt.plugin.parking`) and returns what puts them
+    back when it resumes.
+
     Args:
         lanes: K, the members this process hosts.
+        park: parks a lane's member and returns its unpark (``None``: nothing is parked).
     """
 
-    def __init__(self, lanes: int) -> None:
+    def __init__(self, lanes: int, park: Callable[[Any], Callable[[], None]] | None = None) -> None:
         self.lanes = lanes
+        self._park = park
         self._cond = threading.Condition()
         self._holder = 0  # lane 0 starts
         self._parked: dict[int, ProcessState] = {}
@@ -113,6 +158,10 @@ class MemberTurns:
         self._everyone_stopped = False
         self._failure: BaseException | None = None
         self._handed_at: float | None = None
+        # Per lane, the checkpoint its fit resumes from, (path, weights_only); lane 0 agrees on them for all
+        # (PopulationStrategy._agree_on_resume) and leaves each lane the older checkpoint it must load instead.
+        self.checkpoints: dict[int, tuple[str | None, bool | None]] = {}
+        self.resume_overrides: list[str | None] = [None] * lanes
         self.switches = 0  # hand-overs from one lane to another, and the seconds they took (wake-up included)
         self.switch_seconds = 0.0
 
@@ -169,6 +218,14 @@ class MemberTurns:
                     self._hand_over(lane, min(waiting))
                 self._cond.notify_all()
 
+    def resume_override(self, lane: int, agree: Callable[[list[tuple[str | None, bool | None]]], list[Any]]) -> Any:
+        """The checkpoint lane ``lane`` loads instead of the one it was given (``None``: its own). Lane 0,
+        whose fit starts first, runs ``agree`` once for the K lanes (a crash can fall between two members
+        of one process); the checkpoints of all lanes were resolved before any fit started."""
+        if lane == 0:
+            self.resume_overrides = agree([self.checkpoints[k] for k in range(self.lanes)])
+        return self.resume_overrides[lane]
+
     def failure(self) -> BaseException | None:
         return self._failure
 
@@ -177,31 +234,45 @@ class MemberTurns:
         lane = protocol.topology.lane
         with self._cond:
             self._arrived[lane] = (protocol, observation)
-            if not self._all_arrived():
-                self._hand_over(lane, self._next_to_arrive())
-                self._await_turn(lane, lambda: lane in self._results)
-                return self._results.pop(lane)
-        self._meet(lane)
+            last = self._all_arrived()
+            if not last:
+                unpark = self._hand_over_parked(protocol, self._next_to_arrive())
+        if last:
+            unpark = self._meet(lane, protocol)
         with self._cond:
             self._await_turn(lane, lambda: lane in self._results)
+            if unpark is not None:
+                unpark()
             return self._results.pop(lane)
 
-    def _meet(self, lane: int) -> None:
-        """Lane ``lane`` holds the baton and every running lane has arrived: the process's ready step."""
+    def _hand_over_parked(self, protocol: Any, to: int) -> Callable[[], None] | None:
+        """Hand the baton to lane ``to``; a member that waits meanwhile is parked first (returns its unpark)."""
+        lane = protocol.topology.lane
+        unpark = self._park(protocol) if self._park is not None and to != lane else None
+        self._hand_over(lane, to)
+        return unpark
+
+    def _meet(self, lane: int, protocol: Any = None) -> Callable[[], None] | None:
+        """Lane ``lane`` holds the baton and every running lane has arrived: the process's ready step. The
+        baton goes to the lowest running lane; ``protocol``'s member (this lane's, if still training) is
+        parked when that is another lane (returns its unpark)."""
         with self._cond:
             arrived, self._arrived = self._arrived, {}
             members = [arrived.get(k) for k in range(self.lanes)]
-            for k, protocol in self._stopped.items():
-                members[k] = (protocol, protocol.stopped_observation())
+            for k, stopped in self._stopped.items():
+                members[k] = (stopped, stopped.stopped_observation())
         present = [member for member in members if member is not None]
         results = present[0][0].population_step(present)
         with self._cond:
-            for protocol, _ in present:
-                if protocol.topology.lane in arrived:
-                    self._results[protocol.topology.lane] = results[protocol.me]
+            for member_protocol, _ in present:
+                if member_protocol.topology.lane in arrived:
+                    self._results[member_protocol.topology.lane] = results[member_protocol.me]
             running = self._running()
+            if running and protocol is not None:
+                return self._hand_over_parked(protocol, min(running))
             if running:
                 self._hand_over(lane, min(running))
+            return None
 
     def finish(self, protocol: Any) -> None:
         """This member stopped training: out of the rotation, a stopped row at every later ready step;
@@ -276,7 +347,7 @@ def run_member_lanes(
             f"{name.strip('_').split('_')[0]} with several members per process is not built"
         )
     copies = lane_copies((trainer, tuple(args), dict(kwargs)), lanes - 1, shared=[strategy._launcher])
-    turns = MemberTurns(lanes)
+    turns = MemberTurns(lanes, park=functools.partial(park_member, keep_on_device=strategy.keep_parked_on_device))
     fits: list[Callable[[], Any]] = []
     trainers = []
     for lane, (lane_trainer, lane_args, lane_kwargs) in enumerate([(trainer, args, kwargs), *copies]):

@@ -152,6 +152,7 @@ class PopulationStrategyConf:
         processes_per_device: ranks that share each device.
         timeout: the collective timeout, in seconds.
         members_per_process: members each process hosts, taking turns (lockstep only).
+        keep_parked_on_device: with members that take turns on GPUs, parked members keep their tensors on the GPU.
         process_group_backend: ``DDPStrategy``'s backend override (``None``: chosen per device).
         find_unused_parameters: passed to DDP.
     """
@@ -161,6 +162,7 @@ class PopulationStrategyConf:
     processes_per_device: int = 1
     timeout: float = 600.0
     members_per_process: int = 1
+    keep_parked_on_device: bool = False
     process_group_backend: str | None = None
     find_unused_parameters: bool = False
 

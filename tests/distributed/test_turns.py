@@ -29,10 +29,16 @@ MID_EPOCH = {"train_size": 80, "val_check_interval": 5, "every_n_train_steps": 5
 EVERY_EPOCH = {"train_size": 48, "every_n_epochs": 1, "max_epochs": 4}
 
 
-def run_turns(out: Path, timeout: float = 600, **cfg) -> Path:
+def run_turns(out: Path, timeout: float = 600, max_restarts: int | None = None, **cfg) -> Path:
+    """Run turns_run.py with ``cfg`` under Lightning's launcher, or under torchrun with ``max_restarts``."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = run_job([sys.executable, str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})], timeout)
+    script = [str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})]
+    if max_restarts is not None:
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg['devices']}"]
+        script = [*launch, f"--max-restarts={max_restarts}", *script]
+    proc = run_job([sys.executable, *script], timeout)
     assert proc.returncode == 0, proc.stdout[-4000:]
+    (out / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -147,3 +153,37 @@ def test_members_of_two_ranks_take_turns_as_they_train_on_their_own_ranks(tmp_pa
             other["at_validation"],
             other["final"],
         )
+
+
+def test_an_elastic_restart_of_a_crashed_run_restores_every_member_of_the_killed_process(tmp_path):
+    """2 processes x 4 members under torchrun --max-restarts=1. Process 1 dies while member 6 (its third
+    lane) saves its checkpoint of ready step 12, after members 4 and 5 (lanes before it) and member 0
+    saved theirs: the members' newest checkpoints are of steps 12 and 6. The restarted processes resume
+    every member with ``fit(ckpt_path="last")``, agree on step 6 (members ahead roll back to their
+    checkpoint of step 6, lanes of one process included) and finish with the lineage, the training
+    losses and the states of the same run never interrupted: each member's RNG travels in its checkpoint,
+    so it draws the same dropout masks after the restart (resumed at epoch ends, where the data order is
+    the sampler's).
+
+    The crashed run also parks waiting members in fresh CPU storage (the stand-in for pinned host memory,
+    ``park_stand_in``): every hand-over copies their weights, gradients and optimizer state out and back,
+    and training stays bit for bit the reference's, which parks nothing (the CPU's choice)."""
+    common = {"devices": 2, "members_per_process": 4, "resume": True, **EVERY_EPOCH, "max_epochs": 3}
+    crash = {"kill_before_save": {"member": 6, "step": 12}, "park_stand_in": True}
+    crashed = run_turns(tmp_path / "crashed", max_restarts=1, **crash, **common)
+    reference = run_turns(tmp_path / "reference", max_restarts=0, **common)
+    stdout = (crashed / "stdout.txt").read_text()
+    for member in (0, 1):  # lanes 0 and 1 of process 0 (only population rank 0's process prints warnings)
+        assert f"member {member} resumes from" in stdout and "(ready step 6, as the others)" in stdout, stdout[-3000:]
+    assert lineage(crashed) == lineage(reference)
+    assert sorted({r["step"] for r in lineage(crashed) if r["event"] != "init"}) == [6, 12, 18]
+    after, before = members(crashed), members(reference)
+    assert sorted(after) == sorted(before) == list(range(8))
+    # after the restart, 2 ready steps (12, 18) at which each of a process's 4 members parked once
+    assert [after[m]["parked"] for m in range(8)] == [8] * 8 and before[0]["parked"] == 0
+    for member in range(8):
+        resumed = after[member]
+        assert [entry["step"] for entry in resumed["at_validation"]] == [12, 18], member  # trained again from 6
+        assert resumed["at_validation"] == before[member]["at_validation"][1:], member
+        assert resumed["losses"] == before[member]["losses"][6:], member
+        assert resumed["final"] == before[member]["final"], member

@@ -138,3 +138,27 @@ def test_language_model_corpus_is_split_by_file():
     assert names["test"] == in_name_order[0::10] and names["val"] == in_name_order[1::10]
     assert names == {k: [f.name for f in v] for k, v in stdlib_split(50).items()}
     assert all(f.suffix == ".py" and f.stat().st_size > 0 for files in split.values() for f in files)
+
+
+@launched
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("image_classification", ["trainer.max_epochs=2", "pbt.every_n_epochs=1", "data.train_size=512"]),
+    ("language_model", ["trainer.max_steps=40", "trainer.val_check_interval=20", "pbt.every_n_train_steps=20",
+                        "data.num_files=30", "data.eval_bytes=8192", "model.d_model=32", "model.n_layer=1"]),
+    ("reinforcement_learning", ["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "pbt.every_n_epochs=2",
+                                "model.rollout_steps=256", "model.eval_seeds=[1000,1001]"]),
+])
+def test_each_application_takes_strategy_members_per_process(tmp_path, name, overrides):
+    """The tests above' settings with their two members taking turns in one process
+    (``trainer.devices=1 strategy.members_per_process=2``): the same population trains and writes its
+    lineage; the held-out test is skipped (``Trainer.test`` with members that take turns is not built)."""
+    one_process = [o if o != "trainer.devices=2" else "trainer.devices=1" for o in TWO_MEMBERS]
+    proc = run_job([sys.executable, str(REPO / "examples" / f"{name}.py"), *one_process, *overrides,
+                    "strategy.members_per_process=2", f"hydra.run.dir={tmp_path / 'run'}"], 150, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "pbt" / "lineage.jsonl").read_text().splitlines()]
+    assert sorted({r["member"] for r in records}) == [0, 1]
+    assert len({r["step"] for r in records if r["event"] != "init"}) == 2
+    assert all(r["score"] is not None and math.isfinite(r["score"]) for r in records if r["event"] != "init")
+    assert sorted(path.name for path in (tmp_path / "run").glob("member_*")) == ["member_0", "member_1"]
+    assert "not tested (members take turns)" in best_line(proc.stdout)

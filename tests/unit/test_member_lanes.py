@@ -4,11 +4,18 @@ process (threads stand in for processes, over real gloo groups)."""
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 from types import SimpleNamespace
 
+import numpy
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pbt import PopulationBasedTraining, PopulationStrategy
 from lightning_pbt.algorithm.scheduler import MemberPlan
@@ -16,7 +23,7 @@ from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.ready_steps.base import PopulationBook
 from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
-from lightning_pbt.plugin.turns import LaneFailed, MemberTurns
+from lightning_pbt.plugin.turns import LaneFailed, MemberTurns, lane_copies
 from lightning_pbt.space import Uniform
 from tests.unit.test_transport import run_ranks
 
@@ -70,21 +77,31 @@ class FakeLane:
         self.log.append(("serve", [protocol.me for protocol in lanes]))
 
 
-def run_lanes(lanes: int, rounds: dict[int, int], fail: tuple[int, int] | None = None):
+def run_lanes(lanes: int, rounds: dict[int, int], fail: tuple[int, int] | None = None, park: bool = False):
     """Lane k trains ``rounds[k]`` intervals (drawing from the process RNG it seeded itself), a ready step
-    after each, then stops. Returns the log, each lane's draws and each lane's results or error."""
-    turns, log, draws = MemberTurns(lanes), [], {k: [] for k in range(lanes)}
+    after each, then stops. Returns the log, each lane's draws and each lane's results or error. ``park``:
+    the baton's parking hook logs ``("park", lane)`` and its unpark ``("unpark", lane)``."""
+    log: list = []
+
+    def parking(protocol):
+        log.append(("park", protocol.me))
+        return lambda: log.append(("unpark", protocol.me))
+
+    turns, draws = MemberTurns(lanes, park=parking if park else None), {k: [] for k in range(lanes)}
     outcome: dict[int, object] = {}
     running: list[int] = []
 
     def fit(lane: int) -> None:
         protocol = FakeLane(lane, log)
-        torch.manual_seed(100 + lane)
+        torch.manual_seed(100 + lane), numpy.random.seed(100 + lane), random.seed(100 + lane)
+        os.environ["PL_GLOBAL_SEED"] = str(100 + lane)
         for r in range(rounds[lane]):
             assert not running, f"lane {lane} runs while lane {running} runs"
             running.append(lane)
             log.append(("train", lane, r))
-            draws[lane].append(float(torch.rand(1)))
+            draws[lane].append(
+                (float(torch.rand(1)), float(numpy.random.rand()), random.random(), os.environ["PL_GLOBAL_SEED"])
+            )
             if fail == (lane, r):
                 running.clear()
                 raise ValueError("boom")
@@ -124,13 +141,25 @@ def test_lanes_take_turns_in_lane_order_and_meet_once_per_ready_step():
     ]  # fmt: skip
 
 
-def test_each_lane_draws_from_its_own_random_stream_across_turns():
-    """The process RNG is saved when a lane parks and restored when it resumes: every lane draws what it
-    would draw alone."""
+def test_each_lane_draws_from_its_own_random_stream_across_turns(monkeypatch):
+    """The process-wide RNGs (torch, numpy, Python's ``random``) and the seed variable ``seed_everything``
+    sets are saved when a lane parks and restored when it resumes: every lane draws what it would draw
+    alone, from each of them."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # the lanes change it; monkeypatch puts it back
     _, draws, _ = run_lanes(3, {0: 4, 1: 4, 2: 4})
     for lane, values in draws.items():
-        alone = torch.Generator().manual_seed(100 + lane)
-        assert values == [float(torch.rand(1, generator=alone)) for _ in range(4)], lane
+        torch_alone, numpy_alone = torch.Generator().manual_seed(100 + lane), numpy.random.RandomState(100 + lane)
+        random_alone = random.Random(100 + lane)
+        alone = [
+            (
+                float(torch.rand(1, generator=torch_alone)),
+                float(numpy_alone.rand()),
+                random_alone.random(),
+                str(100 + lane),
+            )
+            for _ in range(4)
+        ]
+        assert values == alone, lane
 
 
 def test_a_failing_lane_stops_the_others_of_its_process():
@@ -190,3 +219,29 @@ def test_exploits_with_two_members_per_process_copy_locally_and_across_processes
         2: (1001.0, [1001.0, 1002.0, 1003.0, 1004.0, 1005.0]),  # member 1's before the step
         3: (1002.0, [1002.0, 1003.0, 1004.0, 1005.0, 1006.0]),  # member 2's before the step
     }
+
+
+def test_lane_copies_give_each_member_its_own_trainer_callbacks_model_and_loaders_but_share_the_datasets():
+    """What the launcher wrapper deep-copies for lanes 1..K-1: nothing per member is shared (a callback
+    object shared between members would mix their ModelCheckpoint paths or EarlyStopping counts), while
+    the datasets and what it is told to share are the same objects in every lane."""
+    dataset = TensorDataset(torch.randn(64, 4), torch.zeros(64))
+    loader = DataLoader(dataset, batch_size=8, shuffle=True)
+    callbacks = [ModelCheckpoint(save_last=True), EarlyStopping(monitor="m")]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=PopulationStrategy(members_per_process=3), callbacks=callbacks,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model, launcher = nn.Linear(4, 1), object()
+    lanes = [(trainer, (model, loader), {"launcher": launcher})]
+    lanes += lane_copies(lanes[0], 2, shared=[launcher, trainer.strategy._launcher])  # as run_member_lanes shares
+    kinds = (ModelCheckpoint, EarlyStopping)
+    per_lane = [[next(cb for cb in t.callbacks if isinstance(cb, kind)) for kind in kinds] for t, _, _ in lanes]
+    for kind in range(len(kinds)):
+        assert len({id(callbacks[kind]) for callbacks in per_lane}) == 3, kinds[kind]
+    assert len({id(t) for t, _, _ in lanes}) == len({id(t.strategy) for t, _, _ in lanes}) == 3
+    assert len({id(m) for _, (m, _), _ in lanes}) == len({id(m.weight) for _, (m, _), _ in lanes}) == 3
+    assert all(torch.equal(m.weight, model.weight) for _, (m, _), _ in lanes)
+    assert len({id(loader) for _, (_, loader), _ in lanes}) == 3
+    assert all(loader.dataset is dataset for _, (_, loader), _ in lanes)
+    assert all(kwargs["launcher"] is launcher for _, _, kwargs in lanes)

@@ -4,9 +4,11 @@ checkpoint of the agreed ready step, and ``ckpt_path="last"`` resolved in the fi
 from __future__ import annotations
 
 import os
+import random
 import time
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 
@@ -16,11 +18,13 @@ from lightning_pbt.distributed.resume import (
     NO_CHECKPOINT,
     UNREADABLE,
     agree_on_resume,
+    agree_on_resume_of_lanes,
     checkpoint_at_ready_step,
     fit_checkpoint,
     pbt_state,
     resume_target,
 )
+from lightning_pbt.plugin.turns import random_state, set_random_state
 
 
 def _save(path, ready_step: int, synchronous: bool = True) -> str:
@@ -72,7 +76,7 @@ class _Table:
         rows = [list(row) for row in self.others]
         if mine.numel() == 1:  # the second gather: who found its rollback checkpoint (the others did)
             rows = [[1] for _ in rows]
-        rows[self.rank] = mine.tolist()
+        rows[self.rank] = mine.reshape(-1).tolist()
         return torch.tensor(rows)
 
 
@@ -108,3 +112,49 @@ def test_last_is_resolved_against_the_members_folders_in_the_fit_calls_arguments
     assert resolved == [("fit", "last")] * 2
     assert fit_checkpoint(trainer, ("model",), {"ckpt_path": "x.ckpt", "weights_only": True})[2:] == ("x.ckpt", True)
     assert fit_checkpoint(trainer, ("model",), {})[2] is None
+
+
+class _LaneTable:
+    """The population's all-gathers when every process hosts K lanes: ``others`` holds every rank's K rows."""
+
+    def __init__(self, others: list[list[list[int]]], rank: int) -> None:
+        self.others, self.rank = others, rank
+
+    def all_gather(self, mine: torch.Tensor) -> torch.Tensor:
+        if mine.dim() == 1:  # the second gather: who found its rollback checkpoint (the others did)
+            rows = [[1] * len(self.others[0]) for _ in self.others]
+        else:
+            rows = [list(row) for row in self.others]
+        rows[self.rank] = mine.tolist()
+        return torch.tensor(rows)
+
+
+def test_the_members_that_take_turns_in_a_process_agree_together_and_each_rolls_back_in_its_own_folder(tmp_path):
+    """2 processes x 2 lanes: member 1 (process 0, lane 1) is at step 4 while its lane-mate member 0 and
+    process 1's members are at 8; one agreement for the lanes of a process rolls member 0 back too (lanes
+    agreeing one by one would compare member 0 with member 2 only, both at 8)."""
+    folders = [tmp_path / f"member_{m}" for m in range(2)]
+    for folder in folders:
+        folder.mkdir()
+    older = _save(folders[0] / "step4.ckpt", 4)
+    given = [(_save(folders[0] / "step8.ckpt", 8), None), (_save(folders[1] / "step4.ckpt", 4), None)]
+    topology = PopulationTopology(world_size=2, world_rank=0, member_size=1, members_per_process=2)
+    population = _LaneTable([[[0, 0], [0, 0]], [[8, 1], [8, 1]]], rank=0)
+    assert agree_on_resume_of_lanes(population, topology, given) == [older, None]
+    os.remove(older)
+    with pytest.raises(RuntimeError, match=r"members \[0\] \(world ranks \[0\]\) keep no checkpoint of the step"):
+        agree_on_resume_of_lanes(_LaneTable([[[0, 0], [0, 0]], [[8, 1], [8, 1]]], rank=0), topology, given)
+    with pytest.raises(RuntimeError, match=r"members \[3\] \(world ranks \[1\]\) have no checkpoint"):
+        agree_on_resume_of_lanes(_LaneTable([[[0, 0], [0, 0]], [[8, 1], [NO_CHECKPOINT, 1]]], 0), topology, given)
+
+
+def test_a_members_random_state_survives_a_checkpoint_loaded_with_weights_only(tmp_path):
+    """The PBT callback keeps the process's RNGs in its checkpoint state: a resumed member draws the same
+    dropout masks (torch), augmentations (numpy, random) as it would have without the restart."""
+    torch.manual_seed(3), random.seed(4), numpy.random.seed(5)
+    torch.save({"random": random_state()}, tmp_path / "state.ckpt")
+    drawn = (torch.rand(4), numpy.random.rand(2).tolist(), random.random())
+    torch.manual_seed(0), random.seed(0), numpy.random.seed(0)
+    set_random_state(torch.load(tmp_path / "state.ckpt", weights_only=True)["random"])
+    again = (torch.rand(4), numpy.random.rand(2).tolist(), random.random())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]

@@ -4,9 +4,14 @@ what the turns tests compare between layouts.
 Launched by Lightning's own launcher (it re-executes this file). Configured by a JSON object in argv[1]:
 ``out``, ``devices``, ``member_size``, ``members_per_process``, ``max_epochs``, and either
 ``every_n_epochs`` or ``every_n_train_steps`` (with ``val_check_interval``); ``stop_member`` stops one
-member early (EarlyStopping). Every member writes ``member_<id>.json`` into ``out``: its state digest
-after every validation end (after the ready step's exploit), the hex of every training loss (they
-depend on the data order, the weights and the dropout masks), and its final state.
+member early (EarlyStopping). ``resume``: ``fit(ckpt_path="last")`` with every checkpoint kept;
+``kill_before_save`` (``{"member", "step"}``, under torchrun): on the first attempt that member's process
+dies (SIGKILL) while the member saves its checkpoint of that step, once member 0 has saved its own.
+``park_stand_in``: members waiting for their turn are parked in fresh CPU storage (the stand-in, on this
+GPU-less machine, for leaving a GPU for pinned host memory), so every hand-over copies their tensors.
+Every member writes ``member_<id>.json`` into ``out``: its state digest after every validation end
+(after the ready step's exploit), the hex of every training loss (they depend on the data order, the
+weights and the dropout masks), and its final state.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -25,10 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pbt import PopulationBasedTraining, PopulationStrategy
+from lightning_pbt.algorithm.topology import ParkingPlace
+from lightning_pbt.plugin import parking
 from lightning_pbt.space import LogUniform, Uniform
 
 cfg = json.loads(sys.argv[1])
 out = cfg["out"]
+PARKED = [0]  # members parked in this process (with park_stand_in)
 
 
 def digest(tensors) -> str:
@@ -106,6 +115,28 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class KillBetweenSaves(pl.Callback):
+    """SIGKILL this process while member ``kill_before_save["member"]`` saves its checkpoint of step
+    ``kill_before_save["step"]``, once member 0 saved its own: a crash between two members' saves of one
+    ready step, the members before it in the same process saved, those after it not."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        when = cfg["kill_before_save"]
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if not first_attempt or (trainer.strategy.member_id, trainer.global_step) != (when["member"], when["step"]):
+            return
+        last = os.path.join(out, "ckpt", "member_0", "last.ckpt")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if torch.load(last, map_location="cpu", weights_only=True)["global_step"] == when["step"]:
+                    break
+            except Exception:  # not there yet, or being written
+                pass
+            time.sleep(0.05)
+        os.kill(os.getpid(), 9)
+
+
 class Recorder(pl.Callback):
     """After the PBT callback: each member's state at every validation end, and its end state."""
 
@@ -134,12 +165,20 @@ class Recorder(pl.Callback):
                 isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience for cb in trainer.callbacks
             ),
             "thread": threading.current_thread().name,
+            "parked": PARKED[0],
         }
         with open(os.path.join(out, f"member_{strategy.member_id}.json"), "w") as f:
             json.dump(record, f)
 
 
 def main() -> None:
+    if cfg.get("park_stand_in"):
+
+        def stand_in(device_type: str, keep_on_device: bool = False) -> ParkingPlace:
+            PARKED[0] += 1
+            return ParkingPlace(device="cpu")
+
+        parking.parking_place = stand_in
     interval = (
         {"every_n_train_steps": cfg["every_n_train_steps"]}
         if cfg.get("every_n_train_steps")
@@ -153,7 +192,14 @@ def main() -> None:
         seed=cfg.get("seed", 0),
         **interval,
     )
-    callbacks = [pbt, Recorder(), ModelCheckpoint(monitor="val_loss", save_top_k=1, save_last=True)]
+    checkpoints = (
+        ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, save_last=True)  # scoped per member
+        if cfg.get("resume")
+        else ModelCheckpoint(monitor="val_loss", save_top_k=1, save_last=True)
+    )
+    callbacks = [pbt, Recorder(), checkpoints]
+    if cfg.get("kill_before_save"):
+        callbacks.append(KillBetweenSaves())
     if cfg.get("stop_member") is not None:
         callbacks.append(EarlyStopping(monitor="stopper", mode="min", patience=cfg.get("patience", 1)))
     trainer = pl.Trainer(
@@ -174,7 +220,7 @@ def main() -> None:
     )
     train = DataLoader(data(1, cfg.get("train_size", 96)), batch_size=8, shuffle=True)
     val = DataLoader(data(2, 64), batch_size=32)
-    trainer.fit(Net(), train, val)
+    trainer.fit(Net(), train, val, ckpt_path="last" if cfg.get("resume") else None)
 
 
 if __name__ == "__main__":
