@@ -1,7 +1,7 @@
 """Members that take turns (``PopulationStrategy(members_per_process=K)``): a member that takes turns
 trains exactly as it would in its own process.
 
-Each fixture launches one population (tests/distributed/scripts/turns_run.py, Lightning's launcher, gloo)
+Each fixture launches one population (tests/distributed/scripts/turns_run.py, preloaded ranks, gloo)
 and the tests compare what its members recorded with the same population laid out one member per
 process: the lineage, every member's state after every ready step, every training loss (they depend
 on the data order, the weights and the dropout masks). 8 processes on 2 shared cores take minutes: the
@@ -13,13 +13,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS, run_job
+from tests.conftest import SCRIPTS, run_script
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -30,13 +29,12 @@ EVERY_EPOCH = {"train_size": 48, "every_n_epochs": 1, "max_epochs": 4}
 
 
 def run_turns(out: Path, timeout: float = 600, max_restarts: int | None = None, **cfg) -> Path:
-    """Run turns_run.py with ``cfg`` under Lightning's launcher, or under torchrun with ``max_restarts``."""
+    """Run turns_run.py with ``cfg`` on preloaded ranks (tests/preloaded.py), or under torchrun with
+    ``max_restarts``."""
     out.mkdir(parents=True, exist_ok=True)
-    script = [str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})]
-    if max_restarts is not None:
-        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg['devices']}"]
-        script = [*launch, f"--max-restarts={max_restarts}", *script]
-    proc = run_job([sys.executable, *script], timeout)
+    payload = [json.dumps({"out": str(out), **cfg})]
+    torchrun = max_restarts is not None
+    proc = run_script(SCRIPTS / "turns_run.py", payload, cfg["devices"], timeout, torchrun, max_restarts or 0)
     assert proc.returncode == 0, proc.stdout[-4000:]
     (out / "stdout.txt").write_text(proc.stdout)
     return out

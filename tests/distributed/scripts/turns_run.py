@@ -109,8 +109,8 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        # Members' schedules differ (step_size), so an exploit that forgot the scheduler would show.
-        step_size = 2 + self.trainer.strategy.member_id % 3
+        # Every member's schedule differs (step_size), so an exploit that forgot the scheduler would show.
+        step_size = 2 + self.trainer.strategy.member_id
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.7)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
