@@ -21,8 +21,9 @@ What a user sees:
   before ``Trainer.fit`` can call :func:`member_id_from_env` to seed themselves.
 - Loggers and checkpoints go to ``member_<id>/`` under the run directory, which population rank 0
   chooses for everyone (so differing working directories, e.g. Hydra's, cannot split a run).
-- Only population rank 0 shows the progress bar and Lightning's (and our) info messages and warnings;
-  errors appear from every rank.
+- Only population rank 0 shows the progress bar and Lightning's (and our) info messages and warnings.
+  An uncaught error is printed labelled with its member (``[member 2, rank 2]``), once when every rank
+  raises the same one (see :mod:`lightning_pbt.plugin.console`).
 
 Without the PBT callback the members train independently: a parallel random search.
 """
@@ -52,7 +53,7 @@ from lightning_pbt.distributed.collectives import (
 )
 from lightning_pbt.distributed.groups import create_groups, shutdown_population
 from lightning_pbt.distributed.resume import agree_on_resume, fit_checkpoint
-from lightning_pbt.plugin.console import quiet_console
+from lightning_pbt.plugin.console import install_error_hook, quiet_console, remember_excepthook
 from lightning_pbt.plugin.turns import MemberLane, run_member_lanes
 
 from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
@@ -350,6 +351,7 @@ class PopulationStrategy(DDPStrategy):
             self._adopt_established(topology, backend)
             return
         timeout = self._timeout or DEFAULT_TIMEOUT
+        remember_excepthook()  # init_process_group wraps it with "[rank<member rank>]", the same in every member
         self.population, prefix = create_groups(topology, backend, self.root_device, env, timeout)
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         atexit.register(shutdown_population)
@@ -380,6 +382,8 @@ class PopulationStrategy(DDPStrategy):
         """Lightning's view from here on: a world of this member's ranks, seeded per member."""
         self.topology = topology
         self._process_group_backend = backend
+        if self.population is not None:
+            install_error_hook(topology.member_id, topology.world_rank, self.population.abort_reason)
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
         self._seed_member()
 
