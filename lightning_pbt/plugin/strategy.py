@@ -175,6 +175,20 @@ def _check_counts(member_size: Any, processes_per_device: Any, members_per_proce
             raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
 
 
+def _create_groups(
+    topology: PopulationTopology, backend: str, device: torch.device, env: Any, timeout: timedelta | None
+) -> tuple[PopulationGroup, str]:
+    """:func:`~lightning_pbt.distributed.groups.create_groups`, with the excepthook remembered first."""
+    remember_excepthook()  # init_process_group wraps it with "[rank<member rank>]", the same in every member
+    return create_groups(topology, backend, device, env, timeout or DEFAULT_TIMEOUT)
+
+
+def _label_errors(topology: PopulationTopology, population: PopulationGroup | None) -> None:
+    """An uncaught error is printed labelled with its member, once (see :mod:`lightning_pbt.plugin.console`)."""
+    if population is not None:
+        install_error_hook(topology.member_id, topology.world_rank, population.abort_reason)
+
+
 def _base_seed() -> int:
     """The user's ``seed_everything`` seed (or 0), remembered before members re-seed themselves."""
     if "LIGHTNING_PBT_BASE_SEED" not in os.environ:
@@ -350,9 +364,7 @@ class PopulationStrategy(DDPStrategy):
         if dist.is_initialized():
             self._adopt_established(topology, backend)
             return
-        timeout = self._timeout or DEFAULT_TIMEOUT
-        remember_excepthook()  # init_process_group wraps it with "[rank<member rank>]", the same in every member
-        self.population, prefix = create_groups(topology, backend, self.root_device, env, timeout)
+        self.population, prefix = _create_groups(topology, backend, self.root_device, env, self._timeout)
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         atexit.register(shutdown_population)
         self._watchdog_prefix = prefix
@@ -382,8 +394,7 @@ class PopulationStrategy(DDPStrategy):
         """Lightning's view from here on: a world of this member's ranks, seeded per member."""
         self.topology = topology
         self._process_group_backend = backend
-        if self.population is not None:
-            install_error_hook(topology.member_id, topology.world_rank, self.population.abort_reason)
+        _label_errors(topology, self.population)
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
         self._seed_member()
 

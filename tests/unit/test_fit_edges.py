@@ -155,7 +155,7 @@ def _decide_last(last: bool) -> dict[int, MemberPlan]:
         book=PopulationBook(population, {}), member=None, mode="max", monitor="val", seed=0,
     )  # fmt: skip
     rows = [[score, 40, 1, 0, 0, last] for score in (0.9, 0.1, 0.8, 0.7)]
-    decision = steps._decide(torch.tensor(rows, dtype=torch.float64))
+    decision = steps._decide(dict(enumerate(torch.tensor(rows, dtype=torch.float64))))
     assert decision["last"] == {str(m): last for m in range(4)}
     return {int(m): MemberPlan.from_dict(plan) for m, plan in decision["plans"].items()}
 
