@@ -202,17 +202,9 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
         if self._leader:
             extra = {**decision_extra(message, waited), **({"last": True} if observation.last else {})}
             record = LineageRecord(
-                step=observation.step,
-                epoch=observation.epoch,
-                member=self.me,
-                score=score,
-                event=plan.event,
-                parent=plan.parent,
-                hyperparameters=dict(plan.hyperparameters),
-                mutations=list(plan.mutations),
-                timing=timing,
-                extra=extra,
-                donor_step=donor_step,
+                step=observation.step, epoch=observation.epoch, member=self.me, score=score, event=plan.event,
+                parent=plan.parent, hyperparameters=dict(plan.hyperparameters), mutations=list(plan.mutations),
+                timing=timing, extra=extra, donor_step=donor_step,
             )
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
         scores = {int(member): status.get("score") for member, status in view.items()}
