@@ -10,7 +10,8 @@ or the trainer stopping) scores it and lets it donate, but it keeps its weights 
 trained with, so the final lineage line, checkpoint and ``hparams`` hold what the member trained with.
 When fit ends, every rank learns every member's result (``results``, best first, ``best_member``,
 ``best_score``, ``best_checkpoint_path``); population rank 0 prints a summary once and writes
-``results.json`` next to the lineage (:mod:`lightning_pbt.results` reads a finished run).
+``results.json`` next to the lineage (``lightning_pbt.results``, that is
+:mod:`lightning_pbt.algorithm.results`, reads a finished run).
 
 Stopping: a member that stops early (``EarlyStopping``, ``max_time``, ``trainer.should_stop``) stops
 training and keeps its weights; until every member has stopped it can still be a donor and is never
