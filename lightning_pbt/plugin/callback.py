@@ -299,11 +299,13 @@ class PopulationBasedTraining(Callback, PopulationView):
 
     def _finish(self, trainer: pl.Trainer) -> None:
         assert self._protocol is not None
+        pool = self._lane_pool()  # before finish: every member a process hosts is in it once all have stopped
+        pool.setdefault("hosted", {})[self._require_strategy().member_id] = (trainer, self.book)
         try:
             self._protocol.finish()
         finally:
             self._protocol.close()
-        self._gather_results(trainer)
+        self._gather_results(trainer, pool)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -10,7 +10,8 @@ would otherwise appear once per member instead of once per run. Loggers stay mem
 - :func:`install_error_hook`: an uncaught error is printed labelled with its member (not torch's
   ``[rank0]``, which every member's rank 0 shares), and only by the rank that failed first when every
   rank raises the same error (a decision broadcast to all of them); a rank stopped because another
-  failed says so in one line.
+  failed says so in one line. With members that take turns, the member is the one whose lane raised
+  (:func:`mark_failed_lane`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import redirect_stderr
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import redirect_stderr, suppress
 from typing import Any
 
 __all__ = [
     "QUIET_LOGGERS",
     "QUIET_WARNING_MODULES",
     "error_report",
+    "failed_lane",
     "install_error_hook",
+    "mark_failed_lane",
     "quiet_console",
     "ready_step_line",
     "remember_excepthook",
@@ -48,19 +51,27 @@ QUIET_LOGGERS = (
 QUIET_WARNING_MODULES = r"(pytorch_lightning|lightning_fabric|lightning_utilities|lightning_pbt|lightning)(\.|$)"
 
 
-def quiet_console(trainer: Any, world_rank: int) -> None:
+def quiet_console(trainer: Any, world_rank: int, lane: int = 0) -> None:
     """On population ranks other than 0: disable the progress bar, raise the Lightning and lightning_pbt
-    loggers to ERROR and ignore their warnings (changes process-wide logging and warning state).
+    loggers to ERROR and ignore their warnings (changes process-wide logging and warning state). On
+    population rank 0, a member that takes turns in lane ``lane`` > 0 only loses its progress bar and its
+    model summary (lane 0's are the population's); the process-wide state stays, or it would silence lane 0
+    (and the population's warnings) too.
 
     Args:
-        trainer: the Trainer (its ``progress_bar_callback``).
+        trainer: the Trainer (its ``progress_bar_callback`` and callbacks).
         world_rank: this rank in the whole population; rank 0 keeps everything.
+        lane: which of the members this process hosts the trainer is (``members_per_process``).
     """
-    if world_rank == 0:
+    if world_rank == 0 and lane == 0:
         return
     progress_bar = trainer.progress_bar_callback
     if progress_bar is not None:
         progress_bar.disable()
+    if world_rank == 0:
+        summaries = ("ModelSummary", "RichModelSummary")
+        trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ not in summaries]
+        return
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=QUIET_WARNING_MODULES)
@@ -150,28 +161,51 @@ def error_report(error: BaseException, member: int, world_rank: int, first_failu
     return "none" if reason.endswith(f"raised {type(error).__name__}: {error}") else "full"
 
 
-def install_error_hook(member: int, world_rank: int, read_first_failure: Callable[[], str | None]) -> None:
+_LANE_ATTRIBUTE = "lightning_pbt_lane"
+
+
+def mark_failed_lane(error: BaseException, lane: int) -> None:
+    """Remember on ``error`` which lane of its process raised it (the first mark stays): with members that
+    take turns, one process hosts several members and the error hook names the one that failed."""
+    if not hasattr(error, _LANE_ATTRIBUTE):
+        with suppress(AttributeError, TypeError):  # a type without attributes: labelled by its process
+            setattr(error, _LANE_ATTRIBUTE, lane)
+
+
+def failed_lane(error: BaseException) -> int | None:
+    """The lane :func:`mark_failed_lane` recorded on ``error`` (``None``: not marked)."""
+    lane = getattr(error, _LANE_ATTRIBUTE, None)
+    return lane if isinstance(lane, int) else None
+
+
+def install_error_hook(
+    member: int, world_rank: int, read_first_failure: Callable[[], str | None], lane_members: Sequence[int] = ()
+) -> None:
     """Report uncaught errors per member (see :func:`error_report`), replacing torch's ``[rank<N>]`` prefix.
 
     The hook that was in place before ``torch.distributed`` added its own formats the traceback.
 
     Args:
-        member: this rank's member.
+        member: this rank's member (the label of an error no lane is marked on).
         world_rank: this rank in the population.
         read_first_failure: the population's first recorded failure, as JSON text (``None``: none).
+        lane_members: members that take turns: the process's members in lane order; an error marked
+            with its lane (:func:`mark_failed_lane`) is labelled with that lane's member.
     """
     previous = _HOOK_BEFORE_TORCH[0] if _HOOK_BEFORE_TORCH else sys.__excepthook__
 
     def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        lane = failed_lane(error)
+        failed = lane_members[lane] if lane is not None and 0 <= lane < len(lane_members) else member
         try:
             raw = read_first_failure()
             first = json.loads(raw) if raw else None
         except Exception:  # the store may be gone: print everything rather than nothing
             first = None
-        how = error_report(error, member, world_rank, first)
+        how = error_report(error, failed, world_rank, first)
         if how == "none":
             return
-        prefix = f"[member {member}, rank {world_rank}]"
+        prefix = f"[member {failed}, rank {world_rank}]"
         if how == "line":
             sys.stderr.write(f"{prefix} stopped: {error}\n")
             sys.stderr.flush()

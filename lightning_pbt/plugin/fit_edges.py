@@ -32,7 +32,9 @@ __all__ = [
     "identical_start_message",
     "identical_start_warning",
     "log_hyperparameters",
+    "member_result",
     "reinitialize_member",
+    "save_if_best",
     "training_ends_here",
     "weights_digest",
 ]
@@ -48,9 +50,11 @@ def weights_digest(module: torch.nn.Module) -> int:
 
 
 def gather_weight_digests(population: PopulationGroup, topology: PopulationTopology, digest: int) -> dict[int, int]:
-    """``{member: digest}``: every rank of the population must call it (one all-gather)."""
+    """``{member: digest}`` of the members in this view's lane (all of them with one member per process):
+    every rank of the population must call it, in its lane's turn (one all-gather)."""
     table = population.all_gather(torch.tensor([float(digest)], dtype=torch.float64, device=population.device)).cpu()
-    return {m: int(table[topology.world_rank_of(m, 0), 0]) for m in range(topology.num_members)}
+    lane = [m for m in range(topology.num_members) if topology.lane_of(m) == topology.lane]
+    return {m: int(table[topology.world_rank_of(m, 0), 0]) for m in lane}
 
 
 def identical_groups(digests: Mapping[int, int]) -> list[list[int]]:
@@ -107,14 +111,26 @@ def identical_start_message(groups: Sequence[Sequence[int]], num_members: int, i
 
 
 def identical_start_warning(
-    population: PopulationGroup, topology: PopulationTopology, module: torch.nn.Module, warn: bool, initial_weights: str
+    population: PopulationGroup,
+    topology: PopulationTopology,
+    module: torch.nn.Module,
+    warn: bool,
+    initial_weights: str,
+    seen: dict[int, int] | None = None,
 ) -> str | None:
-    """The warning for members that start alike (``None``: they differ, or ``warn`` is false). Every rank of
-    the population must call it (one all-gather); only a rank with ``warn`` (population rank 0, on a fresh
-    start) gets the message, so that it is said once."""
-    digests = gather_weight_digests(population, topology, weights_digest(module))
-    groups = identical_groups(digests)
-    return identical_start_message(groups, topology.num_members, initial_weights) if groups and warn else None
+    """The warning for members that start alike (``None``: they differ, not every member's digest is known
+    yet, or ``warn`` is false). Every rank of the population must call it (one all-gather); only a rank
+    with ``warn`` (population rank 0, on a fresh start) gets the message, so that it is said once.
+
+    With members that take turns each lane calls it in its turn and gathers its own lane's members;
+    ``seen`` (shared by the process's lanes) collects them, and the lane that completes it decides.
+    """
+    seen = {} if seen is None else seen
+    seen.update(gather_weight_digests(population, topology, weights_digest(module)))
+    if not warn or len(seen) < topology.num_members:
+        return None
+    groups = identical_groups(seen)
+    return identical_start_message(groups, topology.num_members, initial_weights) if groups else None
 
 
 def reinitialize_member(module: torch.nn.Module, optimizers: Sequence[Any], member_seed: int) -> int:
@@ -149,11 +165,12 @@ def training_ends_here(
 
 
 def gather_results(
-    population: PopulationGroup, mine: Mapping[str, Any], monitor: str, mode: str, run_dir: str | None
+    population: PopulationGroup, mine: Sequence[Mapping[str, Any]], monitor: str, mode: str, run_dir: str | None
 ) -> PopulationResults:
-    """Every member's result on every rank (one all-gather of JSON; every rank must call it)."""
-    gathered = population.all_gather_json(dict(mine))
-    return results_from_gathered(gathered, monitor, mode, run_dir)  # type: ignore[arg-type]
+    """Every member's result on every rank from ``mine``, the results of the members this process hosts
+    (one all-gather of JSON; every rank must call it, once)."""
+    gathered = population.all_gather_json([dict(result) for result in mine])
+    return results_from_gathered([r for hosted in gathered for r in hosted], monitor, mode, run_dir)  # type: ignore
 
 
 def checkpoint_of(trainer: Any) -> tuple[str | None, float | None]:
@@ -167,22 +184,11 @@ def checkpoint_of(trainer: Any) -> tuple[str | None, float | None]:
     return path, None if score is None else float(score)
 
 
-def finish_results(
-    trainer: Any,
-    population: PopulationGroup,
-    member: int,
-    book: Any,
-    monitor: str,
-    mode: str,
-    run_dir: str | None,
-    folder: str,
-) -> PopulationResults:
-    """Every member's result, the same on every rank (every rank must call it, once its member stopped and
-    the population finished). The best member's ranks save its state to ``<folder>/member_<id>.ckpt`` when
-    it has no checkpoint (``trainer.save_checkpoint``: a collective of that member's ranks only)."""
+def member_result(trainer: Any, member: int, book: Any) -> dict[str, Any]:
+    """What one member ended with (its score, step, values, parent and checkpoint), as JSON-able facts."""
     status = book.population[member]
     path, checkpoint_score = checkpoint_of(trainer)
-    mine = {
+    return {
         "member": member,
         "score": status.get("score"),
         "step": max(book.last_ready_step, 0),
@@ -191,15 +197,38 @@ def finish_results(
         "checkpoint_path": path,
         "checkpoint_score": checkpoint_score,
     }
-    results = gather_results(population, mine, monitor, mode, run_dir)
+
+
+def finish_results(
+    population: PopulationGroup,
+    hosted: Sequence[tuple[Any, int, Any]],
+    monitor: str,
+    mode: str,
+    run_dir: str | None,
+    folder: str,
+) -> tuple[PopulationResults, str | None]:
+    """Every member's result, the same on every rank (every rank must call it once, after every member
+    it hosts stopped and the population finished), and where the best member's state must be saved
+    (``<folder>/member_<id>.ckpt``; ``None``: it has a checkpoint of its own): the best member's ranks
+    save it (:func:`save_if_best`).
+
+    Args:
+        hosted: ``(trainer, member, book)`` of every member this process hosts (one, or K that take turns).
+    """
+    results = gather_results(population, [member_result(*entry) for entry in hosted], monitor, mode, run_dir)
     best = results.best
     if best is None or best.checkpoint_path is not None:
-        return results
+        return results, None
     saved = os.path.join(folder, f"member_{best.member}.ckpt")  # the same decision and path on every rank
-    if best.member == member:
-        trainer.save_checkpoint(saved)
     members = [MemberResult(**{**vars(r), "checkpoint_path": saved}) if r is best else r for r in results.members]
-    return PopulationResults(members, results.monitor, results.mode, results.run_dir)
+    return PopulationResults(members, results.monitor, results.mode, results.run_dir), saved
+
+
+def save_if_best(trainer: Any, member: int, results: PopulationResults, saved: str | None) -> None:
+    """The best member's ranks save its state where :func:`finish_results` said (``trainer.save_checkpoint``:
+    a collective of that member's ranks only; with members that take turns, in that member's own turn)."""
+    if saved is not None and results.best is not None and results.best.member == member:
+        trainer.save_checkpoint(saved)
 
 
 def log_hyperparameters(loggers: Sequence[Any], values: Mapping[str, Any]) -> str | None:

@@ -121,28 +121,43 @@ class PopulationView:
             log.debug(
                 "PBT step %s: member %d %s member %s; %s", result.step, plan.member, plan.event, plan.parent, mutations
             )
-        if self.verbose and self.synchronous and self._require_strategy().world_rank == 0:
-            # Population rank 0 knows every member's plan; asynchronous decisions are announced as the
-            # lineage drain writes them (one line per member that copied or got fresh weights).
+        if self.verbose and self.synchronous and self._require_strategy().world_rank == 0 and result.plans:
+            # Population rank 0 knows every member's plan (in one hosted member's result when members take
+            # turns); asynchronous decisions are announced as the lineage drain writes them (one line per
+            # member that copied or got fresh weights).
             line = console.ready_step_line(result.step, result.plans, result.scores, self.monitor, self.mode, last)
             console.say(trainer, line)
+
+    def _lane_pool(self) -> dict[str, Any]:
+        """What the members of this process share to speak once for all of them: the members that take
+        turns' ``MemberTurns.pooled``; a dict of its own with one member per process."""
+        turns = self._require_strategy().lane.turns
+        return turns.pooled if turns is not None else {}
 
     def _check_identical_starts(self, strategy: PopulationStrategy, pl_module: pl.LightningModule) -> None:
         assert strategy.population is not None and strategy.topology is not None
         warn = strategy.world_rank == 0 and self._fresh_start and self.initial_weights != "shared"
+        seen = self._lane_pool().setdefault("digests", {})  # lanes that take turns gather one lane each
         message = fit_edges.identical_start_warning(strategy.population, strategy.topology, pl_module, warn,
-                                                    self.initial_weights)  # fmt: skip
+                                                    self.initial_weights, seen)  # fmt: skip
         if message is not None:
             warnings.warn(message, UserWarning, stacklevel=2)
 
-    def _gather_results(self, trainer: pl.Trainer) -> None:
+    def _gather_results(self, trainer: pl.Trainer, pool: dict[str, Any]) -> None:
+        """Every member's result on every rank. The first member of a process to end gathers for all the
+        members it hosts (``pool["hosted"]``), once; then each member's ranks save it if it is the best."""
         strategy = self._require_strategy()
         assert strategy.population is not None
-        self._results = fit_edges.finish_results(
-            trainer, strategy.population, strategy.member_id, self.book, self.monitor, self.mode, strategy.run_dir,
-            os.path.dirname(self.lineage_path),
-        )  # fmt: skip
-        if strategy.world_rank == 0:
+        first = "results" not in pool
+        if first:
+            hosted = [(lane_trainer, member, book) for member, (lane_trainer, book) in sorted(pool["hosted"].items())]
+            folder = os.path.dirname(self.lineage_path)
+            pool["results"] = fit_edges.finish_results(
+                strategy.population, hosted, self.monitor, self.mode, strategy.run_dir, folder
+            )
+        self._results, saved = pool["results"]
+        fit_edges.save_if_best(trainer, strategy.member_id, self._results, saved)
+        if first and strategy.world_rank == 0:
             write_results(self._results, os.path.join(os.path.dirname(self.lineage_path), RESULTS_FILE))
             if self.verbose:
                 console.say(trainer, "\n" + summary_text(self._results))

@@ -186,7 +186,8 @@ def _create_groups(
 def _label_errors(topology: PopulationTopology, population: PopulationGroup | None) -> None:
     """An uncaught error is printed labelled with its member, once (see :mod:`lightning_pbt.plugin.console`)."""
     if population is not None:
-        install_error_hook(topology.member_id, topology.world_rank, population.abort_reason)
+        lane_members = [lane.member_id for lane in topology.lanes()]  # members that take turns: the one that failed
+        install_error_hook(topology.member_id, topology.world_rank, population.abort_reason, lane_members)
 
 
 def _base_seed() -> int:
@@ -348,7 +349,7 @@ class PopulationStrategy(DDPStrategy):
                 _ESTABLISHED["fits"] = self.fit_generation + 1
             self._agree_on_run_dir(trainer)
             self._agree_on_resume()
-            quiet_console(trainer, self.world_rank * self.members_per_process + self.lane.index)  # 0: lane 0, rank 0
+            quiet_console(trainer, self.world_rank, self.lane.index)
 
     @override
     def setup_distributed(self) -> None:

@@ -76,6 +76,29 @@ def test_a_member_of_two_ranks_counts_once():
     assert digests[0][0] != digests[0][1]
 
 
+@pytest.mark.parametrize(
+    ("seeds", "groups"), [((0, 1, 2, 3), []), ((0, 1, 1, 3), [[1, 2]]), ((5, 5, 6, 6), [[0, 1], [2, 3]])]
+)
+def test_members_that_take_turns_are_compared_member_by_member(seeds, groups):
+    """2 processes x 2 lanes: member m = process x 2 + lane; each lane gathers in its turn, and the lane that
+    completes the process's digests decides (on population rank 0 only)."""
+    nets = [net(seed) for seed in seeds]
+
+    def body(group):
+        seen: dict[int, int] = {}  # MemberTurns.pooled["digests"]: shared by the process's lanes
+        said = []
+        for lane in (0, 1):
+            view = PopulationTopology(world_size=2, world_rank=group.rank, members_per_process=2, lane=lane)
+            said.append(fit_edges.identical_start_warning(group, view, nets[view.member_id], group.rank == 0,
+                                                          "as_built", seen))  # fmt: skip
+        return said, seen
+
+    (said0, seen0), (said1, seen1) = run_ranks(2, "gloo", body)
+    assert seen0 == seen1 == {m: fit_edges.weights_digest(nets[m]) for m in range(4)}
+    assert said0[0] is None and said1 == [None, None]  # lane 0 knew only members 0 and 2; rank 1 never says
+    assert said0[1] == (fit_edges.identical_start_message(groups, 4, "as_built") if groups else None)
+
+
 def test_the_message_names_the_groups_and_the_fix():
     everyone = fit_edges.identical_start_message([[0, 1, 2, 3]], 4, "as_built")
     assert "all 4 members start from identical weights" in everyone
@@ -200,7 +223,9 @@ def test_every_rank_learns_the_same_results_and_the_best_member_without_a_checkp
     def body(group):
         m = group.rank
         book = _book(m, None if math.isnan(scores[m]) else scores[m])
-        return fit_edges.finish_results(trainers[m], group, m, book, "val", "max", "/run", "/run/pbt")
+        results, saved = fit_edges.finish_results(group, [(trainers[m], m, book)], "val", "max", "/run", "/run/pbt")
+        fit_edges.save_if_best(trainers[m], m, results, saved)
+        return results
 
     results = run_ranks(4, "gloo", body)
     assert all(r == results[0] for r in results)
@@ -213,6 +238,26 @@ def test_every_rank_learns_the_same_results_and_the_best_member_without_a_checkp
     else:  # only the best member's ranks save, and every rank knows where
         assert results[0].best.checkpoint_path == "/run/pbt/member_1.ckpt"
         assert [t.saved for t in trainers] == [[], ["/run/pbt/member_1.ckpt"], [], []]
+
+
+def test_members_that_take_turns_give_one_result_each_and_the_best_one_saves_in_its_own_lane():
+    """2 processes x 2 lanes (members 0-3 = process x 2 + lane): each process gathers once for both of its
+    members; every rank learns all four, best first; only the best member's trainer saves."""
+    scores = [0.5, 0.7, 0.9, 0.6]
+    trainers = [_Trainer(None) for _ in scores]
+
+    def body(group):
+        hosted = [(trainers[m], m, _book(m, scores[m])) for m in (2 * group.rank, 2 * group.rank + 1)]
+        results, saved = fit_edges.finish_results(group, hosted, "val", "max", "/run", "/run/pbt")
+        for lane_trainer, member, _ in hosted:  # each lane in its turn
+            fit_edges.save_if_best(lane_trainer, member, results, saved)
+        return results
+
+    results = run_ranks(2, "gloo", body)
+    assert results[0] == results[1]
+    assert [r.member for r in results[0].members] == [2, 1, 3, 0]  # every member once, best first
+    assert results[0].best.checkpoint_path == "/run/pbt/member_2.ckpt"
+    assert [t.saved for t in trainers] == [[], [], ["/run/pbt/member_2.ckpt"], []]
 
 
 def test_the_loggers_hparams_yaml_follows_the_values_in_effect(tmp_path):

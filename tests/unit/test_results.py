@@ -129,10 +129,13 @@ def test_the_line_goes_through_the_progress_bar_when_it_shows(capsys):
     assert printed == ["PBT step 1"] and capsys.readouterr().out == "PBT step 2\nPBT step 3\n"
 
 
-def _raise_through_the_hook(error: BaseException, first: dict | None, member: int, rank: int, capsys) -> str:
+def _raise_through_the_hook(
+    error: BaseException, first: dict | None, member: int, rank: int, capsys, lane_members: list[int] | None = None
+) -> str:
     previous = sys.excepthook
     try:
-        console.install_error_hook(member, rank, lambda: None if first is None else json.dumps(first))
+        recorded = None if first is None else json.dumps(first)
+        console.install_error_hook(member, rank, lambda: recorded, lane_members or ())
         try:
             raise error
         except BaseException as raised:
@@ -151,6 +154,18 @@ def test_an_error_every_rank_raised_is_printed_by_the_first_failure_only_and_nam
     own = _raise_through_the_hook(ValueError("its own"), first, 2, 2, capsys)  # another failure: printed
     assert "[member 2, rank 2] ValueError: its own" in own
     assert "[member 0, rank 0] Traceback" in _raise_through_the_hook(KeyError("x"), None, 0, 0, capsys)
+
+
+def test_members_taking_turns_name_the_member_whose_lane_raised(capsys):
+    """Process 1 hosts members 2 and 3 (members_per_process=2); lane 1's error is re-raised on the main
+    thread, whose hook was installed by either lane: the label names member 3."""
+    error = ValueError("in lane 1")
+    console.mark_failed_lane(error, 1)
+    console.mark_failed_lane(error, 0)  # the first mark stays (the lane that raised)
+    first = {"rank": 1, "reason": "member 3 (world rank 1) raised ValueError: in lane 1"}
+    printed = _raise_through_the_hook(error, first, 2, 1, capsys, lane_members=[2, 3])
+    assert "[member 3, rank 1] ValueError: in lane 1" in printed and "[member 2" not in printed
+    assert "[member 2, rank 1] KeyError" in _raise_through_the_hook(KeyError("x"), None, 2, 1, capsys, [2, 3])
 
 
 def test_a_rank_stopped_by_another_ones_failure_says_so_in_one_line(capsys):
@@ -178,6 +193,8 @@ def test_the_missing_monitor_error_lists_the_logged_metrics():
     assert "member(s) [0, 1]" in text
     assert missing_monitor_message("score", [2], []).endswith("no metric was logged at this validation")
     assert "did you mean" not in missing_monitor_message("zzz", [0], ["val_acc"])
+    # Population rank 0 hosts no member that missed it: what was logged is not known there, so not named.
+    assert missing_monitor_message("score", [2], None).endswith("in validation_step")
 
 
 def test_replay_knows_pbts_score_for_its_schedule(tmp_path):

@@ -108,8 +108,9 @@ class ReadyStepResult:
         scores: ``{member: score}`` as the decision saw them.
         plan: this member's plan.
         timing: seconds per phase (``gather``, ``decide``, ``transfer``, ...).
-        plans: every member's plan at this step, where this rank knows them (synchronous: all of them;
-            asynchronous: this member's), for the console's one line per ready step.
+        plans: every member's plan at this step, where this rank knows them (synchronous: all of them, in
+            the result of one member per process; asynchronous: this member's), for the console's one line
+            per ready step.
     """
 
     step: int
@@ -277,7 +278,7 @@ class ReadySteps(ABC):
             self.book.hyperparameters = dict(plan.hyperparameters)
             self.member.apply(self.book.hyperparameters)
 
-    def _missing_monitor_error(self, members: list[int], logged: Sequence[str] = ()) -> str:
+    def _missing_monitor_error(self, members: list[int], logged: Sequence[str] | None = None) -> str:
         return missing_monitor_message(self.monitor, members, logged)
 
     def _all_diverged_error(self) -> str:
@@ -334,8 +335,9 @@ def open_lineage(
     return writer
 
 
-def missing_monitor_message(monitor: str, members: Sequence[int], logged: Sequence[str]) -> str:
+def missing_monitor_message(monitor: str, members: Sequence[int], logged: Sequence[str] | None) -> str:
     """The error for a monitored metric that was not logged, naming the metrics that were (and the closest).
+    ``logged``: what one of those members logged (``None``: not known where the error is made, so not named).
 
     Examples:
         >>> missing_monitor_message("val_accuracy", [0, 1], ["val_acc", "train_loss"]).split("; ")[-1]
@@ -347,6 +349,8 @@ def missing_monitor_message(monitor: str, members: Sequence[int], logged: Sequen
         f"PopulationBasedTraining: the monitored metric {monitor!r} was not logged by member(s) {list(members)} at "
         f"this ready step. Log it with self.log({monitor!r}, ..., sync_dist=True) in validation_step"
     )
+    if logged is None:
+        return text
     names = sorted(logged)
     if not names:
         return text + "; no metric was logged at this validation"

@@ -67,8 +67,10 @@ class SynchronousReadySteps(ReadySteps):
         decider = lanes[0][0]  # lane 0: on population rank 0 it holds the lineage
         decision: Any = None
         if topology.world_rank == 0:
+            # The metrics a member that missed the monitor logged, where rank 0 hosts one (else unknown here).
+            logged = next((observation.logged for _, observation in lanes if observation.missing), None)
             try:
-                decision = decider._decide(leaders, lanes[0][1].logged)
+                decision = decider._decide(leaders, logged)
             except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
                 decision = {
                     "error": "PopulationBasedTraining: the decision failed on population rank 0: "
@@ -83,12 +85,18 @@ class SynchronousReadySteps(ReadySteps):
         self._move_states(plans, {protocol.me: protocol.member for protocol, _ in lanes})
         transferred = time.perf_counter()
         timing = {"gather": gathered - started, "decide": decided - gathered, "transfer": transferred - decided}
-        return {protocol.me: protocol._record_decision(decision, plans, timing) for protocol, _ in lanes}
+        # Every member's plans go to one member of the process, the first that trains: the console's line, once.
+        reporter = next((protocol.me for protocol, observation in lanes if not observation.done), None)
+        return {
+            protocol.me: protocol._record_decision(decision, plans, timing, report=protocol.me == reporter)
+            for protocol, _ in lanes
+        }
 
     def _record_decision(
-        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float]
+        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float], report: bool
     ) -> ReadyStepResult:
-        """This member's book after a ready step: the population's status, its own plan carried out."""
+        """This member's book after a ready step: the population's status, its own plan carried out (``report``:
+        its result carries every member's plan)."""
         self.scheduler.load_state_dict(decision["scheduler"])
         for member, plan in plans.items():
             self.book.population[member].update(
@@ -119,7 +127,7 @@ class SynchronousReadySteps(ReadySteps):
                 for member, plan in sorted(plans.items())
             )
         scores = {int(member): score for member, score in decision["scores"].items()}
-        return ReadyStepResult(step, scores, plans[self.me], dict(timing), dict(plans))
+        return ReadyStepResult(step, scores, plans[self.me], dict(timing), dict(plans) if report else {})
 
     def finish(self) -> None:
         """Serve the ready steps of the members still training (as a possible donor) until all stop."""
@@ -138,9 +146,9 @@ class SynchronousReadySteps(ReadySteps):
 
         self.population.wait_for_everyone(f"{self.namespace}/done", 0.05, barrier=False, meanwhile=serve)
 
-    def _decide(self, leaders: Mapping[int, torch.Tensor], logged: Sequence[str] = ()) -> dict[str, Any]:
+    def _decide(self, leaders: Mapping[int, torch.Tensor], logged: Sequence[str] | None = None) -> dict[str, Any]:
         """Population rank 0 only: check each member's row (its rank 0's) and run the scheduler (``logged``:
-        the metric names this rank logged, named when the monitored metric is missing)."""
+        the metric names a member that missed the monitored one logged, ``None`` where this rank hosts none)."""
         active = {member: row for member, row in leaders.items() if not row[_DONE]}
         missing = [member for member, row in active.items() if row[_MISSING]]
         if missing:
