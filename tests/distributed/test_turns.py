@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,8 +32,10 @@ EVERY_EPOCH = {"train_size": 48, "every_n_epochs": 1, "max_epochs": 4}
 
 def run_turns(out: Path, timeout: float = 600, **cfg) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    proc = run_job([sys.executable, str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})], timeout)
+    args = [sys.executable, str(SCRIPTS / "turns_run.py"), json.dumps({"out": str(out), **cfg})]
+    proc = run_job(args, timeout, PYTHONWARNINGS="default")  # as in a user's shell: warnings shown
     assert proc.returncode == 0, proc.stdout[-4000:]
+    (out / "console.txt").write_text(proc.stdout)
     return out
 
 
@@ -106,6 +109,28 @@ def test_a_member_that_stops_early_ends_only_its_own_turns(run_2x4):
     fives = [record for record in lineage(run_2x4) if record["member"] == 5 and record["event"] != "init"]
     assert [record["extra"]["done"] for record in fives] == [False, False, True, True, True, True]
     assert all(record["parent"] == 5 for record in fives[2:])  # a stopped member is never replaced
+
+
+def test_the_population_speaks_once_for_all_the_members_that_take_turns(run_2x4, run_8x1):
+    """One console line per ready step, one summary with each of the 8 members once, and every member's own
+    callback with the population's results, as with one member per process; the members, built in
+    configure_model after the strategy seeded each, start apart: no identical-starts report."""
+    console = (run_2x4 / "console.txt").read_text()
+    steps = sorted({record["step"] for record in lineage(run_2x4) if record["event"] != "init"})
+    assert re.findall(r"^PBT step (\d+):", console, flags=re.MULTILINE) == [str(step) for step in steps]
+    assert console.count("Population at the end of fit (val_acc, best first):") == 1
+    rows = re.findall(r"^\| (\d+) \| ", console, flags=re.MULTILINE)
+    assert sorted(int(row) for row in rows) == list(range(8))
+    assert "start from identical weights" not in console
+    turns, alone = members(run_2x4), members(run_8x1)
+
+    def comparable(results: list[dict], out: Path) -> list[dict]:  # the checkpoints lie in each run's folder
+        return [{**r, "checkpoint_path": r["checkpoint_path"].replace(str(out), "RUN")} for r in results]
+
+    assert sorted(r["member"] for r in turns[0]["results"]) == list(range(8))
+    for member in range(8):
+        assert comparable(turns[member]["results"], run_2x4) == comparable(alone[0]["results"], run_8x1), member
+        assert turns[member]["best_member"] == alone[0]["best_member"] == turns[0]["results"][0]["member"]
 
 
 def _digest(tensors) -> str:

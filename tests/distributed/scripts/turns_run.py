@@ -106,6 +106,10 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def pbt_of(trainer) -> PopulationBasedTraining:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, PopulationBasedTraining))
+
+
 class Recorder(pl.Callback):
     """After the PBT callback: each member's state at every validation end, and its end state."""
 
@@ -134,6 +138,9 @@ class Recorder(pl.Callback):
                 isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience for cb in trainer.callbacks
             ),
             "thread": threading.current_thread().name,
+            # What this member's own callback tells after fit (each member that takes turns has its own copy).
+            "results": [vars(result) for result in pbt_of(trainer).results],
+            "best_member": pbt_of(trainer).best_member,
         }
         with open(os.path.join(out, f"member_{strategy.member_id}.json"), "w") as f:
             json.dump(record, f)
