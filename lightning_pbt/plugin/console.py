@@ -52,11 +52,11 @@ QUIET_WARNING_MODULES = r"(pytorch_lightning|lightning_fabric|lightning_utilitie
 
 
 def quiet_console(trainer: Any, world_rank: int, lane: int = 0) -> None:
-    """On population ranks other than 0: disable the progress bar, raise the Lightning and lightning_pbt
-    loggers to ERROR and ignore their warnings (changes process-wide logging and warning state). On
-    population rank 0, a member that takes turns in lane ``lane`` > 0 only loses its progress bar and its
-    model summary (lane 0's are the population's); the process-wide state stays, or it would silence lane 0
-    (and the population's warnings) too.
+    """Everywhere but lane 0 of population rank 0: no progress bar and no model summary for this trainer
+    (``RichModelSummary`` prints with rich's console, which logging levels do not reach). On population
+    ranks other than 0 also raise the Lightning and lightning_pbt loggers to ERROR and ignore their
+    warnings (process-wide logging and warning state); a member that takes turns in lane ``lane`` > 0 of
+    population rank 0 keeps them, or it would silence lane 0 (and the population's warnings) too.
 
     Args:
         trainer: the Trainer (its ``progress_bar_callback`` and callbacks).
@@ -68,9 +68,9 @@ def quiet_console(trainer: Any, world_rank: int, lane: int = 0) -> None:
     progress_bar = trainer.progress_bar_callback
     if progress_bar is not None:
         progress_bar.disable()
+    summaries = ("ModelSummary", "RichModelSummary")
+    trainer.callbacks = [c for c in getattr(trainer, "callbacks", []) if type(c).__name__ not in summaries]
     if world_rank == 0:
-        summaries = ("ModelSummary", "RichModelSummary")
-        trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ not in summaries]
         return
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

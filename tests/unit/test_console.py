@@ -30,8 +30,9 @@ def restore_console():
 def _quieted_strategy(world_rank: int) -> SimpleNamespace:
     bar = SimpleNamespace(disabled=False)
     bar.disable = lambda: setattr(bar, "disabled", True)
-    quiet_console(SimpleNamespace(progress_bar_callback=bar), world_rank)
-    return SimpleNamespace(bar=bar)
+    trainer = SimpleNamespace(progress_bar_callback=bar, callbacks=[type("RichModelSummary", (), {})()])
+    quiet_console(trainer, world_rank)
+    return SimpleNamespace(bar=bar, callbacks=trainer.callbacks)
 
 
 WARNINGS_BY_MODULE = {
@@ -57,6 +58,7 @@ def test_population_ranks_other_than_zero_drop_lightning_and_pbt_warnings_and_in
     warnings.simplefilter("always")  # what the user's own settings may be; the quieting comes first
     strategy = _quieted_strategy(world_rank=1)
     assert strategy.bar.disabled
+    assert strategy.callbacks == []  # rich's model summary prints past logging: the callback goes
     assert _emit_warnings() == [
         "from the user's script",
         "from torch",
@@ -72,7 +74,7 @@ def test_population_ranks_other_than_zero_drop_lightning_and_pbt_warnings_and_in
 def test_population_rank_zero_keeps_everything():
     warnings.simplefilter("always")
     strategy = _quieted_strategy(world_rank=0)
-    assert not strategy.bar.disabled
+    assert not strategy.bar.disabled and len(strategy.callbacks) == 1
     assert _emit_warnings() == list(WARNINGS_BY_MODULE.values())
 
 

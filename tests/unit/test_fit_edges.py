@@ -77,7 +77,8 @@ def test_a_member_of_two_ranks_counts_once():
 
 
 @pytest.mark.parametrize(
-    ("seeds", "groups"), [((0, 1, 2, 3), []), ((0, 1, 1, 3), [[1, 2]]), ((5, 5, 6, 6), [[0, 1], [2, 3]])]
+    ("seeds", "groups"),
+    [((0, 1, 2, 3), []), ((0, 1, 1, 3), [[1, 2]]), ((5, 5, 6, 6), [[0, 1], [2, 3]]), ((7, 1, 7, 3), [[0, 2]])],
 )
 def test_members_that_take_turns_are_compared_member_by_member(seeds, groups):
     """2 processes x 2 lanes: member m = process x 2 + lane; each lane gathers in its turn, and the lane that
@@ -95,7 +96,8 @@ def test_members_that_take_turns_are_compared_member_by_member(seeds, groups):
 
     (said0, seen0), (said1, seen1) = run_ranks(2, "gloo", body)
     assert seen0 == seen1 == {m: fit_edges.weights_digest(nets[m]) for m in range(4)}
-    assert said0[0] is None and said1 == [None, None]  # lane 0 knew only members 0 and 2; rank 1 never says
+    # Lane 0 knew only members 0 and 2 (alike in the last case: said once, when lane 1 completes the view).
+    assert said0[0] is None and said1 == [None, None]  # rank 1 never says
     assert said0[1] == (fit_edges.identical_start_message(groups, 4, "as_built") if groups else None)
 
 
@@ -215,7 +217,8 @@ class _Trainer:
 def test_every_rank_learns_the_same_results_and_the_best_member_without_a_checkpoint_saves_one(with_checkpoints):
     scores = [0.5, 0.9, math.nan, 0.7]
     trainers = [
-        _Trainer(SimpleNamespace(best_model_path=f"m{m}.ckpt", last_model_path="", best_model_score=torch.tensor(s)))
+        _Trainer(SimpleNamespace(best_model_path=f"m{m}.ckpt", last_model_path=f"m{m}-last.ckpt",
+                                 best_model_score=torch.tensor(s)))
         if with_checkpoints else _Trainer(None)
         for m, s in enumerate(scores)
     ]  # fmt: skip
