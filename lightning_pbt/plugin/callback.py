@@ -208,14 +208,14 @@ class PopulationBasedTraining(Callback, PopulationView):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._protocol = None
         self._results = None
+        check_applicable(self.space, trainer.optimizers, pl_module)
+        if self.rejuvenate_modules is not None:
+            check_module_names(pl_module, self.rejuvenate_modules)
         # A resumed member has its weights from its checkpoint (restored before this hook): never reset them.
         self._fresh_start = trainer.ckpt_path is None and not self._restored
-        check_applicable(self.space, trainer.optimizers, pl_module)
         if self.initial_weights == "per_member" and self._fresh_start and not self._reinitialized:
             fit_edges.reinitialize_member(pl_module, trainer.optimizers, self._require_strategy().member_seed)
             self._reinitialized = True
-        if self.rejuvenate_modules is not None:
-            check_module_names(pl_module, self.rejuvenate_modules)
         # Before any value is applied and before a resume restores optimizer state: configure_optimizers' ratios.
         self._group_ratios = capture_group_ratios(trainer.optimizers)
 
