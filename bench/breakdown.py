@@ -33,9 +33,9 @@ class ReadyStepRecorder:
         self.lineage_write: list[float] = []
         on_train_start, on_validation_end, log_status = pbt.on_train_start, pbt.on_validation_end, pbt._log_status
 
-        def record_timing(trainer: Any, result: Any) -> None:
+        def record_timing(trainer: Any, result: Any, last: bool) -> None:
             self.steps.append({"step": float(result.step), "event": result.plan.event, **result.timing})
-            log_status(trainer, result)
+            log_status(trainer, result, last)
 
         def timed_ready_step(trainer: Any, pl_module: Any) -> None:
             before, started = pbt.ready_count, time.perf_counter()

@@ -66,7 +66,7 @@ PBT_FUNCTION_SEEDS = tuple(range(20))
 TOY_SEEDS = tuple(range(20))
 TOY_BUDGETS = (25, 100)
 PRELOAD = ("sklearn.datasets", "sklearn.model_selection")
-SMOKE = {"seeds": (0,), "members": 2, "epochs": 1, "toy_seeds": (0, 1), "toy_budgets": (25,),
+SMOKE = {"seeds": (0,), "members": 2, "epochs": 2, "toy_seeds": (0, 1), "toy_budgets": (25,),
          "pbt_function_seeds": (0,), "pbt_function_iterations": 20}
 
 

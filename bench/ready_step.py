@@ -43,7 +43,7 @@ from bench.common import SCRATCH, clean_floats, launch, median, spread, worker_c
 NAME = "ready_step"
 SIZES = (2, 4, 8, 16)
 SMOKE_SIZES = (2,)
-ROW = 5  # the synchronous ready step's row: score, step, epoch, missing, done
+ROW = 6  # the synchronous ready step's row: score, step, epoch, missing, done, last
 
 
 def reps_for(size: int, smoke: bool) -> tuple[int, int]:
@@ -137,8 +137,8 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
         lightning_module=model, optimizers=[optimizer], lr_scheduler_configs=[], precision_plugin=_NoPrecision(),
         strategy=strategy, callbacks=[], callback_metrics={}, global_step=0, current_epoch=0, sanity_checking=False,
         state=SimpleNamespace(fn=TrainerFn.FITTING), loggers=[], is_last_batch=False,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=0)), num_training_batches=10**9,
-        val_check_batch=1,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=0), min_steps=None, min_epochs=None),
+        num_training_batches=10**9, val_check_batch=1, max_steps=-1, max_epochs=None, should_stop=False,
     )
     pbt = PopulationBasedTraining({"lr": LogUniform(1e-4, 1e-1)}, monitor="val_acc", mode="max",
                                   every_n_train_steps=1, burn_in=10**9, seed=0,
@@ -150,13 +150,13 @@ def _measure_size(size: int, rank: int, store: Any, cfg: dict[str, Any]) -> dict
     captured: dict[str, Any] = {}
     decide, log_status = protocol._decide, pbt._log_status
 
-    def capture_decision(table: Any) -> Any:
-        captured["decision"] = decide(table)
+    def capture_decision(table: Any, logged: Any = ()) -> Any:
+        captured["decision"] = decide(table, logged)
         return captured["decision"]
 
-    def capture_timing(trainer: Any, result: Any) -> None:
+    def capture_timing(trainer: Any, result: Any, last: bool) -> None:
         captured["timing"] = dict(result.timing)
-        log_status(trainer, result)
+        log_status(trainer, result, last)
 
     protocol._decide = capture_decision  # type: ignore[method-assign]
     pbt._log_status = capture_timing  # type: ignore[method-assign]

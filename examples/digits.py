@@ -8,7 +8,8 @@ A Hydra app over ``configs/digits.yaml``: ``trainer.*`` are Trainer arguments, `
 PopulationStrategy's, ``pbt.*`` the PopulationBasedTraining callback's and ``pbt.hyperparameters.*``
 the search space. Every process validates the config before a Trainer exists, so a bad override fails
 at once, everywhere. At the end population rank 0 prints the population, writes plots, a summary and
-the best member's ``schedule.json`` (``python -m lightning_pbt.report RUN_DIR`` does it again).
+the best member's ``schedule.json`` (``python -m lightning_pbt.report RUN_DIR`` does it again); the
+callback itself prints the population at the end of fit.
 """
 
 from __future__ import annotations
@@ -109,32 +110,22 @@ class DigitsData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=1024)
 
 
-def print_outputs(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Population rank 0: the population table, where everything is, and the plots; the best score."""
-    from lightning_pbt.algorithm.lineage import best_member, final_records, read_lineage
-    from lightning_pbt.tools.report import make_report, population_table
+def print_outputs(cfg: DictConfig, run_dir: Path, callback: Any) -> float | None:
+    """Population rank 0, after the callback printed the population: where everything is, and the plots;
+    the best score (every rank knows it: ``callback.best_score``)."""
+    from lightning_pbt.tools.report import make_report
 
-    lineage = run_dir / "pbt" / "lineage.jsonl"
-    records = read_lineage(lineage)
     report = make_report(run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor) if cfg.report else None
-    print(f"\nPopulation at the last ready step ({cfg.pbt.monitor}, best first):\n")
-    print(population_table(records, cfg.pbt.mode))
-    try:
-        best = best_member(records, cfg.pbt.mode)
-    except ValueError:  # no finite score at all
-        best = None
-    else:
-        print(f"\nBest member: {best} ({cfg.pbt.monitor} {final_records(records)[best].score:.4g})")
     print(f"\nOutputs in {run_dir}/")
-    print(f"  lineage          {lineage}")
+    print(f"  lineage          {run_dir}/pbt/lineage.jsonl")
+    print(f"  results          {run_dir}/pbt/results.json (python -m lightning_pbt best {run_dir})")
     print(f"  member logs      {run_dir}/member_<id>/ (metrics.csv, checkpoints/)")
     print(f"  Hydra config     {run_dir}/.hydra/config.yaml")
     if report is not None:
         for name, path in report.files.items():
             print(f"  {name:<16} {path}")
     print(f"Report again with: python -m lightning_pbt.report {run_dir}")
-    score = final_records(records)[best].score if best is not None else None
-    return None if score is None else float(score)
+    return callback.best_score
 
 
 def replay(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -152,9 +143,11 @@ def replay(cfg: DictConfig, run_dir: Path) -> float | None:
     trainer.fit(DigitsMLP(**OmegaConf.to_container(cfg.model, resolve=True)),
                 datamodule=DigitsData(**OmegaConf.to_container(cfg.data, resolve=True)))
     score = trainer.callback_metrics.get(cfg.pbt.monitor)
+    pbt = "" if callback.pbt_score is None else (
+        f" (PBT's member {callback.pbt_member} reached {callback.pbt_score:.4g} with this schedule)")
     print(f"\nReplayed {len(callback.schedule)} schedule entries (changes at steps "
           f"{[step for step, _ in callback.applied]}); final {cfg.pbt.monitor}: "
-          f"{'n/a' if score is None else f'{float(score):.4g}'}\nOutputs in {run_dir}/")
+          f"{'n/a' if score is None else f'{float(score):.4g}'}{pbt}\nOutputs in {run_dir}/")
     return None if score is None else float(score)
 
 
@@ -189,10 +182,11 @@ def main(cfg: DictConfig) -> float | None:
     )
     trainer.fit(model, datamodule=data)
 
-    # 3. Population rank 0 reports (the strategy chose its run_dir for every process).
+    # 3. The callback printed the population at the end of fit; population rank 0 says where everything is
+    #    (the strategy chose its run_dir for every process).
     if trainer.strategy.world_rank != 0:
         return None
-    return print_outputs(cfg, Path(trainer.strategy.run_dir or run_dir))
+    return print_outputs(cfg, Path(trainer.strategy.run_dir or run_dir), callback)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,11 @@ def run_script(
     max_restarts: int = 0,
     launcher: str = "preloaded",
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a test script on ``nproc`` ranks with one of the launchers of :func:`run_population`."""
+    """Run a test script on ``nproc`` ranks with one of the launchers of :func:`run_population`; ``env``
+    adds to (or overrides) :func:`child_env`."""
+    env = env or {}
     if torchrun:
         args = [
             sys.executable,
@@ -118,16 +121,16 @@ def run_script(
             str(script),
             *argv,
         ]
-        return run_job(args, timeout, cwd)
+        return run_job(args, timeout, cwd, **env)
     if launcher == "lightning":
-        return run_job([sys.executable, str(script), *argv], timeout, cwd)
+        return run_job([sys.executable, str(script), *argv], timeout, cwd, **env)
     if launcher != "preloaded":
         raise ValueError(f"launcher must be 'preloaded' or 'lightning', got {launcher!r}")
     from tests.preloaded import run_preloaded
 
     with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
         try:
-            return run_preloaded(str(script), argv, nproc, child_env(), timeout, cwd or REPO, Path(logs))
+            return run_preloaded(str(script), argv, nproc, child_env(**env), timeout, cwd or REPO, Path(logs))
         except TimeoutError as hang:
             pytest.fail(f"{script.name} did not finish within {timeout}s (a hang?)\n{str(hang)[-4000:]}")
 

@@ -117,12 +117,16 @@ def run_preloaded(
     return subprocess.CompletedProcess([script, *argv], next((c for c in codes if c), 0), output, None)
 
 
-def _as_a_fresh_process(rank: int) -> None:
+def _as_a_fresh_process(rank: int, warning_options: str) -> None:
     """What a fresh interpreter of this rank would hold that a fork of the server does not: numpy's own random
-    state (Python's ``random`` reseeds itself at a fork), and Lightning's rank-zero filter, which Lightning
-    computes from ``RANK`` when it is imported."""
+    state (Python's ``random`` reseeds itself at a fork), the warning filters of ``PYTHONWARNINGS`` (read at
+    start-up), and Lightning's rank-zero filter, which Lightning computes from ``RANK`` when it is imported."""
+    import warnings
+
     import numpy as np
 
+    for option in filter(None, warning_options.split(",")):
+        warnings._setoption(option)  # what the interpreter does with each PYTHONWARNINGS entry at start-up
     np.random.seed()
     for name in ("lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         module = sys.modules.get(name)
@@ -145,7 +149,7 @@ def _rank_main(script: str, argv: list[str], env: dict[str, str], cwd: str, log:
     # as a fresh `python script.py` would have it: the script's folder, then PYTHONPATH, first on the path
     entries = [os.path.dirname(os.path.abspath(script)), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     sys.path[:0] = entries
-    _as_a_fresh_process(int(env["RANK"]))
+    _as_a_fresh_process(int(env["RANK"]), env.get("PYTHONWARNINGS", ""))
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")

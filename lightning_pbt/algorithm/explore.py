@@ -15,7 +15,7 @@ import numpy as np
 
 from lightning_pbt.algorithm.space import Domain, validate_hyperparameters
 
-__all__ = ["Explorer", "format_value", "resolve_callable"]
+__all__ = ["Explorer", "format_value", "perturbation_note", "resolve_callable"]
 
 ExploreFn = Callable[[dict[str, Any], Mapping[str, Domain], np.random.Generator], Mapping[str, Any]]
 
@@ -35,6 +35,33 @@ def format_value(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return repr(value)
+
+
+def perturbation_note(domain: Any, old: Any, factor: float, new: Any) -> str:
+    """How a perturbation is shown: ``"x1.2"``, or, where a bound clipped it, the bound and the factor that
+    really applied (``"x1.2, clipped at high 0.1: x1.05"``).
+
+    Args:
+        domain: the hyperparameter's domain (a choice has no bounds to clip at).
+        old: the value before the perturbation.
+        factor: the perturbation factor drawn.
+        new: the value after it, inside the domain.
+
+    Examples:
+        >>> from lightning_pbt.space import LogUniform
+        >>> lr = LogUniform(1e-4, 0.1)
+        >>> perturbation_note(lr, 0.05, 1.2, 0.06), perturbation_note(lr, 0.095, 1.2, 0.1)
+        ('x1.2', 'x1.2, clipped at high 0.1: x1.053')
+    """
+    low, high = getattr(domain, "low", None), getattr(domain, "high", None)
+    if low is None or high is None or isinstance(old, bool) or not isinstance(old, (int, float)):
+        return f"x{factor:.4g}"  # a choice moves to a neighbour: there is no bound to clip at
+    wanted = float(old) * factor
+    if low <= wanted <= high or new == wanted:
+        return f"x{factor:.4g}"
+    bound = "high" if wanted > high else "low"
+    real = f"x{float(new) / float(old):.4g}" if old else "from 0"
+    return f"x{factor:.4g}, clipped at {bound} {format_value(new)}: {real}"
 
 
 def resolve_callable(path: str) -> Callable[..., Any]:
@@ -164,7 +191,8 @@ class Explorer:
                 value, how = domain.resample(rng), "resampled"
             else:
                 factor = self.perturbation_factors[int(rng.integers(len(self.perturbation_factors)))]
-                value, how = domain.perturb(old, factor, rng), f"x{factor:.4g}"
+                value = domain.perturb(old, factor, rng)
+                how = perturbation_note(domain, old, factor, value)
             new[name] = domain.normalize(value)
             mutations.append(f"{name}: {format_value(old)} -> {format_value(new[name])} ({how})")
         return new, mutations

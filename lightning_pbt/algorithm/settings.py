@@ -25,9 +25,10 @@ from lightning_pbt.algorithm.scheduler import PBTScheduler, check_burn_in, check
 from lightning_pbt.algorithm.space import Domain, check_space_not_empty
 from lightning_pbt.algorithm.space_config import space_from_config
 
-__all__ = ["REQUIRED", "PBTSettings"]
+__all__ = ["INITIAL_WEIGHTS", "REQUIRED", "PBTSettings"]
 
 PREFIX = "PopulationBasedTraining: "
+INITIAL_WEIGHTS = ("as_built", "per_member", "shared")  # see PBTSettings.initial_weights
 REQUIRED = ("hyperparameters", "monitor")  # no default: the callback's positional arguments
 
 
@@ -69,6 +70,13 @@ class PBTSettings:
             ready interval (wall time, at least 50 ms) for the members that have not scored at its step yet,
             except stragglers (not scored at its previous ready step); then for those that scored at it to
             finish it.
+        initial_weights: how members start: ``"as_built"`` (each keeps the weights its process built;
+            members that start alike are reported once), ``"per_member"`` (each member's weights are
+            re-initialised from its own seed, ``seed_everything``'s seed + member id, when its first fit
+            starts: for models built before ``Trainer.fit``) or ``"shared"`` (identical starts are
+            intended, e.g. fine-tuning one pretrained model: nothing is reported).
+        verbose: print one line per ready step and the population's summary at the end of fit (population
+            rank 0 only).
         space: the parsed search space (derived).
         exploit_rule: the exploit rule (derived).
 
@@ -101,6 +109,8 @@ class PBTSettings:
     synchronous: bool = True
     snapshot_every_n_train_steps: int | None = None
     wait_for_peers: float | None = None
+    initial_weights: str = "as_built"
+    verbose: bool = True
     space: dict[str, Domain] = field(init=False, repr=False)
     exploit_rule: ExploitRule = field(init=False, repr=False)
 
@@ -140,8 +150,11 @@ class PBTSettings:
             )
 
     def _check_scalars(self) -> None:
-        if not isinstance(self.synchronous, bool):
-            raise ValueError(f"{PREFIX}synchronous must be True or False, got {self.synchronous!r}")
+        for name in ("synchronous", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{PREFIX}{name} must be True or False, got {getattr(self, name)!r}")
+        if self.initial_weights not in INITIAL_WEIGHTS:
+            raise ValueError(f"{PREFIX}initial_weights must be one of {INITIAL_WEIGHTS}, got {self.initial_weights!r}")
         if not isinstance(self.monitor, str) or not self.monitor:
             raise ValueError(f"{PREFIX}monitor must be a metric name, got {self.monitor!r}")
         with _prefixed():

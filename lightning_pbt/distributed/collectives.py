@@ -195,6 +195,21 @@ class PopulationGroup:
             self._json_capacity *= 2
         return json.loads(data.decode())
 
+    def all_gather_json(self, obj: object) -> list[object]:
+        """Every rank's JSON-able object, in world-rank order, on every rank (never pickled).
+
+        Two collectives on every rank whatever the payloads: the lengths, then the payloads padded to
+        the longest.
+        """
+        payload = json.dumps(obj, sort_keys=True).encode()
+        lengths = self.all_gather(torch.tensor([len(payload)], dtype=torch.int64, device=self.device)).cpu()
+        longest = int(lengths.max())
+        buffer = torch.zeros(max(longest, 1), dtype=torch.uint8, device=self.device)
+        if payload:
+            buffer[: len(payload)].copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        gathered = self.all_gather(buffer).cpu().numpy()
+        return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, lengths[:, 0], strict=True)]
+
     def barrier(self) -> None:
         options = dist.BarrierOptions()
         options.device_ids = barrier_device_ids(self.device)
@@ -261,7 +276,8 @@ class PopulationGroup:
     def signal_abort(self, reason: str) -> None:
         """Tell every other rank to stop now; best effort, never raises."""
         try:
-            self.store.set(_ABORT_KEY, json.dumps({"rank": self.rank, "reason": reason[:2000]}))
+            # The first failure is kept (the root cause; the console prints its error once, see console.py).
+            self.store.compare_set(_ABORT_KEY, "", json.dumps({"rank": self.rank, "reason": reason[:2000]}))
         except Exception:  # the store may already be gone; the launcher then ends the others
             log.debug("could not set the abort flag", exc_info=True)
 
@@ -315,9 +331,25 @@ class PopulationWatchdog(threading.Thread):
     def _die(self, message: str) -> None:
         if self._stopped.is_set():
             return
-        print(f"[lightning_pbt rank {self._rank}] {message}; ending this rank", flush=True)
+        print(f"[lightning_pbt rank {self._rank}] stopped: {_short(message)}", flush=True)
         time.sleep(0.2)
         os._exit(_ABORT_EXIT_CODE)
+
+
+def _short(message: str) -> str:
+    """A watchdog's one line: who failed, not the failure again (the failing rank prints its error).
+
+    Examples:
+        >>> _short('another rank failed: {"rank": 2, "reason": "member 2 (world rank 2) raised E: x"}')
+        'member 2 (world rank 2) failed; its error is printed there'
+    """
+    _, _, raw = message.partition(": ")
+    try:
+        reason = str(json.loads(raw).get("reason", ""))
+    except (ValueError, AttributeError):
+        return message
+    who, raised, _ = reason.partition(" raised ")
+    return f"{who} failed; its error is printed there" if raised else reason.splitlines()[0] if reason else message
 
 
 def start_watchdog(prefix: str, world_rank: int, timeout: timedelta) -> PopulationWatchdog | None:

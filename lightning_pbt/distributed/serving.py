@@ -280,13 +280,22 @@ class LineageDrain(_Worker):
         namespace: the run's key prefix in the store.
         writer: the lineage file's writer.
         on_failure: called with a message when the thread fails (raises the population's abort flag).
+        on_written: called with each batch of lines once written (the console's lines of asynchronous mode).
     """
 
-    def __init__(self, store: Any, namespace: str, writer: LineageWriter, on_failure: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        store: Any,
+        namespace: str,
+        writer: LineageWriter,
+        on_failure: Callable[[str], None],
+        on_written: Callable[[list[LineageRecord]], None] | None = None,
+    ) -> None:
         super().__init__("lightning-pbt-lineage", on_failure)
         self.store = store
         self.namespace = namespace
         self.writer = writer
+        self.on_written = on_written
         self.consumed = 0
 
     def _post_stop(self, store: Any) -> None:
@@ -312,6 +321,8 @@ class LineageDrain(_Worker):
                 break
             records.extend(LineageRecord.from_dict(line) for line in payload)
         self.writer.write(records)
+        if self.on_written is not None and records:
+            self.on_written(records)
         self.consumed += len(keys)
         store.add(f"{self.namespace}/lineage_written", len(keys))  # what wait_until_written reads
         for key in keys:

@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 # The modules loaded a second time for this flavour; every other lightning_pbt module is shared.
-GLUE_MODULES = ("_lightning", "callback", "outputs", "readiness", "replay", "strategy", "trainer_member")
+GLUE_MODULES = (
+    "_lightning", "callback", "outputs", "population_view", "readiness", "replay", "strategy", "trainer_member"
+)
 
 _LAZY = {
     "PopulationBasedTraining": "callback",

@@ -5,6 +5,14 @@ Lightning glue only: hooks -> checks -> the ready-step protocol (:mod:`lightning
 synchronous or asynchronous) -> report. The protocol decides and moves state; this module knows where
 the trainer keeps that state and how to put hyperparameters into it.
 
+The end of fit. A member's last ready step (no training follows it: ``max_steps``/``max_epochs`` reached
+or the trainer stopping) scores it and lets it donate, but it keeps its weights and the values it
+trained with, so the final lineage line, checkpoint and ``hparams`` hold what the member trained with.
+When fit ends, every rank learns every member's result (``results``, best first, ``best_member``,
+``best_score``, ``best_checkpoint_path``); population rank 0 prints a summary once and writes
+``results.json`` next to the lineage (``lightning_pbt.results``, that is
+:mod:`lightning_pbt.algorithm.results`, reads a finished run).
+
 Stopping: a member that stops early (``EarlyStopping``, ``max_time``, ``trainer.should_stop``) stops
 training and keeps its weights; until every member has stopped it can still be a donor and is never
 replaced. The run ends when the last member stops.
@@ -14,18 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from typing_extensions import override
 
+from lightning_pbt.algorithm.results import PopulationResults
 from lightning_pbt.algorithm.scheduler import PBTScheduler
 from lightning_pbt.algorithm.settings import PBTSettings
 from lightning_pbt.algorithm.space import Domain
 from lightning_pbt.distributed.optimizer_layout import optimizer_layout
 from lightning_pbt.distributed.ready_steps import protocol_class
-from lightning_pbt.distributed.ready_steps.base import Observation, PopulationBook, ReadyStepResult, ReadySteps
+from lightning_pbt.distributed.ready_steps.base import Observation, PopulationBook, ReadySteps
+from lightning_pbt.plugin import console, fit_edges
 from lightning_pbt.plugin.apply import (
     GroupRatios,
     capture_group_ratios,
@@ -35,7 +44,8 @@ from lightning_pbt.plugin.apply import (
 from lightning_pbt.plugin.turns import random_state, set_random_state
 
 from ._lightning import Callback, TrainerFn, pl
-from .readiness import epochs_done, idle_message, is_ready, monitored_score, status_metrics
+from .population_view import PopulationView
+from .readiness import epochs_done, is_ready, monitored_score
 from .strategy import PopulationStrategy
 from .trainer_member import TrainerMember, weight_averages
 
@@ -44,7 +54,7 @@ __all__ = ["PopulationBasedTraining"]
 log = logging.getLogger(__name__)
 
 
-class PopulationBasedTraining(Callback):
+class PopulationBasedTraining(Callback, PopulationView):
     """Population Based Training (Jaderberg et al. 2017) inside one Lightning job.
 
     Args:
@@ -86,7 +96,18 @@ class PopulationBasedTraining(Callback):
             ``["head"]``, ``["encoder.layer3"]``) with their children; the others keep their weights and
             optimizer state (``None``: every submodule, and all optimizer state).
         seed: the run's seed; with the same seed and inputs, the same decisions (synchronous mode).
-        dirpath: where ``lineage.jsonl`` goes (default ``<default_root_dir>/pbt``).
+        dirpath: where ``lineage.jsonl`` and ``results.json`` go (default ``<default_root_dir>/pbt``).
+        initial_weights: ``"as_built"`` (default): each member keeps the weights its process built, and
+            members that start alike are reported once with the fix; ``"per_member"``: re-initialise each
+            member's weights from its own seed (``seed_everything``'s seed + member id, the seed the strategy
+            gives ``configure_model``) when its first fit starts, for models built before ``Trainer.fit``;
+            ``"shared"``: identical starts are intended (fine-tuning one pretrained model).
+        verbose: print one line per ready step and the population's summary at the end of fit (once, on
+            population rank 0).
+
+    After fit, on every rank: :attr:`results`, :attr:`best_member`, :attr:`best_score`,
+    :attr:`best_checkpoint_path` (see the module docstring).
+
 
     Raises:
         ValueError: at construction, on every rank: a malformed search space (naming the key), an empty
@@ -134,6 +155,8 @@ class PopulationBasedTraining(Callback):
         synchronous: bool = True,
         snapshot_every_n_train_steps: int | None = None,
         wait_for_peers: float | None = None,
+        initial_weights: str = "as_built",
+        verbose: bool = True,
     ) -> None:
         given = locals()  # the arguments, by the names PBTSettings defines (a unit test keeps them equal)
         super().__init__()
@@ -154,26 +177,11 @@ class PopulationBasedTraining(Callback):
         self._monitor_seen = False
         self._ready_at_start = 0
         self._group_ratios: GroupRatios | None = None
-
-    # -- the population, as this rank knows it ---------------------------------------------------
-    @property
-    def population(self) -> dict[int, dict[str, Any]]:
-        """``{member: {hyperparameters, score, history, parent, done}}``: identical on every rank after a
-        synchronous ready step; this member's latest view in asynchronous mode."""
-        return self.book.population
-
-    @property
-    def hyperparameters(self) -> dict[str, Any]:
-        """The values in effect on this member."""
-        return self.book.hyperparameters
-
-    @property
-    def ready_count(self) -> int:
-        return self.book.ready_count
-
-    @property
-    def last_ready_step(self) -> int:
-        return self.book.last_ready_step
+        self.initial_weights, self.verbose = settings.initial_weights, settings.verbose
+        self._reinitialized = False
+        self._fresh_start = True
+        self._results: PopulationResults | None = None
+        self._hparams_warned = False
 
     @property
     @override
@@ -200,9 +208,15 @@ class PopulationBasedTraining(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._protocol = None
+        self._results = None
         check_applicable(self.space, trainer.optimizers, pl_module)
         if self.rejuvenate_modules is not None:
             check_module_names(pl_module, self.rejuvenate_modules)
+        # A resumed member has its weights from its checkpoint (restored before this hook): never reset them.
+        self._fresh_start = trainer.ckpt_path is None and not self._restored
+        if self.initial_weights == "per_member" and self._fresh_start and not self._reinitialized:
+            fit_edges.reinitialize_member(pl_module, trainer.optimizers, self._require_strategy().member_seed)
+            self._reinitialized = True
         # Before any value is applied and before a resume restores optimizer state: configure_optimizers' ratios.
         self._group_ratios = capture_group_ratios(trainer.optimizers)
 
@@ -218,7 +232,11 @@ class PopulationBasedTraining(Callback):
             self.book.hyperparameters = dict(self.book.population[strategy.member_id]["hyperparameters"])
             if not self.synchronous:  # each member decides alone: its own random stream
                 self.scheduler.use_member_stream(strategy.member_id)
-        member = TrainerMember(trainer, pl_module, lambda: self._group_ratios, self.rejuvenate_modules)
+        self._check_identical_starts(strategy, pl_module)
+        member = TrainerMember(
+            trainer, pl_module, lambda: self._group_ratios, self.rejuvenate_modules,
+            on_apply=lambda values: self._log_hyperparameters(trainer, values),
+        )  # fmt: skip
         member.apply(self.book.hyperparameters)
         self._validations, self._monitor_seen, self._ready_at_start = 0, False, self.book.ready_count
         self._protocol = protocol_class(self.synchronous)(
@@ -226,6 +244,7 @@ class PopulationBasedTraining(Callback):
             scheduler=self.scheduler, book=self.book, member=member, mode=self.mode, monitor=self.monitor,
             seed=self.seed, snapshot_every=self.settings.snapshot_every_n_train_steps,
             wait_for_peers=self.settings.wait_for_peers, turns=strategy.lane.turns,
+            announce=(lambda text: console.say(trainer, text)) if self.verbose and strategy.world_rank == 0 else None,
         )  # fmt: skip
         self._protocol.start(
             self.lineage_path,
@@ -254,14 +273,21 @@ class PopulationBasedTraining(Callback):
         if not is_ready(trainer, self.book, self.every_n_train_steps, self.every_n_epochs):
             return
         assert self._protocol is not None
-        result = self._protocol.step(Observation(score, missing, trainer.global_step, trainer.current_epoch))
-        self.book.last_ready_epochs = epochs_done(trainer)
-        self._log_status(trainer, result)
+        done_epochs = epochs_done(trainer)
+        last = fit_edges.training_ends_here(
+            trainer.global_step, trainer.max_steps, done_epochs, trainer.max_epochs, trainer.should_stop,
+            trainer.fit_loop.min_steps, trainer.fit_loop.min_epochs,
+        )  # fmt: skip
+        logged = tuple(sorted(trainer.callback_metrics)) if missing else ()
+        observation = Observation(score, missing, trainer.global_step, trainer.current_epoch, last=last, logged=logged)
+        result = self._protocol.step(observation)
+        self.book.last_ready_epochs = done_epochs
+        self._log_status(trainer, result, last)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """This member has stopped: serve the population until every member has."""
-        self._finish()
+        self._finish(trainer)
         self._warn_if_idle(trainer)
 
     def _take_part_if_training_was_skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,43 +296,22 @@ class PopulationBasedTraining(Callback):
         once as a donor, so that the others do not wait for it. Run by the strategy before its teardown."""
         if self._protocol is None:
             self._start(trainer, pl_module)
-            self._finish()
+            self._finish(trainer)
 
-    def _finish(self) -> None:
+    def _finish(self, trainer: pl.Trainer) -> None:
         assert self._protocol is not None
+        pool = self._lane_pool()  # before finish: every member a process hosts is in it once all have stopped
+        pool.setdefault("hosted", {})[self._require_strategy().member_id] = (trainer, self.book)
         try:
             self._protocol.finish()
         finally:
             self._protocol.close()
+        self._gather_results(trainer, pool)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._protocol is not None:
             self._protocol.close()
-
-    def _warn_if_idle(self, trainer: pl.Trainer) -> None:
-        """Say so (once, on population rank 0) when this fit gave PBT nothing to work with."""
-        if self._require_strategy().world_rank != 0 or self.book.ready_count > self._ready_at_start:
-            return
-        interval = (
-            f"every_n_train_steps={self.every_n_train_steps}"
-            if self.every_n_train_steps is not None
-            else f"every_n_epochs={self.every_n_epochs}"
-        )
-        message = idle_message(self._validations, self._monitor_seen, self.monitor, interval)
-        warnings.warn(f"PopulationBasedTraining did nothing: {message}", UserWarning, stacklevel=2)
-
-    # -- applying and reporting ------------------------------------------------------------------
-    def _log_status(self, trainer: pl.Trainer, result: ReadyStepResult) -> None:
-        metrics = status_metrics(result, self.book.population, self.book.hyperparameters, self.mode)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        plan = result.plan
-        if plan.event != "keep":
-            mutations = "; ".join(plan.mutations)
-            log.info(
-                "PBT step %s: member %d %s member %s; %s", result.step, plan.member, plan.event, plan.parent, mutations
-            )
 
     # -- checkpointing ---------------------------------------------------------------------------
     @override

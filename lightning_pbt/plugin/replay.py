@@ -73,6 +73,40 @@ def _entries(raw: Any, where: str) -> Schedule:
     return schedule
 
 
+def _load(source: Any, member: int | None, mode: str | None) -> tuple[Schedule, int | None, float | None]:
+    """The schedule (see :func:`load_schedule`), the member PBT found it with and that member's final score
+    (both ``None`` when the source does not say)."""
+    if not isinstance(source, (str, os.PathLike)):
+        if member is not None:
+            raise ValueError("PBTReplay: member= only goes with a lineage file")
+        return _entries(source, "PBTReplay schedule"), None, None
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        if member is not None:
+            raise ValueError(f"PBTReplay: {path} is one member's schedule; member= goes with a lineage file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"PBTReplay: {path} is not valid JSON: {err}") from None
+        origin = data if isinstance(data, Mapping) else {}
+        score = origin.get("score")
+        return _entries(data, str(path)), origin.get("member"), None if score is None else float(score)
+    from lightning_pbt.algorithm.lineage import best_member, final_records, member_schedule, read_lineage
+    from lightning_pbt.algorithm.run_reading import find_lineage, infer_mode
+
+    lineage = find_lineage(path)
+    records = read_lineage(lineage)
+    if member is None:
+        if mode is None:
+            run_dir = lineage.parent.parent if lineage.parent.name == "pbt" else lineage.parent
+            mode, _ = infer_mode(records, run_dir)
+        member = best_member(records, mode)
+    if member not in {r.member for r in records}:
+        raise ValueError(f"PBTReplay: member {member} is not in {lineage}")
+    schedule = _entries(member_schedule(records, member), f"{lineage} (member {member})")
+    return schedule, member, final_records(records)[member].score
+
+
 def load_schedule(source: Any, member: int | None = None, mode: str | None = None) -> Schedule:
     """``[(step, hyperparameters), ...]`` sorted by step, from any form :class:`PBTReplay` accepts.
 
@@ -91,32 +125,7 @@ def load_schedule(source: Any, member: int | None = None, mode: str | None = Non
         ValueError: ``member`` given with a schedule rather than a lineage, a member the lineage does not
             have, a file that is not valid JSON, or a malformed schedule.
     """
-    if not isinstance(source, (str, os.PathLike)):
-        if member is not None:
-            raise ValueError("PBTReplay: member= only goes with a lineage file")
-        return _entries(source, "PBTReplay schedule")
-    path = Path(source)
-    if path.is_file() and path.suffix == ".json":
-        if member is not None:
-            raise ValueError(f"PBTReplay: {path} is one member's schedule; member= goes with a lineage file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"PBTReplay: {path} is not valid JSON: {err}") from None
-        return _entries(data, str(path))
-    from lightning_pbt.algorithm.lineage import best_member, member_schedule, read_lineage
-    from lightning_pbt.algorithm.run_reading import find_lineage, infer_mode
-
-    lineage = find_lineage(path)
-    records = read_lineage(lineage)
-    if member is None:
-        if mode is None:
-            run_dir = lineage.parent.parent if lineage.parent.name == "pbt" else lineage.parent
-            mode, _ = infer_mode(records, run_dir)
-        member = best_member(records, mode)
-    if member not in {r.member for r in records}:
-        raise ValueError(f"PBTReplay: member {member} is not in {lineage}")
-    return _entries(member_schedule(records, member), f"{lineage} (member {member})")
+    return _load(source, member, mode)[0]
 
 
 class PBTReplay(Callback):
@@ -129,6 +138,9 @@ class PBTReplay(Callback):
         mode: with a lineage and no ``member``: ``"max"`` or ``"min"`` (default: inferred, see
             :func:`lightning_pbt.tools.report.infer_mode`).
         log: log the numeric values in effect as ``replay/<name>`` to the Trainer's loggers.
+
+    ``pbt_member`` and ``pbt_score`` say which member PBT found the schedule with and the score it reached
+    (``None`` for a schedule given as a list), to compare with the replayed run's.
 
     Raises:
         ValueError: see :func:`load_schedule`; at fit start, a hyperparameter that nothing in the model
@@ -143,7 +155,7 @@ class PBTReplay(Callback):
 
     def __init__(self, schedule: Any, member: int | None = None, mode: str | None = None, log: bool = True) -> None:
         super().__init__()
-        self.schedule = load_schedule(schedule, member=member, mode=mode)
+        self.schedule, self.pbt_member, self.pbt_score = _load(schedule, member, mode)
         self.log_hyperparameters = log
         self.names = sorted({name for _, values in self.schedule for name in values})
         self.hyperparameters: dict[str, Any] = {}

@@ -21,8 +21,9 @@ What a user sees:
   before ``Trainer.fit`` can call :func:`member_id_from_env` to seed themselves.
 - Loggers and checkpoints go to ``member_<id>/`` under the run directory, which population rank 0
   chooses for everyone (so differing working directories, e.g. Hydra's, cannot split a run).
-- Only population rank 0 shows the progress bar and Lightning's (and our) info messages and warnings;
-  errors appear from every rank.
+- Only population rank 0 shows the progress bar and Lightning's (and our) info messages and warnings.
+  An uncaught error is printed labelled with its member (``[member 2, rank 2]``), once when every rank
+  raises the same one (see :mod:`lightning_pbt.plugin.console`).
 
 Without the PBT callback the members train independently: a parallel random search.
 """
@@ -53,7 +54,7 @@ from lightning_pbt.distributed.collectives import (
 )
 from lightning_pbt.distributed.groups import create_groups, shutdown_population
 from lightning_pbt.distributed.resume import agree_on_resume_of_lanes, fit_checkpoint
-from lightning_pbt.plugin.console import quiet_console
+from lightning_pbt.plugin.console import install_error_hook, quiet_console, remember_excepthook
 from lightning_pbt.plugin.turns import MemberLane, run_member_lanes
 
 from ._lightning import DDPStrategy, fabric_rank_zero_only, rank_zero_only, seed_everything
@@ -178,6 +179,21 @@ def _check_counts(member_size: Any, processes_per_device: Any, members_per_proce
     for name, value in {**counts, "members_per_process": members_per_process}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"PopulationStrategy: {name} must be an integer >= 1, got {value!r}")
+
+
+def _create_groups(
+    topology: PopulationTopology, backend: str, device: torch.device, env: Any, timeout: timedelta | None
+) -> tuple[PopulationGroup, str]:
+    """:func:`~lightning_pbt.distributed.groups.create_groups`, with the excepthook remembered first."""
+    remember_excepthook()  # init_process_group wraps it with "[rank<member rank>]", the same in every member
+    return create_groups(topology, backend, device, env, timeout or DEFAULT_TIMEOUT)
+
+
+def _label_errors(topology: PopulationTopology, population: PopulationGroup | None) -> None:
+    """An uncaught error is printed labelled with its member, once (see :mod:`lightning_pbt.plugin.console`)."""
+    if population is not None:
+        lane_members = [lane.member_id for lane in topology.lanes()]  # members that take turns: the one that failed
+        install_error_hook(topology.member_id, topology.world_rank, population.abort_reason, lane_members)
 
 
 def _base_seed() -> int:
@@ -339,7 +355,7 @@ class PopulationStrategy(DDPStrategy):
                 _ESTABLISHED["fits"] = self.fit_generation + 1
             self._agree_on_run_dir(trainer)
             self._agree_on_resume()
-            quiet_console(trainer, self.world_rank * self.members_per_process + self.lane.index)  # 0: lane 0, rank 0
+            quiet_console(trainer, self.world_rank, self.lane.index)
 
     @override
     def setup_distributed(self) -> None:
@@ -355,8 +371,7 @@ class PopulationStrategy(DDPStrategy):
         if dist.is_initialized():
             self._adopt_established(topology, backend)
             return
-        timeout = self._timeout or DEFAULT_TIMEOUT
-        self.population, prefix = create_groups(topology, backend, self.root_device, env, timeout)
+        self.population, prefix = _create_groups(topology, backend, self.root_device, env, self._timeout)
         _ESTABLISHED.update(topology=topology, population=self.population, prefix=prefix, backend=backend)
         atexit.register(shutdown_population)
         self._watchdog_prefix = prefix
@@ -386,6 +401,7 @@ class PopulationStrategy(DDPStrategy):
         """Lightning's view from here on: a world of this member's ranks, seeded per member."""
         self.topology = topology
         self._process_group_backend = backend
+        _label_errors(topology, self.population)
         rank_zero_only.rank = utils_rank_zero_only.rank = fabric_rank_zero_only.rank = topology.member_rank
         self._seed_member()
 

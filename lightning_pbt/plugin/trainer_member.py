@@ -29,6 +29,7 @@ class TrainerMember:
         module: its LightningModule.
         group_ratios: returns the optimizers' param-group ratios taken at fit start (``None`` before).
         rejuvenate_modules: the submodules a rejuvenation re-initialises (``None``: all).
+        on_apply: called with the values just applied (the callback gives them to the member's loggers).
     """
 
     def __init__(
@@ -37,11 +38,13 @@ class TrainerMember:
         module: pl.LightningModule,
         group_ratios: Callable[[], GroupRatios | None],
         rejuvenate_modules: Sequence[str] | None,
+        on_apply: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.trainer = trainer
         self.module = module
         self.group_ratios = group_ratios  # taken at fit start, after this member is built
         self.rejuvenate_modules = rejuvenate_modules
+        self.on_apply = on_apply
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +100,8 @@ class TrainerMember:
         schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
         optimizers = self.trainer.optimizers
         apply_hyperparameters(hyperparameters, optimizers, schedulers, self.module, self.group_ratios())
+        if self.on_apply is not None:
+            self.on_apply(hyperparameters)
 
     def rejuvenate(self, seed: int) -> None:
         reset_weights(self.module, self.trainer.optimizers, seed=seed, modules=self.rejuvenate_modules)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_pbt.plugin.console import mark_failed_lane
 from lightning_pbt.plugin.parking import park_member
 
 __all__ = [
@@ -164,6 +165,9 @@ class MemberTurns:
         self.resume_overrides: list[str | None] = [None] * lanes
         self.switches = 0  # hand-overs from one lane to another, and the seconds they took (wake-up included)
         self.switch_seconds = 0.0
+        # Facts the lanes pool so that the process speaks once for all of its members (the callback's weight
+        # digests at fit start, its results at the end); each lane writes in its own turn.
+        self.pooled: dict[str, Any] = {}
 
     # -- the baton (callers hold self._cond) -----------------------------------------------------
     def _hand_over(self, lane: int, to: int) -> None:
@@ -207,6 +211,7 @@ class MemberTurns:
         except BaseException as error:
             with self._cond:
                 if self._failure is None and not isinstance(error, LaneFailed):
+                    mark_failed_lane(error, lane)  # re-raised on the main thread: the label names this member
                     self._failure = error
                 self._cond.notify_all()
             raise

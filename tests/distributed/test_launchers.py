@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 
 def test_each_preloaded_rank_runs_the_script_as_a_fresh_torchrun_rank(tmp_path):
-    proc = run_script(SCRIPTS / "launch_probe.py", [str(tmp_path), "3"], nproc=3, timeout=100)
+    argv = [str(tmp_path), "3"]
+    proc = run_script(SCRIPTS / "launch_probe.py", argv, nproc=3, timeout=100, env={"PYTHONWARNINGS": "error"})
     probes = [json.loads((tmp_path / f"probe_{rank}.json").read_text()) for rank in range(3)]
     assert [p["rank"] for p in probes] == [0, 1, 2]
     assert all(p["world"] == [0, 1, 2] for p in probes)
@@ -22,4 +23,5 @@ def test_each_preloaded_rank_runs_the_script_as_a_fresh_torchrun_rank(tmp_path):
     assert all(p["path0"] == str(SCRIPTS) for p in probes)
     assert [p["rank_zero_only"] for p in probes] == [0, 1, 2]
     assert len({p["random"] for p in probes}) == 3  # not the fork server's one random state
+    assert all(p["warnings"] == ["error"] for p in probes)  # PYTHONWARNINGS applies as at start-up
     assert proc.returncode == 3  # rank 1's exit code, the first failing one

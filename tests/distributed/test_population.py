@@ -238,7 +238,7 @@ def test_same_seed_gives_identical_lineage_and_a_fresh_run_keeps_the_old_lineage
         return [{k: v for k, v in r.items() if k != "timing"} for r in load_lineage(out)]
 
     assert decisions(tmp_path) == decisions(run_2x2)
-    assert (tmp_path / "pbt" / "lineage.jsonl.1").read_text() == old  # moved aside, not overwritten
+    assert (tmp_path / "pbt" / "previous_1" / "lineage.jsonl").read_text() == old  # moved aside, not overwritten
 
 
 def test_start_hyperparameters_are_every_members_first_values(run_2x2):
@@ -330,7 +330,7 @@ def test_resume_from_checkpoints_continues_the_lineage(tmp_path):
     assert second.returncode == 0, second.stdout[-4000:]
     # ckpt_path="last" found the member's own checkpoint (only population rank 0 prints info messages).
     assert f"Restored all states from the checkpoint at {tmp_path}/ckpt/member_0/last.ckpt" in second.stdout
-    assert not (tmp_path / "pbt" / "lineage.jsonl.1").exists()  # continued, not restarted
+    assert not (tmp_path / "pbt" / "previous_1").exists()  # continued, not restarted
     lineage = load_lineage(tmp_path)
     assert lineage[: len(before)] == before
     assert sorted(r["member"] for r in lineage if r["event"] == "init") == [0, 1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,12 @@ def run_turns(out: Path, timeout: float = 600, max_restarts: int | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     payload = [json.dumps({"out": str(out), **cfg})]
     torchrun = max_restarts is not None
-    proc = run_script(SCRIPTS / "turns_run.py", payload, cfg["devices"], timeout, torchrun, max_restarts or 0)
+    proc = run_script(
+        SCRIPTS / "turns_run.py", payload, cfg["devices"], timeout, torchrun, max_restarts or 0,
+        env={"PYTHONWARNINGS": "default"},  # as in a user's shell: warnings shown
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
-    (out / "stdout.txt").write_text(proc.stdout)
+    (out / "console.txt").write_text(proc.stdout)
     return out
 
 
@@ -112,6 +116,28 @@ def test_a_member_that_stops_early_ends_only_its_own_turns(run_2x4):
     assert all(record["parent"] == 5 for record in fives[2:])  # a stopped member is never replaced
 
 
+def test_the_population_speaks_once_for_all_the_members_that_take_turns(run_2x4, run_8x1):
+    """One console line per ready step, one summary with each of the 8 members once, and every member's own
+    callback with the population's results, as with one member per process; the members, built in
+    configure_model after the strategy seeded each, start apart: no identical-starts report."""
+    console = (run_2x4 / "console.txt").read_text()
+    steps = sorted({record["step"] for record in lineage(run_2x4) if record["event"] != "init"})
+    assert re.findall(r"^PBT step (\d+):", console, flags=re.MULTILINE) == [str(step) for step in steps]
+    assert console.count("Population at the end of fit (val_acc, best first):") == 1
+    rows = re.findall(r"^\| (\d+) \| ", console, flags=re.MULTILINE)
+    assert sorted(int(row) for row in rows) == list(range(8))
+    assert "start from identical weights" not in console
+    turns, alone = members(run_2x4), members(run_8x1)
+
+    def comparable(results: list[dict], out: Path) -> list[dict]:  # the checkpoints lie in each run's folder
+        return [{**r, "checkpoint_path": r["checkpoint_path"].replace(str(out), "RUN")} for r in results]
+
+    assert sorted(r["member"] for r in turns[0]["results"]) == list(range(8))
+    for member in range(8):
+        assert comparable(turns[member]["results"], run_2x4) == comparable(alone[0]["results"], run_8x1), member
+        assert turns[member]["best_member"] == alone[0]["best_member"] == turns[0]["results"][0]["member"]
+
+
 def _digest(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -170,7 +196,7 @@ def test_an_elastic_restart_of_a_crashed_run_restores_every_member_of_the_killed
     crash = {"kill_before_save": {"member": 6, "step": 12}, "park_stand_in": True}
     crashed = run_turns(tmp_path / "crashed", max_restarts=1, **crash, **common)
     reference = run_turns(tmp_path / "reference", max_restarts=0, **common)
-    stdout = (crashed / "stdout.txt").read_text()
+    stdout = (crashed / "console.txt").read_text()
     for member in (0, 1):  # lanes 0 and 1 of process 0 (only population rank 0's process prints warnings)
         assert f"member {member} resumes from" in stdout and "(ready step 6, as the others)" in stdout, stdout[-3000:]
     assert lineage(crashed) == lineage(reference)

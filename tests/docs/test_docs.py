@@ -40,7 +40,7 @@ FENCE = re.compile(
 # Modules that are not part of the reference: private ones, the flavour package, which re-exports the
 # glue modules' names (its page documents it as a whole), and the packages that keep public paths of the
 # flat layout (``lightning_pbt.space``, ``python -m lightning_pbt.report`` / ``.internals``).
-NOT_IN_REFERENCE = {"lightning", "space", "report", "internals"}
+NOT_IN_REFERENCE = {"lightning", "space", "results", "report", "internals"}
 
 
 def blocks(lang: str) -> list[tuple[str, str | None, str | None, str]]:
@@ -266,3 +266,11 @@ def test_public_api_documents_every_argument(path: str, obj: object):
     }
     missing = sorted(wanted - documented_parameters(obj))
     assert not missing, f"{path}: the docstring's Args section does not document {missing}"
+
+
+def test_no_patch_leftovers_are_tracked_and_gitignore_keeps_them_out():
+    """``*.orig`` / ``*.rej`` files (what a failed ``patch`` leaves) are never committed, in any folder."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert not [path for path in tracked.splitlines() if path.endswith((".orig", ".rej"))]
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "*.orig" in ignored and "*.rej" in ignored

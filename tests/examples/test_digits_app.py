@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_default_run_leaves_lineage_logs_checkpoints_and_plots(default_run):
 def test_default_run_prints_one_population_table_with_outputs(default_run):
     proc, run_dir = default_run
     out = proc.stdout
-    assert out.count("| member | score | dropout | lr | weight_decay | parent |") == 1  # population rank 0 only
+    assert out.count("| member | val_acc | step | dropout | lr | weight_decay | weights from |") == 1  # rank 0 only
     assert out.count("Best member:") == 1
     assert f"Outputs in {run_dir}" in out
     assert "Traceback" not in out
@@ -125,6 +126,43 @@ def test_four_members_taking_turns_in_one_process_write_the_default_runs_lineage
 
     assert without_timing(turns_run[1]) == without_timing(default_run[1])
     assert {record["member"] for record in lineage(turns_run[1])} == {0, 1, 2, 3}
+
+
+def _demo_block(text: str) -> list[str]:
+    """The lines of the fenced block after the README's demo-output marker."""
+    after = text.split("<!-- demo-output:", 1)[1].split("```\n", 1)[1]
+    return after.split("\n```", 1)[0].splitlines()
+
+
+def _layout(line: str) -> str:
+    """A line with its numbers elided (and the run's own paths), keeping words, separators and columns."""
+    line = re.sub(r"^.*?(PBT step)", r"\1", line)  # what the progress bar left before it on the same line
+    line = re.sub(r"\S*outputs/\S+", "PATH", line)
+    return re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "N", line)
+
+
+def test_the_readmes_demo_output_is_the_layout_of_a_real_run(default_run):
+    """README.md shows `make demo`'s output (a real run at 20 epochs; this one has 2): the same lines, in the
+    same order, with the same columns; the member column is the population's ids, best first by score."""
+    proc, _ = default_run
+    readme = _demo_block((REPO / "README.md").read_text())
+    printed = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(printed) if line.startswith("Population at the end of fit"))
+    ran = printed[start:start + len(readme) - 4]  # the README's table and what follows it
+    table = readme[readme.index(next(r for r in readme if r.startswith("Population at the end of fit"))):]
+    assert [_layout(line) for line in ran] == [_layout(line) for line in table]
+    for rows in (ran, table):
+        members = [row.split(" | ") for row in rows if re.match(r"^\| \d", row)]
+        assert sorted(int(r[0][2:]) for r in members) == [0, 1, 2, 3]
+        scores = [float(r[1]) for r in members]
+        assert scores == sorted(scores, reverse=True)
+        best = re.search(r"^Best member: (\d+) \(val_acc ([\d.]+)\)$", "\n".join(rows), flags=re.M)
+        assert (int(best[1]), float(best[2])) == (int(members[0][0][2:]), scores[0])
+    steps = [_layout(line) for line in printed if "PBT step" in line]
+    assert len(steps) == 2 and all(line.startswith("PBT step N: best member N (val_acc N); ") for line in steps)
+    assert _layout(readme[0]).startswith("PBT step N: best member N (val_acc N); member N copied member N, ")
+    last = "PBT step N: best member N (val_acc N); every member kept (last ready step: no explore)"
+    assert _layout(readme[2]) == steps[-1] == last
 
 
 def test_members_start_from_different_weights(default_run):
@@ -158,6 +196,9 @@ def test_replay_of_the_best_schedule_in_one_process(default_run, tmp_path):
                cwd=tmp_path, timeout=90)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"Replayed {len(schedule)} schedule entries (changes at steps {steps})" in proc.stdout
+    results = json.loads((run_dir / "pbt" / "results.json").read_text())  # PBT's score beside the replayed one
+    best = results["members"][0]
+    assert f"(PBT's member {best['member']} reached {best['score']:.4g} with this schedule)" in proc.stdout
     assert (tmp_path / "replay" / "metrics.csv").is_file() and not (tmp_path / "pbt").exists()
 
 

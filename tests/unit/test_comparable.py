@@ -148,7 +148,7 @@ def lockstep_plans(records: dict[int, Published], step: int, seed: int) -> dict[
             history = history[:-1]  # lockstep appends this step's score itself
         population[member] = {"hyperparameters": dict(record.hyperparameters), "history": history}
         score = math.nan if stopped or record.score is None else record.score
-        rows.append([score, record.step, 0, 0, stopped])  # a stopped member's row, as its finish() sends it
+        rows.append([score, record.step, 0, 0, stopped, 0])  # a stopped member's row, as its finish() sends it
     steps = SynchronousReadySteps(
         population=None, topology=PopulationTopology(world_size=len(records), member_size=1, world_rank=0),
         namespace="ns", scheduler=PBTScheduler(SPACE, seed=seed), book=PopulationBook(population, {}),

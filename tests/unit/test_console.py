@@ -30,8 +30,9 @@ def restore_console():
 def _quieted_strategy(world_rank: int) -> SimpleNamespace:
     bar = SimpleNamespace(disabled=False)
     bar.disable = lambda: setattr(bar, "disabled", True)
-    quiet_console(SimpleNamespace(progress_bar_callback=bar), world_rank)
-    return SimpleNamespace(bar=bar)
+    trainer = SimpleNamespace(progress_bar_callback=bar, callbacks=[type("RichModelSummary", (), {})()])
+    quiet_console(trainer, world_rank)
+    return SimpleNamespace(bar=bar, callbacks=trainer.callbacks)
 
 
 WARNINGS_BY_MODULE = {
@@ -57,6 +58,7 @@ def test_population_ranks_other_than_zero_drop_lightning_and_pbt_warnings_and_in
     warnings.simplefilter("always")  # what the user's own settings may be; the quieting comes first
     strategy = _quieted_strategy(world_rank=1)
     assert strategy.bar.disabled
+    assert strategy.callbacks == []  # rich's model summary prints past logging: the callback goes
     assert _emit_warnings() == [
         "from the user's script",
         "from torch",
@@ -72,5 +74,25 @@ def test_population_ranks_other_than_zero_drop_lightning_and_pbt_warnings_and_in
 def test_population_rank_zero_keeps_everything():
     warnings.simplefilter("always")
     strategy = _quieted_strategy(world_rank=0)
-    assert not strategy.bar.disabled
+    assert not strategy.bar.disabled and len(strategy.callbacks) == 1
     assert _emit_warnings() == list(WARNINGS_BY_MODULE.values())
+
+
+@pytest.mark.usefixtures("restore_console")
+def test_a_member_taking_turns_on_rank_zero_loses_its_bar_and_summary_but_keeps_the_processs_console():
+    """Lane 1 of population rank 0 (members_per_process=2): lane 0 speaks for the process, so lane 1 shows
+    no progress bar or model summary; the process-wide quieting would silence lane 0 and the population's
+    warnings too, so it is not applied."""
+    warnings.simplefilter("always")
+    bar = SimpleNamespace(disabled=False)
+    bar.disable = lambda: setattr(bar, "disabled", True)
+    ModelSummary = type("ModelSummary", (), {})
+    other = object()
+    trainer = SimpleNamespace(progress_bar_callback=bar, callbacks=[ModelSummary(), other])
+    quiet_console(trainer, 0, lane=1)
+    assert bar.disabled and trainer.callbacks == [other]
+    assert len(_emit_warnings()) == len(WARNINGS_BY_MODULE)
+    assert all(logging.getLogger(name).level != logging.ERROR for name in QUIET_LOGGERS)
+    first = SimpleNamespace(progress_bar_callback=SimpleNamespace(disabled=False), callbacks=[ModelSummary()])
+    quiet_console(first, 0, lane=0)
+    assert not first.progress_bar_callback.disabled and len(first.callbacks) == 1

@@ -62,7 +62,9 @@ def test_the_two_lightning_shims_export_the_same_names():
     assert exported(PLUGIN / "_lightning.py") == exported(PACKAGE / "lightning" / "_lightning.py")
 
 
-@pytest.mark.parametrize("name", ["callback", "outputs", "readiness", "replay", "strategy", "trainer_member"])
+@pytest.mark.parametrize(
+    "name", ["callback", "outputs", "population_view", "readiness", "replay", "strategy", "trainer_member"]
+)
 def test_glue_reaches_lightning_and_other_glue_only_through_relative_imports(name):
     """An absolute ``import pytorch_lightning`` (or ``lightning_pbt.plugin.strategy``) in the glue would tie the
     ``lightning`` flavour to the other package or to the other flavour's classes."""

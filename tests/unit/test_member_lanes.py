@@ -23,6 +23,7 @@ from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed import transfer
 from lightning_pbt.distributed.ready_steps.base import PopulationBook
 from lightning_pbt.distributed.ready_steps.lockstep import SynchronousReadySteps
+from lightning_pbt.plugin.console import failed_lane
 from lightning_pbt.plugin.turns import LaneFailed, MemberTurns, lane_copies
 from lightning_pbt.space import Uniform
 from tests.unit.test_transport import run_ranks
@@ -166,6 +167,7 @@ def test_a_failing_lane_stops_the_others_of_its_process():
     _, _, outcome = run_lanes(3, {0: 3, 1: 3, 2: 3}, fail=(1, 1))
     assert isinstance(outcome[1], ValueError)
     assert isinstance(outcome[0], LaneFailed) and isinstance(outcome[2], LaneFailed)
+    assert failed_lane(outcome[1]) == 1  # re-raised on the main thread, the error hook names lane 1's member
 
 
 class StateMember:

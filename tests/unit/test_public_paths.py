@@ -25,6 +25,8 @@ from lightning_pbt import PopulationBasedTraining, PopulationStrategy
 from lightning_pbt.space import Choice, Domain, IntUniform, LogUniform, Uniform
 from lightning_pbt.tools.hydra_configs import PopulationBasedTrainingConf, PopulationStrategyConf
 import lightning_pbt.space as public_space
+import lightning_pbt.results as public_results
+import lightning_pbt.algorithm.results as results
 import lightning_pbt.algorithm.space as space
 import lightning_pbt.algorithm.space_config as space_config
 
@@ -35,6 +37,7 @@ homes = {**vars(space), **vars(space_config)}
 print(json.dumps({
     "top": {name: f"{obj.__module__}.{obj.__qualname__}" for name, obj in top.items()},
     "space_same": {name: getattr(public_space, name) is homes[name] for name in public_space.__all__},
+    "results_same": {name: getattr(public_results, name) is getattr(results, name) for name in results.__all__},
     "domains": [cls.__name__ for cls in (Choice, Domain, IntUniform, LogUniform, Uniform)],
     "unified_bases": {
         name: unified[name].__mro__[1].__module__
@@ -75,6 +78,8 @@ def test_every_public_import_path_resolves_to_its_object():
     assert found["top"] == TOP_LEVEL
     assert found["space_same"] and all(found["space_same"].values()), found["space_same"]
     assert {"Choice", "IntUniform", "LogUniform", "Uniform", "space_from_config"} <= set(found["space_same"])
+    assert found["results_same"] and all(found["results_same"].values()), found["results_same"]
+    assert {"best_checkpoint", "load_best_model", "load_results"} <= set(found["results_same"])
     assert found["domains"] == ["Choice", "Domain", "IntUniform", "LogUniform", "Uniform"]
     assert found["unified_glue"] == "lightning_pbt.lightning.callback"
     assert set(found["unified_bases"]) == {"PBTReplay", "PopulationBasedTraining", "PopulationStrategy"}
@@ -99,7 +104,7 @@ def named_commands() -> list[str]:
 
 
 def test_the_named_commands_are_the_known_ones():
-    assert named_commands() == ["lightning_pbt.internals", "lightning_pbt.report"]
+    assert named_commands() == ["lightning_pbt", "lightning_pbt.internals", "lightning_pbt.report"]
 
 
 @pytest.mark.parametrize("module", named_commands())

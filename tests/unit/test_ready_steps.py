@@ -353,3 +353,43 @@ def test_a_members_other_ranks_wait_for_its_decision_as_long_as_its_leader_may_w
     time.sleep(0.2)
     steps.step(Observation(0.5, False, 10, 0))
     assert len(asked) == 1 and 0.2 <= asked[0] < 1.0
+
+
+def test_an_asynchronous_member_keeps_what_it_trained_with_at_its_last_ready_step():
+    """At its last ready step (no training follows) a member does not decide, copy or explore: it still
+    publishes its score and snapshot (a donor to members still training) and records ``extra.last``."""
+    from lightning_pbt.algorithm.scheduler import MemberPlan
+    from lightning_pbt.distributed.ready_steps.base import Observation
+
+    store = _Store()
+    steps = _asynchronous(store)
+    steps._shared_decision, asked = _deciding(MemberPlan(0, "rejuvenate", 0, {"lr": 0.2}, ("lr: 0.1 -> 0.2",)))
+    steps._publish(0, 0, None, version=-1, done=False)
+    result = steps.step(Observation(0.5, False, 10, 0, last=True))
+    assert asked == [] and result.plan == MemberPlan(0, "keep", 0, {"lr": 0.1}, ())
+    assert steps.book.hyperparameters == {"lr": 0.1} and steps.member.weights[0, 0] == 3.0
+    record = json.loads(store["ns/member/0"])
+    assert (record["score"], record["version"]) == (0.5, 0) and steps.server.taken == [0]
+    pushed = [json.loads(value) for key, value in store.items() if "/lineage/" in key]
+    assert pushed and pushed[-1][0]["extra"]["last"] is True and pushed[-1][0]["event"] == "keep"
+    steps.step(Observation(0.6, False, 20, 1))  # not its last: it decides as usual
+    assert len(asked) == 1 and steps.book.hyperparameters == {"lr": 0.2}
+
+
+def test_asynchronous_decisions_are_announced_once_each_as_the_drain_writes_them():
+    """No population step in asynchronous mode: population rank 0 prints one line per member decision that
+    copied or re-initialised, from the lines its drain writes (every member's, not only its own)."""
+    from lightning_pbt.algorithm.lineage import LineageRecord
+    from lightning_pbt.distributed.ready_steps.asynchronous import announcer
+
+    said = []
+    records = [
+        LineageRecord(40, 1, 2, 0.5, "exploit", 1, {"lr": 0.2}, ["lr: 0.25 -> 0.2 (x0.8)"], donor_step=36),
+        LineageRecord(40, 1, 0, 0.9, "keep", 0, {"lr": 0.1}),
+        LineageRecord(44, 1, 3, None, "rejuvenate", 3, {"lr": 0.3}),
+    ]
+    announcer(said.append, "val")(records)
+    assert said == [
+        "PBT member 2 at its step 40 (val 0.5): copied member 1's step 36, lr: 0.25 -> 0.2 (x0.8)",
+        "PBT member 3 at its step 44 (val n/a): got fresh weights",
+    ]

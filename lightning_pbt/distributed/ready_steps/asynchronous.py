@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -41,7 +41,7 @@ from lightning_pbt.distributed.serving import (
     wait_until_written,
 )
 
-__all__ = ["AsynchronousReadySteps"]
+__all__ = ["AsynchronousReadySteps", "announcer", "asynchronous_line"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
         self.server.start()
         if self.lineage is not None:
             self.drain = LineageDrain(
-                population.new_store_client(), self.namespace, self.lineage, population.signal_abort
+                population.new_store_client(), self.namespace, self.lineage, population.signal_abort,
+                on_written=None if self.announce is None else announcer(self.announce, self.monitor),
             )
             self.drain.start()
         self._interval_started = time.monotonic()  # training starts now: the set-up is no interval's
@@ -146,7 +147,7 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
             self._forget(self.book.ready_count - 1)
         version = self._take_snapshot(observation.step)
         if observation.missing:  # the same on every rank of this member
-            raise RuntimeError(self._missing_monitor_error([self.me]))
+            raise RuntimeError(self._missing_monitor_error([self.me], observation.logged))
         score = observation.score if math.isfinite(observation.score) else None
         own = self.book.population[self.me]
         fresh = [score] if score is not None else []
@@ -157,10 +158,10 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
         if self._leader:
             self._publish(observation.step, observation.epoch, score, version, done=False, interval_s=interval_s)
         snapshotted = time.perf_counter()
-        waited = self._wait_for_peers(observation.step, interval_s)
+        waited = None if observation.last else self._wait_for_peers(observation.step, interval_s)
 
         plan, donor_step, decided, view, message = None, None, snapshotted, {}, {"compared": {}}
-        for attempt in range(self.attempts):
+        for attempt in range(0 if observation.last else self.attempts):  # its last ready step: keep (all ranks know)
             message = self._shared_decision(observation, attempt, wait_bound(self.wait_for_peers or 0.0, interval_s))
             decided = time.perf_counter()
             plan, view = MemberPlan.from_dict(message["plan"]), message["view"]
@@ -179,8 +180,9 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
                 self._leave_rankings(donor.get("held"))
                 break
             plan = None
-        if plan is None:  # every attempt found the donor's snapshot replaced: keep training as is
-            plan = MemberPlan(self.me, "keep", self.me, dict(self.book.hyperparameters), ("donor moved on; kept",))
+        if plan is None:  # its last ready step, or every attempt found the donor's snapshot replaced: keep as is
+            kept = () if observation.last else ("donor moved on; kept",)
+            plan = MemberPlan(self.me, "keep", self.me, dict(self.book.hyperparameters), kept)
         transferred = time.perf_counter()
 
         if plan.event == "rejuvenate":  # fresh weights: no scores, no progress yet
@@ -198,26 +200,18 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
         self.book.last_ready_step = observation.step
         timing = {"snapshot": snapshotted - started, "decide": decided - snapshotted, "transfer": transferred - decided}
         if self._leader:
-            extra = decision_extra(message, waited)
+            extra = {**decision_extra(message, waited), **({"last": True} if observation.last else {})}
             record = LineageRecord(
-                step=observation.step,
-                epoch=observation.epoch,
-                member=self.me,
-                score=score,
-                event=plan.event,
-                parent=plan.parent,
-                hyperparameters=dict(plan.hyperparameters),
-                mutations=list(plan.mutations),
-                timing=timing,
-                extra=extra,
-                donor_step=donor_step,
+                step=observation.step, epoch=observation.epoch, member=self.me, score=score, event=plan.event,
+                parent=plan.parent, hyperparameters=dict(plan.hyperparameters), mutations=list(plan.mutations),
+                timing=timing, extra=extra, donor_step=donor_step,
             )
             self._last_push = push_lineage(self.population.store, self.namespace, [record])
         scores = {int(member): status.get("score") for member, status in view.items()}
         scores[self.me] = score
         # The next interval counts this ready step's work (at fast steps much of a member's pace), not its wait
         self._interval_started = began + (waited or 0.0)
-        return ReadyStepResult(observation.step, scores, plan, timing)
+        return ReadyStepResult(observation.step, scores, plan, timing, {self.me: plan})
 
     def _leave_rankings(self, held: Any = None) -> None:
         """Its record describes thrown-away weights: out of the rankings until its next (``held``: the copy's)."""
@@ -370,3 +364,31 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
                     "could leave the lineage short of this member's last ready step",
                     self.me,
                 )
+
+
+def announcer(announce: Callable[[str], None], monitor: str) -> Callable[[list[LineageRecord]], None]:
+    """What rank 0's lineage drain calls with the lines it wrote: one console line per member decision that
+    copied or re-initialised (asynchronous mode has no population step to summarise)."""
+
+    def on_written(records: list[LineageRecord]) -> None:
+        for record in records:
+            if record.event in ("exploit", "rejuvenate"):
+                announce(asynchronous_line(record, monitor))
+
+    return on_written
+
+
+def asynchronous_line(record: LineageRecord, monitor: str) -> str:
+    """The console line of an asynchronous member's decision, from its lineage line.
+
+    Examples:
+        >>> record = LineageRecord(40, 1, 2, 0.5, "exploit", 1, {"lr": 0.2}, ["lr: 0.25 -> 0.2 (x0.8)"], donor_step=36)
+        >>> asynchronous_line(record, "val_acc")
+        "PBT member 2 at its step 40 (val_acc 0.5): copied member 1's step 36, lr: 0.25 -> 0.2 (x0.8)"
+    """
+    score = "n/a" if record.score is None else f"{record.score:.4g}"
+    head = f"PBT member {record.member} at its step {record.step} ({monitor} {score}): "
+    if record.event == "rejuvenate":
+        return head + "got fresh weights"
+    donor = f"member {record.parent}" + ("" if record.donor_step is None else f"'s step {record.donor_step}")
+    return head + ", ".join([f"copied {donor}", *record.mutations])

@@ -10,13 +10,14 @@ import json
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from lightning_pbt.algorithm.lineage import LineageRecord, LineageWriter, read_lineage, truncate_members_after
+from lightning_pbt.algorithm.results import set_aside_previous_run
 from lightning_pbt.algorithm.scheduler import MemberPlan, PBTScheduler
 from lightning_pbt.algorithm.topology import PopulationTopology
 from lightning_pbt.distributed.collectives import PopulationGroup
@@ -29,6 +30,7 @@ __all__ = [
     "PopulationBook",
     "ReadyStepResult",
     "ReadySteps",
+    "missing_monitor_message",
     "open_lineage",
 ]
 
@@ -45,6 +47,10 @@ class Observation:
         step: the member's global step.
         epoch: the member's epoch.
         done: whether the member has stopped training (it still takes part, as a possible donor).
+        last: whether no training follows this ready step (its last one: ``max_steps`` or ``max_epochs``
+            reached, or the trainer stopping). The member may still donate but keeps its weights and the
+            values it trained with, so that what it ends with is what it trained with.
+        logged: the metric names logged at this validation (named when the monitored one is missing).
     """
 
     score: float
@@ -52,6 +58,8 @@ class Observation:
     step: int
     epoch: int
     done: bool = False
+    last: bool = False
+    logged: tuple[str, ...] = ()
 
 
 class LocalMember(Protocol):
@@ -100,12 +108,16 @@ class ReadyStepResult:
         scores: ``{member: score}`` as the decision saw them.
         plan: this member's plan.
         timing: seconds per phase (``gather``, ``decide``, ``transfer``, ...).
+        plans: every member's plan at this step, where this rank knows them (synchronous: all of them, in
+            the result of one member per process; asynchronous: this member's), for the console's one line
+            per ready step.
     """
 
     step: int
     scores: dict[int, float | None]
     plan: MemberPlan
     timing: dict[str, float]
+    plans: dict[int, MemberPlan] = field(default_factory=dict)
 
 
 class ReadySteps(ABC):
@@ -128,6 +140,8 @@ class ReadySteps(ABC):
             for the members that have not scored at this member's progress (``None``: never).
         turns: synchronous, several members per process: the process's
             :class:`~lightning_pbt.plugin.turns.MemberTurns`, through which its members meet at ready steps.
+        announce: asynchronous, population rank 0: prints one console line per member decision that copied
+            or re-initialised, as the lineage drain writes it (``None``: silent).
     """
 
     synchronous: ClassVar[bool]
@@ -147,7 +161,9 @@ class ReadySteps(ABC):
         snapshot_every: int | None = None,
         wait_for_peers: float | None = None,
         turns: Any = None,
+        announce: Callable[[str], None] | None = None,
     ) -> None:
+        self.announce = announce
         self.population = population
         self.topology = topology
         self.namespace = namespace
@@ -262,11 +278,8 @@ class ReadySteps(ABC):
             self.book.hyperparameters = dict(plan.hyperparameters)
             self.member.apply(self.book.hyperparameters)
 
-    def _missing_monitor_error(self, members: list[int]) -> str:
-        return (
-            f"PopulationBasedTraining: the monitored metric {self.monitor!r} was not logged by member(s) {members} at "
-            f"this ready step. Log it with self.log({self.monitor!r}, ..., sync_dist=True) in validation_step"
-        )
+    def _missing_monitor_error(self, members: list[int], logged: Sequence[str] | None = None) -> str:
+        return missing_monitor_message(self.monitor, members, logged)
 
     def _all_diverged_error(self) -> str:
         return (
@@ -290,7 +303,8 @@ def open_lineage(
     """Population rank 0: continue the lineage of a resumed run, or start a fresh one.
 
     A resumed member's lines after the ready step it resumed from are dropped (they are written again);
-    a fresh run moves an existing file aside (``lineage.jsonl.N``) instead of deleting it.
+    a fresh run moves a previous run's outputs there (lineage, results, report, plots) aside together, into
+    ``previous_<N>/`` (:func:`~lightning_pbt.algorithm.results.set_aside_previous_run`), instead of deleting them.
     """
     if restored and os.path.exists(path):
         inits = {record.member: record.hyperparameters for record in read_lineage(path) if record.event == "init"}
@@ -303,11 +317,7 @@ def open_lineage(
             )
         truncate_members_after(path, resumed_at)
         return LineageWriter(path)
-    if os.path.exists(path):
-        index = 1
-        while os.path.exists(f"{path}.{index}"):
-            index += 1
-        os.replace(path, f"{path}.{index}")
+    set_aside_previous_run(os.path.dirname(path) or ".")
     writer = LineageWriter(path)
     writer.write(
         LineageRecord(
@@ -323,3 +333,27 @@ def open_lineage(
         for member, status in sorted(book.population.items())
     )
     return writer
+
+
+def missing_monitor_message(monitor: str, members: Sequence[int], logged: Sequence[str] | None) -> str:
+    """The error for a monitored metric that was not logged, naming the metrics that were (and the closest).
+    ``logged``: what one of those members logged (``None``: not known where the error is made, so not named).
+
+    Examples:
+        >>> missing_monitor_message("val_accuracy", [0, 1], ["val_acc", "train_loss"]).split("; ")[-1]
+        "the metrics logged were ['train_loss', 'val_acc'] (did you mean 'val_acc'?)"
+    """
+    import difflib
+
+    text = (
+        f"PopulationBasedTraining: the monitored metric {monitor!r} was not logged by member(s) {list(members)} at "
+        f"this ready step. Log it with self.log({monitor!r}, ..., sync_dist=True) in validation_step"
+    )
+    if logged is None:
+        return text
+    names = sorted(logged)
+    if not names:
+        return text + "; no metric was logged at this validation"
+    text += f"; the metrics logged were {names}"
+    close = difflib.get_close_matches(monitor, names, n=1)
+    return text + (f" (did you mean {close[0]!r}?)" if close else "")

@@ -22,7 +22,7 @@ from lightning_pbt.distributed.ready_steps.base import HISTORY, LocalMember, Obs
 __all__ = ["SynchronousReadySteps"]
 
 # Columns of the per-rank row in the synchronous ready step's all-gather.
-_SCORE, _STEP, _EPOCH, _MISSING, _DONE = range(5)
+_SCORE, _STEP, _EPOCH, _MISSING, _DONE, _LAST = range(6)
 
 
 class SynchronousReadySteps(ReadySteps):
@@ -54,7 +54,7 @@ class SynchronousReadySteps(ReadySteps):
         if not all(observation.done for _, observation in lanes):  # wakes the stopped processes (see finish)
             population.store.set(self._ready_key(), "1")
         rows = torch.tensor(
-            [[o.score, o.step, o.epoch, o.missing, o.done] for _, o in lanes],
+            [[o.score, o.step, o.epoch, o.missing, o.done, o.last] for _, o in lanes],
             dtype=torch.float64,
             device=population.device,
         )
@@ -67,8 +67,10 @@ class SynchronousReadySteps(ReadySteps):
         decider = lanes[0][0]  # lane 0: on population rank 0 it holds the lineage
         decision: Any = None
         if topology.world_rank == 0:
+            # The metrics a member that missed the monitor logged, where rank 0 hosts one (else unknown here).
+            logged = next((observation.logged for _, observation in lanes if observation.missing), None)
             try:
-                decision = decider._decide(leaders)
+                decision = decider._decide(leaders, logged)
             except Exception as error:  # broadcast, so that no rank waits for a decision that never comes
                 decision = {
                     "error": "PopulationBasedTraining: the decision failed on population rank 0: "
@@ -83,12 +85,18 @@ class SynchronousReadySteps(ReadySteps):
         self._move_states(plans, {protocol.me: protocol.member for protocol, _ in lanes})
         transferred = time.perf_counter()
         timing = {"gather": gathered - started, "decide": decided - gathered, "transfer": transferred - decided}
-        return {protocol.me: protocol._record_decision(decision, plans, timing) for protocol, _ in lanes}
+        # Every member's plans go to one member of the process, the first that trains: the console's line, once.
+        reporter = next((protocol.me for protocol, observation in lanes if not observation.done), None)
+        return {
+            protocol.me: protocol._record_decision(decision, plans, timing, report=protocol.me == reporter)
+            for protocol, _ in lanes
+        }
 
     def _record_decision(
-        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float]
+        self, decision: Mapping[str, Any], plans: Mapping[int, MemberPlan], timing: Mapping[str, float], report: bool
     ) -> ReadyStepResult:
-        """This member's book after a ready step: the population's status, its own plan carried out."""
+        """This member's book after a ready step: the population's status, its own plan carried out (``report``:
+        its result carries every member's plan)."""
         self.scheduler.load_state_dict(decision["scheduler"])
         for member, plan in plans.items():
             self.book.population[member].update(
@@ -114,12 +122,12 @@ class SynchronousReadySteps(ReadySteps):
                     hyperparameters=dict(plan.hyperparameters),
                     mutations=list(plan.mutations),
                     timing=dict(timing),
-                    extra={"done": bool(decision["done"][str(member)])},
+                    extra=_step_extra(bool(decision["done"][str(member)]), bool(decision["last"][str(member)])),
                 )
                 for member, plan in sorted(plans.items())
             )
         scores = {int(member): score for member, score in decision["scores"].items()}
-        return ReadyStepResult(step, scores, plans[self.me], dict(timing))
+        return ReadyStepResult(step, scores, plans[self.me], dict(timing), dict(plans) if report else {})
 
     def finish(self) -> None:
         """Serve the ready steps of the members still training (as a possible donor) until all stop."""
@@ -138,12 +146,13 @@ class SynchronousReadySteps(ReadySteps):
 
         self.population.wait_for_everyone(f"{self.namespace}/done", 0.05, barrier=False, meanwhile=serve)
 
-    def _decide(self, leaders: Mapping[int, torch.Tensor]) -> dict[str, Any]:
-        """Population rank 0 only: check each member's row (its rank 0's) and run the scheduler."""
+    def _decide(self, leaders: Mapping[int, torch.Tensor], logged: Sequence[str] | None = None) -> dict[str, Any]:
+        """Population rank 0 only: check each member's row (its rank 0's) and run the scheduler (``logged``:
+        the metric names a member that missed the monitored one logged, ``None`` where this rank hosts none)."""
         active = {member: row for member, row in leaders.items() if not row[_DONE]}
         missing = [member for member, row in active.items() if row[_MISSING]]
         if missing:
-            return {"error": self._missing_monitor_error(missing)}
+            return {"error": self._missing_monitor_error(missing, logged)}
         steps = {int(row[_STEP]) for row in active.values()}
         if len(steps) > 1:
             return {
@@ -172,7 +181,9 @@ class SynchronousReadySteps(ReadySteps):
                     score=score if finite else None,
                     hyperparameters=status["hyperparameters"],
                     history=tuple(history),
-                    can_exploit=not bool(row[_DONE]),
+                    # At its last ready step a member keeps what it trained with (it may still donate).
+                    can_exploit=not bool(row[_DONE]) and not bool(row[_LAST]),
+                    training=not bool(row[_DONE]),
                 )
             )
         plans = self.scheduler.plan(step, snapshots)
@@ -189,6 +200,7 @@ class SynchronousReadySteps(ReadySteps):
             "scores": scores,
             "histories": histories,
             "done": {str(member): bool(row[_DONE]) for member, row in leaders.items()},
+            "last": {str(member): bool(row[_LAST]) for member, row in leaders.items()},
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -231,3 +243,9 @@ class SynchronousReadySteps(ReadySteps):
                 member.load_training_state(
                     transfer.unflatten_state(received.nest, received.tensors), model_in_place=received.in_place
                 )
+
+
+def _step_extra(done: bool, last: bool) -> dict[str, Any]:
+    """The lineage's ``extra`` of a synchronous line: whether the member had stopped, and ``last`` at the
+    member's last ready step (where it keeps the values it trained with)."""
+    return {"done": done, "last": True} if last else {"done": done}

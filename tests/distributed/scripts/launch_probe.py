@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch.distributed as dist
@@ -20,6 +21,7 @@ record = {
     "path0": sys.path[0],
     "rank_zero_only": rank_zero_only.rank,
     "random": float(np.random.random()),
+    "warnings": [f[0] for f in warnings.filters[:1]],
 }
 with open(os.path.join(sys.argv[1], f"probe_{os.environ['RANK']}.json"), "w") as f:
     json.dump(record, f)

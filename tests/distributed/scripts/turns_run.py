@@ -137,6 +137,10 @@ class KillBetweenSaves(pl.Callback):
         os.kill(os.getpid(), 9)
 
 
+def pbt_of(trainer) -> PopulationBasedTraining:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, PopulationBasedTraining))
+
+
 class Recorder(pl.Callback):
     """After the PBT callback: each member's state at every validation end, and its end state."""
 
@@ -166,6 +170,9 @@ class Recorder(pl.Callback):
             ),
             "thread": threading.current_thread().name,
             "parked": PARKED[0],
+            # What this member's own callback tells after fit (each member that takes turns has its own copy).
+            "results": [vars(result) for result in pbt_of(trainer).results],
+            "best_member": pbt_of(trainer).best_member,
         }
         with open(os.path.join(out, f"member_{strategy.member_id}.json"), "w") as f:
             json.dump(record, f)
