@@ -167,10 +167,8 @@ def _prepare_call(function: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
             # will resume from so that the members can agree on it once the groups exist.
             args, kwargs, strategy._resume_path, strategy._resume_weights_only = fit_checkpoint(trainer, args, kwargs)
             if strategy.lane.turns is not None:  # lane 0 agrees for every lane of the process (_agree_on_resume)
-                strategy.lane.turns.checkpoints[strategy.lane.index] = (
-                    strategy._resume_path,
-                    strategy._resume_weights_only,
-                )
+                resume = (strategy._resume_path, strategy._resume_weights_only)
+                strategy.lane.turns.checkpoints[strategy.lane.index] = resume
     return args, kwargs
 
 
@@ -420,9 +418,8 @@ class PopulationStrategy(DDPStrategy):
     def scope_outputs(self, trainer: Any) -> None:
         """Point loggers and checkpoint callbacks at ``member_<id>/`` folders; runs in every process.
 
-        Called by the launcher wrapper before ``Trainer.fit`` resolves ``ckpt_path="last"``, so that
-        each member resumes from its own last checkpoint. The member id comes from the launch
-        environment; the process groups do not exist yet.
+        Called by the launcher wrapper before ``Trainer.fit`` resolves ``ckpt_path="last"``, so that each
+        member resumes from its own last checkpoint (member id from the launch environment: no groups yet).
         """
         if self._scoped_root is not None:
             return
@@ -479,11 +476,8 @@ class PopulationStrategy(DDPStrategy):
         self._before_finishing.append(hook)
 
     def finish_population(self) -> None:
-        """Wait until every rank of the population has finished, then stop the watchdog.
-
-        Called once at the end of a successful fit so that no rank leaves (and takes the store with
-        it) while others still need it.
-        """
+        """Wait until every rank of the population has finished, then stop the watchdog: called once at the
+        end of a successful fit, so that no rank leaves (taking the store with it) while others need it."""
         hooks, self._before_finishing = self._before_finishing, []
         if self.population is None or self._failed:
             return
