@@ -166,11 +166,12 @@ def main(cfg: DictConfig) -> float | None:
     if strategy.members_per_process > 1:
         test_acc = None
         if trainer.strategy.world_rank == 0 and best is not None:
-            print(f"\nBest member: {best} (val_acc {scores[best]:.4f}), not tested (members take turns)", flush=True)
+            print(f"\nHeld-out: member {best} (val_acc {scores[best]:.4f}), not tested (members take turns)",
+                  flush=True)
     else:  # every member measures itself on the test split (every rank takes part); the best one says so
         test_acc = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
         if trainer.strategy.member_id == best and trainer.is_global_zero:
-            print(f"\nBest member: {best} (val_acc {scores[best]:.4f}), test accuracy {test_acc:.4f}", flush=True)
+            print(f"\nHeld-out: member {best} (val_acc {scores[best]:.4f}), test accuracy {test_acc:.4f}", flush=True)
     if trainer.strategy.world_rank == 0 and cfg.report:
         make_report(trainer.strategy.run_dir or run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor)
         print(f"Outputs in {trainer.strategy.run_dir or run_dir}/ (pbt/lineage.jsonl, pbt/summary.md)")

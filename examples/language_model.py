@@ -198,12 +198,12 @@ def main(cfg: DictConfig) -> float | None:
     if strategy.members_per_process > 1:
         perplexity = None
         if trainer.strategy.world_rank == 0 and best is not None:
-            print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
+            print(f"\nHeld-out: member {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
                   "not tested (members take turns)", flush=True)
     else:
         perplexity = trainer.test(model, datamodule=data, verbose=False)[0]["test_perplexity"]
         if trainer.strategy.member_id == best and trainer.is_global_zero:
-            print(f"\nBest member: {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
+            print(f"\nHeld-out: member {best} (val_loss {scores[best]:.4f}, perplexity {math.exp(scores[best]):.3f}), "
                   f"test perplexity {perplexity:.3f}", flush=True)
     if trainer.strategy.world_rank == 0 and cfg.report:
         make_report(trainer.strategy.run_dir or run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor)

@@ -212,12 +212,12 @@ def main(cfg: DictConfig) -> float | None:
     if strategy.members_per_process > 1:
         test_return = None
         if trainer.strategy.world_rank == 0 and best is not None:
-            print(f"\nBest member: {best} (eval_return {scores[best]:.1f}), not tested (members take turns)",
+            print(f"\nHeld-out: member {best} (eval_return {scores[best]:.1f}), not tested (members take turns)",
                   flush=True)
     else:
         test_return = trainer.test(model, verbose=False)[0]["test_return"]
         if trainer.strategy.member_id == best and trainer.is_global_zero:
-            print(f"\nBest member: {best} (eval_return {scores[best]:.1f}), return on "
+            print(f"\nHeld-out: member {best} (eval_return {scores[best]:.1f}), return on "
                   f"{len(cfg.model.test_seeds)} held-out seeds {test_return:.1f}", flush=True)
     if trainer.strategy.world_rank == 0 and cfg.report:
         make_report(trainer.strategy.run_dir or run_dir, mode=cfg.pbt.mode, monitor=cfg.pbt.monitor)

@@ -57,7 +57,7 @@ def checkpoint(run_dir: Path, member: int) -> dict:
 
 
 def best_line(stdout: str) -> str:
-    lines = [line for line in stdout.splitlines() if line.startswith("Best member:")]
+    lines = [line for line in stdout.splitlines() if line.startswith("Held-out: member")]
     assert len(lines) == 1, stdout[-3000:]  # printed by the best member's rank only
     return lines[0]
 
