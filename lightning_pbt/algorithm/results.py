@@ -147,12 +147,20 @@ def rank_results(results: Iterable[MemberResult], mode: str) -> list[MemberResul
     return [by_member[m] for m in order]
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: ``n/a`` for a missing value, floats to four significant digits."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table of ``rows`` under ``header``, every cell through :func:`format_cell`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(format_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def summary_text(results: PopulationResults) -> str:
@@ -178,22 +186,20 @@ def summary_text(results: PopulationResults) -> str:
         names += [name for name in result.hyperparameters if name not in names]
     header = ["member", results.monitor, "step", *names, "weights from"]
     lines = [f"Population at the end of fit ({results.monitor}, best first):", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in results.members:
-        row = [r.member, r.score, r.step, *(r.hyperparameters.get(name) for name in names), r.parent]
-        lines.append("| " + " | ".join(_fmt(value) for value in row) + " |")
-    lines.append("")
+    rows = ([r.member, r.score, r.step, *(r.hyperparameters.get(name) for name in names), r.parent]
+            for r in results.members)
+    lines += [markdown_table(header, rows), ""]
     best = results.best
     if best is None:
         lines.append("No member has a finite score.")
         return "\n".join(lines)
-    lines.append(f"Best member: {best.member} ({results.monitor} {_fmt(best.score)})")
+    lines.append(f"Best member: {best.member} ({results.monitor} {format_cell(best.score)})")
     if best.checkpoint_path is None:
         lines.append("Its checkpoint: none saved")
     else:
         note = ""
         if best.checkpoint_score is not None and best.checkpoint_score != best.score:
-            note = f" (its ModelCheckpoint's best, scored {_fmt(best.checkpoint_score)})"
+            note = f" (its ModelCheckpoint's best, scored {format_cell(best.checkpoint_score)})"
         lines.append(f"Its checkpoint: {best.checkpoint_path}{note}")
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from lightning_pbt.algorithm.lineage import (
     read_lineage,
     records_by_member,
 )
+from lightning_pbt.algorithm.results import format_cell, markdown_table
 from lightning_pbt.algorithm.run_reading import (
     find_lineage,
     hyperparameter_names,
@@ -58,20 +59,6 @@ __all__ = [
     "summary_markdown",
 ]
 
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _exploit_counts(records: Iterable[LineageRecord]) -> tuple[dict[int, int], dict[int, int]]:
@@ -112,7 +99,7 @@ def population_table(records: Sequence[LineageRecord], mode: str = "max") -> str
         ]
         for m in order
     ]
-    return _table(["member", "score", *names, "parent", "exploits", "copied by others"], rows)
+    return markdown_table(["member", "score", *names, "parent", "exploits", "copied by others"], rows)
 
 
 @dataclass
@@ -184,7 +171,8 @@ def summary_markdown(
         lines += [
             f"## {heading}: {chosen}",
             "",
-            f"score {_fmt(last.score)} at step {last.step} (epoch {last.epoch}), weights from member {last.parent}",
+            f"score {format_cell(last.score)} at step {last.step} (epoch {last.epoch}), "
+            f"weights from member {last.parent}",
             "",
             "Its schedule (the hyperparameters its final weights were trained with, from each step on):",
             "",
@@ -192,12 +180,14 @@ def summary_markdown(
         schedule = member_schedule(records, chosen)
         names = hyperparameter_names(record for record in records)
         lines += [
-            _table(["from step", *names], ([step, *(values.get(n) for n in names)] for step, values in schedule)),
+            markdown_table(
+                ["from step", *names], ([step, *(values.get(n) for n in names)] for step, values in schedule)
+            ),
             "",
         ]
     lines += ["## Population (last ready step)", "", population_table(records, mode), ""]
     total = sum(copied.values())
-    lines += [f"## Exploits: {total} in total", "", _table(["member", "exploits"], sorted(copied.items())), ""]
+    lines += [f"## Exploits: {total} in total", "", markdown_table(["member", "exploits"], sorted(copied.items())), ""]
     return "\n".join(lines)
 
 
