@@ -2,11 +2,12 @@
 
     python -m bench                      # every benchmark but applications, at its documented size (~25-30 min)
     python -m bench --only transfer      # one or several of: transfer ready_step overhead quality schedule
-                                         # asynchronous decisions turns
+                                         # asynchronous decisions pbt_function_plugin turns
     python -m bench --only applications  # the three example apps, PBT vs its alternatives at population 16
                                          # (many hours on 2 cores: 3 apps x 6 arms x 10 seeds)
     python -m bench --only applications --seeds 10 11 --population 16 --members-per-process 8 \
         --apps language_model --arms pbt random_search   # other seeds, a layout, some apps and arms
+    python -m bench --only pbt_function_plugin --seeds 310 311  # Ray's pbt_function through the plugin, other seeds
     python -m bench --only trainer_memory  # every rank's RSS over 240 asynchronous ready steps (~15 min)
     python -m bench --smoke              # tiny sizes, results under bench/results/tmp/smoke
     python -m bench --report             # only re-render RESULTS.md from the JSON already there
@@ -37,11 +38,19 @@ from bench.report import DEFAULT, ORDER, write_report
 
 # per launch, seconds
 TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400, "schedule": 900, "asynchronous": 120,
-            "decisions": 600, "turns": 900, "applications": 600, "trainer_memory": 1800}
+            "decisions": 600, "pbt_function_plugin": 300, "turns": 900, "applications": 600, "trainer_memory": 1800}
 SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60,
-                  "decisions": 60, "turns": 120, "applications": 120, "trainer_memory": 120}
+                  "decisions": 60, "pbt_function_plugin": 120, "turns": 120, "applications": 120, "trainer_memory": 120}
 
 APPLICATION_OPTIONS = ("seeds", "population", "members_per_process", "apps", "arms")
+SEEDED = ("applications", "pbt_function_plugin")  # the benchmarks that take --seeds
+
+
+def run_options(name: str, options: dict[str, object]) -> dict[str, object]:
+    """The command line's options that benchmark ``name`` takes."""
+    if name == "applications":
+        return options
+    return {"seeds": tuple(options["seeds"])} if name in SEEDED and "seeds" in options else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     apps.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help=f"({', '.join(ARMS)})")
     args = parser.parse_args(argv)
     options = {name: getattr(args, name) for name in APPLICATION_OPTIONS if getattr(args, name) is not None}
-    if options and (args.only is None or "applications" not in args.only):
-        parser.error(f"--{', --'.join(n.replace('_', '-') for n in options)} only apply to --only applications")
-    if options:
+    seeded = set(args.only or ()) & set(SEEDED)
+    if options and "applications" not in seeded and not (set(options) == {"seeds"} and seeded):
+        parser.error(f"--{', --'.join(n.replace('_', '-') for n in options)} only apply to --only applications"
+                     f" (--seeds also to --only {' '.join(SEEDED[1:])})")
+    if options and "applications" in seeded:
         from bench.applications import plan
 
         try:
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{name}")
         timeout = (SMOKE_TIMEOUTS if args.smoke else TIMEOUTS)[name]
         try:
-            payload = module.run(smoke=args.smoke, timeout=timeout, **(options if name == "applications" else {}))
+            payload = module.run(smoke=args.smoke, timeout=timeout, **run_options(name, options))
         except Exception:
             traceback.print_exc()
             failed.append(name)

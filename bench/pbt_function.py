@@ -29,13 +29,25 @@ from bench.simulate import run_asynchronous, run_lockstep
 from lightning_pbt.algorithm.scheduler import PBTScheduler
 from lightning_pbt.algorithm.space import Uniform
 
-__all__ = ["ARMS", "PbtFunction", "run_pbt_function_benchmark"]
+__all__ = ["ARMS", "PbtFunction", "run_pbt_function_benchmark", "step"]
 
 MEMBERS, READY, ITERATIONS, TARGET = 4, 5, 300, 200.0
 START_LR, LOW, HIGH = 1e-4, 1e-4, 0.02
 MIDPOINT, Q_TOLERANCE, NOISE = 100.0, 3.0, 2.0
 SLOW, SLOW_FACTOR = (2, 3), 3
 ARMS = ("lockstep", "async", "async_old_rule", "async_stragglers", "async_stragglers_old_rule")
+
+
+def step(accuracy: float, lr: float, noise: np.random.Generator) -> float:
+    """One iteration of Ray's dynamics: the accuracy after training at ``lr`` (``noise``: the member's stream)."""
+    optimal = 0.01 * accuracy / MIDPOINT if accuracy < MIDPOINT else 0.01 - 0.01 * (accuracy - MIDPOINT) / MIDPOINT
+    optimal = min(0.01, max(0.001, optimal))
+    q_err = max(lr, optimal) / min(lr, optimal)
+    if q_err < Q_TOLERANCE:
+        accuracy += noise.random() / q_err
+    elif lr > optimal:
+        accuracy -= (q_err - Q_TOLERANCE) * noise.random()
+    return max(0.0, accuracy + NOISE * noise.normal())
 
 
 class PbtFunction:
@@ -49,17 +61,9 @@ class PbtFunction:
         return 0.0
 
     def train(self, member: int, state: float, hyperparameters: Mapping[str, Any], steps: int) -> float:
-        lr, accuracy, g = float(hyperparameters["lr"]), float(state), self.streams[member]
+        accuracy = float(state)
         for _ in range(steps):
-            rising = accuracy < MIDPOINT
-            optimal = 0.01 * accuracy / MIDPOINT if rising else 0.01 - 0.01 * (accuracy - MIDPOINT) / MIDPOINT
-            optimal = min(0.01, max(0.001, optimal))
-            q_err = max(lr, optimal) / min(lr, optimal)
-            if q_err < Q_TOLERANCE:
-                accuracy += g.random() / q_err
-            elif lr > optimal:
-                accuracy -= (q_err - Q_TOLERANCE) * g.random()
-            accuracy = max(0.0, accuracy + NOISE * g.normal())
+            accuracy = step(accuracy, float(hyperparameters["lr"]), self.streams[member])
         self.best = max(self.best, accuracy)
         return accuracy
 

@@ -9,8 +9,8 @@ from typing import Any
 from bench.markdown import fmt, spread_cell, table
 
 ORDER = (
-    "transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "turns", "applications",
-    "trainer_memory",
+    "transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions", "pbt_function_plugin",
+    "turns", "applications", "trainer_memory",
 )
 # What `python -m bench` runs without --only: applications takes an hour and trainer_memory a quarter of one,
 # so they are asked for by name.
@@ -190,6 +190,10 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     out += render_asynchronous_quality(results)
     if "decisions" in results:
         out += render_decisions(results["decisions"])
+    if "pbt_function_plugin" in results:
+        from bench.pbt_function_plugin import render_section as render_plugin_pbt_function
+
+        out += render_plugin_pbt_function(results["pbt_function_plugin"])
     if "asynchronous" in results:
         out += _asynchronous_section(results["asynchronous"])
     if "turns" in results:
@@ -400,6 +404,11 @@ def _asynchronous_section(r: dict[str, Any]) -> list[str]:
             f"speeds: **{fmt(ratios['async_callback_over_none_equal'], 3)}**. Paired by repetition: "
             f"{', '.join(fmt(x, 3) for x in ratios['async_over_sync_mixed_paired'])} and "
             f"{', '.join(fmt(x, 3) for x in ratios['async_callback_over_none_equal_paired'])}."]
+    if "async_wait_over_sync_mixed" in ratios:
+        out += ["", "What `wait_for_peers=1.0` costs with these stragglers, member-steps/s: "
+                f"**{fmt(ratios['async_wait_over_sync_mixed'], 3)}x** lockstep's and "
+                f"**{fmt(ratios['async_wait_over_async_mixed'], 3)}x** plain asynchronous's (paired by repetition: "
+                f"{', '.join(fmt(x, 3) for x in ratios['async_wait_over_async_mixed_paired'])})."]
     work = [(f"{run['arm']} #{run['rep']}", m) for run in r["runs"] for m in run["members"]]
     busiest = max(work, key=lambda item: item[1]["busy_fraction"], default=None)
     if busiest is not None:
@@ -411,7 +420,8 @@ def _asynchronous_section(r: dict[str, Any]) -> list[str]:
         out += ["", "Synchronous ready steps, ms, mean per ready step and rank (the all-gather holds the fast "
                 "members' waiting):", ""]
         out += table(*_sync_breakdown(sync))
-    asynchronous = [(arm, a["ready_step_breakdown"]) for arm, a in r["arms"].items() if a["callback"] == "async"]
+    asynchronous = [(arm, a["ready_step_breakdown"]) for arm, a in r["arms"].items()
+                    if a["callback"] in ("async", "async_wait")]
     if asynchronous:
         out += ["", "Asynchronous ready steps, ms, mean per ready step and rank (nobody waits; an exploit's "
                 "transfer includes the donor's snapshot server noticing the request in the store):", ""]

@@ -17,7 +17,8 @@ from tests.conftest import run_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
-BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions")
+BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions",
+              "pbt_function_plugin")
 
 
 def positive_finite(value: object) -> bool:
@@ -132,7 +133,7 @@ def test_schedule(smoke: Path) -> None:
             assert entry["pbt_async_stragglers"]["steps"] == [3 * steps, 3 * steps, steps, steps]
 def test_asynchronous(smoke: Path) -> None:
     result = load(smoke, "asynchronous")
-    assert set(result["arms"]) == {"sync_mixed", "async_mixed", "async_equal", "none_equal"}
+    assert set(result["arms"]) == {"sync_mixed", "async_mixed", "async_wait_mixed", "async_equal", "none_equal"}
     assert result["arms"]["sync_mixed"]["speeds"] == [1, 1, 3, 3]
     assert result["arms"]["async_equal"]["speeds"] == [1, 1, 1, 1]
     for run in result["runs"]:
@@ -143,10 +144,27 @@ def test_asynchronous(smoke: Path) -> None:
             assert run["ready_steps"] >= 1
     for ratio in ("async_over_sync_mixed", "async_callback_over_none_equal"):
         assert positive_finite(result["ratios"][ratio])
+    for ratio in ("async_wait_over_sync_mixed", "async_wait_over_async_mixed"):
+        assert positive_finite(result["ratios"][ratio])
         assert set(result["targets"][ratio]) >= {"target", "value", "met", "applies"}
     assert "gather_waiting_ms" in result["arms"]["sync_mixed"]["ready_step_breakdown"]
     assert positive_finite(result["arms"]["async_mixed"]["ready_step_breakdown"]["snapshot_ms"])
     assert result["arms"]["none_equal"]["ready_step_breakdown"] is None
+
+
+def test_pbt_function_plugin(smoke: Path) -> None:
+    result = load(smoke, "pbt_function_plugin")
+    assert set(result["arms"]) == {"lockstep", "async", "async_wait"}
+    for entry in result["per_seed"]:
+        lockstep = entry["lockstep"]
+        # lockstep decides with everyone at every ready step: 4 members x (40 / 5 - 1) ready steps before the last
+        assert lockstep["decisions"] == 4 * 7 and lockstep["in_step"] is None
+        for arm in ("lockstep", "async", "async_wait"):
+            run = entry[arm]
+            assert run["best"] >= run["final_best"] >= 0.0 and run["reached"] == (run["best"] > 200.0)
+            assert 0 <= run["exploits"] <= run["decisions"]
+        assert 0.0 <= entry["async_wait"]["in_step"] <= 1.0
+    assert set(result["targets"]) == {"async_reached", "async_median", "async_wait_reached", "async_wait_in_step"}
 
 
 def test_decisions(smoke: Path) -> None:
