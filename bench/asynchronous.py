@@ -29,6 +29,9 @@ Arms, in alternating order from one repetition to the next (ABCD, DCBA, ABCD):
 - ``async_mixed``: ``synchronous=False``, same speeds: nobody waits.
   Target: async_mixed >= 1.5x the member-steps/s of sync_mixed (the ideal is 2x: 1 + 1 + 1/3 + 1/3
   against 4 x 1/3);
+- ``async_wait_mixed``: ``synchronous=False, wait_for_peers=1.0``, same speeds: what the wait costs with
+  stragglers (a fast member waits for peers that are still in its interval, never for a straggler a
+  whole interval behind), against both arms above;
 - ``async_equal``: ``synchronous=False``, every speed 1; ``none_equal``: the same population under
   ``PopulationStrategy`` alone (no callback, the same starting learning rates).
   Target: async_equal >= 0.97x the member-steps/s of none_equal (what the asynchronous callback costs).
@@ -58,9 +61,10 @@ MEMBERS = 4
 SLOW_MEMBERS = (2, 3)
 SLOW_FACTOR = 3
 BASE_STEP_S = 0.03
-ARMS = {  # name: (callback: None / "sync" / "async", mixed speeds)
+ARMS = {  # name: (callback: None / "sync" / "async" / "async_wait", mixed speeds)
     "sync_mixed": ("sync", True),
     "async_mixed": ("async", True),
+    "async_wait_mixed": ("async_wait", True),
     "async_equal": ("async", False),
     "none_equal": (None, False),
 }
@@ -111,6 +115,7 @@ def run(smoke: bool = False, timeout: float = 120) -> dict[str, Any]:
         return [by_rep[(a, rep)] / by_rep[(b, rep)] for rep in range(size["reps"])]
 
     async_over_sync = rate("async_mixed") / rate("sync_mixed")
+    wait_over_sync, wait_over_async = (rate("async_wait_mixed") / rate(arm) for arm in ("sync_mixed", "async_mixed"))
     callback_over_none = rate("async_equal") / rate("none_equal")
     return clean_floats({
         "description": "4 members x 1 rank, two on an emulated 3x slower device (sleep-padded steps): "
@@ -132,12 +137,15 @@ def run(smoke: bool = False, timeout: float = 120) -> dict[str, Any]:
         "ratios": {"async_over_sync_mixed": async_over_sync, "async_over_sync_mixed_paired": paired("async_mixed",
                                                                                                   "sync_mixed"),
                    "async_callback_over_none_equal": callback_over_none,
+                   "async_wait_over_sync_mixed": wait_over_sync, "async_wait_over_async_mixed": wait_over_async,
+                   "async_wait_over_async_mixed_paired": paired("async_wait_mixed", "async_mixed"),
                    "async_callback_over_none_equal_paired": paired("async_equal", "none_equal"),
                    "ideal_async_over_sync_mixed": (MEMBERS - len(SLOW_MEMBERS) + len(SLOW_MEMBERS) / SLOW_FACTOR)
                    / (MEMBERS / SLOW_FACTOR)},
         "quality_at_equal_wall_time": {
             "sync_mixed": arms["sync_mixed"]["best_member_test_acc"],
             "async_mixed": arms["async_mixed"]["best_member_test_acc"],
+            "async_wait_mixed": arms["async_wait_mixed"]["best_member_test_acc"],
         },
         "targets": {
             "async_over_sync_mixed": {"target": f">= {TARGET_ASYNC_OVER_SYNC}", "value": async_over_sync,
@@ -278,7 +286,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     recorder = None
     if cfg["callback"]:
         pbt = PopulationBasedTraining(space, monitor="val_acc", mode="max", every_n_train_steps=cfg["every"],
-                                      seed=seed, dirpath=str(out / "pbt"), synchronous=cfg["callback"] == "sync")
+                                      seed=seed, dirpath=str(out / "pbt"), synchronous=cfg["callback"] == "sync",
+                                      wait_for_peers=1.0 if cfg["callback"] == "async_wait" else None)
         recorder = ReadyStepRecorder(pbt)
         callbacks.append(pbt)
     device, budget = EmulatedDevice(cfg["base_step_s"] * speed), WallBudget(cfg["budget_s"])
