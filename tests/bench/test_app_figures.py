@@ -109,7 +109,8 @@ def applications_payload(root: Path) -> dict:
 def two_seeds(root: Path) -> None:
     for seed in (0, 1):
         app = root / "image_classification"
-        write_launch(app / f"seed{seed}_pbt", "pbt", HISTORIES, LINEAGE)
+        shifted = {m: [[s, round(v - 0.1 * seed, 6)] for s, v in h] for m, h in HISTORIES.items()}
+        write_launch(app / f"seed{seed}_pbt", "pbt", shifted, LINEAGE)
         write_launch(app / f"seed{seed}_grid", "grid", {m: [[s, v - 0.05 * seed] for s, v in h]
                                                          for m, h in HISTORIES.items()}, None)
 
@@ -131,9 +132,11 @@ def drawn_lines(monkeypatch) -> list:
 def test_figures_draw_the_curves_and_the_lineages_values(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     two_seeds(tmp_path / "raw")
+    interrupted = {m: [[s, v + 0.5] for s, v in h] for m, h in HISTORIES.items()}  # seed 2: PBT only, not complete
+    write_launch(tmp_path / "raw" / "image_classification" / "seed2_pbt", "pbt", interrupted, LINEAGE)
     payload = applications_payload(tmp_path / "raw")
     a = payload["apps"]["image_classification"]
-    assert a["per_seed"]["1"]["pbt"]["curve"][2] == [15, 0.48, 2]  # collect keeps each arm's curve
+    assert a["per_seed"]["1"]["pbt"]["curve"][2] == [15, 0.38, 2]  # collect keeps each arm's curve
     assert a["per_seed"]["0"]["grid"]["member"] == 1  # best final validation 0.74
     figures = drawn_lines(monkeypatch)
     drawn = write_figures(payload, tmp_path)
@@ -142,7 +145,11 @@ def test_figures_draw_the_curves_and_the_lineages_values(tmp_path, monkeypatch):
     assert (curves_name, schedule_name) == ("applications_image_classification_curves.png",
                                            "applications_image_classification_schedule.png")
     pbt, grid = curves.axes[0].get_lines()
-    assert list(pbt.get_ydata()) == [0.31, 0.42, 0.48, 0.63, 0.71, 0.74]  # the ancestry, equal at both seeds
+    # the ancestry (0.31 0.42 0.48 0.63 0.71 0.74 at seed 0, 0.1 less at seed 1): median of two seeds
+    assert list(pbt.get_ydata()) == pytest.approx([0.26, 0.37, 0.43, 0.58, 0.66, 0.69])
+    band = curves.axes[0].collections[0].get_paths()[0].vertices[:, 1]  # seed 2 is not complete: left out
+    assert (band.min(), band.max()) == pytest.approx((0.31 - 0.075, 0.74 - 0.025))  # q1 at the first, q3 at the last
+    assert drawn["apps"]["image_classification"]["seeds"] == [0, 1]
     assert list(grid.get_ydata()) == pytest.approx([v - 0.025 for _, v in HISTORIES[1]])  # median of 2 seeds
     lr = schedule.axes[0 if schedule.axes[0].get_ylabel() == "lr" else 1]
     *grey, bold = lr.get_lines()
