@@ -31,13 +31,15 @@ def render_section(r: dict[str, Any], figures: dict[str, Any] | None = None) -> 
     return render_population4(r)
 
 
-def _header(r: dict[str, Any], layout: str) -> list[str]:
+def _header(r: dict[str, Any], layout: str, statistics: str) -> list[str]:
+    """The section's first paragraph (``statistics`` ends it), then the notes on kept arms and failures."""
     cfg = r["config"]
     out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
            f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {layout}, "
            f"seeds {cfg['seeds']} (paired: member i of every arm starts from the same weights and data/environment "
            "seed); every arm trains every member the same number of steps, so every arm costs the same "
-           "member-steps. Result: the test metric of the arm's member with the best final validation score"]
+           "member-steps. Result: the test metric of the arm's member with the best final validation score"
+           + statistics]
     if cfg.get("arms_kept_from_an_earlier_run"):
         out += ["", f"{cfg['arms_kept_from_an_earlier_run']} arms were kept from an earlier run with the same launch "
                 "configs (the wall time above is this run's only); every launch's own wall time is in the JSON."]
@@ -50,10 +52,10 @@ def render_population(r: dict[str, Any], figures: dict[str, Any] | None = None) 
     cfg = r["config"]
     side = math.isqrt(cfg["population"])
     out = _header(r, f"Population {cfg['population']}: {cfg['processes']} processes x {cfg['members_per_process']} "
-                     "members taking turns, 1 rank per member")
-    out[-1] += ("; median [first quartile, third quartile] over seeds; PBT's wins/ties/losses against each arm "
-                "seed by seed, the exact two-sided sign test (ties left out) and the exact Wilcoxon signed-rank "
-                "p-value of the paired differences; wall time of a launch (all members), median.")
+                     "members taking turns, 1 rank per member",
+                  "; median [first quartile, third quartile] over seeds; PBT's wins/ties/losses against each arm "
+                  "seed by seed, the exact two-sided sign test (ties left out) and the exact Wilcoxon signed-rank "
+                  "p-value of the paired differences; wall time of a launch (all members), median.")
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]
@@ -116,9 +118,9 @@ def _iqr_cell(s: dict[str, Any], digits: int) -> str:
 def render_population4(r: dict[str, Any]) -> list[str]:
     """The population-4 results as published (min/max over seeds, 2x2 grid, a schedule table)."""
     cfg = r["config"]
-    out = _header(r, f"{cfg['members']} members x 1 rank per arm")
-    out[-1] += (", median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time "
-                "of a launch (all members), median.")
+    out = _header(r, f"{cfg['members']} members x 1 rank per arm",
+                  ", median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time "
+                  "of a launch (all members), median.")
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]
