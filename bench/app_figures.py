@@ -18,6 +18,7 @@ says so, and the report prints that line instead of the figures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def write_figures(r: Mapping[str, Any], folder: Path) -> dict[str, Any]:
         files, entry = figure_files(app), drawn.setdefault(app, {})
         if curves:
             score = r["config"][app]["score"]
-            _plot_curves(curves, folder / files["curves"], f"{app}: each arm's best member's {score}")
+            _plot_curves(curves, folder / files["curves"], f"{app}: each arm's best member's {score}",
+                         math.isqrt(r["config"].get("population", 4)))
             entry.update(curves=files["curves"], seeds=_curve_seeds(a))
         source = a.get("schedule_figure")
         if source:
@@ -140,14 +142,15 @@ def write_figures(r: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     return {"note": None, "apps": drawn}
 
 
-def _plot_curves(curves: Mapping[str, list[list[Any]]], path: Path, title: str) -> None:
+def _plot_curves(curves: Mapping[str, list[list[Any]]], path: Path, title: str, side: int) -> None:
     from lightning_pbt.tools.plots import new_figure, save_figure
 
     figure = new_figure(1, height=3.6)
     ax = figure.subplots()
     for arm, rows in curves.items():
         steps = [row[0] for row in rows]
-        (line,) = ax.plot(steps, [row[1] for row in rows], "-", marker=".", label=ARM_NAMES.get(arm, arm))
+        label = ARM_NAMES.get(arm, arm).replace("2x2", f"{side}x{side}")  # the grid's side, as in the table
+        (line,) = ax.plot(steps, [row[1] for row in rows], "-", marker=".", label=label)
         ax.fill_between(steps, [row[2] for row in rows], [row[3] for row in rows], color=line.get_color(), alpha=0.15)
     ax.set_title(title + "\nalong its ancestry; median over seeds, interquartile range shaded", fontsize="medium")
     ax.set_xlabel("global step")

@@ -101,7 +101,7 @@ def test_schedule_series_are_each_members_own_values_from_the_lineage():
 
 def applications_payload(root: Path) -> dict:
     payload = collect(root, apps=("image_classification",), arms=("pbt", "grid"))
-    payload["config"].update(seeds=[0, 1], population=3, processes=1, members_per_process=3, arms=["pbt", "grid"])
+    payload["config"].update(seeds=[0, 1], population=16, processes=2, members_per_process=8, arms=["pbt", "grid"])
     return {**payload, "command": "python -m bench --only applications", "date": "today", "wall_s": 60.0,
             "failures": []}
 
@@ -145,6 +145,7 @@ def test_figures_draw_the_curves_and_the_lineages_values(tmp_path, monkeypatch):
     assert (curves_name, schedule_name) == ("applications_image_classification_curves.png",
                                            "applications_image_classification_schedule.png")
     pbt, grid = curves.axes[0].get_lines()
+    assert [t.get_text() for t in curves.axes[0].get_legend().get_texts()] == ["PBT (truncation)", "best of a 4x4 grid"]
     # the ancestry (0.31 0.42 0.48 0.63 0.71 0.74 at seed 0, 0.1 less at seed 1): median of two seeds
     assert list(pbt.get_ydata()) == pytest.approx([0.26, 0.37, 0.43, 0.58, 0.66, 0.69])
     band = curves.axes[0].collections[0].get_paths()[0].vertices[:, 1]  # seed 2 is not complete: left out
