@@ -13,7 +13,9 @@ each member's fit, through callbacks that every lane copies:
   :class:`FinalEvaluation` measures the member's final weights at its train end with the app's own
   forward pass (the same numbers as the app's ``validation_step`` / ``test_step``;
   tests/bench/test_app_members.py checks that against Lightning's loops);
-- the record: one ``member_<id>.json`` per member, not one per process.
+- the record: one ``member_<id>.json`` per member, not one per process, with the member's validation
+  score at every validation of its fit (``history``: the learning curves of the report; the lineage has
+  only the ready steps, and only for the arms with the PBT callback).
 
 Members are one rank each here (``member_size=1``): the evaluation is a local computation, no collective.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.nn import functional as F
 
 __all__ = ["FinalEvaluation", "GridPoint", "evaluate"]
@@ -100,13 +103,25 @@ class GridPoint(pl.Callback):
 
 
 class FinalEvaluation(pl.Callback):
-    """At the member's train end: validate and test its final weights, write ``member_<id>.json``."""
+    """At the member's train end: validate and test its final weights, write ``member_<id>.json``; on the
+    way, note ``monitor`` after every validation of the fit (``history``: ``[[global step, score], ...]``,
+    the score of the weights the member had then, before any copy that ready step decided: this
+    callback runs after PBT's, which does not touch ``callback_metrics``)."""
 
-    def __init__(self, app: str, arm: str, out: str | Path, fixed: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, app: str, arm: str, out: str | Path, fixed: Mapping[str, Any] | None = None,
+                 monitor: str | None = None) -> None:
         if app not in METRICS:
             raise ValueError(f"no evaluation for app {app!r} (known: {sorted(METRICS)})")
         self.app, self.arm, self.out, self.fixed = app, arm, Path(out), dict(fixed or {})
+        self.monitor = monitor
         self.started = math.nan
+        self.history: list[list[Any]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        self.history.append([trainer.global_step, None if value is None else _finite(float(value))])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -123,7 +138,7 @@ class FinalEvaluation(pl.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"member_{strategy.member_id}.json").write_text(json.dumps({
             "arm": self.arm, "member": strategy.member_id, "val": _finite(val), "test": _finite(test),
-            "fit_s": fit_s, "steps": trainer.global_step,
+            "fit_s": fit_s, "steps": trainer.global_step, "monitor": self.monitor, "history": self.history,
             "hyperparameters": {k: float(v) if isinstance(v, int | float) else v for k, v in values.items()},
         }))
 

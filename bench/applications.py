@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.app_figures import best_member_curve, schedule_source
 from bench.applications_report import render_section
 from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, worker_config
 from bench.stats import median_iqr, paired_outcomes, separation, sign_test, wilcoxon_signed_rank
@@ -265,12 +266,18 @@ def collect(root: Path, seeds: tuple[int, ...] | None = None, apps: tuple[str, .
                 continue
             entry = arm_result(members, spec["mode"])
             entry["wall_s"] = json.loads((out / "wall.json").read_text())["wall_s"]
+            entry["curve"] = best_member_curve(out, members, entry["member"])
             if (out / "pbt" / "lineage.jsonl").exists():
                 entry.update(lineage_summary(out / "pbt" / "lineage.jsonl", entry["member"]))
             per_seed.setdefault(seed, {})[arm] = entry
         complete = {s: e for s, e in sorted(per_seed.items()) if all(a in e for a in arms)}
         results[app] = {"per_seed": {str(s): e for s, e in sorted(per_seed.items())},
                         "complete_seeds": list(complete), **summarise(complete, arms, spec["test_mode"])}
+        # The schedule figure: PBT's lineage at the first complete seed (else the first seed PBT finished).
+        first = next((s for s in [*complete, *sorted(per_seed)] if "pbt" in per_seed[s]), None)
+        if first is not None:
+            results[app]["schedule_figure"] = schedule_source(root / app / f"seed{first}_pbt", first,
+                                                              per_seed[first]["pbt"]["member"])
         results[app]["separation"] = {
             str(s): separation(e["random_search"]["member_tests"], e["default"]["member_tests"])
             for s, e in sorted(per_seed.items()) if "random_search" in e and "default" in e}
@@ -353,7 +360,8 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     callbacks: list[pl.Callback] = [build_callback(conf.pbt)] if arm.pbt else []
     if cfg["arm"] == "grid":
         callbacks.append(GridPoint(grid_points(app_name, int(cfg["population"]))))
-    callbacks.append(FinalEvaluation(app_name, cfg["arm"], out))  # last: after PBT's own train end
+    # last: after PBT's own validation end (its score history is the member's own) and train end
+    callbacks.append(FinalEvaluation(app_name, cfg["arm"], out, monitor=APPS[app_name]["monitor"]))
     pl.seed_everything(seed, verbose=False)  # member i is then seeded seed + i by the strategy
     built = app.build(conf)
     model, data = built if isinstance(built, tuple) else (built, None)

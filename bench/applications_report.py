@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.markdown import spread_cell, table
 
-__all__ = ["render_section", "trained_schedule", "wall_ratio"]
+__all__ = ["figure_lines", "render_section", "trained_schedule", "wall_ratio"]
 
 ARM_NAMES = {"pbt": "PBT (truncation)", "pbt_tournament": "PBT (binary tournament)",
              "pbt_ttest": "PBT (Welch t-test)", "pb2": "PB2", "random_search": "random search (PBT, no exploit)",
@@ -23,20 +23,23 @@ METRICS = {"test_acc": ("test accuracy", 3), "test_perplexity": ("test perplexit
            "test_return": ("return on 10 held-out seeds", 1)}
 
 
-def render_section(r: dict[str, Any]) -> list[str]:
-    """Section 7 of RESULTS.md (and the README's Applications table)."""
+def render_section(r: dict[str, Any], figures: dict[str, Any] | None = None) -> list[str]:
+    """Section 7 of RESULTS.md (and the README's Applications table); ``figures``: what
+    :func:`bench.app_figures.write_figures` drew beside it (the population-4 results have none)."""
     if "population" in r["config"]:
-        return render_population(r)
+        return render_population(r, figures)
     return render_population4(r)
 
 
-def _header(r: dict[str, Any], layout: str) -> list[str]:
+def _header(r: dict[str, Any], layout: str, statistics: str) -> list[str]:
+    """The section's first paragraph (``statistics`` ends it), then the notes on kept arms and failures."""
     cfg = r["config"]
     out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
            f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {layout}, "
            f"seeds {cfg['seeds']} (paired: member i of every arm starts from the same weights and data/environment "
            "seed); every arm trains every member the same number of steps, so every arm costs the same "
-           "member-steps. Result: the test metric of the arm's member with the best final validation score"]
+           "member-steps. Result: the test metric of the arm's member with the best final validation score"
+           + statistics]
     if cfg.get("arms_kept_from_an_earlier_run"):
         out += ["", f"{cfg['arms_kept_from_an_earlier_run']} arms were kept from an earlier run with the same launch "
                 "configs (the wall time above is this run's only); every launch's own wall time is in the JSON."]
@@ -45,14 +48,14 @@ def _header(r: dict[str, Any], layout: str) -> list[str]:
     return out
 
 
-def render_population(r: dict[str, Any]) -> list[str]:
+def render_population(r: dict[str, Any], figures: dict[str, Any] | None = None) -> list[str]:
     cfg = r["config"]
     side = math.isqrt(cfg["population"])
     out = _header(r, f"Population {cfg['population']}: {cfg['processes']} processes x {cfg['members_per_process']} "
-                     "members taking turns, 1 rank per member")
-    out[-1] += ("; median [first quartile, third quartile] over seeds; PBT's wins/ties/losses against each arm "
-                "seed by seed, the exact two-sided sign test (ties left out) and the exact Wilcoxon signed-rank "
-                "p-value of the paired differences; wall time of a launch (all members), median.")
+                     "members taking turns, 1 rank per member",
+                  "; median [first quartile, third quartile] over seeds; PBT's wins/ties/losses against each arm "
+                  "seed by seed, the exact two-sided sign test (ties left out) and the exact Wilcoxon signed-rank "
+                  "p-value of the paired differences; wall time of a launch (all members), median.")
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]
@@ -76,6 +79,28 @@ def render_population(r: dict[str, Any]) -> list[str]:
                     f"{_number(noise['iqr'], digits)} (range {_number(noise['range'], digits)}); ratio "
                     f"{_number(spreads['iqr_ratio'], 2)}, {verdict}"
                     f" (criterion: >= {spreads['factor']:g})."]
+        out += figure_lines(app, c["score"], (figures or {}).get("apps", {}).get(app, {}))
+    if figures and figures.get("note"):
+        out += ["", figures["note"]]
+    return out
+
+
+def figure_lines(app: str, score: str, drawn: dict[str, Any]) -> list[str]:
+    """The markdown of an app's figures (those drawn), each with a caption that says what is plotted."""
+    out = []
+    if "curves" in drawn:
+        out += ["", f"![{app}: learning curves of each arm's best member]({drawn['curves']})", "",
+                f"*Learning curves.* Per arm, the validation score ({score}) of the arm's best member (the one the "
+                f"table reports: best final validation score) at every validation, median over seeds "
+                f"{drawn['seeds']} with the interquartile range shaded. For the arms that copy (PBT, PB2) the curve "
+                "follows the member's ancestry: up to a copy it is the donor's score (the weights the member went "
+                "on training from), after it the member's own; the member's own score before a copy is not on it."]
+    if "schedule" in drawn:
+        out += ["", f"![{app}: the schedule PBT found]({drawn['schedule']})", "",
+                f"*The schedule PBT (truncation) found*, seed {drawn['schedule_seed']}: each hyperparameter over the "
+                "global steps, every member's own values at its ready steps in grey, and in black the schedule "
+                f"that member {drawn['schedule_member']}'s final weights (the arm's best) were trained with, "
+                "through the members it copied."]
     return out
 
 
@@ -93,9 +118,9 @@ def _iqr_cell(s: dict[str, Any], digits: int) -> str:
 def render_population4(r: dict[str, Any]) -> list[str]:
     """The population-4 results as published (min/max over seeds, 2x2 grid, a schedule table)."""
     cfg = r["config"]
-    out = _header(r, f"{cfg['members']} members x 1 rank per arm")
-    out[-1] += (", median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time "
-                "of a launch (all members), median.")
+    out = _header(r, f"{cfg['members']} members x 1 rank per arm",
+                  ", median [min, max] over seeds; PBT's wins/ties/losses against each arm, seed by seed; wall time "
+                  "of a launch (all members), median.")
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]

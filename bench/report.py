@@ -32,7 +32,8 @@ def _met(target: dict[str, Any]) -> str:
     return "**met**" if target.get("met") else "**missed**"
 
 
-def render(results: dict[str, dict[str, Any]]) -> str:
+def render(results: dict[str, dict[str, Any]], figures: dict[str, Any] | None = None) -> str:
+    """RESULTS.md from the results; ``figures``: the applications figures drawn beside it."""
     if not results:
         return "# Benchmark results\n\nNo results yet: run `make bench`.\n"
     first = next(iter(results.values()))
@@ -201,7 +202,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     if "applications" in results:
         from bench.applications import render_section
 
-        out += render_section(results["applications"])
+        out += render_section(results["applications"], figures)
     if "trainer_memory" in results:
         from bench.trainer_memory import render_section as render_memory
 
@@ -450,6 +451,13 @@ def render_turns(r: dict[str, Any]) -> list[str]:
 
 
 def write_report(folder: Path) -> Path:
+    """``folder/RESULTS.md``, and the applications figures under ``folder/figures/`` (redrawn each time)."""
+    results = load_results(folder)
+    figures = None
+    if "applications" in results:
+        from bench.app_figures import write_figures
+
+        figures = write_figures(results["applications"], folder)
     path = folder / "RESULTS.md"
-    path.write_text(render(load_results(folder)), encoding="utf-8")
+    path.write_text(render(results, figures), encoding="utf-8")
     return path

@@ -5,26 +5,46 @@
 - ``lineage_tree.png``: who copied whom and when; a member's colour is the member its weights
   originally came from, the best member's ancestry is drawn in black.
 
+and :func:`plot_schedule` (the applications benchmark draws it): every member's values faint, the
+schedule one member's final weights were trained with bold. :func:`ancestry_segments` says whose
+weights a member's final model was in at each step.
+
 matplotlib (Agg, no display) is imported only when a plot is made.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_pbt.algorithm.lineage import LineageRecord, records_by_member
+from lightning_pbt.algorithm.lineage import LineageRecord, member_schedule, records_by_member
 from lightning_pbt.algorithm.run_reading import donor_step, finite_number, hyperparameter_names
 
-__all__ = ["PLOTS", "plot_hyperparameters", "plot_lineage_tree", "plot_scores"]
+__all__ = [
+    "PLOTS",
+    "ancestry_segments",
+    "hyperparameter_series",
+    "new_figure",
+    "plot_hyperparameters",
+    "plot_lineage_tree",
+    "plot_schedule",
+    "plot_scores",
+    "save_figure",
+]
 
 PLOTS = ("hyperparameters.png", "scores.png", "lineage_tree.png")
 
 
-def _figure(rows: int, height: float = 2.6, width: float = 8.0) -> Any:
-    """A matplotlib Figure drawn by the Agg canvas (no pyplot, no display, no global backend switch)."""
+def new_figure(rows: int, height: float = 2.6, width: float = 8.0) -> Any:
+    """A matplotlib Figure drawn by the Agg canvas (no pyplot, no display, no global backend switch).
+
+    Args:
+        rows: panels stacked vertically (the height grows with them).
+        height: inches per panel.
+        width: inches.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -42,7 +62,13 @@ def _colors(members: Iterable[int]) -> dict[int, Any]:
     return {m: cmap(i if len(members) <= 20 else i / max(n - 1, 1)) for i, m in enumerate(members)}
 
 
-def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (its folder created when missing).
+
+    Args:
+        figure: a :func:`new_figure`.
+        path: the PNG to write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -51,6 +77,47 @@ def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 def _last_step(records: Sequence[LineageRecord]) -> int:
     return max((r.step for r in records), default=0)
+
+
+def hyperparameter_series(records: Sequence[LineageRecord], name: str) -> dict[int, list[tuple[int, Any]]]:
+    """Each member's own value of ``name`` at each of its records, in step order: ``{member: [(step,
+    value in effect from that step), ...]}`` (members whose records never name it are left out).
+
+    Args:
+        records: the run's lineage.
+        name: a hyperparameter.
+    """
+    out: dict[int, list[tuple[int, Any]]] = {}
+    for member, recs in records_by_member(records).items():
+        series = [(r.step, r.hyperparameters[name]) for r in recs if name in r.hyperparameters]
+        if series:
+            out[member] = series
+    return out
+
+
+def _value_axis(ax: Any, records: Sequence[LineageRecord], name: str) -> Callable[[Any], Any]:
+    """Set up ``ax`` for ``name``'s values (log scale when positive and spread 10x or more; categories
+    as ticks) and return what turns a value into its y coordinate."""
+    values = [r.hyperparameters[name] for r in records if name in r.hyperparameters]
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    if bool(values) and all(finite_number(v) for v in values):
+        if min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_yscale("log")
+        return lambda value: value
+    categories: list[Any] = []
+    for v in values:
+        if v not in categories:
+            categories.append(v)
+    ax.set_yticks(range(len(categories)), [str(c) for c in categories])
+    return categories.index
+
+
+def _step_line(ax: Any, series: Sequence[tuple[int, Any]], to_y: Callable[[Any], Any], **style: Any) -> list[Any]:
+    """Draw ``[(step, value), ...]`` as values that hold until the next step; return the y coordinates."""
+    ys = [to_y(value) for _, value in series]
+    ax.step([step for step, _ in series], ys, where="post", **style)
+    return ys
 
 
 def plot_hyperparameters(records: Sequence[LineageRecord], path: str | os.PathLike[str]) -> Path:
@@ -63,36 +130,52 @@ def plot_hyperparameters(records: Sequence[LineageRecord], path: str | os.PathLi
     by_member = records_by_member(records)
     names = hyperparameter_names(records) or ["(none)"]
     colors = _colors(by_member)
-    figure = _figure(len(names))
+    figure = new_figure(len(names))
     axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     for ax, name in zip(axes, names, strict=True):
-        values = [r.hyperparameters.get(name) for r in records if name in r.hyperparameters]
-        numeric = bool(values) and all(finite_number(v) for v in values)
-        categories: list[Any] = []
-        if not numeric:
-            for v in values:
-                if v not in categories:
-                    categories.append(v)
-        for member, recs in by_member.items():
-            recs = [r for r in recs if name in r.hyperparameters]
-            if not recs:
-                continue
-            xs = [r.step for r in recs]
-            ys = [r.hyperparameters[name] if numeric else categories.index(r.hyperparameters[name]) for r in recs]
-            ax.step(xs, ys, where="post", color=colors[member], label=f"member {member}")
-            exploits = [(x, y) for x, y, r in zip(xs, ys, recs, strict=True) if r.event == "exploit"]
+        to_y = _value_axis(ax, records, name)
+        for member, series in hyperparameter_series(records, name).items():
+            ys = _step_line(ax, series, to_y, color=colors[member], label=f"member {member}")
+            recs = [r for r in by_member[member] if name in r.hyperparameters]
+            exploits = [(r.step, y) for y, r in zip(ys, recs, strict=True) if r.event == "exploit"]
             if exploits:
                 ax.plot(*zip(*exploits, strict=True), "o", color=colors[member], markersize=4)
-        if numeric and values and min(values) > 0 and max(values) / min(values) >= 10:
-            ax.set_yscale("log")
-        if not numeric:
-            ax.set_yticks(range(len(categories)), [str(c) for c in categories])
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
     axes[0].set_title("Hyperparameters per member (o: after an exploit)")
     axes[0].legend(fontsize="small", ncol=min(len(by_member), 4), loc="best")
     axes[-1].set_xlabel("global step")
-    return _save(figure, path)
+    return save_figure(figure, path)
+
+
+def plot_schedule(
+    records: Sequence[LineageRecord], path: str | os.PathLike[str], highlight: int, title: str | None = None
+) -> Path:
+    """One panel per hyperparameter: every member's own values faint, ``highlight``'s schedule bold: the
+    values its final weights were trained with, through the members it copied
+    (:func:`~lightning_pbt.algorithm.lineage.member_schedule`).
+
+    Args:
+        records: the run's lineage.
+        path: the PNG to write.
+        highlight: the member whose schedule is drawn bold (the best, usually).
+        title: the figure's title (default: says what is drawn).
+    """
+    names = hyperparameter_names(records) or ["(none)"]
+    schedule = member_schedule(records, highlight)
+    last = _last_step(records)
+    figure = new_figure(len(names), height=2.2)
+    axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names, strict=True):
+        to_y = _value_axis(ax, records, name)
+        for series in hyperparameter_series(records, name).values():
+            _step_line(ax, series, to_y, color="grey", alpha=0.4, linewidth=0.8)
+        bold = [(step, values[name]) for step, values in schedule if name in values]
+        if bold:
+            bold.append((max(last, bold[-1][0]), bold[-1][1]))  # the last value holds to the end
+            _step_line(ax, bold, to_y, color="black", linewidth=2.2, label=f"member {highlight}'s schedule")
+    axes[0].set_title(title or f"Every member's hyperparameters (grey)\nand member {highlight}'s schedule (black)")
+    axes[0].legend(fontsize="small", loc="best")
+    axes[-1].set_xlabel("global step")
+    return save_figure(figure, path)
 
 
 def plot_scores(records: Sequence[LineageRecord], path: str | os.PathLike[str], monitor: str = "score") -> Path:
@@ -105,7 +188,7 @@ def plot_scores(records: Sequence[LineageRecord], path: str | os.PathLike[str], 
     """
     by_member = records_by_member(records)
     colors = _colors(by_member)
-    figure = _figure(1, height=3.6)
+    figure = new_figure(1, height=3.6)
     ax = figure.subplots()
     for member, recs in by_member.items():
         points = [(r.step, r.score) for r in recs if finite_number(r.score)]
@@ -120,11 +203,22 @@ def plot_scores(records: Sequence[LineageRecord], path: str | os.PathLike[str], 
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", ncol=min(len(by_member), 4), loc="best")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
-def _ancestry(by_member: Mapping[int, list[LineageRecord]], member: int, last: int) -> list[tuple[int, int, int]]:
-    """``[(member, from_step, to_step)]``: whose weights ``member``'s final model was in, when.
+def ancestry_segments(
+    by_member: Mapping[int, list[LineageRecord]], member: int, last: int
+) -> list[tuple[int, int, int]]:
+    """``[(member, from_step, to_step)]``, newest first: whose weights ``member``'s final model was in, when.
+
+    A segment that begins with a copy (or a re-initialisation) begins at that step: the record there
+    scored the weights *before* the copy, which are not this ancestry's; the donor's segment ends at the
+    step it was copied at, whose score is.
+
+    Args:
+        by_member: :func:`~lightning_pbt.algorithm.lineage.records_by_member` of a run's lineage.
+        member: whose final weights to follow.
+        last: the step the newest segment ends at.
 
     The same walk as :func:`lightning_pbt.algorithm.lineage.member_schedule`: an exploit at step s from p means
     the weights were p's before s (before the donor step in an asynchronous run); steps are each
@@ -166,7 +260,7 @@ def plot_lineage_tree(
     by_member = records_by_member(records)
     colors = _colors(by_member)
     last = _last_step(records)
-    figure = _figure(1, height=max(2.0, 0.45 * len(by_member) + 1.0))
+    figure = new_figure(1, height=max(2.0, 0.45 * len(by_member) + 1.0))
     ax = figure.subplots()
 
     def segment(member: int, begin: int, end: int, color: object) -> None:
@@ -198,7 +292,7 @@ def plot_lineage_tree(
     for member in by_member:
         segment(member, start[member], last, colors[origin[member]])
     if highlight is not None and highlight in by_member:
-        for member, begin, end in _ancestry(by_member, highlight, last):
+        for member, begin, end in ancestry_segments(by_member, highlight, last):
             ax.plot([begin, end], [member, member], color="black", linewidth=1.2)
         ax.plot([last], [highlight], "o", color="black")
     ax.set_yticks(list(by_member), [f"member {m}" for m in by_member])
@@ -210,7 +304,7 @@ def plot_lineage_tree(
         title += f"; black: member {highlight}'s ancestry"
     ax.set_title(title, fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # -- the whole report --------------------------------------------------------------------------------

@@ -73,10 +73,18 @@ def test_each_member_records_its_final_scores_and_values(tmp_path):
     app = "language_model"  # validation and test are different texts: their losses differ even untrained
     model, data = build(app)
     plain_trainer().validate(model, datamodule=data, verbose=False)  # builds the network and the splits
-    fake = SimpleNamespace(strategy=SimpleNamespace(member_size=1, member_id=5), datamodule=data, global_step=7,
-                           callbacks=[])
-    evaluation = FinalEvaluation(app, "default", tmp_path, fixed={"lr": 0.05})
+    import torch
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    fake = SimpleNamespace(strategy=SimpleNamespace(member_size=1, member_id=5), datamodule=data, global_step=0,
+                           callbacks=[], sanity_checking=True, state=SimpleNamespace(fn=TrainerFn.FITTING),
+                           callback_metrics={"val_loss": torch.tensor(9.0)})
+    evaluation = FinalEvaluation(app, "default", tmp_path, fixed={"lr": 0.05}, monitor="val_loss")
     evaluation.on_train_start(fake, model)
+    evaluation.on_validation_end(fake, model)  # the sanity check: not part of the curve
+    for step, loss in ((3, 5.5), (7, float("nan"))):
+        fake.sanity_checking, fake.global_step, fake.callback_metrics["val_loss"] = False, step, torch.tensor(loss)
+        evaluation.on_validation_end(fake, model)
     evaluation.on_train_end(fake, model)
     record = json.loads((tmp_path / "member_5.json").read_text())
     assert record["member"] == 5 and record["arm"] == "default" and record["steps"] == 7
@@ -84,6 +92,7 @@ def test_each_member_records_its_final_scores_and_values(tmp_path):
     assert record["test"] == pytest.approx(evaluate(app, model, data.test_dataloader(), test=True))
     assert abs(record["test"] - 2.718281828 ** record["val"]) > 1e-3  # two splits, not one measured twice
     assert record["hyperparameters"] == {"lr": 0.05}
+    assert record["monitor"] == "val_loss" and record["history"] == [[3, 5.5], [7, None]]  # a NaN as null
 
 
 def test_grid_point_is_the_members_own_and_reaches_optimizer_and_module():

@@ -74,6 +74,9 @@ def test_the_population_4_results_stay_readable():
     published = json.loads((Path(__file__).parents[2] / "bench" / "results" / "applications.json").read_text())
     text = "\n".join(render_section(published))
     assert "best of a 2x2 grid" in text and "4 members x 1 rank per arm" in text
+    # the statistics end the first paragraph, not the note on arms kept from an earlier run after it
+    assert "best final validation score, median [min, max] over seeds;" in text
+    assert "own wall time is in the JSON.\n" in text
 
 
 def test_grid_is_square_with_the_first_axis_outermost():
