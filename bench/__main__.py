@@ -42,7 +42,7 @@ TIMEOUTS = {"transfer": 600, "ready_step": 600, "overhead": 300, "quality": 400,
 SMOKE_TIMEOUTS = {"transfer": 90, "ready_step": 90, "overhead": 90, "quality": 90, "schedule": 90, "asynchronous": 60,
                   "decisions": 60, "pbt_function_plugin": 120, "turns": 120, "applications": 120, "trainer_memory": 120}
 
-APPLICATION_OPTIONS = ("seeds", "population", "members_per_process", "apps", "arms")
+APPLICATION_OPTIONS = ("seeds", "population", "members_per_process", "apps", "arms", "overrides")
 SEEDED = ("applications", "pbt_function_plugin")  # the benchmarks that take --seeds
 
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="members taking turns in each process (default P / 2: two processes; 1 at P <= 4)")
     apps.add_argument("--apps", nargs="+", choices=list(APPS), metavar="APP", help=f"({', '.join(APPS)})")
     apps.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help=f"({', '.join(ARMS)})")
+    apps.add_argument("--overrides", nargs="+", metavar="KEY=VALUE",
+                      help="Hydra overrides after each app's own (pilots: e.g. trainer.max_epochs=30 with --apps)")
     args = parser.parse_args(argv)
     options = {name: getattr(args, name) for name in APPLICATION_OPTIONS if getattr(args, name) is not None}
     seeded = set(args.only or ()) & set(SEEDED)

@@ -163,6 +163,7 @@ class Plan:
     arms: tuple[str, ...]
     population: int
     members_per_process: int
+    overrides: tuple[str, ...] = ()  # Hydra overrides after each app's own (pilots: a changed budget or data)
 
     @property
     def processes(self) -> int:
@@ -171,7 +172,7 @@ class Plan:
 
 def plan(smoke: bool = False, seeds: list[int] | None = None, population: int | None = None,
          members_per_process: int | None = None, apps: list[str] | None = None,
-         arms: list[str] | None = None) -> Plan:
+         arms: list[str] | None = None, overrides: list[str] | None = None) -> Plan:
     """The options of ``python -m bench --only applications``, checked before anything is launched.
 
     Defaults: ``SEEDS`` (smoke: seed 0), population 16 (smoke: 4), members per process
@@ -186,7 +187,10 @@ def plan(smoke: bool = False, seeds: list[int] | None = None, population: int | 
         members_per_process = SMOKE_MEMBERS_PER_PROCESS if smoke and population == SMOKE_POPULATION else (
             1 if population <= 4 else population // 2)
     chosen = Plan(tuple(seeds) if seeds else ((0,) if smoke else SEEDS), tuple(apps or APPS),
-                  tuple(arms or DEFAULT_ARMS), population, members_per_process)
+                  tuple(arms or DEFAULT_ARMS), population, members_per_process, tuple(overrides or ()))
+    malformed = [o for o in chosen.overrides if "=" not in o]
+    if malformed:
+        raise ValueError(f"--overrides {malformed}: each must be a Hydra override KEY=VALUE")
     if population < 2 or members_per_process < 1 or population % members_per_process:
         raise ValueError(f"--population {population} must be at least 2 and a multiple of --members-per-process "
                          f"{members_per_process}")
@@ -218,7 +222,7 @@ def run(smoke: bool = False, timeout: float = 600, **options: Any) -> dict[str, 
         for app in chosen.apps:
             for arm in chosen.arms:
                 out = root / app / f"seed{seed}_{arm}"
-                overrides = [*APPS[app]["overrides"], *(SMOKE_OVERRIDES[app] if smoke else [])]
+                overrides = [*APPS[app]["overrides"], *(SMOKE_OVERRIDES[app] if smoke else []), *chosen.overrides]
                 cfg = {"app": app, "arm": arm, "seed": seed, "out": str(out), "overrides": overrides,
                        "population": chosen.population, "members_per_process": chosen.members_per_process}
                 record = {**cfg, "grid": grid_points(app, chosen.population) if arm == "grid" else None}
@@ -238,6 +242,10 @@ def run(smoke: bool = False, timeout: float = 600, **options: Any) -> dict[str, 
                 (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}))
     payload = collect(root, chosen.seeds, chosen.apps, chosen.arms)
     payload["failures"] = failures
+    for app in chosen.apps if chosen.overrides else ():  # a pilot's changes: the report names them
+        config = payload["config"][app]
+        config["overrides"] = [*config["overrides"], *chosen.overrides]
+        config["steps"] += f" (before {' '.join(chosen.overrides)})"
     payload["config"].update(seeds=list(chosen.seeds), population=chosen.population, processes=chosen.processes,
                              members_per_process=chosen.members_per_process, arms=list(chosen.arms),
                              pilot_seeds=list(PILOT_SEEDS), arms_kept_from_an_earlier_run=kept)

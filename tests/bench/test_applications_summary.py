@@ -139,3 +139,30 @@ def test_a_second_run_keeps_arms_measured_with_the_same_launch_config(tmp_path, 
     assert all(a["complete_seeds"] == [1] for a in applications.run(seeds=[1], arms=arms)["apps"].values())
     applications.run(seeds=[1], arms=arms, members_per_process=4)  # another layout: its own folder, runs again
     assert launched[-1][-1] == 4
+
+
+def test_a_pilots_overrides_follow_the_apps_own_and_are_named_in_the_results(tmp_path, monkeypatch):
+    import bench.applications as applications
+
+    launched: list[dict] = []
+
+    def fake_launch(module, nproc, cfg, timeout, log_path):
+        launched.append(cfg)
+        for index in range(nproc * cfg["members_per_process"]):
+            Path(cfg["out"], f"member_{index}.json").write_text(json.dumps(member(index, 0.5, 0.5)))
+
+    monkeypatch.setattr(applications, "launch", fake_launch)
+    monkeypatch.setattr(applications, "SCRATCH", tmp_path)
+    options = {"seeds": [100], "apps": ["image_classification"], "arms": ["random_search", "default"]}
+    applications.run(**options)
+    pilot = ["trainer.max_epochs=30", "pbt.every_n_epochs=3"]
+    payload = applications.run(**options, overrides=pilot)
+    assert len(launched) == 4  # a changed budget is another launch config: both arms run again
+    own = APPS["image_classification"]["overrides"]
+    assert all(cfg["overrides"] == [*own, *pilot] for cfg in launched[2:])  # after the app's own: they win
+    assert payload["config"]["image_classification"]["overrides"] == [*own, *pilot]
+    assert payload["config"]["image_classification"]["steps"].endswith("(before trainer.max_epochs=30 "
+                                                                        "pbt.every_n_epochs=3)")
+    assert APPS["image_classification"]["overrides"] == own  # the table's settings are untouched
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        applications.plan(overrides=["trainer.max_epochs"])
