@@ -10,6 +10,13 @@ ready step; population rank 0 also reads how many keys the launch's store holds 
 its process). The row, per rank: RSS after ``warmup`` ready steps, at the end, and the growth between
 (target: flat within 10 MB over >= 200 ready steps after warm-up).
 
+Arms, one launch each: ``pbt`` (the run above); ``none``: the same Trainer with ``PopulationStrategy`` alone
+and no callback, RSS read at the same validations (what Lightning, torch and the allocator do without
+PBT); ``pbt_mmap_threshold``: ``pbt`` with glibc's ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` in every rank
+(what ``MALLOC_MMAP_THRESHOLD_=1048576`` does: blocks of 1 MiB and more are mapped and unmapped, never
+kept in the heap; glibc otherwise raises that threshold to the largest block freed, up to 32 MiB, and
+keeps freed heap it cannot return).
+
 Not a timed test: ``python -m bench --only trainer_memory`` (or ``--smoke``-free ``python -m
 bench.trainer_memory``). Worker: ``torchrun --standalone --nproc_per_node=4 -m bench.trainer_memory '<json>'``.
 """
@@ -29,6 +36,9 @@ MEMBERS = 4
 FULL = {"ready_steps": 240, "warmup": 30, "every": 2}
 SMOKE = {"ready_steps": 12, "warmup": 4, "every": 2}
 TARGET_MB = 10.0
+ARMS = {"pbt": {"callback": True}, "none": {"callback": False},
+        "pbt_mmap_threshold": {"callback": True, "mmap_threshold": 1 << 20}}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 def rss_mb() -> float:
@@ -42,42 +52,53 @@ def rss_mb() -> float:
 # -- the launcher side ----------------------------------------------------------------------------
 def run(smoke: bool = False, timeout: float = 900) -> dict[str, Any]:
     size = SMOKE if smoke else FULL
-    out = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = {"out": str(out), **size}
-    launch("bench.trainer_memory", MEMBERS, cfg, timeout, out.with_suffix(".log"))
+    root = SCRATCH / f"{NAME}{'_smoke' if smoke else ''}"
+    shutil.rmtree(root, ignore_errors=True)
+    arms = {arm: measure_arm(root / arm, {**size, **options}, timeout) for arm, options in ARMS.items()}
+    worst = {arm: max(abs(row["growth_mb"]) for row in rows) for arm, rows in arms.items()}
+    return clean_floats({
+        "description": "every rank's resident memory over >= 200 asynchronous ready steps of a real Trainer with "
+                       "PopulationBasedTraining(synchronous=False), after a warm-up; the same run without the "
+                       "callback, and with glibc's mmap threshold fixed at 1 MiB",
+        "config": {"members": MEMBERS, "member_size": 1, **size, "arms": ARMS,
+                   "model": "MLP 256-1024-1024-10 (about 1.3 M parameters), AdamW with two parameter groups, "
+                            "LambdaLR warm-up stepped every optimizer step, bf16-mixed, accumulate_grad_batches 2 "
+                            "(members 2, 3: 4), gradient_clip_val 1.0, ready every `every` optimizer steps, natural "
+                            "step times"},
+        "rows": arms["pbt"],
+        "arms": arms,
+        "targets": {"flat_within_mb": {"target": f"|growth| <= {TARGET_MB} MB on every rank", "value": worst["pbt"],
+                                       "met": worst["pbt"] <= TARGET_MB, "applies": not smoke},
+                    "flat_within_mb_mmap_threshold": {
+                        "target": f"|growth| <= {TARGET_MB} MB on every rank, mmap threshold 1 MiB",
+                        "value": worst["pbt_mmap_threshold"], "met": worst["pbt_mmap_threshold"] <= TARGET_MB,
+                        "applies": not smoke}},
+    })
+
+
+def measure_arm(out: Path, cfg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """One launch: a row per rank (RSS after warm-up and at the end, store keys, exploits)."""
+    launch("bench.trainer_memory", MEMBERS, {"out": str(out), **cfg}, timeout, out.with_suffix(".log"))
     ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank_*.json")), key=lambda r: r["rank"])
     if len(ranks) != MEMBERS:
         raise RuntimeError(f"{out}: {len(ranks)} of {MEMBERS} ranks wrote a result")
     rows = []
     for record in ranks:
         trace = record["rss_mb"]
-        warm = trace[size["warmup"] - 1]
+        warm = trace[cfg["warmup"] - 1]
         rows.append({
             "rank": record["rank"],
             "ready_steps": len(trace),
-            "ready_steps_after_warmup": len(trace) - size["warmup"],
+            "ready_steps_after_warmup": len(trace) - cfg["warmup"],
             "exploits": record["exploits"],
             "state_mb": record["state_mb"],
             "rss_after_warmup_mb": warm,
             "rss_end_mb": trace[-1],
             "growth_mb": trace[-1] - warm,
-            "peak_growth_mb": max(trace[size["warmup"] - 1:]) - warm,
+            "peak_growth_mb": max(trace[cfg["warmup"] - 1:]) - warm,
             "store_keys": record.get("store_keys"),
         })
-    worst = max(abs(row["growth_mb"]) for row in rows)
-    return clean_floats({
-        "description": "every rank's resident memory over >= 200 asynchronous ready steps of a real Trainer with "
-                       "PopulationBasedTraining(synchronous=False), after a warm-up",
-        "config": {"members": MEMBERS, "member_size": 1, **size,
-                   "model": "MLP 256-1024-1024-10 (about 1.3 M parameters), AdamW with two parameter groups, "
-                            "LambdaLR warm-up stepped every optimizer step, bf16-mixed, accumulate_grad_batches 2 "
-                            "(members 2, 3: 4), gradient_clip_val 1.0, ready every `every` optimizer steps, natural "
-                            "step times"},
-        "rows": rows,
-        "targets": {"flat_within_mb": {"target": f"|growth| <= {TARGET_MB} MB on every rank", "value": worst,
-                                       "met": worst <= TARGET_MB, "applies": not smoke}},
-    })
+    return rows
 
 
 # -- the worker (a Lightning run) -----------------------------------------------------------------
@@ -94,6 +115,11 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if cfg.get("mmap_threshold"):
+        import ctypes
+
+        if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(cfg["mmap_threshold"])):
+            raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
     member = member_id_from_env()
     pl.seed_everything(member, verbose=False)
     accumulate = 2 if member < 2 else 4  # unequal speeds: members 2 and 3 need twice the batches per step
@@ -132,16 +158,17 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     class Memory(pl.Callback):
         """After the PBT callback: this rank's RSS at each of its ready steps (and the store's key count)."""
 
-        def __init__(self, pbt: PopulationBasedTraining) -> None:
+        def __init__(self, pbt: PopulationBasedTraining | None) -> None:
             self.pbt = pbt
             self.seen = 0
             self.rss: list[float] = []
             self.keys: list[int] = []
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            if self.pbt.ready_count == self.seen:
+            count = self.pbt.ready_count if self.pbt is not None else self.seen + 1  # without PBT: each validation
+            if count == self.seen:
                 return
-            self.seen = self.pbt.ready_count
+            self.seen = count
             self.rss.append(rss_mb())
             if trainer.strategy.world_rank == 0:
                 self.keys.append(trainer.strategy.population.store.num_keys())
@@ -152,12 +179,13 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         {"lr": LogUniform(1e-4, 1e-2), "weight_decay": Uniform(0.0, 0.05)}, monitor="val_acc", mode="max",
         every_n_train_steps=every, synchronous=False, dirpath=str(out / "pbt"), seed=0,
     )
+    pbt = pbt if cfg["callback"] else None
     memory = Memory(pbt)
     trainer = pl.Trainer(
         accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=PopulationStrategy(timeout=300),
         precision="bf16-mixed", accumulate_grad_batches=accumulate, gradient_clip_val=1.0,
         max_steps=10**7, max_epochs=None, val_check_interval=every * accumulate, check_val_every_n_epoch=None,
-        limit_val_batches=1, default_root_dir=str(out), callbacks=[pbt, memory], logger=False,
+        limit_val_batches=1, default_root_dir=str(out), callbacks=[c for c in (pbt, memory) if c], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(Net(), train, val)
@@ -167,10 +195,11 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         for s in trainer.optimizers[0].state.values() for v in s.values() if isinstance(v, torch.Tensor)
     )
     rank = trainer.strategy.world_rank
-    lines = [json.loads(line) for line in (out / "pbt" / "lineage.jsonl").read_text().splitlines()] if rank == 0 else []
+    lineage = out / "pbt" / "lineage.jsonl"
+    lines = [json.loads(line) for line in lineage.read_text().splitlines()] if rank == 0 and pbt else []
     (out / f"rank_{rank}.json").write_text(json.dumps({
         "rank": rank, "member": member, "rss_mb": memory.rss, "store_keys": memory.keys or None,
-        "exploits": sum(1 for line in lines if line["event"] == "exploit") if rank == 0 else None,
+        "exploits": sum(1 for line in lines if line["event"] == "exploit") if rank == 0 and pbt else None,
         "state_mb": state / 2**20,
     }))
 
@@ -180,18 +209,21 @@ if __name__ == "__main__":
 
 
 def render_section(r: dict[str, Any]) -> list[str]:
-    """The RESULTS.md section: one row per rank."""
+    """The RESULTS.md section: one row per arm and rank."""
     t = r["targets"]["flat_within_mb"]
     out = ["", "## Resident memory over asynchronous ready steps (real Trainer, 4 members x 1 rank, CPU)", "",
            f"`{r['command']}`, {r['date']}. {r['config']['model']}. RSS (`VmRSS`) of each rank at its ready steps; "
            f"growth from ready step {r['config']['warmup']} to the last. Target: {t['target']} "
-           f"({'met' if t['met'] else 'missed'}: worst {t['value']:.1f} MB).", ""]
-    rows = [f"| {row['rank']} | {row['ready_steps_after_warmup']} | {row['state_mb']:.1f} | "
+           f"({'met' if t['met'] else 'missed'}: worst {t['value']:.1f} MB). `none`: no PBT callback, RSS at the same "
+           "validations; `pbt mmap threshold`: glibc's mmap threshold fixed at 1 MiB "
+           "(`MALLOC_MMAP_THRESHOLD_=1048576`).", ""]
+    arms = r.get("arms") or {"pbt": r["rows"]}
+    rows = [f"| {arm.replace('_', ' ')} | {row['rank']} | {row['ready_steps_after_warmup']} | {row['state_mb']:.1f} | "
             f"{row['rss_after_warmup_mb']:.1f} | {row['rss_end_mb']:.1f} | **{row['growth_mb']:+.1f}** | "
-            f"{row['peak_growth_mb']:+.1f} |" for row in r["rows"]]
+            f"{row['peak_growth_mb']:+.1f} |" for arm, arm_rows in arms.items() for row in arm_rows]
     keys = r["rows"][0].get("store_keys") or []
-    out += ["| rank | ready steps after warm-up | state MB | RSS after warm-up MB | RSS at the end MB | growth MB | "
-            "peak growth MB |", "|---|---|---|---|---|---|---|", *rows]
+    out += ["| arm | rank | ready steps after warm-up | state MB | RSS after warm-up MB | RSS at the end MB | "
+            "growth MB | peak growth MB |", "|---|---|---|---|---|---|---|---|", *rows]
     if keys:
         out += ["", f"Keys in the launch's store (rank 0's process) at ready steps 1, {len(keys) // 2} and "
                 f"{len(keys)}: {keys[0]}, {keys[len(keys) // 2 - 1]}, {keys[-1]}; exploits in the run: "
