@@ -59,11 +59,12 @@ class MemberResult:
         score: its monitored metric at its last ready step (``None``: unknown or not finite).
         step: the global step of that ready step.
         hyperparameters: the values it trained with last (no explore follows a member's last ready step).
-        parent: the member whose weights it held after its last ready step (itself unless it copied).
+        parent: the member whose weights it held after its last ready step (itself unless it copied there).
         checkpoint_path: where its weights can be loaded from: its ``ModelCheckpoint``'s best checkpoint
             (else its last), or, for the best member without one, the state PBT saved at the end
             (``None``: nothing saved for this member).
         checkpoint_score: the score its ``ModelCheckpoint`` gave that checkpoint, when it monitors one.
+        copied_from: the member whose weights it copied last, at any ready step (``None``: it never copied).
     """
 
     member: int
@@ -73,6 +74,7 @@ class MemberResult:
     parent: int
     checkpoint_path: str | None = None
     checkpoint_score: float | None = None
+    copied_from: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MemberResult:
@@ -85,6 +87,7 @@ class MemberResult:
             parent=int(data.get("parent", data["member"])),
             checkpoint_path=data.get("checkpoint_path"),
             checkpoint_score=float(checkpoint_score) if is_finite_score(checkpoint_score) else None,
+            copied_from=None if data.get("copied_from") is None else int(data["copied_from"]),
         )
 
 
@@ -165,17 +168,19 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def summary_text(results: PopulationResults) -> str:
     """The summary printed once per population at the end of fit: a markdown table of the members, best
-    first (score, step, the values they trained with, whose weights they hold), then the best member and
-    the checkpoint to load.
+    first (score, step, the values they trained with, whose weights they copied last: no copy follows a
+    member's last ready step, so its weights are its own from then on), then the best member and the
+    checkpoint to load.
 
     Examples:
-        >>> members = [MemberResult(1, 0.97, 40, {"lr": 0.05}, 1, "m1.ckpt"), MemberResult(0, 0.9, 40, {"lr": 0.1}, 1)]
+        >>> best = MemberResult(1, 0.97, 40, {"lr": 0.05}, 1, "m1.ckpt")
+        >>> members = [best, MemberResult(0, 0.9, 40, {"lr": 0.1}, 0, copied_from=1)]
         >>> print(summary_text(PopulationResults(members, "val_acc", "max")))
         Population at the end of fit (val_acc, best first):
         <BLANKLINE>
-        | member | val_acc | step | lr | weights from |
+        | member | val_acc | step | lr | last copied from |
         |---|---|---|---|---|
-        | 1 | 0.97 | 40 | 0.05 | 1 |
+        | 1 | 0.97 | 40 | 0.05 | - |
         | 0 | 0.9 | 40 | 0.1 | 1 |
         <BLANKLINE>
         Best member: 1 (val_acc 0.97)
@@ -184,10 +189,10 @@ def summary_text(results: PopulationResults) -> str:
     names: list[str] = []
     for result in results.members:
         names += [name for name in result.hyperparameters if name not in names]
-    header = ["member", results.monitor, "step", *names, "weights from"]
+    header = ["member", results.monitor, "step", *names, "last copied from"]
     lines = [f"Population at the end of fit ({results.monitor}, best first):", ""]
-    rows = ([r.member, r.score, r.step, *(r.hyperparameters.get(name) for name in names), r.parent]
-            for r in results.members)
+    rows = ([r.member, r.score, r.step, *(r.hyperparameters.get(name) for name in names),
+             "-" if r.copied_from is None else r.copied_from] for r in results.members)
     lines += [markdown_table(header, rows), ""]
     best = results.best
     if best is None:

@@ -194,6 +194,7 @@ def member_result(trainer: Any, member: int, book: Any) -> dict[str, Any]:
         "step": max(book.last_ready_step, 0),
         "hyperparameters": dict(book.hyperparameters),
         "parent": status.get("parent", member),
+        "copied_from": status.get("copied_from"),
         "checkpoint_path": path,
         "checkpoint_score": checkpoint_score,
     }

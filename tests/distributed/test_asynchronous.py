@@ -7,6 +7,7 @@ One run uses the unified ``lightning`` package, the other ``pytorch_lightning``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
@@ -125,6 +126,8 @@ def test_members_run_their_own_steps_and_the_lineage_has_each_ready_step_once(ru
     exploits = [r for r in lineage if r["event"] == "exploit"]
     assert exploits and all(r["member"] == 0 and r["parent"] == 1 for r in exploits)
     assert all(r["donor_step"] in steps[1] for r in exploits)
+    results = json.loads((run_2x2 / "pbt" / "results.json").read_text())  # the end-of-fit summary's facts
+    assert {m["member"]: m["copied_from"] for m in results["members"]} == {0: 1, 1: None}
     # Each decision records the progress at which it compared each member (lightning_pbt.algorithm.comparable): never
     # beyond the decider's own. Member 1 never copies, so its progress is its step; member 0's is the step
     # of the member-1 snapshot it copied plus what it trained since. A member that copied since its last

@@ -48,7 +48,7 @@ def test_one_console_line_per_ready_step_and_one_summary(finished):
     steps = sorted({r["step"] for r in load_lineage(out) if r["event"] != "init"})
     assert re.findall(r"^PBT step (\d+):", stdout, flags=re.MULTILINE) == [str(s) for s in steps]
     assert stdout.count("Population at the end of fit (val_acc, best first):") == 1
-    assert stdout.count("| member | val_acc | step | dropout | lr | weights from |") == 1
+    assert stdout.count("| member | val_acc | step | dropout | lr | last copied from |") == 1
     assert stdout.count("Best member:") == 1
     assert stdout.count("Total params") == 1  # Lightning's model summary: once per population
     assert stdout.count("GPU available:") == 1  # and its device lines
@@ -78,6 +78,20 @@ def test_every_rank_knows_the_same_best_member_and_results(finished):
     results = json.loads((out / "pbt" / "results.json").read_text())
     assert results["best_member"] == best and results["best_checkpoint_path"] == ranks[0]["best_checkpoint_path"]
     assert [m["member"] for m in results["members"]] == [r["member"] for r in ranks[0]["results"]]
+
+
+def test_the_summary_names_whom_each_member_copied_last(finished):
+    stdout, out = finished
+    copies = {}
+    for record in load_lineage(out):  # in step order
+        if record["event"] == "exploit":
+            copies[record["member"]] = record["parent"]
+    assert copies  # exploits happened
+    results = json.loads((out / "pbt" / "results.json").read_text())
+    assert {m["member"]: m["copied_from"] for m in results["members"]} == {m: copies.get(m) for m in range(4)}
+    for m in results["members"]:
+        cell = "-" if m["copied_from"] is None else str(m["copied_from"])
+        assert re.search(rf"^\| {m['member']} \|.* \| {re.escape(cell)} \|$", stdout, flags=re.MULTILINE)
 
 
 def test_each_members_final_record_and_hparams_hold_the_values_it_trained_with(finished):

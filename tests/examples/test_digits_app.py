@@ -111,7 +111,7 @@ def test_default_run_leaves_lineage_logs_checkpoints_and_plots(default_run):
 def test_default_run_prints_one_population_table_with_outputs(default_run):
     proc, run_dir = default_run
     out = proc.stdout
-    assert out.count("| member | val_acc | step | dropout | lr | weight_decay | weights from |") == 1  # rank 0 only
+    assert out.count("| member | val_acc | step | dropout | lr | weight_decay | last copied from |") == 1  # rank 0 only
     assert out.count("Best member:") == 1
     assert f"Outputs in {run_dir}" in out
     assert "Traceback" not in out

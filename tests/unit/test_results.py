@@ -25,7 +25,7 @@ from lightning_pbt.tools.command import main
 
 def population(checkpoint: str | None = "best.ckpt") -> PopulationResults:
     members = [
-        MemberResult(0, 0.5, 40, {"lr": 0.1}, 2),
+        MemberResult(0, 0.5, 40, {"lr": 0.1}, 0, copied_from=2),
         MemberResult(1, None, 40, {"lr": 0.2}, 1),
         MemberResult(2, 0.9, 40, {"lr": 0.05}, 2, checkpoint),
     ]
@@ -36,7 +36,8 @@ def test_the_summary_ranks_members_best_first_and_names_the_checkpoint():
     text = results.summary_text(population())
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| member")]
     assert [row.split(" | ")[0] for row in rows] == ["| 2", "| 0", "| 1"]
-    assert rows[-1] == "| 1 | n/a | 40 | 0.2 | 1 |"
+    assert rows[1] == "| 0 | 0.5 | 40 | 0.1 | 2 |"  # its last copy, from member 2
+    assert rows[-1] == "| 1 | n/a | 40 | 0.2 | - |"  # never copied
     assert "Best member: 2 (val_acc 0.9)" in text and "Its checkpoint: best.ckpt" in text
     assert "Its checkpoint: none saved" in results.summary_text(population(None))
     nobody = PopulationResults([MemberResult(0, None, 4, {}, 0)], "val_acc", "max")

@@ -191,6 +191,8 @@ class AsynchronousReadySteps(_PeerRecords, ReadySteps):
         if plan.event == "rejuvenate":
             self._leave_rankings()
         own.update(parent=plan.parent, hyperparameters=dict(plan.hyperparameters))
+        if plan.event == "exploit":
+            own["copied_from"] = plan.parent
         for member, status in view.items():
             if int(member) != self.me:
                 self.book.population[int(member)].update(status)

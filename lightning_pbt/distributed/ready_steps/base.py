@@ -85,7 +85,8 @@ class PopulationBook:
     view (its own entry is exact, the others' as last published).
 
     Attributes:
-        population: ``{member: {"hyperparameters", "score", "history", "parent", "done"}}``.
+        population: ``{member: {"hyperparameters", "score", "history", "parent", "done"}}``, and
+            ``"copied_from"`` once the member has copied (the donor of its latest copy).
         hyperparameters: the values in effect on this member.
         ready_count: this member's ready steps so far.
         last_ready_step: the global step of the last one (-1: none yet).

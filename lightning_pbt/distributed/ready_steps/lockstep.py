@@ -99,13 +99,16 @@ class SynchronousReadySteps(ReadySteps):
         its result carries every member's plan)."""
         self.scheduler.load_state_dict(decision["scheduler"])
         for member, plan in plans.items():
-            self.book.population[member].update(
+            status = self.book.population[member]
+            status.update(
                 hyperparameters=dict(plan.hyperparameters),
                 parent=plan.parent,
                 score=decision["scores"][str(member)],
                 done=bool(decision["done"][str(member)]),
                 history=decision["histories"][str(member)],
             )
+            if plan.event == "exploit":
+                status["copied_from"] = plan.parent
         step = int(decision["step"])
         self._carry_out(plans[self.me], step)
         self.book.ready_count += 1
