@@ -34,7 +34,8 @@ def render_section(r: dict[str, Any], figures: dict[str, Any] | None = None) -> 
 def _header(r: dict[str, Any], layout: str, statistics: str) -> list[str]:
     """The section's first paragraph (``statistics`` ends it), then the notes on kept arms and failures."""
     cfg = r["config"]
-    out = ["", "## 7. Applications: PBT against its alternatives at equal compute", "",
+    out = ["", f"## 7. Applications at population {cfg.get('population', 4)}: PBT against its alternatives at equal "
+           "compute", "",
            f"`{r['command']}`, {r['date']}, {r['wall_s'] / 60:.0f} min. {layout}, "
            f"seeds {cfg['seeds']} (paired: member i of every arm starts from the same weights and data/environment "
            "seed); every arm trains every member the same number of steps, so every arm costs the same "

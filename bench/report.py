@@ -17,9 +17,14 @@ ORDER = (
 DEFAULT = ORDER[:-2]
 
 
+# Published results that no benchmark writes any more, rendered after the current ones: the applications
+# at population 4 (2026-12-05), which `--only applications` (population 16) replaced.
+ARCHIVED = ("applications_p4",)
+
+
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
     results = {}
-    for name in ORDER:
+    for name in (*ORDER, *ARCHIVED):
         path = folder / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text(encoding="utf-8"))
@@ -203,6 +208,10 @@ def render(results: dict[str, dict[str, Any]], figures: dict[str, Any] | None = 
         from bench.applications import render_section
 
         out += render_section(results["applications"], figures)
+    if "applications_p4" in results:
+        from bench.applications import render_section
+
+        out += render_section(results["applications_p4"])
     if "trainer_memory" in results:
         from bench.trainer_memory import render_section as render_memory
 

@@ -71,7 +71,7 @@ def test_published_schedule_leaves_out_values_set_after_the_last_training_step()
 
 
 def test_the_population_4_results_stay_readable():
-    published = json.loads((Path(__file__).parents[2] / "bench" / "results" / "applications.json").read_text())
+    published = json.loads((Path(__file__).parents[2] / "bench" / "results" / "applications_p4.json").read_text())
     text = "\n".join(render_section(published))
     assert "best of a 2x2 grid" in text and "4 members x 1 rank per arm" in text
     # the statistics end the first paragraph, not the note on arms kept from an earlier run after it
