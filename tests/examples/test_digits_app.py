@@ -138,6 +138,7 @@ def _layout(line: str) -> str:
     """A line with its numbers elided (and the run's own paths), keeping words, separators and columns."""
     line = re.sub(r"^.*?(PBT step)", r"\1", line)  # what the progress bar left before it on the same line
     line = re.sub(r"\S*outputs/\S+", "PATH", line)
+    line = re.sub(r"\| - \|$", "| N |", line)  # "last copied from": a member id, or - for one that never copied
     return re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "N", line)
 
 
