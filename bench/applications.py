@@ -7,7 +7,7 @@ default) runs as P / K processes of K members taking turns (``--members-per-proc
 ``strategy.members_per_process=K``, plugin/turns.py), one rank per member; every member trains the same
 number of steps with the same validation cadence, so every arm costs ``P x steps`` member-steps. Arms,
 paired by seed (member ``i`` of every arm starts from the same weights and data/environment seed,
-``seed + i``, whatever the layout):
+``P * seed + i``, whatever the layout: the populations of different seeds share no member seed):
 
 - ``pbt``: the callback as the app configures it (truncation 25 %, perturb x0.8 / x1.2, resample 25 %);
 - ``pbt_tournament``, ``pbt_ttest``: the same with the binary-tournament or Welch t-test exploit rule;
@@ -53,7 +53,8 @@ from bench.applications_report import render_section
 from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, worker_config
 from bench.stats import median_iqr, paired_outcomes, separation, sign_test, wilcoxon_signed_rank
 
-__all__ = ["APPS", "ARMS", "DEFAULT_ARMS", "SEEDS", "collect", "grid_points", "plan", "render_section", "run"]
+__all__ = ["APPS", "ARMS", "DEFAULT_ARMS", "SEEDS", "base_seed", "collect", "grid_points", "plan", "render_section",
+           "run", "worker_overrides"]
 
 NAME = "applications"
 EXAMPLES = REPO / "examples"
@@ -225,8 +226,9 @@ def run(smoke: bool = False, timeout: float = 600, **options: Any) -> dict[str, 
             for arm in chosen.arms:
                 out = root / app / f"seed{seed}_{arm}"
                 overrides = [*APPS[app]["overrides"], *(SMOKE_OVERRIDES[app] if smoke else []), *chosen.overrides]
-                cfg = {"app": app, "arm": arm, "seed": seed, "out": str(out), "overrides": overrides,
-                       "population": chosen.population, "members_per_process": chosen.members_per_process}
+                cfg = {"app": app, "arm": arm, "seed": seed, "base_seed": base_seed(seed, chosen.population),
+                       "out": str(out), "overrides": overrides, "population": chosen.population,
+                       "members_per_process": chosen.members_per_process}
                 record = {**cfg, "grid": grid_points(app, chosen.population) if arm == "grid" else None}
                 if (out / "wall.json").exists() and _read_json(out / "launch.json") == record:
                     kept += 1
@@ -252,6 +254,22 @@ def run(smoke: bool = False, timeout: float = 600, **options: Any) -> dict[str, 
                              members_per_process=chosen.members_per_process, arms=list(chosen.arms),
                              pilot_seeds=list(PILOT_SEEDS), arms_kept_from_an_earlier_run=kept)
     return payload
+
+
+def base_seed(seed: int, population: int) -> int:
+    """The app's ``seed`` for the table's seed ``seed``: member ``i`` trains with ``base_seed + i``
+    (the strategy's rule), so the P members of seed ``s`` are ``P s .. P s + P - 1``, disjoint from every
+    other seed's. (Amendment 1 of the protocol: ``seed + i`` made seeds ``s`` and ``s + 1`` share P - 1
+    member seeds.) The callback's seed, which draws PBT's and random search's configurations, is the
+    same ``base_seed``."""
+    return seed * population
+
+
+def worker_overrides(cfg: dict[str, Any], world_size: int) -> list[str]:
+    """The Hydra overrides of one launch: the member seeds, the layout, then the app's, then the arm's."""
+    return [f"seed={cfg['base_seed']}", f"trainer.devices={world_size}", "report=false",
+            f"strategy.members_per_process={cfg['members_per_process']}", f"pbt.dirpath={Path(cfg['out']) / 'pbt'}",
+            *cfg["overrides"], *ARMS[cfg["arm"]].overrides]
 
 
 def _read_json(path: Path) -> Any:
@@ -357,13 +375,11 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
     from lightning_pbt.tools.hydra_configs import build_callback, build_strategy
 
     cfg = worker_config(cfg)
-    app_name, arm, seed, out = cfg["app"], ARMS[cfg["arm"]], int(cfg["seed"]), Path(cfg["out"])
+    app_name, arm, out = cfg["app"], ARMS[cfg["arm"]], Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     app = importlib.import_module(app_name)
-    overrides = [f"seed={seed}", f"trainer.devices={os.environ['WORLD_SIZE']}", "report=false",
-                 f"strategy.members_per_process={cfg['members_per_process']}", f"pbt.dirpath={out / 'pbt'}",
-                 *cfg["overrides"], *arm.overrides]
+    overrides = worker_overrides(cfg, int(os.environ["WORLD_SIZE"]))
     with initialize_config_dir(config_dir=app.CONFIG_DIR, version_base="1.3"):
         conf = compose(config_name=app_name, overrides=overrides)
     # Callbacks, not per-process overrides: the K members of a process are copies of what is built here.
@@ -372,7 +388,7 @@ def worker(cfg: dict[str, Any] | None = None) -> None:
         callbacks.append(GridPoint(grid_points(app_name, int(cfg["population"]))))
     # last: after PBT's own validation end (its score history is the member's own) and train end
     callbacks.append(FinalEvaluation(app_name, cfg["arm"], out, monitor=APPS[app_name]["monitor"]))
-    pl.seed_everything(seed, verbose=False)  # member i is then seeded seed + i by the strategy
+    pl.seed_everything(int(conf.seed), verbose=False)  # member i is then seeded conf.seed + i by the strategy
     built = app.build(conf)
     model, data = built if isinstance(built, tuple) else (built, None)
     trainer = pl.Trainer(**OmegaConf.to_container(conf.trainer, resolve=True), strategy=build_strategy(conf.strategy),

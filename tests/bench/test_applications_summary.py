@@ -166,3 +166,17 @@ def test_a_pilots_overrides_follow_the_apps_own_and_are_named_in_the_results(tmp
     assert APPS["image_classification"]["overrides"] == own  # the table's settings are untouched
     with pytest.raises(ValueError, match="KEY=VALUE"):
         applications.plan(overrides=["trainer.max_epochs"])
+
+
+def test_the_populations_of_different_seeds_share_no_member_seed():
+    from bench.applications import base_seed, worker_overrides
+
+    members = [base_seed(s, 16) + i for s in range(10) for i in range(16)]  # the strategy's base + member id
+    assert len(set(members)) == 160
+    assert base_seed(0, 4) == 0 and base_seed(3, 4) == 12
+    cfg = {"app": "language_model", "arm": "random_search", "seed": 2, "base_seed": base_seed(2, 16),
+           "out": "/tmp/x", "overrides": ["trainer.max_steps=300"], "population": 16, "members_per_process": 8}
+    overrides = worker_overrides(cfg, 2)
+    assert overrides[0] == "seed=32" and "seed=2" not in overrides  # the callback's seed follows: pbt.seed=${seed}
+    # the app's overrides, then the arm's: the arm's win
+    assert overrides[-2:] == ["trainer.max_steps=300", "pbt.burn_in=1000000000"]
