@@ -28,6 +28,7 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 import argparse
 import importlib
+import json
 import sys
 import time
 import traceback
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             continue
+        merge = getattr(module, "merge_published", None)  # applications: a table built over several runs
+        if merge is not None and not args.smoke:
+            published = out / f"{name}.json"
+            payload = merge(payload, json.loads(published.read_text()) if published.exists() else None)
         path = write_result(out, name, payload, smoke=args.smoke, started=started, machine_info=info)
         print(f"[bench] {name}: {time.perf_counter() - started:.0f} s -> {path}", flush=True)
     report = write_report(out)

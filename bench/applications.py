@@ -31,6 +31,8 @@ random search's P configurations against the default arm's seed noise (the pilot
 Each arm's raw results stay under ``bench/results/tmp/applications_p<P>x<K>/<app>/seed<S>_<arm>/`` with
 its launch config; a later run keeps every arm whose config is unchanged, so adding seeds runs only the
 new seeds and an interrupted run resumes where it stopped.
+``python -m bench`` then merges the run into the published ``applications.json`` (``merge_published``):
+the table of a task can be built over several sessions.
 
     python -m bench --only applications --seeds 10 11 --population 16 --members-per-process 8 \\
         --apps language_model --arms pbt random_search
@@ -38,6 +40,7 @@ new seeds and an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
@@ -50,11 +53,11 @@ from typing import Any
 
 from bench.app_figures import best_member_curve, schedule_source
 from bench.applications_report import render_section
-from bench.common import REPO, SCRATCH, LaunchError, clean_floats, launch, worker_config
+from bench.common import REPO, SCRATCH, LaunchError, clean_floats, command_line, launch, now, worker_config
 from bench.stats import median_iqr, paired_outcomes, separation, sign_test, wilcoxon_signed_rank
 
-__all__ = ["APPS", "ARMS", "DEFAULT_ARMS", "SEEDS", "base_seed", "collect", "grid_points", "plan", "render_section",
-           "run", "worker_overrides"]
+__all__ = ["APPS", "ARMS", "DEFAULT_ARMS", "SEEDS", "base_seed", "collect", "grid_points", "merge_published", "plan",
+           "render_section", "run", "summarise_app", "worker_overrides"]
 
 NAME = "applications"
 EXAMPLES = REPO / "examples"
@@ -64,6 +67,7 @@ PRELOAD = ("image_classification", "language_model", "reinforcement_learning")
 
 SEEDS = tuple(range(10))  # the table's seeds (preregistered); pilots use PILOT_SEEDS, never these
 PILOT_SEEDS = (100, 101, 102)
+MEMBER_SEEDS = "P s + i"  # member i of table seed s at population P (amendment 1; results before it: s + i)
 POPULATION = 16
 SMOKE_POPULATION, SMOKE_MEMBERS_PER_PROCESS = 4, 2  # 2 processes x 2: the smoke run takes turns too
 APPS: dict[str, dict[str, Any]] = {
@@ -294,21 +298,18 @@ def collect(root: Path, seeds: tuple[int, ...] | None = None, apps: tuple[str, .
                 continue
             entry = arm_result(members, spec["mode"])
             entry["wall_s"] = json.loads((out / "wall.json").read_text())["wall_s"]
+            entry["finished"] = _dt.datetime.fromtimestamp((out / "wall.json").stat().st_mtime).astimezone().isoformat(
+                timespec="seconds")
             entry["curve"] = best_member_curve(out, members, entry["member"])
             if (out / "pbt" / "lineage.jsonl").exists():
                 entry.update(lineage_summary(out / "pbt" / "lineage.jsonl", entry["member"]))
             per_seed.setdefault(seed, {})[arm] = entry
-        complete = {s: e for s, e in sorted(per_seed.items()) if all(a in e for a in arms)}
-        results[app] = {"per_seed": {str(s): e for s, e in sorted(per_seed.items())},
-                        "complete_seeds": list(complete), **summarise(complete, arms, spec["test_mode"])}
+        results[app] = summarise_app(per_seed, arms, spec["test_mode"])
         # The schedule figure: PBT's lineage at the first complete seed (else the first seed PBT finished).
-        first = next((s for s in [*complete, *sorted(per_seed)] if "pbt" in per_seed[s]), None)
+        first = next((s for s in [*results[app]["complete_seeds"], *sorted(per_seed)] if "pbt" in per_seed[s]), None)
         if first is not None:
             results[app]["schedule_figure"] = schedule_source(root / app / f"seed{first}_pbt", first,
                                                               per_seed[first]["pbt"]["member"])
-        results[app]["separation"] = {
-            str(s): separation(e["random_search"]["member_tests"], e["default"]["member_tests"])
-            for s, e in sorted(per_seed.items()) if "random_search" in e and "default" in e}
     return clean_floats({
         "description": "PBT vs its alternatives at equal member-steps on the three example apps; test metric of "
                        "each arm's member with the best final validation score",
@@ -317,6 +318,53 @@ def collect(root: Path, seeds: tuple[int, ...] | None = None, apps: tuple[str, .
                    if app in (apps or APPS)},
         "apps": results,
     })
+
+
+def summarise_app(per_seed: dict[int, dict[str, Any]], arms: tuple[str, ...], test_mode: str) -> dict[str, Any]:
+    """One app's results from its arms' entries seed by seed: the seeds where every arm finished, the
+    statistics over them, and per seed the random configurations' spread against the seed noise."""
+    per_seed = dict(sorted(per_seed.items()))
+    complete = {s: e for s, e in per_seed.items() if all(a in e for a in arms)}
+    return {"per_seed": {str(s): e for s, e in per_seed.items()}, "complete_seeds": list(complete),
+            **summarise(complete, arms, test_mode),
+            "separation": {str(s): separation(e["random_search"]["member_tests"], e["default"]["member_tests"])
+                           for s, e in per_seed.items() if "random_search" in e and "default" in e}}
+
+
+def merge_published(payload: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``payload`` (this run's results) with what the results file already held and this run did not
+    measure, so that a table can be built over several runs (a language table takes more than one
+    session): every app this run left out, and, for an app it ran, the arms and seeds an earlier run
+    measured under the same protocol (same population, member seeds and app overrides), on the table's
+    ``SEEDS`` only; this run's launches win. Anything else (a pilot's overrides, seeds off the table,
+    another population or member-seed rule) replaces what was there for the apps it ran. Each app
+    lists the runs its results come from."""
+    cfg = payload["config"]
+    run_record = {"command": command_line(), "date": now(), "seeds": cfg["seeds"], "arms": cfg["arms"]}
+    for result in payload["apps"].values():
+        result["runs"] = [run_record]
+    cfg["member_seeds"] = MEMBER_SEEDS
+    old_cfg = (previous or {}).get("config", {})
+    if (old_cfg.get("member_seeds"), old_cfg.get("population")) != (MEMBER_SEEDS, cfg["population"]):
+        return payload
+    on_table = set(cfg["seeds"]) <= set(SEEDS)
+    arms = tuple(a for a in ARMS if a in {*cfg["arms"], *old_cfg["arms"]})
+    for app, old in previous["apps"].items():
+        if app not in payload["apps"]:
+            payload["apps"][app], cfg[app] = old, old_cfg[app]
+            continue
+        if not on_table or old_cfg[app]["overrides"] != cfg[app]["overrides"]:
+            continue
+        per_seed = {int(s): dict(e) for s, e in old["per_seed"].items() if int(s) in SEEDS}
+        for seed, entries in payload["apps"][app]["per_seed"].items():
+            per_seed.setdefault(int(seed), {}).update(entries)
+        new = payload["apps"][app]
+        payload["apps"][app] = {**summarise_app(per_seed, arms, APPS[app]["test_mode"]),
+                                "schedule_figure": new.get("schedule_figure", old.get("schedule_figure")),
+                                "runs": [*old.get("runs", []), run_record]}
+    cfg["arms"] = list(arms)
+    cfg["seeds"] = sorted({int(s) for a in payload["apps"].values() for s in a["per_seed"]})
+    return clean_floats(payload)
 
 
 def summarise(complete: dict[int, dict[str, Any]], arms: tuple[str, ...], test_mode: str) -> dict[str, Any]:

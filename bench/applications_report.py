@@ -60,9 +60,7 @@ def render_population(r: dict[str, Any], figures: dict[str, Any] | None = None) 
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]
-        out += ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
-                f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
-                f"{len(a['complete_seeds'])} complete seeds.", ""]
+        out += _task_lines(app, c, a)
         rows = []
         for arm, s in a["summary"].items():
             w = a["pbt_vs"].get(arm)
@@ -84,6 +82,18 @@ def render_population(r: dict[str, Any], figures: dict[str, Any] | None = None) 
     if figures and figures.get("note"):
         out += ["", figures["note"]]
     return out
+
+
+def _task_lines(app: str, c: dict[str, Any], a: dict[str, Any]) -> list[str]:
+    """A task's heading: its settings, metric, complete seeds, and the runs its results come from."""
+    name = METRICS[c["test"]][0]
+    complete = a["complete_seeds"]
+    seeds = f"{len(complete)} complete seeds" + (f" ({', '.join(map(str, complete))})" if "runs" in a else "")
+    runs = "".join(f" Measured by `{run['command']}` ({run['date']}, seeds {run['seeds']})"
+                   f"{';' if i < len(a['runs']) - 1 else '.'}" for i, run in enumerate(a.get("runs", [])))
+    return ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
+            f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
+            f"{seeds}.{runs}", ""]
 
 
 def figure_lines(app: str, score: str, drawn: dict[str, Any]) -> list[str]:
@@ -125,9 +135,7 @@ def render_population4(r: dict[str, Any]) -> list[str]:
     for app, a in r["apps"].items():
         c = cfg[app]
         name, digits = METRICS[c["test"]]
-        out += ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
-                f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
-                f"{len(a['complete_seeds'])} complete seeds.", ""]
+        out += _task_lines(app, c, a)
         rows = []
         for arm, s in a["summary"].items():
             w = a["pbt_vs"].get(arm)

@@ -5,6 +5,7 @@ and the options of ``python -m bench --only applications``."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,56 @@ def test_the_populations_of_different_seeds_share_no_member_seed():
     assert overrides[0] == "seed=32" and "seed=2" not in overrides  # the callback's seed follows: pbt.seed=${seed}
     # the app's overrides, then the arm's: the arm's win
     assert overrides[-2:] == ["trainer.max_steps=300", "pbt.burn_in=1000000000"]
+
+
+def test_a_table_is_built_over_several_runs_of_the_same_protocol(tmp_path, monkeypatch):
+    """``python -m bench --only applications`` keeps what applications.json held and the run did not
+    measure: a language table can take several sessions."""
+    import bench.applications as applications
+    from bench.__main__ import main
+
+    scores = {"pbt": 10.0, "random_search": 11.0, "grid": 12.0, "default": 13.0}
+
+    def fake_launch(module, nproc, cfg, timeout, log_path):
+        value = scores[cfg["arm"]] + cfg["seed"] + (100 if cfg["app"] == "image_classification" else 0)
+        for index in range(nproc * cfg["members_per_process"]):
+            Path(cfg["out"], f"member_{index}.json").write_text(json.dumps(member(index, value, value + index)))
+
+    monkeypatch.setattr(applications, "launch", fake_launch)
+    monkeypatch.setattr(applications, "SCRATCH", tmp_path / "scratch")
+    out = tmp_path / "results"
+
+    def bench(*args: str) -> dict:
+        assert main(["--only", "applications", "--out", str(out), *args]) == 0
+        return json.loads((out / "applications.json").read_text())
+
+    bench("--apps", "image_classification", "--seeds", "0", "--arms", "pbt", "random_search")
+    bench("--apps", "language_model", "--seeds", "0", "1", "--arms", "pbt", "random_search")
+    shutil.rmtree(tmp_path / "scratch")  # a later session: the scratch launches are gone
+    scores["pbt"] = 9.0  # seed 1's pbt is measured again, and this run's launch wins
+    r = bench("--apps", "language_model", "--seeds", "1", "2", "--arms", "pbt", "random_search", "grid", "default")
+    language = r["apps"]["language_model"]
+    assert set(r["apps"]) == {"image_classification", "language_model"}  # the app this run left out is kept
+    assert r["apps"]["image_classification"]["per_seed"]["0"]["pbt"]["test"] == 110.0
+    assert r["config"]["image_classification"]["overrides"] == APPS["image_classification"]["overrides"]
+    assert set(language["per_seed"]) == {"0", "1", "2"}
+    assert set(language["per_seed"]["0"]) == {"pbt", "random_search"}  # seed 0 from the first run only
+    assert language["per_seed"]["1"]["pbt"]["test"] == 10.0 and language["per_seed"]["0"]["pbt"]["test"] == 10.0
+    # every arm of either run must have finished a seed for it to count
+    assert language["complete_seeds"] == [1, 2] and r["config"]["arms"] == ["pbt", "random_search", "grid", "default"]
+    assert language["summary"]["pbt"]["test"]["median"] == pytest.approx(10.5)  # 10 (seed 1), 11 (seed 2)
+    assert [run["seeds"] for run in language["runs"]] == [[0, 1], [1, 2]]
+    assert r["config"]["seeds"] == [0, 1, 2]
+    # seeds off the table (a rerun on new seeds) or a pilot's overrides replace the app's results
+    r = bench("--apps", "language_model", "--seeds", "10", "--arms", "pbt", "random_search")
+    assert set(r["apps"]["language_model"]["per_seed"]) == {"10"} and "image_classification" in r["apps"]
+    r = bench("--apps", "language_model", "--seeds", "3", "--arms", "pbt", "random_search")
+    assert set(r["apps"]["language_model"]["per_seed"]) == {"3"}  # the rerun's seed 10 stays out of the table
+    r = bench("--apps", "language_model", "--seeds", "4", "--arms", "pbt", "random_search",
+              "--overrides", "trainer.max_steps=10")
+    assert set(r["apps"]["language_model"]["per_seed"]) == {"4"}
+    # results published before amendment 1 (member seeds s + i) are never merged with later ones
+    stale = json.loads((out / "applications.json").read_text())
+    del stale["config"]["member_seeds"]
+    (out / "applications.json").write_text(json.dumps(stale))
+    assert set(bench("--apps", "language_model", "--seeds", "5", "--arms", "pbt")["apps"]) == {"language_model"}
