@@ -204,14 +204,12 @@ def render(results: dict[str, dict[str, Any]], figures: dict[str, Any] | None = 
         out += _asynchronous_section(results["asynchronous"])
     if "turns" in results:
         out += render_turns(results["turns"])
+    from bench.applications_report import render_section as render_applications
+
     if "applications" in results:
-        from bench.applications import render_section
-
-        out += render_section(results["applications"], figures)
+        out += render_applications(results["applications"], figures)
     if "applications_p4" in results:
-        from bench.applications import render_section
-
-        out += render_section(results["applications_p4"])
+        out += render_applications(results["applications_p4"])
     if "trainer_memory" in results:
         from bench.trainer_memory import render_section as render_memory
 

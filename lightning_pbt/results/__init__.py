@@ -1,34 +1,10 @@
 """``from lightning_pbt.results import load_best_model, best_checkpoint, load_results``: the public path of
 what a finished population gives its user, kept where the docs and ``python -m lightning_pbt best`` name
-it. The code lives in :mod:`lightning_pbt.algorithm.results`; the names here are the same objects.
+it. The code lives in :mod:`lightning_pbt.algorithm.results`; the names here are the same objects, and
+its ``__all__`` is this module's (one list to keep).
 """
 
-from lightning_pbt.algorithm.results import (
-    RESULTS_FILE,
-    RUN_OUTPUTS,
-    MemberResult,
-    PopulationResults,
-    best_checkpoint,
-    load_best_model,
-    load_results,
-    rank_results,
-    results_from_gathered,
-    set_aside_previous_run,
-    summary_text,
-    write_results,
-)
+from lightning_pbt.algorithm import results as _results
+from lightning_pbt.algorithm.results import *  # noqa: F403
 
-__all__ = [
-    "RESULTS_FILE",
-    "RUN_OUTPUTS",
-    "MemberResult",
-    "PopulationResults",
-    "best_checkpoint",
-    "load_best_model",
-    "load_results",
-    "rank_results",
-    "results_from_gathered",
-    "set_aside_previous_run",
-    "summary_text",
-    "write_results",
-]
+__all__ = list(_results.__all__)
