@@ -69,7 +69,7 @@ ARMS = {  # name: (callback: None / "sync" / "async" / "async_wait", mixed speed
     "none_equal": (None, False),
 }
 FULL = {"budget_s": 15.0, "every": 20, "reps": 3}
-SMOKE = {"budget_s": 2.5, "every": 10, "reps": 1}
+SMOKE = {"budget_s": 1.5, "every": 10, "reps": 1}
 TARGET_ASYNC_OVER_SYNC = 1.5
 TARGET_CALLBACK_OVER_NONE = 0.97
 

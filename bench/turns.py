@@ -54,7 +54,10 @@ def run(smoke: bool = False, timeout: float = 900) -> dict[str, Any]:
         wall = time.perf_counter() - started
         results[name] = summarise(out, wall, cfg)
         print(f"[bench] turns {name}: {results[name]}", flush=True)
-    payload: dict[str, Any] = {"layouts": results, "model": model}
+    payload: dict[str, Any] = {
+        "description": "the same population as many processes of one member or few processes of members taking turns",
+        "config": {"layouts": [f"{p}x{k}" for p, k in layouts], "model": model},
+        "layouts": results, "model": model}
     if not smoke:
         sixteen, two_by_eight = results["16x1"], results["2x8"]
         payload["targets"] = {

@@ -18,7 +18,7 @@ from tests.conftest import run_job
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 BENCHMARKS = ("transfer", "ready_step", "overhead", "quality", "schedule", "asynchronous", "decisions",
-              "pbt_function_plugin")
+              "pbt_function_plugin", "turns")
 
 
 def positive_finite(value: object) -> bool:
@@ -150,6 +150,19 @@ def test_asynchronous(smoke: Path) -> None:
     assert "gather_waiting_ms" in result["arms"]["sync_mixed"]["ready_step_breakdown"]
     assert positive_finite(result["arms"]["async_mixed"]["ready_step_breakdown"]["snapshot_ms"])
     assert result["arms"]["none_equal"]["ready_step_breakdown"] is None
+
+
+def test_turns(smoke: Path) -> None:
+    """The smoke's two layouts of 2 members: 2 processes x 1 (no hand-over) and 1 process x 2 (turns)."""
+    layouts = load(smoke, "turns")["layouts"]
+    assert set(layouts) == {"2x1", "1x2"}
+    for layout in layouts.values():
+        assert (layout["processes"] * layout["lanes"], layout["members"]) == (2, 2)
+        assert all(positive_finite(layout[key]) for key in ("wall_s", "startup_s", "fit_s", "peak_rss_gb",
+                                                             "member_steps_per_s"))
+        assert layout["startup_s"] < layout["wall_s"]
+    assert layouts["2x1"]["switches"] == 0 and layouts["2x1"]["switch_fraction"] == 0.0
+    assert layouts["1x2"]["switches"] >= 1 and 0.0 < layouts["1x2"]["switch_fraction"] < 1.0
 
 
 def test_pbt_function_plugin(smoke: Path) -> None:

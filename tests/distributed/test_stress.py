@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import SCRIPTS, run_script
 
-STEPS = 120
+STEPS = 80
 
 
 @pytest.mark.distributed
