@@ -89,8 +89,11 @@ def _task_lines(app: str, c: dict[str, Any], a: dict[str, Any]) -> list[str]:
     name = METRICS[c["test"]][0]
     complete = a["complete_seeds"]
     seeds = f"{len(complete)} complete seeds" + (f" ({', '.join(map(str, complete))})" if "runs" in a else "")
-    runs = "".join(f" Measured by `{run['command']}` ({run['date']}, seeds {run['seeds']})"
+    runs = "".join(f" Summarised by `{run['command']}` ({run['date']}, seeds {run['seeds']})"
                    f"{';' if i < len(a['runs']) - 1 else '.'}" for i, run in enumerate(a.get("runs", [])))
+    finished = sorted(e["finished"] for arms in a["per_seed"].values() for e in arms.values() if "finished" in e)
+    if finished:  # when the launches ran: a run may keep launches measured by an earlier one
+        runs += f" Launches finished {finished[0]} to {finished[-1]}."
     return ["", f"**{app}** (`examples/{app}.py`, {' '.join(c['overrides'])}): {c['steps']}; score "
             f"{c['score']}; {name}, {'lower' if c['test'] == 'test_perplexity' else 'higher'} is better; "
             f"{seeds}.{runs}", ""]

@@ -221,6 +221,8 @@ def test_a_table_is_built_over_several_runs_of_the_same_protocol(tmp_path, monke
     assert language["summary"]["pbt"]["test"]["median"] == pytest.approx(10.5)  # 10 (seed 1), 11 (seed 2)
     assert [run["seeds"] for run in language["runs"]] == [[0, 1], [1, 2]]
     assert r["config"]["seeds"] == [0, 1, 2]
+    report = (out / "RESULTS.md").read_text()  # when the kept launches ran, not only when this run summarised them
+    assert f"Launches finished {language['per_seed']['0']['pbt']['finished']} to " in report
     # seeds off the table (a rerun on new seeds) or a pilot's overrides replace the app's results
     r = bench("--apps", "language_model", "--seeds", "10", "--arms", "pbt", "random_search")
     assert set(r["apps"]["language_model"]["per_seed"]) == {"10"} and "image_classification" in r["apps"]
