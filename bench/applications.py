@@ -364,6 +364,7 @@ def merge_published(payload: dict[str, Any], previous: dict[str, Any] | None) ->
                                 "runs": [*old.get("runs", []), run_record]}
     cfg["arms"] = list(arms)
     cfg["seeds"] = sorted({int(s) for a in payload["apps"].values() for s in a["per_seed"]})
+    payload["apps"] = {app: payload["apps"][app] for app in APPS if app in payload["apps"]}  # the report's order
     return clean_floats(payload)
 
 

@@ -210,7 +210,7 @@ def test_a_table_is_built_over_several_runs_of_the_same_protocol(tmp_path, monke
     scores["pbt"] = 9.0  # seed 1's pbt is measured again, and this run's launch wins
     r = bench("--apps", "language_model", "--seeds", "1", "2", "--arms", "pbt", "random_search", "grid", "default")
     language = r["apps"]["language_model"]
-    assert set(r["apps"]) == {"image_classification", "language_model"}  # the app this run left out is kept
+    assert list(r["apps"]) == ["image_classification", "language_model"]  # the app this run left out is kept
     assert r["apps"]["image_classification"]["per_seed"]["0"]["pbt"]["test"] == 110.0
     assert r["config"]["image_classification"]["overrides"] == APPS["image_classification"]["overrides"]
     assert set(language["per_seed"]) == {"0", "1", "2"}
