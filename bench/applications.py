@@ -358,10 +358,12 @@ def merge_published(payload: dict[str, Any], previous: dict[str, Any] | None) ->
         per_seed = {int(s): dict(e) for s, e in old["per_seed"].items() if int(s) in SEEDS}
         for seed, entries in payload["apps"][app]["per_seed"].items():
             per_seed.setdefault(int(seed), {}).update(entries)
-        new = payload["apps"][app]
-        payload["apps"][app] = {**summarise_app(per_seed, arms, APPS[app]["test_mode"]),
-                                "schedule_figure": new.get("schedule_figure", old.get("schedule_figure")),
-                                "runs": [*old.get("runs", []), run_record]}
+        merged = summarise_app(per_seed, arms, APPS[app]["test_mode"])
+        # as collect() chooses it: PBT's lineage at the first complete seed, whichever run measured it
+        figures = [f for f in (payload["apps"][app].get("schedule_figure"), old.get("schedule_figure")) if f]
+        merged["schedule_figure"] = min(figures, key=lambda f: (f["seed"] not in merged["complete_seeds"], f["seed"]),
+                                        default=None)
+        payload["apps"][app] = {**merged, "runs": [*old.get("runs", []), run_record]}
     cfg["arms"] = list(arms)
     cfg["seeds"] = sorted({int(s) for a in payload["apps"].values() for s in a["per_seed"]})
     payload["apps"] = {app: payload["apps"][app] for app in APPS if app in payload["apps"]}  # the report's order

@@ -236,3 +236,20 @@ def test_a_table_is_built_over_several_runs_of_the_same_protocol(tmp_path, monke
     del stale["config"]["member_seeds"]
     (out / "applications.json").write_text(json.dumps(stale))
     assert set(bench("--apps", "language_model", "--seeds", "5", "--arms", "pbt")["apps"]) == {"language_model"}
+
+
+def test_a_merged_table_draws_the_schedule_of_its_first_complete_seed():
+    from bench.applications import merge_published
+
+    def results(seeds: list[int], figure_seed: int) -> dict:
+        arms = ["pbt", "random_search"]
+        per_seed = {str(s): {arm: {"test": 1.0, "member_tests": [1.0], "wall_s": 1.0} for arm in arms} for s in seeds}
+        return {"config": {"seeds": seeds, "arms": arms, "population": 16, "member_seeds": "P s + i",
+                           "language_model": {"overrides": APPS["language_model"]["overrides"]}},
+                "apps": {"language_model": {"per_seed": per_seed,
+                                            "schedule_figure": {"seed": figure_seed, "member": 0, "records": []}}}}
+
+    merged = merge_published(results([2, 3], 2), results([0, 1], 0))["apps"]["language_model"]
+    assert merged["complete_seeds"] == [0, 1, 2, 3] and merged["schedule_figure"]["seed"] == 0  # the earlier run's
+    merged = merge_published(results([0], 0), results([1], 1))["apps"]["language_model"]
+    assert merged["schedule_figure"]["seed"] == 0  # this run's
