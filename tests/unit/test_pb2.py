@@ -346,7 +346,9 @@ def spaces(draw: st.DrawFn) -> dict:
     return space
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 25 cases every run, so the time is the same every run (fresh draws once took a case of
+# minutes under load); the cases still span every domain kind, scale and the widest bounds.
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(space=spaces(), seed=st.integers(0, 2**16), scale=st.sampled_from([1e-9, 1.0, 1e9]))
 def test_proposals_stay_inside_every_domain(space: dict, seed: int, scale: float) -> None:
     scheduler = PBTScheduler(space, seed=seed, explore="pb2", quantile_fraction=0.5)
