@@ -240,7 +240,8 @@ class PopulationGroup:
     def raise_if_aborted(self) -> None:
         reason = self.abort_reason()
         if reason is not None:
-            raise PopulationAborted(f"another rank of the population failed: {reason}")
+            # The watchdog's words: whichever of the two sees the flag first, the user reads the same line.
+            raise PopulationAborted(_short(f"another rank of the population failed: {reason}"))
 
     def exchange(
         self,

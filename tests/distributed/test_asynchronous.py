@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -291,12 +292,14 @@ def test_a_donor_that_fails_while_serving_ends_the_run_with_its_error(tmp_path):
     assert not list(tmp_path.glob("rank_*.json"))
     # Both ranks were ended by the abort flag, with the server's error, long before the 60 s group
     # timeout would have ended the loser's receive.
-    # The watchdog's line says who failed, in one line (the server's error is not a member's traceback).
+    # One line per rank says who failed (the server's error is not a member's traceback): the watchdog's, or
+    # the error hook's where the training thread saw the flag first (under load it can).
     for rank in (0, 1):
-        assert (
-            f"[lightning_pbt rank {rank}] stopped: lightning-pbt-snapshot-server-1 failed: RuntimeError: injected "
-            "serving failure"
-        ) in proc.stdout
+        assert re.search(
+            rf"\[(lightning_pbt rank {rank}|member \d+, rank {rank})\] stopped: lightning-pbt-snapshot-server-1 "
+            "failed: RuntimeError: injected serving failure\n",
+            proc.stdout,
+        ), proc.stdout[-3000:]
     assert time.monotonic() - started < 45
 
 

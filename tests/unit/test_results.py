@@ -176,6 +176,26 @@ def test_a_rank_stopped_by_another_ones_failure_says_so_in_one_line(capsys):
     assert printed == "[member 3, rank 3] stopped: another rank failed\n"
 
 
+@pytest.mark.parametrize(
+    ("reason", "line"),
+    [
+        ("lightning-pbt-snapshot-server-1 failed: RuntimeError: injected", "lightning-pbt-snapshot-server-1 failed: "
+         "RuntimeError: injected"),
+        ("member 2 (world rank 2) raised ValueError: x", "member 2 (world rank 2) failed; its error is printed there"),
+    ],
+)
+def test_a_rank_that_sees_the_abort_flag_first_prints_the_watchdogs_words(reason, line, capsys):
+    """The training thread and the watchdog race to see another rank's abort flag; either way the rank's one
+    line names the cause as the watchdog does (it once printed the flag's raw JSON)."""
+    from lightning_pbt.distributed.collectives import PopulationAborted, PopulationGroup, _short
+
+    flag = {"rank": 1, "reason": reason}
+    with pytest.raises(PopulationAborted) as caught:
+        PopulationGroup.raise_if_aborted(SimpleNamespace(abort_reason=lambda: json.dumps(flag)))
+    assert _short(f"another rank of the population failed: {json.dumps(flag)}") == line  # the watchdog's words
+    assert _raise_through_the_hook(caught.value, flag, 0, 0, capsys) == f"[member 0, rank 0] stopped: {line}\n"
+
+
 # -- smaller things ----------------------------------------------------------------------------------
 def test_a_clipped_perturbation_says_so_with_the_real_factor():
     lr, layers = LogUniform(1e-4, 0.1), IntUniform(1, 8)
