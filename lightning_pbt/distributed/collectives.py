@@ -240,8 +240,7 @@ class PopulationGroup:
     def raise_if_aborted(self) -> None:
         reason = self.abort_reason()
         if reason is not None:
-            # The watchdog's words: whichever of the two sees the flag first, the user reads the same line.
-            raise PopulationAborted(_short(f"another rank of the population failed: {reason}"))
+            raise PopulationAborted(abort_line(reason))
 
     def exchange(
         self,
@@ -322,7 +321,7 @@ class PopulationWatchdog(threading.Thread):
             try:
                 if self._store.check([_ABORT_KEY]):
                     reason = self._store.get(_ABORT_KEY).decode()
-                    self._die(f"another rank of the population failed: {reason}")
+                    self._die(abort_line(reason))
                 misses = 0
             except Exception as error:  # the store lives in rank 0 or the torchrun agent
                 misses += 1
@@ -332,9 +331,18 @@ class PopulationWatchdog(threading.Thread):
     def _die(self, message: str) -> None:
         if self._stopped.is_set():
             return
-        print(f"[lightning_pbt rank {self._rank}] stopped: {_short(message)}", flush=True)
+        print(f"[lightning_pbt rank {self._rank}] stopped: {message}", flush=True)
         time.sleep(0.2)
         os._exit(_ABORT_EXIT_CODE)
+
+
+def abort_line(flag: str) -> str:
+    """The one line a rank prints when another rank's abort flag stops it.
+
+    The watchdog and the training thread race to see the flag; both use this, so the user reads the
+    same words whichever wins.
+    """
+    return _short(f"another rank of the population failed: {flag}")
 
 
 def _short(message: str) -> str:

@@ -184,16 +184,23 @@ def test_a_rank_stopped_by_another_ones_failure_says_so_in_one_line(capsys):
         ("member 2 (world rank 2) raised ValueError: x", "member 2 (world rank 2) failed; its error is printed there"),
     ],
 )
-def test_a_rank_that_sees_the_abort_flag_first_prints_the_watchdogs_words(reason, line, capsys):
+def test_a_rank_that_sees_the_abort_flag_first_prints_the_watchdogs_words(reason, line, capsys, monkeypatch):
     """The training thread and the watchdog race to see another rank's abort flag; either way the rank's one
     line names the cause as the watchdog does (it once printed the flag's raw JSON)."""
-    from lightning_pbt.distributed.collectives import PopulationAborted, PopulationGroup, _short
+    from lightning_pbt.distributed import collectives
 
-    flag = {"rank": 1, "reason": reason}
-    with pytest.raises(PopulationAborted) as caught:
-        PopulationGroup.raise_if_aborted(SimpleNamespace(abort_reason=lambda: json.dumps(flag)))
-    assert _short(f"another rank of the population failed: {json.dumps(flag)}") == line  # the watchdog's words
-    assert _raise_through_the_hook(caught.value, flag, 0, 0, capsys) == f"[member 0, rank 0] stopped: {line}\n"
+    flag = json.dumps({"rank": 1, "reason": reason})
+    monkeypatch.setattr(collectives.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(collectives.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    store = SimpleNamespace(check=lambda keys: True, get=lambda key: flag.encode())
+    with pytest.raises(SystemExit):
+        collectives.PopulationWatchdog(store, rank=0, interval=0.001).run()
+    assert capsys.readouterr().out == f"[lightning_pbt rank 0] stopped: {line}\n"
+
+    with pytest.raises(collectives.PopulationAborted) as caught:
+        collectives.PopulationGroup.raise_if_aborted(SimpleNamespace(abort_reason=lambda: flag))
+    printed = _raise_through_the_hook(caught.value, json.loads(flag), 0, 0, capsys)
+    assert printed == f"[member 0, rank 0] stopped: {line}\n"
 
 
 # -- smaller things ----------------------------------------------------------------------------------
