@@ -125,9 +125,9 @@ def test_reinforcement_learning(tmp_path):
 
 
 def test_the_language_apps_defaults_are_the_population_16_tables_settings():
-    """A user who runs ``examples/language_model.py`` gets the settings of the table where PBT won
-    (docs/benchmarks.md): every override the benchmark gives the app is already its default, and the
-    4 CPU processes host 4 members each."""
+    """A user who runs ``examples/language_model.py`` gets the population-16 table's settings, where PBT
+    beat the grid and the defaults on every seed (docs/benchmarks.md): every override the benchmark gives
+    the app is already its default, and the 4 CPU processes host 4 members each."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
