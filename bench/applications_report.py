@@ -70,12 +70,13 @@ def render_population(r: dict[str, Any], figures: dict[str, Any] | None = None) 
             label = ARM_NAMES.get(arm, arm).replace("2x2", f"{side}x{side}")
             rows.append([label, _iqr_cell(s["test"], digits), versus, sign, wilcoxon, f"{s['wall_s']['median']:.0f}"])
         out += table(["arm", name, "PBT wins/ties/losses", "sign test p", "Wilcoxon p", "wall s"], rows)
+        spread_digits = max(digits, 3)  # significant digits: a return's one would print a spread of 17.4 as 2e+01
         for seed, spreads in a.get("separation", {}).items():
             rc, noise = spreads["random_configurations"], spreads["seed_noise"]
             verdict = "separates" if spreads["separates"] else "does not separate"
-            out += ["", f"Seed {seed}: the random configurations' {name} spans IQR {_number(rc['iqr'], digits)} "
-                    f"(range {_number(rc['range'], digits)}); the defaults' seed noise IQR "
-                    f"{_number(noise['iqr'], digits)} (range {_number(noise['range'], digits)}); ratio "
+            out += ["", f"Seed {seed}: the random configurations' {name} spans IQR {_number(rc['iqr'], spread_digits)} "
+                    f"(range {_number(rc['range'], spread_digits)}); the defaults' seed noise IQR "
+                    f"{_number(noise['iqr'], spread_digits)} (range {_number(noise['range'], spread_digits)}); ratio "
                     f"{_number(spreads['iqr_ratio'], 2)}, {verdict}"
                     f" (criterion: >= {spreads['factor']:g})."]
         out += figure_lines(app, c["score"], (figures or {}).get("apps", {}).get(app, {}))
@@ -89,8 +90,8 @@ def _task_lines(app: str, c: dict[str, Any], a: dict[str, Any]) -> list[str]:
     name = METRICS[c["test"]][0]
     complete = a["complete_seeds"]
     seeds = f"{len(complete)} complete seeds" + (f" ({', '.join(map(str, complete))})" if "runs" in a else "")
-    runs = "".join(f" Summarised by `{run['command']}` ({run['date']}, seeds {run['seeds']})"
-                   f"{';' if i < len(a['runs']) - 1 else '.'}" for i, run in enumerate(a.get("runs", [])))
+    summaries = [f"`{run['command']}` ({run['date']}, seeds {run['seeds']})" for run in a.get("runs", [])]
+    runs = f" Summarised by {'; '.join(summaries)}." if summaries else ""
     finished = sorted(e["finished"] for arms in a["per_seed"].values() for e in arms.values() if "finished" in e)
     if finished:  # when the launches ran: a run may keep launches measured by an earlier one
         runs += f" Launches finished {finished[0]} to {finished[-1]}."

@@ -80,6 +80,21 @@ def test_the_population_4_results_stay_readable():
     assert "own wall time is in the JSON.\n" in text
 
 
+def test_the_population_16_results_stay_readable():
+    """A table summarised over several runs names them in one sentence, and a return's spread prints as a
+    number (17.4), not as its one significant digit (2e+01)."""
+    published = json.loads((Path(__file__).parents[2] / "bench" / "results" / "applications.json").read_text())
+    text = "\n".join(render_section(published))
+    rl = published["apps"]["reinforcement_learning"]
+    assert len(rl["runs"]) >= 2
+    task_line = next(line for line in text.splitlines() if line.startswith("**reinforcement_learning**"))
+    assert task_line.count("Summarised by") == 1 and task_line.count("`python -m bench") == len(rl["runs"])
+    spreads = [line for line in text.splitlines() if line.startswith("Seed ") and "held-out" in line]
+    assert spreads and not any("e+" in line for line in spreads)
+    first = rl["separation"][min(rl["separation"], key=int)]["random_configurations"]["iqr"]
+    assert f"spans IQR {first:.3g} " in text
+
+
 def test_grid_is_square_with_the_first_axis_outermost():
     points = grid_points("image_classification", 16)
     assert len(points) == 16
